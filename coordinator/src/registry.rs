@@ -1,0 +1,1 @@
+//! The node registry: who is out there, healthy, and trusted.

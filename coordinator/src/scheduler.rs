@@ -1,0 +1,1 @@
+//! Placing tasks: eligibility and the four strategies.

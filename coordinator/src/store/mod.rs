@@ -1,0 +1,1 @@
+//! The SQLite journal, module store, node snapshot and ledger.

@@ -1,0 +1,44 @@
+//! `ambient-core`: the decisions every Ambient device and gateway must agree on, bit for bit.
+//!
+//! Plain data, pure functions and small state machines; no clock, file or socket. Callers pass
+//! time in (`now_ms`) and act on what comes back. Builds without `std` for microcontrollers
+//! (`default-features = false`).
+//!
+//! - [`TelemetrySample`]: one reading of a device, integers in named units.
+//! - [`health_score`]: the seed's `0.4·bandwidth + 0.3·latency + 0.2·compute + 0.1·reputation`.
+//! - [`Reputation`]: task outcomes and a score that resists small samples.
+//! - [`SafetyPolicy`] and [`Breaker`]: the circuit breaker that takes a device out of the pool.
+//! - [`Receipt`] and [`SignedReceipt`]: what a node signs for every task; [`chain_hash`] for the ledger.
+//! - [`Envelope`] and [`Message`]: the versioned wire protocol; [`topics`] builds every MQTT topic.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod error;
+mod health;
+mod id;
+mod proof;
+mod reputation;
+mod safety;
+mod telemetry;
+pub mod topics;
+mod verify;
+mod wire;
+
+pub use error::{DecodeError, ProofError, VerifyError};
+pub use health::{HealthTerms, ScoreConfig, SCORE_SCALE, health_score};
+pub use id::{Digest, NodeId, TaskId, sha3_256};
+pub use proof::{
+    Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
+    verify_message,
+};
+pub use reputation::Reputation;
+pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};
+pub use telemetry::{ThrottleFlags, TelemetrySample};
+pub use verify::{Expected, Quorum, Tariff, quorum, verify_receipt};
+pub use wire::{
+    Abi, Announce, Assignment, Envelope, Message, Ping, Pong, Refusal, Report, ReportBody,
+    SignedAnnounce, SignedTelemetry, Telemetry, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
+    MAX_LABELS, MAX_LABEL_LEN, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,
+    PROTOCOL_VERSION,
+};

@@ -1,0 +1,282 @@
+//! The wire protocol: one versioned envelope, postcard-encoded, for everything devices send and receive.
+//!
+//! Large byte fields (task input, output) borrow from the frame, so decoding never allocates.
+//! Enums are append-only: a variant's index is its tag on the wire.
+
+use heapless::{String, Vec};
+use serde::{Deserialize, Serialize};
+
+use crate::proof::serde_sig;
+use crate::{DecodeError, Digest, Engine, Limits, NodeId, SignedReceipt, TaskId, TelemetrySample, TripReason};
+
+/// Protocol version carried in every envelope.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest task input, in bytes.
+pub const MAX_INPUT_BYTES: usize = 4 << 20;
+/// Largest task output, in bytes.
+pub const MAX_OUTPUT_BYTES: usize = 4 << 20;
+/// Largest WASM module, in bytes. Modules travel on their own topic, outside envelopes.
+pub const MAX_MODULE_BYTES: usize = 16 << 20;
+/// Largest frame: the largest input or output plus room for the fixed-size fields.
+pub const MAX_FRAME_BYTES: usize = MAX_INPUT_BYTES + (64 << 10);
+/// Longest entry-point name.
+pub const MAX_ENTRY_LEN: usize = 64;
+/// Most labels a node may announce.
+pub const MAX_LABELS: usize = 8;
+/// Longest label.
+pub const MAX_LABEL_LEN: usize = 32;
+/// Longest human-readable message in a report.
+pub const MAX_MESSAGE_LEN: usize = 160;
+
+/// The outer frame of every message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    /// Always [`PROTOCOL_VERSION`] when sent by this build.
+    pub version: u8,
+    /// The message.
+    #[serde(borrow)]
+    pub message: Message<'a>,
+}
+
+/// Everything nodes and coordinators say to each other. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message<'a> {
+    /// Node → coordinator, retained on `nodes/{id}/announce`: who the node is.
+    Announce(SignedAnnounce),
+    /// Node → coordinator on `nodes/{id}/telemetry`: a signed reading.
+    Telemetry(SignedTelemetry),
+    /// Coordinator → node on `nodes/{id}/tasks`: run this.
+    Assign(#[serde(borrow)] Assignment<'a>),
+    /// Node → coordinator on `nodes/{id}/results`: what happened to an assignment.
+    Report(#[serde(borrow)] Report<'a>),
+    /// Node → coordinator on `nodes/{id}/telemetry`: latency and bandwidth probe.
+    Ping(#[serde(borrow)] Ping<'a>),
+    /// Coordinator → node on `nodes/{id}/tasks`: the answer to a ping.
+    Pong(Pong),
+}
+
+/// A node's self-description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// Derived from `public_key`; receivers check that it is.
+    pub node: NodeId,
+    /// ed25519 public key that signs everything this node sends.
+    pub public_key: [u8; 32],
+    /// CPU architecture (`aarch64`, `x86_64`, `riscv64`, `arm`).
+    pub arch: String<16>,
+    /// Logical cores.
+    pub cores: u16,
+    /// Total memory, in bytes.
+    pub mem_total_bytes: u64,
+    /// The WASM engine it runs.
+    pub engine: Engine,
+    /// Agent version.
+    pub agent_version: String<16>,
+    /// Operator-chosen labels (`gpu`, `room-2`, ...).
+    pub labels: Vec<String<MAX_LABEL_LEN>, MAX_LABELS>,
+    /// The simulated device profile, when readings are simulated.
+    pub profile: Option<String<24>>,
+    /// Tasks it runs at once.
+    pub max_concurrency: u16,
+}
+
+/// An announce and the node's signature over it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAnnounce {
+    /// The announce.
+    pub announce: Announce,
+    /// Signature by `announce.public_key` (see [`crate::sign_message`], domain [`SignedAnnounce::TAG`]).
+    #[serde(with = "serde_sig")]
+    pub signature: [u8; 64],
+}
+
+impl SignedAnnounce {
+    /// Domain-separation tag of announce signatures.
+    pub const TAG: &'static [u8] = b"ambient/announce/v1\0";
+}
+
+/// A node's reading, numbered so that old samples cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// The node.
+    pub node: NodeId,
+    /// Increases with every sample from one agent run; with `boot_id`, orders samples.
+    pub seq: u64,
+    /// Random per agent start, so a restart's `seq` from 0 is not mistaken for a replay.
+    pub boot_id: u64,
+    /// The reading.
+    pub sample: TelemetrySample,
+}
+
+/// Telemetry and the node's signature over it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTelemetry {
+    /// The telemetry.
+    pub telemetry: Telemetry,
+    /// Signature (domain [`SignedTelemetry::TAG`]).
+    #[serde(with = "serde_sig")]
+    pub signature: [u8; 64],
+}
+
+impl SignedTelemetry {
+    /// Domain-separation tag of telemetry signatures.
+    pub const TAG: &'static [u8] = b"ambient/telemetry/v1\0";
+}
+
+/// How the module receives its input and returns its output (see the README's task ABI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Abi {
+    /// Exports `memory`, `alloc(len) -> ptr` and `entry(ptr, len) -> (ptr << 32 | len)`.
+    Plain,
+    /// A WASI preview 1 command: stdin in, stdout out, `_start`.
+    Wasi,
+}
+
+/// A task placed on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment<'a> {
+    /// The task.
+    pub task_id: TaskId,
+    /// Dispatch attempt, from 1; a retry elsewhere gets the next number.
+    pub attempt: u16,
+    /// sha3-256 of the module; the node fetches it from `modules/{hash}` unless cached.
+    pub module: Digest,
+    /// Calling convention.
+    pub abi: Abi,
+    /// Exported function to call (ignored for WASI, which runs `_start`).
+    pub entry: String<MAX_ENTRY_LEN>,
+    /// Sandbox limits.
+    pub limits: Limits,
+    /// Input bytes.
+    pub input: &'a [u8],
+}
+
+/// A node's answer to an assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report<'a> {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt being answered.
+    pub attempt: u16,
+    /// The reporting node.
+    pub node: NodeId,
+    /// What happened.
+    #[serde(borrow)]
+    pub body: ReportBody<'a>,
+}
+
+/// What happened to an assignment. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportBody<'a> {
+    /// It ran; the receipt says how it ended.
+    Executed {
+        /// Signed evidence.
+        receipt: SignedReceipt,
+        /// Output bytes (empty unless the run ended `Ok`).
+        output: &'a [u8],
+        /// Human-readable detail for failures, empty on success.
+        message: String<MAX_MESSAGE_LEN>,
+    },
+    /// It did not run.
+    Refused(Refusal),
+}
+
+/// Why a node did not run an assignment. Append-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The node's breaker is open.
+    Breaker(TripReason),
+    /// Every execution slot is taken.
+    Busy,
+    /// The module could not be fetched or did not match its hash.
+    ModuleUnavailable,
+    /// The agent is shutting down.
+    ShuttingDown,
+}
+
+/// A probe: the coordinator answers with a [`Pong`] carrying the same nonce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping<'a> {
+    /// The node.
+    pub node: NodeId,
+    /// Echoed back.
+    pub nonce: u64,
+    /// Filler that makes some pings large, so the node can estimate bandwidth.
+    pub padding: &'a [u8],
+}
+
+/// The answer to a [`Ping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The ping's nonce.
+    pub nonce: u64,
+}
+
+impl<'a> Envelope<'a> {
+    /// Wraps a message in an envelope of the current version.
+    pub fn new(message: Message<'a>) -> Self {
+        Self { version: PROTOCOL_VERSION, message }
+    }
+
+    /// Decodes a frame, rejecting oversize frames before looking at them.
+    ///
+    /// # Errors
+    /// A [`DecodeError`] for any frame that is not exactly one valid message within limits;
+    /// never panics, whatever the bytes.
+    pub fn decode(frame: &'a [u8]) -> Result<Self, DecodeError> {
+        if frame.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::FrameTooLarge { len: frame.len() });
+        }
+        match frame.first() {
+            Some(&PROTOCOL_VERSION) => {}
+            Some(&found) => return Err(DecodeError::UnsupportedVersion { found }),
+            None => return Err(DecodeError::Malformed),
+        }
+        let (envelope, rest) =
+            postcard::take_from_bytes::<Envelope<'a>>(frame).map_err(|_| DecodeError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(DecodeError::TrailingBytes);
+        }
+        envelope.message.check_limits()?;
+        Ok(envelope)
+    }
+
+    /// Encodes into `buf`, returning the used part.
+    ///
+    /// # Errors
+    /// [`DecodeError::FrameTooLarge`] when the message does not fit `buf`.
+    pub fn encode_to_slice<'b>(&self, buf: &'b mut [u8]) -> Result<&'b mut [u8], DecodeError> {
+        let len = buf.len();
+        postcard::to_slice(self, buf).map_err(|_| DecodeError::FrameTooLarge { len })
+    }
+
+    /// Encodes into a new vector.
+    #[cfg(feature = "std")]
+    pub fn to_vec(&self) -> std::vec::Vec<u8> {
+        // Serialising into a growable vector only fails for types serde cannot express, and
+        // every message type here is plain data.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+}
+
+impl Message<'_> {
+    fn check_limits(&self) -> Result<(), DecodeError> {
+        let check = |field, len, max| {
+            if len > max { Err(DecodeError::FieldTooLarge { field, len, max }) } else { Ok(()) }
+        };
+        match self {
+            Message::Assign(a) => {
+                check("input", a.input.len(), MAX_INPUT_BYTES)?;
+                a.task_id.is_valid().then_some(()).ok_or(DecodeError::Malformed)
+            }
+            Message::Report(r) => {
+                if let ReportBody::Executed { output, .. } = &r.body {
+                    check("output", output.len(), MAX_OUTPUT_BYTES)?;
+                }
+                r.task_id.is_valid().then_some(()).ok_or(DecodeError::Malformed)
+            }
+            Message::Ping(p) => check("padding", p.padding.len(), MAX_INPUT_BYTES),
+            _ => Ok(()),
+        }
+    }
+}
