@@ -6,7 +6,7 @@ pub const HELDOUT_RECORD_BYTES: usize = IMAGE_BYTES + 1;
 static HELDOUT: &[u8] = include_bytes!("../data/heldout.bin");
 
 const _: () = assert!(
-    HELDOUT.len() % HELDOUT_RECORD_BYTES == 0,
+    HELDOUT.len().is_multiple_of(HELDOUT_RECORD_BYTES),
     "data/heldout.bin is not a whole number of records: rerun tasks/train.py"
 );
 

@@ -17,11 +17,13 @@ pub fn classify(image: &[u8; IMAGE_BYTES]) -> u8 {
     // train.py computes the largest accumulator any image in 0..=16 can produce and refuses
     // to write weights for which it exceeds i32::MAX (today it is about 1.8e7), so this
     // arithmetic cannot overflow. Clamping the pixels is what makes that bound hold.
+    let pixels = image.map(|pixel| i32::from(pixel.min(PIXEL_MAX)));
     let mut hidden = [0_i32; HIDDEN];
     for ((unit, weights), bias) in hidden.iter_mut().zip(&W1).zip(&B1) {
-        let sum = weights.iter().zip(image).fold(*bias, |acc, (&w, &pixel)| {
-            acc + i32::from(w) * i32::from(pixel.min(PIXEL_MAX))
-        });
+        let sum = weights
+            .iter()
+            .zip(&pixels)
+            .fold(*bias, |acc, (&w, &x)| acc + i32::from(w) * x);
         *unit = sum.max(0);
     }
 

@@ -27,6 +27,30 @@ fn the_quantised_model_scores_exactly_what_train_py_reported() {
 }
 
 #[test]
+fn the_heldout_mistakes_are_exactly_these_six() {
+    // (record index, true digit, predicted digit), as train.py's integer inference and
+    // digits.wasm (tasks/check_modules.py) also predict. With the count above this pins
+    // every one of the 360 labels, so any change in the arithmetic shows up here.
+    let mistakes: Vec<(usize, u8, u8)> = heldout()
+        .enumerate()
+        .map(|(index, (image, label))| (index, label, classify(image)))
+        .filter(|(_, label, predicted)| label != predicted)
+        .collect();
+
+    assert_eq!(
+        mistakes,
+        [
+            (90, 5, 9),
+            (123, 9, 8),
+            (158, 8, 1),
+            (194, 1, 8),
+            (246, 9, 8),
+            (308, 5, 4)
+        ]
+    );
+}
+
+#[test]
 fn every_heldout_record_holds_pixels_in_range_and_a_digit_label() {
     for (image, label) in heldout() {
         assert!(

@@ -40,7 +40,7 @@ pub extern "C" fn alloc(len: i32) -> i32 {
 #[unsafe(no_mangle)]
 pub extern "C" fn classify(ptr: i32, len: i32) -> i64 {
     let images = allocated_bytes(ptr.cast_unsigned(), len);
-    if images.is_empty() || images.len() % IMAGE_BYTES != 0 {
+    if images.is_empty() || !images.len().is_multiple_of(IMAGE_BYTES) {
         wasm32::unreachable()
     }
     let count = images.len() / IMAGE_BYTES;
