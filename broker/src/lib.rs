@@ -1,1 +1,16 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+mod router;
+mod server;
+mod session;
+mod stats;
+mod topic;
+mod topic_tree;
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+pub use server::Broker;
+pub use stats::BrokerStats;

@@ -1,0 +1,37 @@
+//! Limits and timeouts of a broker.
+
+/// Limits and timeouts of a [`Broker`](crate::Broker).
+///
+/// Start from the defaults and change what you need:
+/// `BrokerConfig { max_connections: 64, ..BrokerConfig::default() }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Largest packet a client may send, in bytes, counting everything after the fixed header
+    /// (the MQTT "remaining length"). A larger packet closes that client's connection.
+    /// Defaults to 16 MiB, because tasks carry their WASM modules inline.
+    pub max_packet_bytes: usize,
+    /// QoS 1 messages kept for one session while its client is offline or already has 100
+    /// unacknowledged messages in flight. When it is full the oldest is dropped and counted
+    /// in [`BrokerStats::dropped`](crate::BrokerStats::dropped). Also bounds the QoS 0
+    /// messages waiting to be written to one connected client; beyond it new ones are dropped
+    /// and counted. Does not cover retained messages, which are one per topic. Defaults to
+    /// 10,000; 0 is treated as 1.
+    pub max_queued_per_session: usize,
+    /// TCP connections served at once. Connections beyond it are closed as soon as they are
+    /// accepted. Keep it below the process's open-file limit. Defaults to 1,000.
+    pub max_connections: usize,
+    /// Time a new connection has to deliver its CONNECT packet, in milliseconds, before it is
+    /// closed. Defaults to 5,000.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_packet_bytes: 16 * 1024 * 1024,
+            max_queued_per_session: 10_000,
+            max_connections: 1_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
