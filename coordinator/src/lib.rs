@@ -1,9 +1,28 @@
 //! `ambient-coordinator`: the gateway service behind the `ambient` CLI.
+//!
+//! - [`Coordinator`]: binds the embedded broker and runs the service until shutdown.
+//! - [`Dispatcher`]: every decision about tasks (intake, placement, retries, verification,
+//!   settlement, delivery), synchronous and without sockets.
+//! - [`Registry`] and [`Strategy`]: who is out there and where a task goes.
+//! - [`store::Store`]: the SQLite journal, module store and ledger.
+//! - [`client`]: what `ambient submit` and any program use to submit tasks and await results.
 #![deny(missing_docs)]
 
+pub mod client;
+mod config;
+mod dispatcher;
+mod intake;
+pub mod mqtt;
 mod registry;
+mod results;
 mod scheduler;
+mod service;
 pub mod store;
 
+pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, parse_broker_url};
+pub use dispatcher::{DispatchConfig, Dispatcher, Dropped, Publish};
+pub use intake::{LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec, parse as parse_submission};
 pub use registry::*;
+pub use results::{ErrorJson, EventStatus, ReceiptJson, TaskEvent, Verdict};
 pub use scheduler::*;
+pub use service::{Coordinator, CoordinatorError};

@@ -1,0 +1,67 @@
+//! `ambient coordinator`: the gateway service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ambient_coordinator::{Coordinator, RawConfig};
+use anyhow::Context as _;
+use clap::Args;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  ambient coordinator --data-dir ./data\n  ambient coordinator --broker mqtt://127.0.0.1:1883     # use a running mosquitto\n  ambient coordinator --print-config > /etc/ambient/coordinator.toml")]
+pub struct CoordinatorArgs {
+    /// TOML configuration file (see --print-config); flags override it.
+    #[arg(long, env = "AMBIENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the embedded MQTT broker [default: 127.0.0.1:1883].
+    #[arg(long, env = "AMBIENT_LISTEN", conflicts_with = "broker")]
+    listen: Option<String>,
+    /// Use an external MQTT broker instead of the embedded one, e.g. mqtt://127.0.0.1:1883.
+    #[arg(long, env = "AMBIENT_BROKER")]
+    broker: Option<String>,
+    /// Directory of the SQLite database [default: /var/lib/ambient].
+    #[arg(long, env = "AMBIENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Default strategy: weighted, round-robin, least-loaded, latency-aware.
+    #[arg(long, env = "AMBIENT_STRATEGY")]
+    strategy: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
+    let mut raw = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))?
+        }
+        None => RawConfig::default(),
+    };
+    if let Some(l) = &args.listen {
+        raw.broker.listen = l.clone();
+    }
+    if let Some(b) = &args.broker {
+        raw.broker.url = Some(b.clone());
+    }
+    if let Some(d) = &args.data_dir {
+        raw.storage.data_dir = d.clone();
+    }
+    if let Some(s) = &args.strategy {
+        raw.scheduling.strategy = s.clone();
+    }
+    Ok(raw)
+}
+
+pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let raw = load(&args)?;
+    if args.print_config {
+        print!("# ambient coordinator configuration (effective values)\n{}", toml::to_string_pretty(&raw)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = raw.validate()?;
+    let coordinator = Coordinator::bind(config).await?;
+    eprintln!("ambient coordinator: broker {}", coordinator.broker_url());
+    coordinator.run(super::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,114 @@
+//! Command-line parsing and one module per subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+mod bench;
+mod coordinator;
+mod demo;
+mod read;
+mod submit;
+
+/// Ambient turns a shelf of edge devices into one verifiable compute pool.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ambient",
+    version,
+    about,
+    after_help = "Examples:\n  ambient demo                                   # everything on this machine, nothing to install\n  ambient coordinator --data-dir ./data          # the gateway service, embedded broker on 127.0.0.1:1883\n  ambient submit tasks/modules/digits.wasm --entry classify --input image.bin --wait\n  ambient nodes --data-dir ./data\n  ambient ledger verify --data-dir ./data"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Logging flags shared by every command.
+#[derive(Debug, ClapArgs)]
+pub struct LogArgs {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Logs as JSON lines.
+    #[arg(long, global = true)]
+    pub json_logs: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway service: embedded MQTT broker, registry, dispatch, verification, ledger.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Submit a WASM task (or a batch) and optionally wait for verified results.
+    Submit(submit::SubmitArgs),
+    /// Show registered nodes: health score and its terms, breaker, reputation, last seen.
+    Nodes(read::ReadArgs),
+    /// Show recent tasks and their outcomes.
+    Tasks(read::TasksArgs),
+    /// Show account balances, or `verify` the hash chain and the books.
+    Ledger(read::LedgerArgs),
+    /// Run a broker, a coordinator and simulated devices here, classify digits, print a summary.
+    Demo(demo::DemoArgs),
+    /// Measure latency, throughput, scheduling, execution and footprint beside this machine's limits.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the coordinator keeps its database.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct DataDir {
+    /// Directory of the coordinator's `ambient.db`.
+    #[arg(long, env = "AMBIENT_DATA_DIR", default_value = "/var/lib/ambient")]
+    pub data_dir: PathBuf,
+}
+
+pub fn init_tracing(log: &LogArgs) {
+    use tracing_subscriber::EnvFilter;
+    let default = match log.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if log.json_logs {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Coordinator(a) => coordinator::run(a).await,
+        Command::Submit(a) => submit::run(a).await,
+        Command::Nodes(a) => read::nodes(a),
+        Command::Tasks(a) => read::tasks(a),
+        Command::Ledger(a) => read::ledger(a),
+        Command::Demo(a) => demo::run(a).await,
+        Command::Bench(a) => bench::run(a).await,
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

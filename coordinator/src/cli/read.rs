@@ -1,0 +1,150 @@
+//! Read commands: `ambient nodes`, `ambient tasks`, `ambient ledger`. They open the database
+//! read-only, so they work while the service runs.
+
+use std::process::ExitCode;
+
+use ambient_coordinator::store::{Store, TaskStatus};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::DataDir;
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    #[command(flatten)]
+    read: ReadArgs,
+    /// Only tasks with this status: pending, running, completed, failed.
+    #[arg(long)]
+    status: Option<String>,
+    /// How many of the newest tasks to show.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LedgerArgs {
+    #[command(subcommand)]
+    command: Option<LedgerCommand>,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Recompute the hash chain and check that the books balance; exit 1 if not.
+    Verify(ReadArgs),
+}
+
+fn open(data: &DataDir) -> anyhow::Result<Store> {
+    Ok(Store::open_read_only(&data.data_dir.join("ambient.db"))?)
+}
+
+pub fn nodes(args: ReadArgs) -> anyhow::Result<ExitCode> {
+    let store = open(&args.data)?;
+    let nodes: Vec<Value> = store.nodes()?.into_iter().filter_map(|(_, json)| serde_json::from_str(&json).ok()).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if nodes.is_empty() {
+        println!("no nodes registered yet");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  BREAKER",
+        "NODE", "PROFILE", "ARCH", "ONLINE", "SCORE", "BW", "LAT", "CPU", "REP", "VERIF", "RUN", "SEEN"
+    );
+    for n in &nodes {
+        let terms = &n["terms"];
+        let pct = |v: &Value| v.as_u64().map(|x| format!("{:.2}", x as f64 / 10_000.0)).unwrap_or_else(|| "-".into());
+        let seen = n["last_seen_ms_ago"].as_u64().map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "never".into());
+        let breaker = match n["breaker_reason"].as_str() {
+            Some(r) => format!("{} ({r})", n["breaker"].as_str().unwrap_or("?")),
+            None => n["breaker"].as_str().unwrap_or("?").to_string(),
+        };
+        println!(
+            "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  {}",
+            n["node"].as_str().map(|s| &s[..s.len().min(12)]).unwrap_or("?"),
+            n["profile"].as_str().unwrap_or("-"),
+            n["arch"].as_str().unwrap_or("?"),
+            if n["online"].as_bool() == Some(true) { "yes" } else { "no" },
+            pct(&terms["score"]),
+            pct(&terms["bandwidth"]),
+            pct(&terms["latency"]),
+            pct(&terms["compute"]),
+            pct(&terms["reputation"]),
+            n["reputation"]["verified"].as_u64().unwrap_or(0),
+            n["in_flight"].as_u64().unwrap_or(0),
+            seen,
+            breaker
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn tasks(args: TasksArgs) -> anyhow::Result<ExitCode> {
+    let store = open(&args.read.data)?;
+    let status = args
+        .status
+        .as_deref()
+        .map(|s| s.parse::<TaskStatus>().map_err(|_| anyhow::anyhow!("unknown status {s:?}: use pending, running, completed or failed")))
+        .transpose()?;
+    let rows = store.tasks(args.limit, status)?;
+    if args.read.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<40} {:<10} {:<12} {:>8}  DETAIL", "TASK", "STATUS", "CLIENT", "ATTEMPTS");
+    for r in rows {
+        let detail = r
+            .result_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<Value>(j).ok())
+            .map(|v| match v["error"]["message"].as_str() {
+                Some(m) => m.to_string(),
+                None => format!("nodes {} reward {}", v["nodes"].as_array().map_or(0, Vec::len), v["reward"].as_u64().unwrap_or(0)),
+            })
+            .unwrap_or_default();
+        println!("{:<40} {:<10} {:<12} {:>8}  {}", r.task_id.as_str(), r.status.as_str(), r.client, r.attempts, detail);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ledger(args: LedgerArgs) -> anyhow::Result<ExitCode> {
+    if let Some(LedgerCommand::Verify(read)) = args.command {
+        let store = open(&read.data)?;
+        let check = store.verify_ledger()?;
+        if read.json {
+            println!("{}", serde_json::to_string_pretty(&check)?);
+        } else if check.is_ok() {
+            println!("ledger ok: {} entries, chain head {}, books balance", check.entries, check.head);
+        } else {
+            match check.first_bad_entry {
+                Some(n) => println!("ledger BROKEN: hash chain fails at entry {n}"),
+                None => println!("ledger BROKEN: the books do not balance"),
+            }
+        }
+        return Ok(if check.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    let store = open(&args.read.data)?;
+    let balances = store.balances()?;
+    if args.read.json {
+        println!("{}", serde_json::to_string_pretty(&balances)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<42} {:>16} {:>8}", "ACCOUNT", "BALANCE (credits)", "ENTRIES");
+    for b in balances {
+        println!("{:<42} {:>16.6} {:>8}", b.account, b.balance as f64 / 1e6, b.entries);
+    }
+    Ok(ExitCode::SUCCESS)
+}

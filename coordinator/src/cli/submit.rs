@@ -1,0 +1,199 @@
+//! `ambient submit`: publish a module and tasks, optionally wait for verified results.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ambient_coordinator::client::Client;
+use ambient_coordinator::{LimitsJson, Submission};
+use ambient_coordinator::{EventStatus, TaskEvent};
+use anyhow::Context as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::Args;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  ambient submit tasks/modules/digits.wasm --entry classify --input digit.bin --wait\n  ambient submit tasks/modules/wasi-upper.wasm --abi wasi --input-text hello --wait\n  ambient submit tasks/modules/digits.wasm --entry classify --inputs ./images/ --verify replicate:3 --wait --json\n\nWithout --wait, the command returns once the coordinator has journaled every task.")]
+pub struct SubmitArgs {
+    /// The WASM module to run.
+    module: PathBuf,
+    /// Input bytes from a file.
+    #[arg(long, conflicts_with_all = ["input_text", "inputs"])]
+    input: Option<PathBuf>,
+    /// Input as text.
+    #[arg(long, conflicts_with = "inputs")]
+    input_text: Option<String>,
+    /// A directory: one task per file, a batch with a progress bar.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Submit the same input N times (a batch).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Exported function to call (plain ABI).
+    #[arg(long, default_value = "run")]
+    entry: String,
+    /// Calling convention: plain (memory, alloc, entry) or wasi (stdin to stdout).
+    #[arg(long, default_value = "plain")]
+    abi: String,
+    /// weighted, round-robin, least-loaded or latency-aware [default: the coordinator's].
+    #[arg(long)]
+    strategy: Option<String>,
+    /// receipt, or replicate:K (K distinct nodes must agree).
+    #[arg(long, default_value = "receipt")]
+    verify: String,
+    /// Fuel budget [default: 10^10].
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Memory limit in bytes [default: 512 MiB].
+    #[arg(long)]
+    memory_bytes: Option<u64>,
+    /// Wall-clock limit in milliseconds [default: 30000].
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Most to pay per task, in µcredits.
+    #[arg(long)]
+    max_fee: Option<u64>,
+    /// The paying client's id.
+    #[arg(long, env = "AMBIENT_CLIENT", default_value = "cli")]
+    client: String,
+    /// Wait for verified results and print them.
+    #[arg(long)]
+    wait: bool,
+    /// Print events as JSON, one per line.
+    #[arg(long)]
+    json: bool,
+    /// The coordinator's MQTT broker.
+    #[arg(long, env = "AMBIENT_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Give up when no event arrives for this long, in seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
+}
+
+pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let module = std::fs::read(&args.module).with_context(|| format!("cannot read module {}", args.module.display()))?;
+    let inputs: Vec<Vec<u8>> = if let Some(dir) = &args.inputs {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read input directory {}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files.iter().map(std::fs::read).collect::<Result<_, _>>().context("cannot read an input file")?
+    } else if let Some(path) = &args.input {
+        vec![std::fs::read(path).with_context(|| format!("cannot read input {}", path.display()))?; args.count]
+    } else {
+        vec![args.input_text.clone().unwrap_or_default().into_bytes(); args.count]
+    };
+    let mut client = Client::connect(&args.broker).await?;
+    let hash = client.publish_module(&module).await?;
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let submissions: Vec<Submission> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| Submission {
+            task_id: Some(format!("{}-{run_id}-{i}", args.client)),
+            client_id: Some(args.client.clone()),
+            module: Some(hash.to_hex().to_string()),
+            abi: Some(args.abi.clone()),
+            entry: Some(args.entry.clone()),
+            input_b64: Some(B64.encode(input)),
+            limits: Some(LimitsJson { memory_bytes: args.memory_bytes, timeout_ms: args.timeout_ms, fuel: args.fuel }),
+            strategy: args.strategy.clone(),
+            verify: Some(args.verify.clone()),
+            max_fee: args.max_fee,
+            ..Submission::default()
+        })
+        .collect();
+    let n = submissions.len();
+    let bar = (n > 1 && !args.json).then(|| {
+        let bar = indicatif::ProgressBar::new(n as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tasks {per_sec} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let timeout = Duration::from_secs(args.wait_secs);
+    let events = if args.wait {
+        client.run_batch(&submissions, timeout, |_| {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        })
+        .await?
+    } else {
+        // Without --wait, return once every task is journaled (or rejected).
+        let mut acked = std::collections::HashMap::new();
+        for s in &submissions {
+            client.submit(s).await?;
+        }
+        while acked.len() < n {
+            match tokio::time::timeout(timeout, client.next_event()).await {
+                Ok(Some(ev)) if ev.status != EventStatus::Completed && ev.status != EventStatus::Failed => {
+                    if let Some(b) = &bar {
+                        b.inc(1);
+                    }
+                    acked.insert(ev.task_id.clone(), ev);
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        acked
+    };
+    if let Some(b) = bar {
+        b.finish();
+    }
+    client.disconnect().await;
+    let mut failures = 0;
+    let mut out = std::io::stdout().lock();
+    for s in &submissions {
+        let id = s.task_id.as_deref().unwrap_or_default();
+        match events.get(id) {
+            Some(ev) => {
+                if matches!(ev.status, EventStatus::Failed | EventStatus::Rejected) {
+                    failures += 1;
+                }
+                print_event(&mut out, ev, args.json, n == 1)?;
+            }
+            None => {
+                failures += 1;
+                writeln!(out, "{id}: no answer within {} s", args.wait_secs)?;
+            }
+        }
+    }
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_event(out: &mut impl std::io::Write, ev: &TaskEvent, json: bool, single: bool) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{}", serde_json::to_string(ev).unwrap_or_default());
+    }
+    match (&ev.status, &ev.output_b64, &ev.error) {
+        (EventStatus::Completed, Some(b64), _) => {
+            let bytes = B64.decode(b64).unwrap_or_default();
+            let shown = match std::str::from_utf8(&bytes) {
+                Ok(s) if s.chars().all(|c| !c.is_control() || c == '\n') => s.to_string(),
+                _ => format!("0x{}", hex::encode(&bytes)),
+            };
+            if single {
+                writeln!(out, "{shown}")?;
+                writeln!(
+                    out,
+                    "# task {} completed on {} (verified: {}), reward {} µcredits",
+                    ev.task_id,
+                    ev.nodes.join(", "),
+                    ev.verdict.as_ref().map(|v| v.policy.as_str()).unwrap_or("-"),
+                    ev.reward.unwrap_or(0)
+                )
+            } else {
+                writeln!(out, "{}: {shown}", ev.task_id)
+            }
+        }
+        (status, _, Some(e)) => writeln!(out, "{}: {:?}: {} ({})", ev.task_id, status, e.message, e.code),
+        (status, _, None) => writeln!(out, "{}: {:?}", ev.task_id, status),
+    }
+}

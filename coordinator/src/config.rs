@@ -1,0 +1,346 @@
+//! Coordinator configuration: a raw TOML shape with units in key names, validated once into
+//! [`CoordinatorConfig`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambient_core::{SafetyPolicy, ScoreConfig, Tariff};
+use serde::{Deserialize, Serialize};
+
+use crate::dispatcher::DispatchConfig;
+use crate::{Enrollment, RegistryConfig, Strategy};
+
+/// Where MQTT traffic flows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerMode {
+    /// A broker inside the coordinator process, listening here.
+    Embedded(SocketAddr),
+    /// An external broker (mosquitto, EMQX, ...).
+    External {
+        /// Host name or address.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The broker.
+    pub broker: BrokerMode,
+    /// Directory of the SQLite file `ambient.db`.
+    pub data_dir: PathBuf,
+    /// Dispatch tunables.
+    pub dispatch: DispatchConfig,
+    /// Registry tunables.
+    pub registry: RegistryConfig,
+    /// How often the node registry is written to the store for `ambient nodes`.
+    pub snapshot_interval: Duration,
+}
+
+impl CoordinatorConfig {
+    /// The database file inside `data_dir`.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("ambient.db")
+    }
+}
+
+/// The configuration file as written (`/etc/ambient/coordinator.toml`). Every key is optional.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// Broker settings.
+    pub broker: RawBroker,
+    /// Storage settings.
+    pub storage: RawStorage,
+    /// Scheduling settings.
+    pub scheduling: RawScheduling,
+    /// Verification settings.
+    pub verification: RawVerification,
+    /// Settlement settings.
+    pub settlement: RawSettlement,
+    /// Enrollment settings.
+    pub enrollment: RawEnrollment,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBroker {
+    /// Address of the embedded broker. Default `127.0.0.1:1883` (loopback only).
+    pub listen: String,
+    /// An external broker as `mqtt://host:port`; when set, no broker is embedded.
+    pub url: Option<String>,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    /// Directory of `ambient.db`. Default `/var/lib/ambient`.
+    pub data_dir: PathBuf,
+    /// How often the registry snapshot is saved, in ms. Default 1000.
+    pub snapshot_interval_ms: u64,
+}
+
+/// `[scheduling]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawScheduling {
+    /// `weighted`, `round-robin`, `least-loaded` or `latency-aware`. Default `weighted`.
+    pub strategy: String,
+    /// A node silent for longer than this is offline, in ms. Default 15000.
+    pub liveness_ms: u64,
+    /// Added to a task's time limit before a dispatch counts as lost, in ms. Default 15000.
+    pub dispatch_grace_ms: u64,
+    /// How long a task may wait for an eligible node, in ms. Default 60000.
+    pub queue_timeout_ms: u64,
+    /// Bandwidth at which the health score's bandwidth term saturates, in kbit/s. Default 100000.
+    pub bandwidth_ref_kbps: u32,
+    /// Core count at which the compute term's capacity saturates. Default 8.
+    pub cores_ref: u16,
+}
+
+/// `[verification]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawVerification {
+    /// Share of `receipt` tasks re-run elsewhere as a spot check, in permille. Default 50 (5%).
+    pub spot_check_permille: u16,
+    /// Failed dispatches a task survives before it fails. Default 3.
+    pub max_failures: u16,
+    /// The coordinator's view of node safety: maximum temperature in m°C. Default 85000.
+    pub max_temp_millic: i32,
+    /// Maximum latency in µs. Default 100000.
+    pub max_latency_us: u32,
+    /// Maximum error count. Default 25.
+    pub max_errors: u32,
+}
+
+/// `[settlement]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSettlement {
+    /// Paid per accepted result, in µcredits. Default 1000.
+    pub base_ucredits: u64,
+    /// Paid per million fuel units, in µcredits. Default 1.
+    pub per_million_fuel_ucredits: u64,
+}
+
+/// `[enrollment]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawEnrollment {
+    /// `open` (trust a node's key on first use) or `allowlist`. Default `open`.
+    pub mode: String,
+    /// Hex ed25519 public keys admitted in `allowlist` mode.
+    pub allow: Vec<String>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            broker: RawBroker::default(),
+            storage: RawStorage::default(),
+            scheduling: RawScheduling::default(),
+            verification: RawVerification::default(),
+            settlement: RawSettlement::default(),
+            enrollment: RawEnrollment::default(),
+        }
+    }
+}
+
+impl Default for RawBroker {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:1883".into(), url: None }
+    }
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self { data_dir: "/var/lib/ambient".into(), snapshot_interval_ms: 1000 }
+    }
+}
+
+impl Default for RawScheduling {
+    fn default() -> Self {
+        let d = DispatchConfig::default();
+        let s = ScoreConfig::default();
+        Self {
+            strategy: Strategy::default().to_string(),
+            liveness_ms: 15_000,
+            dispatch_grace_ms: d.dispatch_grace.as_millis() as u64,
+            queue_timeout_ms: d.queue_timeout.as_millis() as u64,
+            bandwidth_ref_kbps: s.bandwidth_ref_kbps,
+            cores_ref: s.cores_ref,
+        }
+    }
+}
+
+impl Default for RawVerification {
+    fn default() -> Self {
+        let d = DispatchConfig::default();
+        let p = SafetyPolicy::default();
+        Self {
+            spot_check_permille: d.spot_check_permille,
+            max_failures: d.max_failures,
+            max_temp_millic: p.max_temp_millic,
+            max_latency_us: p.max_latency_us,
+            max_errors: p.max_errors,
+        }
+    }
+}
+
+impl Default for RawSettlement {
+    fn default() -> Self {
+        let t = Tariff::default();
+        Self { base_ucredits: t.base, per_million_fuel_ucredits: t.per_million_fuel }
+    }
+}
+
+impl Default for RawEnrollment {
+    fn default() -> Self {
+        Self { mode: "open".into(), allow: Vec::new() }
+    }
+}
+
+/// A configuration value that cannot be used: names the key, the value and what is expected.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}` = {value:?}: {expected}")]
+pub struct ConfigError {
+    /// The key, as `section.key`.
+    pub key: &'static str,
+    /// The offending value.
+    pub value: String,
+    /// What would be accepted.
+    pub expected: String,
+}
+
+fn bad(key: &'static str, value: impl std::fmt::Display, expected: impl Into<String>) -> ConfigError {
+    ConfigError { key, value: value.to_string(), expected: expected.into() }
+}
+
+/// Parses `mqtt://host:port` (port defaults to 1883).
+///
+/// # Errors
+/// When the scheme is not `mqtt` or the port is not a number.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| format!("broker URL {url:?} must look like mqtt://host:port"))?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            let port = port.parse().map_err(|_| format!("broker URL {url:?} has an invalid port {port:?}"))?;
+            Ok((host.trim_matches(['[', ']']).to_string(), port))
+        }
+        _ if !rest.is_empty() => Ok((rest.to_string(), 1883)),
+        _ => Err(format!("broker URL {url:?} has no host")),
+    }
+}
+
+impl RawConfig {
+    /// Validates every key once.
+    ///
+    /// # Errors
+    /// The first key whose value cannot be used.
+    pub fn validate(&self) -> Result<CoordinatorConfig, ConfigError> {
+        let broker = match &self.broker.url {
+            Some(url) => {
+                let (host, port) = parse_broker_url(url).map_err(|e| bad("broker.url", url, e))?;
+                BrokerMode::External { host, port }
+            }
+            None => BrokerMode::Embedded(
+                self.broker.listen.parse().map_err(|_| bad("broker.listen", &self.broker.listen, "an address like 127.0.0.1:1883"))?,
+            ),
+        };
+        let strategy: Strategy = self
+            .scheduling
+            .strategy
+            .parse()
+            .map_err(|e: <Strategy as std::str::FromStr>::Err| bad("scheduling.strategy", &self.scheduling.strategy, e.to_string()))?;
+        if self.verification.spot_check_permille > 1000 {
+            return Err(bad("verification.spot_check_permille", self.verification.spot_check_permille, "0 to 1000"));
+        }
+        if self.scheduling.liveness_ms == 0 {
+            return Err(bad("scheduling.liveness_ms", 0, "a positive number of milliseconds"));
+        }
+        let enrollment = match self.enrollment.mode.as_str() {
+            "open" => Enrollment::Open,
+            "allowlist" => {
+                let mut keys = HashSet::new();
+                for k in &self.enrollment.allow {
+                    let mut key = [0u8; 32];
+                    hex::decode_to_slice(k, &mut key).map_err(|_| bad("enrollment.allow", k, "64 hex characters (an ed25519 public key)"))?;
+                    keys.insert(key);
+                }
+                Enrollment::Allowlist(keys)
+            }
+            other => return Err(bad("enrollment.mode", other, "`open` or `allowlist`")),
+        };
+        let safety = SafetyPolicy {
+            max_temp_millic: self.verification.max_temp_millic,
+            resume_temp_millic: self.verification.max_temp_millic - 5_000,
+            max_latency_us: self.verification.max_latency_us,
+            max_errors: self.verification.max_errors,
+            ..SafetyPolicy::default()
+        };
+        let score = ScoreConfig {
+            bandwidth_ref_kbps: self.scheduling.bandwidth_ref_kbps,
+            latency_max_us: self.verification.max_latency_us,
+            cores_ref: self.scheduling.cores_ref,
+        };
+        Ok(CoordinatorConfig {
+            broker,
+            data_dir: self.storage.data_dir.clone(),
+            dispatch: DispatchConfig {
+                default_strategy: strategy,
+                tariff: Tariff { base: self.settlement.base_ucredits, per_million_fuel: self.settlement.per_million_fuel_ucredits },
+                spot_check_permille: self.verification.spot_check_permille,
+                max_failures: self.verification.max_failures,
+                dispatch_grace: Duration::from_millis(self.scheduling.dispatch_grace_ms),
+                queue_timeout: Duration::from_millis(self.scheduling.queue_timeout_ms),
+            },
+            registry: RegistryConfig { liveness: Duration::from_millis(self.scheduling.liveness_ms), score, safety, enrollment },
+            snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_embeds_a_loopback_broker() {
+        let c = RawConfig::default().validate().unwrap();
+        assert_eq!(c.broker, BrokerMode::Embedded("127.0.0.1:1883".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let mut raw = RawConfig::default();
+        raw.scheduling.strategy = "fastest".into();
+        let e = raw.validate().unwrap_err();
+        assert_eq!(e.key, "scheduling.strategy");
+        assert!(e.to_string().contains("fastest"));
+    }
+
+    #[test]
+    fn broker_urls_parse_with_a_default_port() {
+        assert_eq!(parse_broker_url("mqtt://gw.local").unwrap(), ("gw.local".into(), 1883));
+        assert_eq!(parse_broker_url("mqtt://127.0.0.1:2000").unwrap(), ("127.0.0.1".into(), 2000));
+        assert!(parse_broker_url("http://x").is_err());
+    }
+
+    #[test]
+    fn the_default_config_round_trips_through_toml() {
+        let text = toml::to_string(&RawConfig::default()).unwrap();
+        let back: RawConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.scheduling.strategy, "weighted");
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Proves the Raspberry Pi 4/5 / Jetson path: cross-builds ambient-agent for aarch64, runs it
+# under qemu-aarch64 against a coordinator on this host, and has it classify a real digit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+agent_bin=$(bash targets/cross-aarch64.sh ambient-agent | tail -n 1)
+cargo build -q -p ambient-coordinator --bin ambient
+ambient=target/debug/ambient
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$ambient" coordinator --listen 127.0.0.1:0 --data-dir "$work/coordinator" 2>"$work/coordinator.log" &
+pids+=($!)
+url=""
+for _ in $(seq 1 100); do
+  url=$(grep -o 'mqtt://127.0.0.1:[0-9]*' "$work/coordinator.log" | head -n 1 || true)
+  [ -n "$url" ] && break
+  sleep 0.1
+done
+[ -n "$url" ] || { cat "$work/coordinator.log"; echo "coordinator did not start" >&2; exit 1; }
+echo "coordinator at $url"
+
+qemu-aarch64 -L /usr/aarch64-linux-gnu "$agent_bin" --broker "$url" --state-dir "$work/agent" \
+  --name qemu-aarch64 >"$work/agent.log" 2>&1 &
+pids+=($!)
+
+# The first held-out digit: 64 pixel bytes, then its label.
+head -c 64 tasks/digits-model/data/heldout.bin >"$work/digit.bin"
+label=$(od -An -tu1 -j64 -N1 tasks/digits-model/data/heldout.bin | tr -d ' ')
+
+# Cranelift compiles under emulation, so allow the first task time.
+result=$("$ambient" submit tasks/modules/digits.wasm --entry classify --input "$work/digit.bin" \
+  --broker "$url" --wait --json --wait-secs 300) || { cat "$work/agent.log"; echo "$result"; exit 1; }
+echo "$result"
+python3 - "$result" "$label" "$work/coordinator" "$ambient" <<'PY'
+import base64, json, subprocess, sys
+event = json.loads(sys.argv[1]); label = int(sys.argv[2])
+assert event["status"] == "completed", event
+out = base64.b64decode(event["output_b64"])
+assert list(out) == [label], f"classified as {list(out)}, label {label}"
+nodes = json.loads(subprocess.check_output([sys.argv[4], "nodes", "--json", "--data-dir", sys.argv[3]]))
+archs = {n["node"]: n["arch"] for n in nodes}
+ran_on = event["nodes"][0]
+assert archs.get(ran_on) == "aarch64", f"ran on {ran_on} with arch {archs.get(ran_on)}"
+print(f"aarch64 agent under qemu classified the digit as {label}; receipt verified, ledger credited")
+PY

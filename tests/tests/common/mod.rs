@@ -1,0 +1,186 @@
+//! Shared harness: real processes (coordinator, agents, mosquitto) on free ports, cleaned up on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ambient_coordinator::store::Store;
+
+/// The path of a workspace binary, building it if `cargo test -p ambient-e2e` ran alone.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "--bin", name]).status().expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A mosquitto of our own on a free port, if the binary is installed.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Option<Mosquitto> {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let dir = tempfile::tempdir().ok()?;
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n")).ok()?;
+        let child = Command::new(binary).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+        let proc = Proc { child, name: "mosquitto".into() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Mosquitto { proc, url: format!("mqtt://127.0.0.1:{port}"), _dir: dir })
+    }
+}
+
+/// `ambient coordinator` as a child process.
+pub struct Coordinator {
+    pub proc: Proc,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts with the embedded broker on `port` (0 for any), or on `external` broker.
+    pub fn start(data_dir: &Path, port: u16, external: Option<&str>) -> Coordinator {
+        let mut cmd = Command::new(bin("ambient"));
+        cmd.arg("coordinator").arg("--data-dir").arg(data_dir).arg("-v");
+        match external {
+            Some(url) => cmd.args(["--broker", url]),
+            None => cmd.args(["--listen", &format!("127.0.0.1:{port}")]),
+        };
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start ambient coordinator");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(i) = line.find("mqtt://") {
+                        let url: String = line[i..].chars().take_while(|c| !c.is_whitespace() && *c != ',').collect();
+                        let _ = tx.send(url);
+                        sent = true;
+                    }
+                }
+                if std::env::var_os("AMBIENT_E2E_LOGS").is_some() {
+                    eprintln!("[coordinator] {line}");
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(20)).expect("coordinator printed its broker URL");
+        Coordinator { proc: Proc { child, name: "coordinator".into() }, url, data_dir: data_dir.to_path_buf() }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.data_dir.join("ambient.db")
+    }
+
+    /// Waits until `n` nodes are online in the coordinator's registry snapshot.
+    pub fn wait_for_nodes(&self, n: usize) {
+        wait_until(Duration::from_secs(60), || online_nodes(&self.db()) >= n, || format!("{n} nodes online"));
+    }
+}
+
+pub fn online_nodes(db: &Path) -> usize {
+    let Ok(store) = Store::open_read_only(db) else { return 0 };
+    store
+        .nodes()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
+        .filter(|v| v["online"].as_bool() == Some(true))
+        .count()
+}
+
+/// Polls `cond` every 50 ms until it holds; panics after `limit` with what was awaited.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {}", what());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ambient-agent` as a child process with a simulated profile.
+pub fn agent(url: &str, state_dir: &Path, profile: &str) -> Proc {
+    let child = Command::new(bin("ambient-agent"))
+        .args(["--broker", url, "--simulate", profile, "--name", profile])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("AMBIENT_AGENT_TELEMETRY_INTERVAL_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("AMBIENT_E2E_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .spawn()
+        .expect("start ambient-agent");
+    Proc { child, name: format!("agent {profile}") }
+}
+
+/// The digits module and the first `n` held-out images as one input, with the native labels.
+pub fn digits_batch(offset: usize, n: usize) -> (Vec<u8>, Vec<u8>) {
+    let all: Vec<_> = ambient_digits::heldout().collect();
+    let mut input = Vec::new();
+    let mut native = Vec::new();
+    for i in 0..n {
+        let (img, _) = all[(offset + i) % all.len()];
+        input.extend_from_slice(img);
+        native.push(ambient_digits::classify(img));
+    }
+    (input, native)
+}
+
+pub const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
