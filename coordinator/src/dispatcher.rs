@@ -237,12 +237,16 @@ impl Dispatcher {
                     accepted.push(p.spec);
                 }
                 Err(r) => {
-                    let id = submission_id(json).unwrap_or_else(|| "unknown".into());
+                    // A rejection can only be delivered to a task id's topic; without a valid
+                    // id there is nowhere to answer, so it is counted and logged.
+                    let Some(id) = submission_id(json).and_then(|id| TaskId::new(&id)) else {
+                        self.dropped.malformed += 1;
+                        warn!(code = r.code, "submission without a valid task_id rejected: {}", r.message);
+                        continue;
+                    };
                     debug!(task = %id, code = r.code, "submission rejected");
-                    let event = TaskEvent::new(id.clone(), EventStatus::Rejected).with_error(r.code, r.message);
-                    if let Some(tid) = TaskId::new(&id) {
-                        out.push(Publish::reliable(topics::task_result(&tid).as_str(), event.to_json()));
-                    }
+                    let event = TaskEvent::new(id.as_str(), EventStatus::Rejected).with_error(r.code, r.message);
+                    out.push(Publish::reliable(topics::task_result(&id).as_str(), event.to_json()));
                 }
             }
         }

@@ -113,7 +113,9 @@ async fn a_coordinator_killed_mid_batch_loses_no_accepted_task() {
     let store = Store::open_read_only(&db).unwrap();
     for i in 0..n {
         let id = TaskId::new(&format!("r{i}")).unwrap();
-        assert_eq!(store.task_earnings(&id).unwrap().len(), 1, "task r{i} credited exactly once");
+        let result: serde_json::Value = serde_json::from_str(&store.task(&id).unwrap().unwrap().result_json.unwrap()).unwrap();
+        let agreeing = result["verdict"]["agreeing"].as_u64().unwrap() as usize;
+        assert_eq!(store.task_earnings(&id).unwrap().len(), agreeing, "task r{i}: each agreeing node credited exactly once");
     }
     assert!(store.verify_ledger().unwrap().is_ok());
 }

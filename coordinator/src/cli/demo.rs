@@ -98,6 +98,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let db = config.db_path();
     let coordinator = Coordinator::bind(config).await?;
     let url = coordinator.broker_url();
+    // Agents stop before the coordinator, so they say goodbye to a broker that is still there.
+    let stop_agents = CancellationToken::new();
     let stop = CancellationToken::new();
     let coordinator_task = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
 
@@ -108,7 +110,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         cfg.set_name(format!("{profile}-{i}"));
         cfg.set_simulate(profile.parse::<ambient_agent::Profile>()?);
         cfg.set_telemetry_interval(Duration::from_millis(500));
-        agents.push(tokio::spawn(ambient_agent::run(cfg, stop.clone().cancelled_owned())));
+        agents.push(tokio::spawn(ambient_agent::run(cfg, stop_agents.clone().cancelled_owned())));
     }
     if !args.json {
         eprintln!("ambient demo: broker {url}, {} agents, {} tasks of {} images", args.agents, args.tasks, args.batch);
@@ -169,10 +171,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     let summary = summarise(&args, &events, &expected, elapsed, &db)?;
-    stop.cancel();
+    stop_agents.cancel();
     for a in agents {
         let _ = a.await;
     }
+    stop.cancel();
     let _ = coordinator_task.await;
 
     let ok = summary.failed == 0

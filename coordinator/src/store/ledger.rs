@@ -194,6 +194,12 @@ impl Batch<'_> {
             if settled {
                 return Ok(Settlement::AlreadySettled);
             }
+            if payees.is_empty() {
+                return Ok(Settlement::Settled {
+                    entries: Vec::new(),
+                    total: 0,
+                });
+            }
 
             let (mut seq, mut prev) = match b.ledger_head.take() {
                 Some(head) => head,

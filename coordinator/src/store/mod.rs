@@ -317,6 +317,40 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_commits_every_kind_of_write_together_and_a_dropped_one_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let task = tasks::tests::new_task("t", 1);
+        let node = ambient_core::NodeId([5; 16]);
+
+        let mut batch = store.batch().unwrap();
+        batch.insert_task(&task).unwrap();
+        batch.record_dispatch(&task.task_id, 1, &node, 2).unwrap();
+        batch
+            .finish_task(&task.task_id, TaskStatus::Completed, "{}", 3)
+            .unwrap();
+        batch.settle(&task.task_id, "alice", &[(node, 10)]).unwrap();
+        drop(batch);
+        assert_eq!(store.task(&task.task_id).unwrap(), None);
+        assert_eq!(store.verify_ledger().unwrap().entries, 0);
+
+        let mut batch = store.batch().unwrap();
+        batch.insert_task(&task).unwrap();
+        batch.record_dispatch(&task.task_id, 1, &node, 2).unwrap();
+        batch
+            .finish_task(&task.task_id, TaskStatus::Completed, "{}", 3)
+            .unwrap();
+        batch.settle(&task.task_id, "alice", &[(node, 10)]).unwrap();
+        batch.commit().unwrap();
+        let row = store.task(&task.task_id).unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.attempts, row.finished_ms),
+            (TaskStatus::Completed, 1, Some(3))
+        );
+        assert_eq!(store.task_earnings(&task.task_id).unwrap(), [(node, 10)]);
+    }
+
+    #[test]
     fn a_file_that_is_not_a_database_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");

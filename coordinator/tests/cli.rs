@@ -1,0 +1,57 @@
+//! The `ambient` command line as a user meets it. (This file also makes `cargo test` build the
+//! `ambient` binary that the end-to-end tests in `tests/` run.)
+
+use std::process::Command;
+
+fn ambient(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ambient")).args(args).output().expect("run ambient")
+}
+
+#[test]
+fn help_lists_every_command_with_examples() {
+    let out = ambient(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["coordinator", "submit", "nodes", "tasks", "ledger", "demo"] {
+        assert!(text.contains(cmd), "--help mentions {cmd}");
+    }
+    assert!(text.contains("Examples"));
+}
+
+#[test]
+fn print_config_emits_toml_that_the_coordinator_accepts() {
+    let out = ambient(&["coordinator", "--print-config", "--strategy", "least-loaded"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("strategy = \"least-loaded\""));
+    let raw: ambient_coordinator::RawConfig = toml::from_str(&text).expect("printed config parses");
+    raw.validate().expect("printed config validates");
+}
+
+#[test]
+fn an_unknown_strategy_is_refused_with_the_valid_ones() {
+    let out = ambient(&["coordinator", "--strategy", "fastest", "--data-dir", "/nonexistent"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scheduling.strategy") && err.contains("round-robin"), "{err}");
+}
+
+#[test]
+fn read_commands_on_a_missing_database_say_how_to_create_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ambient(&["nodes", "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ambient coordinator"), "{err}");
+}
+
+#[test]
+fn the_embedded_broker_explains_a_taken_port() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = ambient(&["coordinator", "--listen", &addr, "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use") && err.contains("--broker"), "{err}");
+}
