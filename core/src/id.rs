@@ -3,7 +3,9 @@ use serde::{Deserialize, Serialize};
 use sha3::Digest as _;
 
 /// A sha3-256 digest: of a module, an input, an output, a receipt or a ledger entry.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// On the wire (postcard) it is 32 raw bytes; in human-readable formats (JSON) a hex string.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Digest(pub [u8; 32]);
 
 /// The sha3-256 of `bytes`, the same value `openssl dgst -sha3-256` prints.
@@ -49,7 +51,9 @@ impl fmt::Debug for Digest {
 ///
 /// Shown and used in topics as 32 lowercase hex characters. Because it derives from the key,
 /// a node cannot claim another's id without its private key.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// On the wire (postcard) it is 16 raw bytes; in human-readable formats (JSON) a hex string.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub [u8; 16]);
 
 impl NodeId {
@@ -164,3 +168,41 @@ fn hex_decode(s: &str, out: &mut [u8]) -> bool {
     }
     true
 }
+
+/// Serde for byte-array ids: raw bytes for binary formats, hex text for human-readable ones.
+macro_rules! hex_serde {
+    ($t:ident, $n:expr) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.serialize_str(&self.to_hex())
+                } else {
+                    s.serialize_newtype_struct(stringify!($t), &self.0)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Hex;
+                impl serde::de::Visitor<'_> for Hex {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(f, "{} hex characters", $n * 2)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$t, E> {
+                        $t::from_hex(v).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                    }
+                }
+                if d.is_human_readable() {
+                    d.deserialize_str(Hex)
+                } else {
+                    <[u8; $n]>::deserialize(d).map($t)
+                }
+            }
+        }
+    };
+}
+
+hex_serde!(Digest, 32);
+hex_serde!(NodeId, 16);
