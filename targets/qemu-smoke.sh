@@ -28,7 +28,7 @@ done
 [ -n "$url" ] || { cat "$work/coordinator.log"; echo "coordinator did not start" >&2; exit 1; }
 echo "coordinator at $url"
 
-qemu-aarch64 -L /usr/aarch64-linux-gnu "$agent_bin" --broker "$url" --state-dir "$work/agent" \
+qemu-aarch64 -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib "$agent_bin" --broker "$url" --state-dir "$work/agent" \
   --name qemu-aarch64 >"$work/agent.log" 2>&1 &
 pids+=($!)
 

@@ -1,1 +1,24 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod agent;
+mod config;
+mod connection;
+mod dedup;
+mod delivery;
+pub mod engine;
+mod error;
+mod identity;
+mod link;
+mod outbox;
+mod profile;
+mod telemetry;
+
+pub use agent::run;
+pub use config::{
+    AgentConfig, BrokerUrl, ConfigError, DEFAULT_BROKER, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR,
+    ENV_PREFIX, EngineChoice, RawConfig, RawSafety, RawSandbox, env_vars,
+};
+pub use error::AgentError;
+pub use identity::{IDENTITY_FILE, IdentityError, load_or_create as load_identity};
+pub use profile::{Profile, UnknownProfile};

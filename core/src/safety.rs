@@ -229,7 +229,10 @@ impl Breaker {
 
     /// Feeds a telemetry sample taken at `now_ms`.
     pub fn observe(&mut self, now_ms: u64, sample: &TelemetrySample) -> Option<Transition> {
-        self.current = self.policy.breach(sample, self.errors);
+        // Only the sample's own readings count here. The error threshold is enforced by
+        // `record`; judging the count here too would keep a breaker that tripped on errors
+        // open forever, since only a successful probe clears the count.
+        self.current = self.policy.breach(sample, 0);
         if let Some(TripReason::Overheated { .. }) = self.current {
             self.needs_cooling = true;
         }

@@ -167,6 +167,8 @@ pub struct Report<'a> {
 
 /// What happened to an assignment. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// `Box` needs `alloc`, which the no_std core does without; a report is built once per task.
+#[allow(clippy::large_enum_variant)]
 pub enum ReportBody<'a> {
     /// It ran; the receipt says how it ended.
     Executed {

@@ -301,8 +301,13 @@ impl Figure {
         self
     }
 
+    /// Adds a note; several are joined with "; ".
     fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
+        let note = note.into();
+        self.note = Some(match self.note.take() {
+            Some(earlier) => format!("{earlier}; {note}"),
+            None => note,
+        });
         self
     }
 }
@@ -617,6 +622,8 @@ struct EndToEnd {
     /// Tasks of the batch that completed, and that had no final event when the cap ran out.
     completed: usize,
     unfinished: usize,
+    /// Agents whose breaker was not closed right after the batch.
+    tripped: usize,
 }
 
 /// Runs raw MQTT, then a coordinator and four agents, on the embedded broker (`external` is
@@ -634,7 +641,9 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
     let db = config.db_path();
     let coordinator = Coordinator::bind(config).await?;
     let url = coordinator.broker_url();
+    // Agents stop first, so none of them sees its broker vanish under it.
     let stop = CancellationToken::new();
+    let stop_agents = CancellationToken::new();
     let coordinator_task = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
     let mut agents = Vec::new();
 
@@ -649,7 +658,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
             cfg.set_telemetry_interval(Duration::from_millis(500));
             agents.push(tokio::spawn(ambient_agent::run(
                 cfg,
-                stop.clone().cancelled_owned(),
+                stop_agents.clone().cancelled_owned(),
             )));
         }
         wait_for_nodes(&db, PROFILES.len()).await?;
@@ -716,6 +725,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
             .collect();
         let (completed, unfinished, elapsed) =
             run_capped(&mut client, &batch, plan.batch_cap).await?;
+        let tripped = tripped_nodes(&db);
         client.disconnect().await;
         anyhow::Ok(EndToEnd {
             raw,
@@ -725,19 +735,37 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
             tasks_per_s: completed as f64 / elapsed.as_secs_f64(),
             completed,
             unfinished,
+            tripped,
         })
     }
     .await;
 
-    stop.cancel();
+    stop_agents.cancel();
     for agent in agents {
         let _ = agent.await;
     }
+    stop.cancel();
     match coordinator_task.await {
         Ok(Err(e)) if measured.is_ok() => return Err(e.into()),
         _ => {}
     }
     measured
+}
+
+/// Nodes whose breaker, the coordinator's or the one the agent reports, is not closed in the
+/// latest registry snapshot.
+fn tripped_nodes(db: &Path) -> usize {
+    let Ok(nodes) = Store::open_read_only(db).and_then(|s| s.nodes()) else {
+        return 0;
+    };
+    nodes
+        .iter()
+        .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
+        .filter(|v| {
+            let closed = |b: &serde_json::Value| b.as_str().is_none_or(|s| s == "Closed");
+            !closed(&v["breaker"]) || !closed(&v["sample"]["breaker"])
+        })
+        .count()
 }
 
 /// Submits every task, then counts final events until every task has one or `cap` has passed
@@ -852,6 +880,13 @@ fn end_to_end_figures(section: &'static str, key: &str, plan: &Plan, e: &EndToEn
     )
     .goal(Goal::RatioAtLeast(0.4))
     .goal(Goal::AtLeast(10_000.0));
+    if e.tripped > 0 {
+        throughput = throughput.note(format!(
+            "{} of {} agents had a breaker open right after the batch (the log says why)",
+            e.tripped,
+            PROFILES.len()
+        ));
+    }
     if e.unfinished > 0 {
         throughput = throughput.note(format!(
             "rate over the {} s cap: {} of {} tasks had finished",

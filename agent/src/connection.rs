@@ -1,0 +1,353 @@
+//! The MQTT side: client options, the one task that owns rumqttc's event loop, and the
+//! [`Publisher`] every other task publishes through.
+//!
+//! The event loop task never blocks and never waits on another task: incoming frames go to
+//! the agent over a bounded channel (dropped and counted when it is full), connection events
+//! and delivery acknowledgements over an unbounded one (they are small and few). Publishing
+//! uses `try_*` calls, so a broker outage never stalls the caller either; what could not be
+//! queued is retried after the next connect.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ambient_core::{Digest, MAX_FRAME_BYTES, MAX_MODULE_BYTES, NodeId, topics};
+use bytes::Bytes;
+use rand::Rng as _;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
+    Request,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::AgentError;
+use crate::config::AgentConfig;
+use crate::delivery::{Delivery, Tag};
+
+/// Requests the client may queue before `try_publish` reports the channel full.
+const REQUEST_CAPACITY: usize = 256;
+/// Unacknowledged QoS 1 publishes on the wire at once.
+const MAX_INFLIGHT: u16 = 64;
+
+/// What the connection tells the agent.
+#[derive(Debug)]
+pub(crate) enum ConnEvent {
+    /// Connected (again): subscribe, announce and resend.
+    Connected,
+    /// The connection dropped; these outbox entries must be sent again.
+    Lost { resend: Vec<u64>, error: String },
+    /// The broker acknowledged this outbox entry.
+    Delivered(u64),
+}
+
+/// A frame for the agent.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// On the node's tasks topic, with the time it was read (for pong round trips).
+    Tasks { payload: Bytes, at: Instant },
+    /// On a module topic.
+    Module { hash: Digest, payload: Bytes },
+}
+
+/// Publishes through the event loop, keeping QoS 1 publishes and their tags in step.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    client: AsyncClient,
+    delivery: Arc<Mutex<Delivery>>,
+}
+
+fn lock(delivery: &Mutex<Delivery>) -> MutexGuard<'_, Delivery> {
+    // The state is plain data updated in single steps, so a panic elsewhere cannot leave it
+    // half-changed; keep using it.
+    delivery.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Publisher {
+    /// Queues a publish; `false` if the client's queue is full or the event loop is gone.
+    pub fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
+        if qos == QoS::AtMostOnce {
+            return self.client.try_publish(topic, qos, retain, payload).is_ok();
+        }
+        // Hold the lock across the send so tags queue in exactly the channel's order.
+        let mut delivery = lock(&self.delivery);
+        let queued = self.client.try_publish(topic, qos, retain, payload).is_ok();
+        if queued {
+            delivery.queued(tag);
+        }
+        queued
+    }
+
+    pub fn subscribe(&self, topic: &str) -> bool {
+        self.client.try_subscribe(topic, QoS::AtLeastOnce).is_ok()
+    }
+
+    pub fn unsubscribe(&self, topic: &str) -> bool {
+        self.client.try_unsubscribe(topic).is_ok()
+    }
+
+    pub fn disconnect(&self) -> bool {
+        self.client.try_disconnect().is_ok()
+    }
+}
+
+/// Exponential reconnect delays with jitter: each delay is drawn from the upper half of a
+/// window that doubles from `min` up to `max`, so a fleet that lost its gateway at the same
+/// moment does not reconnect in lockstep.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let window = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = window / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Client options: persistent session, last will, packet sizes for 16 MiB modules, TLS.
+pub(crate) fn options(config: &AgentConfig, node: &NodeId) -> Result<MqttOptions, AgentError> {
+    let broker = config.broker();
+    let mut opts = MqttOptions::new(
+        format!("ambient-agent-{node}"),
+        broker.host(),
+        broker.port(),
+    );
+    opts.set_keep_alive(config.keep_alive())
+        // Assignments queued while we were away arrive when we come back.
+        .set_clean_session(false)
+        .set_last_will(LastWill::new(
+            topics::node(node, topics::NodeTopic::Status).as_str(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ))
+        // Incoming: a module plus headroom, so a somewhat oversize frame is read and dropped by
+        // us rather than failing the connection. Outgoing: the largest report.
+        .set_max_packet_size(MAX_MODULE_BYTES + (1 << 20), MAX_FRAME_BYTES + (4 << 10))
+        .set_inflight(MAX_INFLIGHT)
+        .set_request_channel_capacity(REQUEST_CAPACITY);
+    if broker.is_tls() {
+        tls(&mut opts)?;
+    }
+    Ok(opts)
+}
+
+#[cfg(feature = "tls")]
+fn tls(opts: &mut MqttOptions) -> Result<(), AgentError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(AgentError::Tls(
+            "no usable system root certificates were found".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AgentError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+    ));
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(_: &mut MqttOptions) -> Result<(), AgentError> {
+    Err(AgentError::Tls(
+        "mqtts:// is not supported in this build (built without the `tls` feature)".into(),
+    ))
+}
+
+/// Creates the client and its event loop with TCP_NODELAY on.
+pub(crate) fn client(opts: MqttOptions) -> (Publisher, EventLoop, Arc<Mutex<Delivery>>) {
+    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    let delivery = Arc::new(Mutex::new(Delivery::default()));
+    (
+        Publisher {
+            client,
+            delivery: delivery.clone(),
+        },
+        eventloop,
+        delivery,
+    )
+}
+
+/// The connection task: polls the event loop until `stop` fires or a clean disconnect has been
+/// sent, reconnecting with `backoff` whenever the connection fails. Never returns early on
+/// broker loss.
+pub(crate) struct Driver {
+    pub eventloop: EventLoop,
+    pub delivery: Arc<Mutex<Delivery>>,
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+    pub inbound: mpsc::Sender<Inbound>,
+    pub tasks_topic: String,
+    pub backoff: Backoff,
+    pub dropped: Arc<AtomicU64>,
+    pub stop: CancellationToken,
+}
+
+impl Driver {
+    pub async fn run(mut self) {
+        let mut failures: u64 = 0;
+        loop {
+            let polled = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                polled = self.eventloop.poll() => polled,
+            };
+            match polled {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(event) => {
+                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                        failures = 0;
+                    }
+                    self.handle(event);
+                }
+                Err(e) => {
+                    // Events rumqttc read before failing would otherwise be replayed after the
+                    // reconnect; handle them now, while their packet ids still mean what they did.
+                    while let Some(event) = self.eventloop.state.events.pop_front() {
+                        self.handle(event);
+                    }
+                    let resend = self.take_back_publishes();
+                    let _ = self.events.send(ConnEvent::Lost {
+                        resend,
+                        error: e.to_string(),
+                    });
+                    let delay = self.backoff.next_delay();
+                    failures += 1;
+                    // Loud on the first failure and then at 10, 100, 1000...: a broker that
+                    // stays away is visible without flooding the log.
+                    if is_power_of_ten(failures) {
+                        tracing::warn!(error = %e, failures, delay_ms = delay.as_millis() as u64, "cannot reach the broker; retrying");
+                    } else {
+                        tracing::debug!(error = %e, failures, delay_ms = delay.as_millis() as u64, "cannot reach the broker; retrying");
+                    }
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                self.backoff.reset();
+                let _ = self.events.send(ConnEvent::Connected);
+            }
+            Event::Incoming(Packet::Publish(p)) => self.route(p.topic, p.payload),
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(seq) = lock(&self.delivery).acked(ack.pkid) {
+                    let _ = self.events.send(ConnEvent::Delivered(seq));
+                }
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                lock(&self.delivery).sent(pkid)
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => lock(&self.delivery).held_back(pkid),
+            _ => {}
+        }
+    }
+
+    fn route(&self, topic: String, payload: Bytes) {
+        let frame = if topic == self.tasks_topic {
+            Inbound::Tasks {
+                payload,
+                at: Instant::now(),
+            }
+        } else if let Some(hash) = topics::parse_module(&topic) {
+            Inbound::Module { hash, payload }
+        } else {
+            tracing::debug!(%topic, "ignoring a message on an unexpected topic");
+            return;
+        };
+        if self.inbound.try_send(frame).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(%topic, dropped_frames = n, "agent is saturated, dropping an incoming frame");
+        }
+    }
+
+    /// Takes every QoS 1 publish out of rumqttc's retransmission queue (the outbox resends
+    /// reports itself) and returns the outbox entries to resend.
+    fn take_back_publishes(&mut self) -> Vec<u64> {
+        let mut fresh = 0;
+        self.eventloop.pending.retain(|request| match request {
+            Request::Publish(p) if p.qos != QoS::AtMostOnce => {
+                // Id 0: drained from the channel before the event loop got to it.
+                fresh += usize::from(p.pkid == 0);
+                false
+            }
+            _ => true,
+        });
+        // rumqttc keeps a held-back publish across reconnects, where its id can never be
+        // acked; its tag is in `Delivery` and comes back below.
+        self.eventloop.state.collision = None;
+        lock(&self.delivery).connection_lost(fresh)
+    }
+}
+
+/// 1, 10, 100, ...
+fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn powers_of_ten_are_recognised() {
+        let found: Vec<u64> = (0..2000).filter(|n| is_power_of_ten(*n)).collect();
+        assert_eq!(found, [1, 10, 100, 1000]);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1_000));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays[1] >= Duration::from_millis(100) && delays[1] <= Duration::from_millis(200));
+        for d in &delays[4..] {
+            assert!(
+                *d >= Duration::from_millis(500) && *d <= Duration::from_millis(1_000),
+                "{d:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,32 @@
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+use crate::engine::ExecError;
+use crate::identity::IdentityError;
+
+/// Why the agent could not start. Once running, the agent does not stop on errors: a lost
+/// broker is retried, a bad frame is dropped, a bad task gets a report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The identity key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The outbox directory could not be opened.
+    #[error("cannot open the outbox {path}: {source}")]
+    Outbox {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The WASM engine could not be set up.
+    #[error("cannot start the sandbox: {0}")]
+    Sandbox(#[from] ExecError),
+    /// TLS to the broker cannot be set up.
+    #[error("cannot set up TLS to the broker: {0}")]
+    Tls(String),
+}

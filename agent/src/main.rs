@@ -1,0 +1,159 @@
+//! `ambient-agent`: the device daemon. Parses flags, loads the config (flags > environment >
+//! file > defaults), starts logging and runs the agent until SIGINT or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ambient_agent::{AgentConfig, DEFAULT_CONFIG_PATH, RawConfig};
+use anyhow::Context as _;
+use clap::{ArgAction, Parser};
+
+const EXAMPLES: &str = "\
+Examples:
+  Join the pool of the gateway at gateway.local:
+    ambient-agent --broker mqtt://gateway.local:1883
+
+  Pretend to be a Raspberry Pi 4 (synthetic readings), with state in /tmp:
+    ambient-agent --broker mqtt://127.0.0.1:1883 --state-dir /tmp/pi4-0 --simulate pi4 --name pi4-0
+
+  Show the effective configuration as commented TOML:
+    ambient-agent --config /etc/ambient/agent.toml --print-config
+
+  Any config key from the environment (a section's key after a double underscore):
+    AMBIENT_AGENT_TELEMETRY_INTERVAL_MS=1000 AMBIENT_AGENT_SAFETY__MAX_TEMP_MILLIC=75000 ambient-agent -v
+
+Profiles for --simulate: pi4, pi5, pi-zero-2w, jetson-orin-nano, visionfive2.";
+
+/// Runs WASM tasks for an Ambient coordinator and signs a receipt for each.
+#[derive(Debug, Parser)]
+#[command(name = "ambient-agent", version, about, after_help = EXAMPLES)]
+struct Args {
+    /// TOML config file [default: /etc/ambient/agent.toml if it exists]
+    #[arg(long, env = "AMBIENT_AGENT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Broker URL: mqtt://host:port, or mqtts://host:port for TLS [default: mqtt://127.0.0.1:1883]
+    #[arg(long, env = "AMBIENT_AGENT_BROKER", value_name = "URL")]
+    broker: Option<String>,
+    /// Directory for the identity key, outbox and module cache [default: /var/lib/ambient-agent]
+    #[arg(long, env = "AMBIENT_AGENT_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Name shown in logs
+    #[arg(long, env = "AMBIENT_AGENT_NAME")]
+    name: Option<String>,
+    /// Labels announced for placement, comma-separated
+    #[arg(
+        long,
+        env = "AMBIENT_AGENT_LABELS",
+        value_delimiter = ',',
+        value_name = "A,B"
+    )]
+    labels: Option<Vec<String>>,
+    /// Simulate a device profile instead of reading this machine
+    #[arg(long, env = "AMBIENT_AGENT_SIMULATE", value_name = "PROFILE")]
+    simulate: Option<String>,
+    /// Print the effective configuration as commented TOML and exit
+    #[arg(long)]
+    print_config: bool,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
+    /// Log as JSON lines
+    #[arg(long, env = "AMBIENT_AGENT_JSON_LOGS")]
+    json_logs: bool,
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ambient-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    let config = load_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging(args.verbose, args.json_logs);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // Async work is light (MQTT, timers); tasks run on the blocking pool.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(ambient_agent::run(config, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
+    let file = match &args.config {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| Path::exists(p)),
+    };
+    let mut raw = RawConfig::load(file.as_deref(), ambient_agent::env_vars())?;
+    // Flags (and their environment variables, read by clap) win over the file.
+    if let Some(broker) = &args.broker {
+        raw.broker = broker.clone();
+    }
+    if let Some(dir) = &args.state_dir {
+        raw.state_dir = dir.clone();
+    }
+    if let Some(name) = &args.name {
+        raw.name = Some(name.clone());
+    }
+    if let Some(labels) = &args.labels {
+        raw.labels = labels.iter().filter(|l| !l.is_empty()).cloned().collect();
+    }
+    if let Some(profile) = &args.simulate {
+        raw.simulate = Some(profile.clone());
+    }
+    Ok(raw.validate()?)
+}
+
+fn init_logging(verbose: u8, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn,ambient_agent=info",
+        1 => "info,ambient_agent=debug",
+        _ => "debug,ambient_agent=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not for journald or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

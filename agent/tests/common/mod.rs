@@ -1,0 +1,397 @@
+//! Test harness: a private mosquitto, a test client playing the coordinator, an agent in-process.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ambient_agent::{AgentConfig, AgentError};
+use ambient_core::{
+    Abi, Assignment, Digest, Envelope, Limits, Message, NodeId, Pong, TaskId, topics,
+};
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// How long any awaited event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A mosquitto child process on a free loopback port, with persistence so sessions survive a
+/// restart. Killed on drop. (`user root` keeps a root-started mosquitto from switching to a
+/// user that cannot write the temporary directory; it has no effect for other users.)
+pub struct Broker {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Broker {
+    /// Starts mosquitto, or returns `None` (after a note) when it is not installed.
+    pub fn start(dir: &Path) -> Option<Self> {
+        Self::start_with(dir, "")
+    }
+
+    /// Starts mosquitto with `extra` appended to its config (e.g. a second listener).
+    pub fn start_with(dir: &Path, extra: &str) -> Option<Self> {
+        if !Path::new(MOSQUITTO).exists() {
+            eprintln!("note: {MOSQUITTO} is absent; skipping a test that needs a broker");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = dir.join("broker");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {}/\nset_tcp_nodelay true\n{}",
+                dir.display(),
+                if std::env::var_os("AMBIENT_TEST_LOGS").is_some() { "log_type all\n" } else { "" }
+            ) + extra,
+        )
+        .unwrap();
+        let mut broker = Self {
+            child: None,
+            port,
+            dir,
+        };
+        broker.spawn();
+        Some(broker)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("AMBIENT_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        // Ready once it accepts connections.
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops mosquitto gracefully (SIGTERM), so it saves its sessions.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts mosquitto again on the same port with the saved sessions.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A message seen by the test client.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+/// The test's stand-in for the coordinator: subscribed to every node topic, answering pings.
+pub struct Coordinator {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Seen>,
+    pump: JoinHandle<()>,
+}
+
+impl Coordinator {
+    pub async fn connect(url: &str, id: &str) -> Self {
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(32 << 20, 32 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed_rx) = mpsc::unbounded_channel();
+        let answer = client.clone();
+        let pump = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Some((node, topics::NodeTopic::Telemetry)) =
+                            topics::parse_node(&p.topic)
+                            && let Ok(env) = Envelope::decode(&p.payload)
+                            && let Message::Ping(ping) = env.message
+                        {
+                            let pong =
+                                Envelope::new(Message::Pong(Pong { nonce: ping.nonce })).to_vec();
+                            let _ = answer.try_publish(
+                                topics::node(&node, topics::NodeTopic::Tasks).as_str(),
+                                QoS::AtMostOnce,
+                                false,
+                                pong,
+                            );
+                        }
+                        let _ = tx.send(Seen {
+                            topic: p.topic,
+                            payload: p.payload,
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        client
+            .subscribe(topics::ALL_NODES, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        timeout(WAIT, subscribed_rx.recv())
+            .await
+            .expect("test client subscribed");
+        Self { client, rx, pump }
+    }
+
+    /// Waits for the first message for which `f` returns `Some`, discarding others.
+    pub async fn expect<T>(&mut self, what: &str, mut f: impl FnMut(&Seen) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let seen = timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.rx.recv(),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("pump alive");
+            if let Some(v) = f(&seen) {
+                return v;
+            }
+        }
+    }
+
+    /// Publishes a module, retained, on its content-addressed topic.
+    pub async fn publish_module(&self, bytes: &[u8]) -> Digest {
+        let hash = ambient_core::sha3_256(bytes);
+        self.publish_module_as(hash, bytes).await;
+        hash
+    }
+
+    pub async fn publish_module_as(&self, hash: Digest, bytes: &[u8]) {
+        self.client
+            .publish(
+                topics::module(&hash).as_str(),
+                QoS::AtLeastOnce,
+                true,
+                bytes.to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn assign(&self, node: &NodeId, a: &Assignment<'_>) {
+        let frame = Envelope::new(Message::Assign(a.clone())).to_vec();
+        self.send_raw(node, frame).await;
+    }
+
+    pub async fn send_raw(&self, node: &NodeId, frame: Vec<u8>) {
+        self.client
+            .publish(
+                topics::node(node, topics::NodeTopic::Tasks).as_str(),
+                QoS::AtLeastOnce,
+                false,
+                frame,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// An agent running in this process.
+pub struct RunningAgent {
+    pub node: NodeId,
+    pub state_dir: PathBuf,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<Result<(), AgentError>>>,
+}
+
+impl RunningAgent {
+    pub fn start(url: &str, state_dir: &Path, tweak: impl FnOnce(&mut AgentConfig)) -> Self {
+        if std::env::var_os("AMBIENT_TEST_LOGS").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("ambient_agent=debug,rumqttc=debug")
+                .with_test_writer()
+                .try_init();
+        }
+        let node = ambient_agent::load_identity(state_dir).unwrap().node_id();
+        let mut config = AgentConfig::new(url, state_dir).unwrap();
+        config
+            .set_telemetry_interval(Duration::from_millis(100))
+            .set_reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+            .set_shutdown_grace(Duration::from_secs(5));
+        tweak(&mut config);
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(ambient_agent::run(config, stop.clone().cancelled_owned()));
+        Self {
+            node,
+            state_dir: state_dir.to_owned(),
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Asks the agent to shut down and waits until `run` returns.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        let handle = self.handle.take().unwrap();
+        timeout(WAIT, handle)
+            .await
+            .expect("agent stopped in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        std::fs::read_dir(self.state_dir.join("outbox"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "report"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after [`WAIT`] naming what was awaited.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn assignment<'a>(
+    task: &str,
+    module: Digest,
+    abi: Abi,
+    entry: &str,
+    input: &'a [u8],
+    limits: Limits,
+) -> Assignment<'a> {
+    Assignment {
+        task_id: TaskId::new(task).unwrap(),
+        attempt: 1,
+        module,
+        abi,
+        entry: entry.try_into().unwrap(),
+        limits,
+        input,
+    }
+}
+
+/// A plain-ABI module that returns its input reversed.
+pub const REVERSE_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "alloc") (param $len i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $len)))
+    (local.get $p))
+  (func (export "reverse") (param $ptr i32) (param $len i32) (result i64)
+    (local $out i32) (local $i i32)
+    (local.set $out (global.get $next))
+    (block $done
+      (loop $l
+        (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
+        (i32.store8
+          (i32.add (local.get $out) (local.get $i))
+          (i32.load8_u (i32.sub (i32.add (local.get $ptr) (local.get $len)) (i32.add (local.get $i) (i32.const 1)))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $l)))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $out)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
+"#;
+
+/// A plain-ABI module whose `spin` never returns.
+pub const SPIN_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "spin") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0)))
+"#;
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wasm(wat: &str) -> Vec<u8> {
+    wat::parse_str(wat).unwrap()
+}
+
+pub fn small_limits() -> Limits {
+    Limits {
+        memory_bytes: 16 << 20,
+        timeout_ms: 10_000,
+        fuel: 100_000_000,
+    }
+}
