@@ -20,7 +20,9 @@ pub enum ClientError {
     #[error("{0}")]
     BadUrl(String),
     /// The broker could not be reached.
-    #[error("cannot reach the MQTT broker at {url}: {reason} (is `ambient coordinator` or mosquitto running there?)")]
+    #[error(
+        "cannot reach the MQTT broker at {url}: {reason} (is `ambient coordinator` or mosquitto running there?)"
+    )]
     Unreachable {
         /// The broker URL.
         url: String,
@@ -64,7 +66,10 @@ impl Client {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let sub = sub.clone();
-                        tokio::spawn(async move { sub.subscribe("ambient/v1/tasks/+/result", QoS::AtLeastOnce).await });
+                        tokio::spawn(async move {
+                            sub.subscribe("ambient/v1/tasks/+/result", QoS::AtLeastOnce)
+                                .await
+                        });
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         if let Some(r) = ready.take() {
@@ -72,10 +77,10 @@ impl Client {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if let Ok(ev) = serde_json::from_slice::<TaskEvent>(&p.payload) {
-                            if tx.send(ev).is_err() {
-                                break;
-                            }
+                        if let Ok(ev) = serde_json::from_slice::<TaskEvent>(&p.payload)
+                            && tx.send(ev).is_err()
+                        {
+                            break;
                         }
                     }
                     Ok(_) => {}
@@ -89,9 +94,16 @@ impl Client {
                 }
             }
         });
-        let unreachable = |reason: String| ClientError::Unreachable { url: broker_url.to_string(), reason };
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: broker_url.to_string(),
+            reason,
+        };
         match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Self { client, events, eventloop }),
+            Ok(Ok(Ok(()))) => Ok(Self {
+                client,
+                events,
+                eventloop,
+            }),
             Ok(Ok(Err(reason))) => {
                 eventloop.abort();
                 Err(unreachable(reason))
@@ -113,7 +125,12 @@ impl Client {
         }
         let hash = sha3_256(bytes);
         self.client
-            .publish(topics::module(&hash).as_str(), QoS::AtLeastOnce, true, bytes.to_vec())
+            .publish(
+                topics::module(&hash).as_str(),
+                QoS::AtLeastOnce,
+                true,
+                bytes.to_vec(),
+            )
             .await
             .map_err(|_| ClientError::Closed)?;
         Ok(hash)
@@ -125,7 +142,10 @@ impl Client {
     /// When the connection is gone.
     pub async fn submit(&self, submission: &Submission) -> Result<(), ClientError> {
         let json = serde_json::to_vec(submission).map_err(|_| ClientError::Closed)?;
-        self.client.publish(topics::SUBMIT, QoS::AtLeastOnce, false, json).await.map_err(|_| ClientError::Closed)
+        self.client
+            .publish(topics::SUBMIT, QoS::AtLeastOnce, false, json)
+            .await
+            .map_err(|_| ClientError::Closed)
     }
 
     /// The next task event, or `None` when the connection is gone.
@@ -154,8 +174,10 @@ impl Client {
         timeout: Duration,
         mut on_final: impl FnMut(&TaskEvent),
     ) -> Result<std::collections::HashMap<String, TaskEvent>, ClientError> {
-        let mut pending: std::collections::HashSet<String> =
-            submissions.iter().filter_map(|s| s.task_id.clone()).collect();
+        let mut pending: std::collections::HashSet<String> = submissions
+            .iter()
+            .filter_map(|s| s.task_id.clone())
+            .collect();
         for s in submissions {
             self.submit(s).await?;
         }

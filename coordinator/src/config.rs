@@ -49,7 +49,7 @@ impl CoordinatorConfig {
 }
 
 /// The configuration file as written (`/etc/ambient/coordinator.toml`). Every key is optional.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     /// Broker settings.
@@ -140,28 +140,21 @@ pub struct RawEnrollment {
     pub allow: Vec<String>,
 }
 
-impl Default for RawConfig {
-    fn default() -> Self {
-        Self {
-            broker: RawBroker::default(),
-            storage: RawStorage::default(),
-            scheduling: RawScheduling::default(),
-            verification: RawVerification::default(),
-            settlement: RawSettlement::default(),
-            enrollment: RawEnrollment::default(),
-        }
-    }
-}
-
 impl Default for RawBroker {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:1883".into(), url: None }
+        Self {
+            listen: "127.0.0.1:1883".into(),
+            url: None,
+        }
     }
 }
 
 impl Default for RawStorage {
     fn default() -> Self {
-        Self { data_dir: "/var/lib/ambient".into(), snapshot_interval_ms: 1000 }
+        Self {
+            data_dir: "/var/lib/ambient".into(),
+            snapshot_interval_ms: 1000,
+        }
     }
 }
 
@@ -197,13 +190,19 @@ impl Default for RawVerification {
 impl Default for RawSettlement {
     fn default() -> Self {
         let t = Tariff::default();
-        Self { base_ucredits: t.base, per_million_fuel_ucredits: t.per_million_fuel }
+        Self {
+            base_ucredits: t.base,
+            per_million_fuel_ucredits: t.per_million_fuel,
+        }
     }
 }
 
 impl Default for RawEnrollment {
     fn default() -> Self {
-        Self { mode: "open".into(), allow: Vec::new() }
+        Self {
+            mode: "open".into(),
+            allow: Vec::new(),
+        }
     }
 }
 
@@ -219,8 +218,16 @@ pub struct ConfigError {
     pub expected: String,
 }
 
-fn bad(key: &'static str, value: impl std::fmt::Display, expected: impl Into<String>) -> ConfigError {
-    ConfigError { key, value: value.to_string(), expected: expected.into() }
+fn bad(
+    key: &'static str,
+    value: impl std::fmt::Display,
+    expected: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        key,
+        value: value.to_string(),
+        expected: expected.into(),
+    }
 }
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
@@ -235,7 +242,9 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() => {
-            let port = port.parse().map_err(|_| format!("broker URL {url:?} has an invalid port {port:?}"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("broker URL {url:?} has an invalid port {port:?}"))?;
             Ok((host.trim_matches(['[', ']']).to_string(), port))
         }
         _ if !rest.is_empty() => Ok((rest.to_string(), 1883)),
@@ -254,20 +263,36 @@ impl RawConfig {
                 let (host, port) = parse_broker_url(url).map_err(|e| bad("broker.url", url, e))?;
                 BrokerMode::External { host, port }
             }
-            None => BrokerMode::Embedded(
-                self.broker.listen.parse().map_err(|_| bad("broker.listen", &self.broker.listen, "an address like 127.0.0.1:1883"))?,
-            ),
+            None => BrokerMode::Embedded(self.broker.listen.parse().map_err(|_| {
+                bad(
+                    "broker.listen",
+                    &self.broker.listen,
+                    "an address like 127.0.0.1:1883",
+                )
+            })?),
         };
-        let strategy: Strategy = self
-            .scheduling
-            .strategy
-            .parse()
-            .map_err(|e: <Strategy as std::str::FromStr>::Err| bad("scheduling.strategy", &self.scheduling.strategy, e.to_string()))?;
+        let strategy: Strategy = self.scheduling.strategy.parse().map_err(
+            |e: <Strategy as std::str::FromStr>::Err| {
+                bad(
+                    "scheduling.strategy",
+                    &self.scheduling.strategy,
+                    e.to_string(),
+                )
+            },
+        )?;
         if self.verification.spot_check_permille > 1000 {
-            return Err(bad("verification.spot_check_permille", self.verification.spot_check_permille, "0 to 1000"));
+            return Err(bad(
+                "verification.spot_check_permille",
+                self.verification.spot_check_permille,
+                "0 to 1000",
+            ));
         }
         if self.scheduling.liveness_ms == 0 {
-            return Err(bad("scheduling.liveness_ms", 0, "a positive number of milliseconds"));
+            return Err(bad(
+                "scheduling.liveness_ms",
+                0,
+                "a positive number of milliseconds",
+            ));
         }
         let enrollment = match self.enrollment.mode.as_str() {
             "open" => Enrollment::Open,
@@ -275,7 +300,13 @@ impl RawConfig {
                 let mut keys = HashSet::new();
                 for k in &self.enrollment.allow {
                     let mut key = [0u8; 32];
-                    hex::decode_to_slice(k, &mut key).map_err(|_| bad("enrollment.allow", k, "64 hex characters (an ed25519 public key)"))?;
+                    hex::decode_to_slice(k, &mut key).map_err(|_| {
+                        bad(
+                            "enrollment.allow",
+                            k,
+                            "64 hex characters (an ed25519 public key)",
+                        )
+                    })?;
                     keys.insert(key);
                 }
                 Enrollment::Allowlist(keys)
@@ -299,13 +330,21 @@ impl RawConfig {
             data_dir: self.storage.data_dir.clone(),
             dispatch: DispatchConfig {
                 default_strategy: strategy,
-                tariff: Tariff { base: self.settlement.base_ucredits, per_million_fuel: self.settlement.per_million_fuel_ucredits },
+                tariff: Tariff {
+                    base: self.settlement.base_ucredits,
+                    per_million_fuel: self.settlement.per_million_fuel_ucredits,
+                },
                 spot_check_permille: self.verification.spot_check_permille,
                 max_failures: self.verification.max_failures,
                 dispatch_grace: Duration::from_millis(self.scheduling.dispatch_grace_ms),
                 queue_timeout: Duration::from_millis(self.scheduling.queue_timeout_ms),
             },
-            registry: RegistryConfig { liveness: Duration::from_millis(self.scheduling.liveness_ms), score, safety, enrollment },
+            registry: RegistryConfig {
+                liveness: Duration::from_millis(self.scheduling.liveness_ms),
+                score,
+                safety,
+                enrollment,
+            },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
         })
     }
@@ -318,7 +357,10 @@ mod tests {
     #[test]
     fn the_default_config_embeds_a_loopback_broker() {
         let c = RawConfig::default().validate().unwrap();
-        assert_eq!(c.broker, BrokerMode::Embedded("127.0.0.1:1883".parse().unwrap()));
+        assert_eq!(
+            c.broker,
+            BrokerMode::Embedded("127.0.0.1:1883".parse().unwrap())
+        );
     }
 
     #[test]
@@ -332,8 +374,14 @@ mod tests {
 
     #[test]
     fn broker_urls_parse_with_a_default_port() {
-        assert_eq!(parse_broker_url("mqtt://gw.local").unwrap(), ("gw.local".into(), 1883));
-        assert_eq!(parse_broker_url("mqtt://127.0.0.1:2000").unwrap(), ("127.0.0.1".into(), 2000));
+        assert_eq!(
+            parse_broker_url("mqtt://gw.local").unwrap(),
+            ("gw.local".into(), 1883)
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:2000").unwrap(),
+            ("127.0.0.1".into(), 2000)
+        );
         assert!(parse_broker_url("http://x").is_err());
     }
 

@@ -5,15 +5,15 @@
 //! does the sending. It writes the journal and ledger itself, because a task must be durable
 //! before it is acknowledged and a settlement durable before the result is delivered.
 
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
     Assignment, Digest, Envelope, Exit, Expected, Message, NodeId, Pong, Quorum, Refusal, Report,
-    ReportBody, SignedReceipt, TaskId, Tariff, quorum, sha3_256, verify_receipt,
+    ReportBody, SignedReceipt, Tariff, TaskId, quorum, sha3_256, verify_receipt,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -39,7 +39,12 @@ pub struct Publish {
 
 impl Publish {
     fn reliable(topic: impl Into<String>, payload: Vec<u8>) -> Self {
-        Self { topic: topic.into(), payload, retain: false, reliable: true }
+        Self {
+            topic: topic.into(),
+            payload,
+            retain: false,
+            reliable: true,
+        }
     }
 }
 
@@ -119,7 +124,8 @@ struct Job {
 
 impl Job {
     fn wanted(&self) -> usize {
-        self.replicas.saturating_sub(self.votes.len() + self.outstanding.len())
+        self.replicas
+            .saturating_sub(self.votes.len() + self.outstanding.len())
     }
 }
 
@@ -155,7 +161,12 @@ impl Dispatcher {
     ///
     /// # Errors
     /// When the journal cannot be read.
-    pub fn new(config: DispatchConfig, registry: Registry, store: Store, now: Instant) -> Result<Self, DispatchError> {
+    pub fn new(
+        config: DispatchConfig,
+        registry: Registry,
+        store: Store,
+        now: Instant,
+    ) -> Result<Self, DispatchError> {
         use rand::SeedableRng;
         let modules = store.module_hashes()?.into_iter().collect();
         let mut d = Self {
@@ -179,11 +190,16 @@ impl Dispatcher {
                     d.queue.push_back(job.spec.task_id.clone());
                     d.jobs.insert(job.spec.task_id.clone(), job);
                 }
-                Err(e) => warn!(task = %t.task_id, error = %e, "journaled task cannot be decoded; skipped"),
+                Err(e) => {
+                    warn!(task = %t.task_id, error = %e, "journaled task cannot be decoded; skipped")
+                }
             }
         }
         if !d.jobs.is_empty() {
-            info!(tasks = d.jobs.len(), "recovered unfinished tasks from the journal");
+            info!(
+                tasks = d.jobs.len(),
+                "recovered unfinished tasks from the journal"
+            );
         }
         Ok(d)
     }
@@ -193,7 +209,12 @@ impl Dispatcher {
         let mut out = Vec::new();
         for hash in &self.modules {
             match self.store.module(hash) {
-                Ok(Some(bytes)) => out.push(Publish { topic: topics::module(hash).to_string(), payload: bytes, retain: true, reliable: true }),
+                Ok(Some(bytes)) => out.push(Publish {
+                    topic: topics::module(hash).to_string(),
+                    payload: bytes,
+                    retain: true,
+                    reliable: true,
+                }),
                 Ok(None) => {}
                 Err(e) => warn!(module = %hash, error = %e, "stored module cannot be read"),
             }
@@ -225,10 +246,14 @@ impl Dispatcher {
             let next = &mut self.next_id;
             let started = self.started;
             let modules = &self.modules;
-            let parsed = intake::parse(json, |h| modules.contains(h), || {
-                *next += 1;
-                generated_id(started, now, *next)
-            });
+            let parsed = intake::parse(
+                json,
+                |h| modules.contains(h),
+                || {
+                    *next += 1;
+                    generated_id(started, now, *next)
+                },
+            );
             match parsed {
                 Ok(p) => {
                     if let Some(bytes) = p.inline_module {
@@ -241,12 +266,19 @@ impl Dispatcher {
                     // id there is nowhere to answer, so it is counted and logged.
                     let Some(id) = submission_id(json).and_then(|id| TaskId::new(&id)) else {
                         self.dropped.malformed += 1;
-                        warn!(code = r.code, "submission without a valid task_id rejected: {}", r.message);
+                        warn!(
+                            code = r.code,
+                            "submission without a valid task_id rejected: {}", r.message
+                        );
                         continue;
                     };
                     debug!(task = %id, code = r.code, "submission rejected");
-                    let event = TaskEvent::new(id.as_str(), EventStatus::Rejected).with_error(r.code, r.message);
-                    out.push(Publish::reliable(topics::task_result(&id).as_str(), event.to_json()));
+                    let event = TaskEvent::new(id.as_str(), EventStatus::Rejected)
+                        .with_error(r.code, r.message);
+                    out.push(Publish::reliable(
+                        topics::task_result(&id).as_str(),
+                        event.to_json(),
+                    ));
                 }
             }
         }
@@ -268,22 +300,30 @@ impl Dispatcher {
                 // Not journaled, so not acknowledged: tell the clients to retry.
                 warn!(error = %e, "journal write failed; rejecting the batch");
                 for s in &accepted {
-                    let ev = TaskEvent::new(s.task_id.as_str(), EventStatus::Rejected)
-                        .with_error("journal_unavailable", format!("the coordinator could not journal the task ({e}); resubmit later"));
-                    out.push(Publish::reliable(topics::task_result(&s.task_id).as_str(), ev.to_json()));
+                    let ev = TaskEvent::new(s.task_id.as_str(), EventStatus::Rejected).with_error(
+                        "journal_unavailable",
+                        format!("the coordinator could not journal the task ({e}); resubmit later"),
+                    );
+                    out.push(Publish::reliable(
+                        topics::task_result(&s.task_id).as_str(),
+                        ev.to_json(),
+                    ));
                 }
                 return out;
             }
         };
         for (spec, ins) in accepted.into_iter().zip(inserted) {
             let topic = topics::task_result(&spec.task_id);
-            out.push(Publish::reliable(topic.as_str(), TaskEvent::new(spec.task_id.as_str(), EventStatus::Accepted).to_json()));
+            out.push(Publish::reliable(
+                topic.as_str(),
+                TaskEvent::new(spec.task_id.as_str(), EventStatus::Accepted).to_json(),
+            ));
             if matches!(ins, Inserted::Duplicate) || self.jobs.contains_key(&spec.task_id) {
                 // Idempotent resubmission: the first copy is already running or finished.
-                if let Ok(Some(row)) = self.store.task(&spec.task_id) {
-                    if let Some(result) = row.result_json {
-                        out.push(Publish::reliable(topic.as_str(), result.into_bytes()));
-                    }
+                if let Ok(Some(row)) = self.store.task(&spec.task_id)
+                    && let Some(result) = row.result_json
+                {
+                    out.push(Publish::reliable(topic.as_str(), result.into_bytes()));
                 }
                 continue;
             }
@@ -320,11 +360,22 @@ impl Dispatcher {
             warn!(module = %hash, error = %e, "module could not be stored");
         }
         self.modules.insert(hash);
-        Some(Publish { topic: topics::module(&hash).to_string(), payload: bytes, retain: true, reliable: true })
+        Some(Publish {
+            topic: topics::module(&hash).to_string(),
+            payload: bytes,
+            retain: true,
+            reliable: true,
+        })
     }
 
     /// Handles a frame on a node topic.
-    pub fn on_node_frame(&mut self, now: Instant, node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Vec<Publish> {
+    pub fn on_node_frame(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        leaf: NodeTopic,
+        frame: &[u8],
+    ) -> Vec<Publish> {
         let mut out = Vec::new();
         if leaf == NodeTopic::Status {
             let online = frame == b"online";
@@ -345,26 +396,37 @@ impl Dispatcher {
             }
         };
         match envelope.message {
-            Message::Announce(a) if leaf == NodeTopic::Announce => match self.registry.on_announce(now, &a) {
-                Ok(id) if id == node => self.pump_queue(now, &mut out),
-                Ok(_) => self.dropped.unknown_node += 1,
-                Err(e) => {
-                    self.dropped.unknown_node += 1;
-                    warn!(%node, error = %e, "announce refused");
+            Message::Announce(a) if leaf == NodeTopic::Announce => {
+                match self.registry.on_announce(now, &a) {
+                    Ok(id) if id == node => self.pump_queue(now, &mut out),
+                    Ok(_) => self.dropped.unknown_node += 1,
+                    Err(e) => {
+                        self.dropped.unknown_node += 1;
+                        warn!(%node, error = %e, "announce refused");
+                    }
                 }
-            },
-            Message::Telemetry(t) if t.telemetry.node == node => match self.registry.on_telemetry(now, &t) {
-                Ok(()) => self.pump_queue(now, &mut out),
-                Err(e) => {
-                    self.dropped.unknown_node += 1;
-                    debug!(%node, error = %e, "telemetry refused");
+            }
+            Message::Telemetry(t) if t.telemetry.node == node => {
+                match self.registry.on_telemetry(now, &t) {
+                    Ok(()) => self.pump_queue(now, &mut out),
+                    Err(e) => {
+                        self.dropped.unknown_node += 1;
+                        debug!(%node, error = %e, "telemetry refused");
+                    }
                 }
-            },
+            }
             Message::Ping(p) if p.node == node => {
                 let pong = Envelope::new(Message::Pong(Pong { nonce: p.nonce })).to_vec();
-                out.push(Publish { topic: topics::node(&node, NodeTopic::Tasks).to_string(), payload: pong, retain: false, reliable: false });
+                out.push(Publish {
+                    topic: topics::node(&node, NodeTopic::Tasks).to_string(),
+                    payload: pong,
+                    retain: false,
+                    reliable: false,
+                });
             }
-            Message::Report(r) if r.node == node && leaf == NodeTopic::Results => self.on_report(now, r, &mut out),
+            Message::Report(r) if r.node == node && leaf == NodeTopic::Results => {
+                self.on_report(now, r, &mut out)
+            }
             _ => {
                 self.dropped.malformed += 1;
                 debug!(%node, leaf = leaf.as_str(), "message on the wrong topic dropped");
@@ -380,7 +442,11 @@ impl Dispatcher {
             debug!(task = %report.task_id, %node, "report for a finished or unknown task dropped");
             return;
         };
-        let Some(pos) = job.outstanding.iter().position(|d| d.attempt == report.attempt && d.node == node) else {
+        let Some(pos) = job
+            .outstanding
+            .iter()
+            .position(|d| d.attempt == report.attempt && d.node == node)
+        else {
             self.dropped.stale_reports += 1;
             debug!(task = %report.task_id, attempt = report.attempt, %node, "report for an attempt not outstanding dropped");
             return;
@@ -393,18 +459,29 @@ impl Dispatcher {
                 let why = match reason {
                     Refusal::Breaker(r) => format!("node {node} refused: breaker open ({r})"),
                     Refusal::Busy => format!("node {node} refused: busy"),
-                    Refusal::ModuleUnavailable => format!("node {node} could not fetch module {}", job.spec.module),
+                    Refusal::ModuleUnavailable => {
+                        format!("node {node} could not fetch module {}", job.spec.module)
+                    }
                     Refusal::ShuttingDown => format!("node {node} is shutting down"),
                 };
                 if reason == Refusal::ModuleUnavailable {
                     // The broker may have lost its retained copy (restart): publish it again.
                     if let Ok(Some(bytes)) = self.store.module(&job.spec.module) {
-                        out.push(Publish { topic: topics::module(&job.spec.module).to_string(), payload: bytes, retain: true, reliable: true });
+                        out.push(Publish {
+                            topic: topics::module(&job.spec.module).to_string(),
+                            payload: bytes,
+                            retain: true,
+                            reliable: true,
+                        });
                     }
                 }
                 self.fail_attempt(now, &task_id, why, out);
             }
-            ReportBody::Executed { receipt, output, message } => {
+            ReportBody::Executed {
+                receipt,
+                output,
+                message,
+            } => {
                 let Some(public_key) = self.registry.public_key(&node).copied() else {
                     self.dropped.unknown_node += 1;
                     self.fail_attempt(now, &task_id, format!("node {node} is not registered"), out);
@@ -423,7 +500,12 @@ impl Dispatcher {
                     self.dropped.bad_receipts += 1;
                     warn!(task = %task_id, %node, error = %e, "receipt rejected");
                     self.registry.record(now, &node, Outcome::Disputed);
-                    self.fail_attempt(now, &task_id, format!("node {node} sent a receipt that does not verify: {e}"), out);
+                    self.fail_attempt(
+                        now,
+                        &task_id,
+                        format!("node {node} sent a receipt that does not verify: {e}"),
+                        out,
+                    );
                     return;
                 }
                 self.registry.touch(now, node);
@@ -431,19 +513,32 @@ impl Dispatcher {
                 if exit == Exit::TimedOut {
                     // Wall-clock limits are not deterministic: another node may finish in time.
                     self.registry.record(now, &node, Outcome::Failed);
-                    self.fail_attempt(now, &task_id, format!("timed out on node {node}: {message}"), out);
+                    self.fail_attempt(
+                        now,
+                        &task_id,
+                        format!("timed out on node {node}: {message}"),
+                        out,
+                    );
                     return;
                 }
                 self.registry.record(now, &node, Outcome::Completed);
                 let key = (receipt.receipt.output, receipt.receipt.fuel_used, exit);
-                job.votes.push(Vote { node, key, output: output.to_vec(), receipt, message: message.to_string() });
+                job.votes.push(Vote {
+                    node,
+                    key,
+                    output: output.to_vec(),
+                    receipt,
+                    message: message.to_string(),
+                });
                 self.tally(now, &task_id, out);
             }
         }
     }
 
     fn tally(&mut self, now: Instant, task_id: &TaskId, out: &mut Vec<Publish>) {
-        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        let Some(job) = self.jobs.get_mut(task_id) else {
+            return;
+        };
         let keys: Vec<_> = job.votes.iter().map(|v| v.key).collect();
         match quorum(&keys, job.replicas) {
             Quorum::Accepted { index, .. } => self.finish(now, task_id, Some(keys[index]), out),
@@ -451,8 +546,14 @@ impl Dispatcher {
                 self.pump(now, task_id, out);
                 // A spot check is best effort: with no second eligible node, the verified
                 // receipt stands on its own rather than waiting for a node that may never come.
-                let Some(job) = self.jobs.get_mut(task_id) else { return };
-                if job.spot_check && job.votes.len() == 1 && job.outstanding.is_empty() && job.queued_since.is_some() {
+                let Some(job) = self.jobs.get_mut(task_id) else {
+                    return;
+                };
+                if job.spot_check
+                    && job.votes.len() == 1
+                    && job.outstanding.is_empty()
+                    && job.queued_since.is_some()
+                {
                     job.spot_check = false;
                     job.replicas = 1;
                     let key = job.votes[0].key;
@@ -461,7 +562,12 @@ impl Dispatcher {
             }
             Quorum::Split if job.replicas < MAX_REPLICAS => {
                 // Disagreement escalates to a larger quorum with an odd number of replicas.
-                job.replicas = (if job.replicas % 2 == 0 { job.replicas + 1 } else { job.replicas + 2 }).min(MAX_REPLICAS);
+                job.replicas = (if job.replicas % 2 == 0 {
+                    job.replicas + 1
+                } else {
+                    job.replicas + 2
+                })
+                .min(MAX_REPLICAS);
                 info!(task = %task_id, replicas = job.replicas, "replicas disagree; escalating");
                 self.pump(now, task_id, out);
             }
@@ -472,8 +578,16 @@ impl Dispatcher {
         }
     }
 
-    fn fail_attempt(&mut self, now: Instant, task_id: &TaskId, why: String, out: &mut Vec<Publish>) {
-        let Some(job) = self.jobs.get_mut(task_id) else { return };
+    fn fail_attempt(
+        &mut self,
+        now: Instant,
+        task_id: &TaskId,
+        why: String,
+        out: &mut Vec<Publish>,
+    ) {
+        let Some(job) = self.jobs.get_mut(task_id) else {
+            return;
+        };
         debug!(task = %task_id, "{why}");
         job.failures += 1;
         job.last_error = Some(why);
@@ -486,10 +600,15 @@ impl Dispatcher {
 
     /// Places as many dispatches as the task still needs; queues it when no node is eligible.
     fn pump(&mut self, now: Instant, task_id: &TaskId, out: &mut Vec<Publish>) {
-        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        let Some(job) = self.jobs.get_mut(task_id) else {
+            return;
+        };
         let strategy = job.spec.strategy.unwrap_or(self.config.default_strategy);
         for _ in 0..job.wanted() {
-            let Some(node) = self.registry.select(now, &job.spec.requires, strategy, &job.tried) else {
+            let Some(node) = self
+                .registry
+                .select(now, &job.spec.requires, strategy, &job.tried)
+            else {
                 if job.queued_since.is_none() {
                     job.queued_since = Some(now);
                     self.queue.push_back(task_id.clone());
@@ -499,11 +618,17 @@ impl Dispatcher {
             let attempt = job.next_attempt;
             job.next_attempt = job.next_attempt.saturating_add(1);
             job.tried.push(node);
-            let deadline = now + Duration::from_millis(job.spec.limits.timeout_ms) + self.config.dispatch_grace;
+            let deadline = now
+                + Duration::from_millis(job.spec.limits.timeout_ms)
+                + self.config.dispatch_grace;
             job.outstanding.push(Dispatch { attempt, node });
-            self.deadlines.push(Reverse((deadline, task_id.clone(), attempt)));
+            self.deadlines
+                .push(Reverse((deadline, task_id.clone(), attempt)));
             self.registry.task_started(&node);
-            if let Err(e) = self.store.record_dispatch(task_id, attempt, &node, unix_ms()) {
+            if let Err(e) = self
+                .store
+                .record_dispatch(task_id, attempt, &node, unix_ms())
+            {
                 warn!(task = %task_id, error = %e, "dispatch could not be journaled");
             }
             let entry = heapless::String::try_from(job.spec.entry.as_str()).unwrap_or_default();
@@ -517,14 +642,19 @@ impl Dispatcher {
                 input: &job.spec.input,
             };
             let frame = Envelope::new(Message::Assign(assignment)).to_vec();
-            out.push(Publish::reliable(topics::node(&node, NodeTopic::Tasks).as_str(), frame));
+            out.push(Publish::reliable(
+                topics::node(&node, NodeTopic::Tasks).as_str(),
+                frame,
+            ));
         }
         job.queued_since = None;
     }
 
     fn pump_queue(&mut self, now: Instant, out: &mut Vec<Publish>) {
         for _ in 0..self.queue.len() {
-            let Some(id) = self.queue.pop_front() else { break };
+            let Some(id) = self.queue.pop_front() else {
+                break;
+            };
             if let Some(job) = self.jobs.get_mut(&id) {
                 job.queued_since = None;
                 self.pump(now, &id, out);
@@ -540,7 +670,12 @@ impl Dispatcher {
         let affected: Vec<(TaskId, u16)> = self
             .jobs
             .iter()
-            .flat_map(|(id, j)| j.outstanding.iter().filter(|d| d.node == node).map(move |d| (id.clone(), d.attempt)))
+            .flat_map(|(id, j)| {
+                j.outstanding
+                    .iter()
+                    .filter(|d| d.node == node)
+                    .map(move |d| (id.clone(), d.attempt))
+            })
             .collect();
         for (id, attempt) in affected {
             self.drop_dispatch(&id, attempt);
@@ -565,17 +700,27 @@ impl Dispatcher {
             if *deadline > now {
                 break;
             }
-            let Some(Reverse((_, id, attempt))) = self.deadlines.pop() else { break };
+            let Some(Reverse((_, id, attempt))) = self.deadlines.pop() else {
+                break;
+            };
             if let Some(node) = self.drop_dispatch(&id, attempt) {
                 self.registry.record(now, &node, Outcome::Failed);
-                self.fail_attempt(now, &id, format!("node {node} did not answer attempt {attempt} in time"), &mut out);
+                self.fail_attempt(
+                    now,
+                    &id,
+                    format!("node {node} did not answer attempt {attempt} in time"),
+                    &mut out,
+                );
             }
         }
         let expired: Vec<TaskId> = self
             .queue
             .iter()
             .filter(|id| {
-                self.jobs.get(*id).and_then(|j| j.queued_since).is_some_and(|t| now.duration_since(t) >= self.config.queue_timeout)
+                self.jobs
+                    .get(*id)
+                    .and_then(|j| j.queued_since)
+                    .is_some_and(|t| now.duration_since(t) >= self.config.queue_timeout)
             })
             .cloned()
             .collect();
@@ -604,8 +749,16 @@ impl Dispatcher {
     }
 
     /// Ends a task: with the winning vote key settled and delivered, or failed.
-    fn finish(&mut self, now: Instant, task_id: &TaskId, winner: Option<(Digest, u64, Exit)>, out: &mut Vec<Publish>) {
-        let Some(job) = self.jobs.remove(task_id) else { return };
+    fn finish(
+        &mut self,
+        now: Instant,
+        task_id: &TaskId,
+        winner: Option<(Digest, u64, Exit)>,
+        out: &mut Vec<Publish>,
+    ) {
+        let Some(job) = self.jobs.remove(task_id) else {
+            return;
+        };
         for d in &job.outstanding {
             self.registry.task_finished(&d.node);
         }
@@ -614,7 +767,8 @@ impl Dispatcher {
         let mut event = match winner {
             None => {
                 let why = job.last_error.clone().unwrap_or_else(|| "no result".into());
-                TaskEvent::new(task_id.as_str(), EventStatus::Failed).with_error("no_verified_result", why)
+                TaskEvent::new(task_id.as_str(), EventStatus::Failed)
+                    .with_error("no_verified_result", why)
             }
             Some(key) => {
                 let winners: Vec<&Vote> = job.votes.iter().filter(|v| v.key == key).collect();
@@ -627,7 +781,9 @@ impl Dispatcher {
                 }
                 let each = self.config.tariff.reward(key.1);
                 let each = match job.spec.max_fee {
-                    Some(max) if each.saturating_mul(winners.len() as u64) > max => max / winners.len() as u64,
+                    Some(max) if each.saturating_mul(winners.len() as u64) > max => {
+                        max / winners.len() as u64
+                    }
                     _ => each,
                 };
                 let payees: Vec<(NodeId, u64)> = winners.iter().map(|v| (v.node, each)).collect();
@@ -640,7 +796,11 @@ impl Dispatcher {
                     }
                 };
                 let first = winners[0];
-                let status = if key.2 == Exit::Ok { EventStatus::Completed } else { EventStatus::Failed };
+                let status = if key.2 == Exit::Ok {
+                    EventStatus::Completed
+                } else {
+                    EventStatus::Failed
+                };
                 let mut ev = TaskEvent::new(task_id.as_str(), status);
                 if status == EventStatus::Completed {
                     ev.output_b64 = Some(B64.encode(&first.output));
@@ -648,8 +808,14 @@ impl Dispatcher {
                     ev = ev.with_error(key.2.as_str(), first.message.clone());
                 }
                 ev.exit = Some(key.2.as_str().into());
-                ev.receipts = winners.iter().map(|v| ReceiptJson::from(&v.receipt)).collect();
-                ev.nodes = winners.iter().map(|v| v.node.to_hex().to_string()).collect();
+                ev.receipts = winners
+                    .iter()
+                    .map(|v| ReceiptJson::from(&v.receipt))
+                    .collect();
+                ev.nodes = winners
+                    .iter()
+                    .map(|v| v.node.to_hex().to_string())
+                    .collect();
                 ev.reward = reward;
                 ev.verdict = Some(Verdict {
                     policy: job.spec.policy.to_string(),
@@ -662,9 +828,16 @@ impl Dispatcher {
             }
         };
         event.latency_ms = Some(latency_ms);
-        let status = if event.status == EventStatus::Completed { TaskStatus::Completed } else { TaskStatus::Failed };
+        let status = if event.status == EventStatus::Completed {
+            TaskStatus::Completed
+        } else {
+            TaskStatus::Failed
+        };
         let json = event.to_json();
-        if let Err(e) = self.store.finish_task(task_id, status, &String::from_utf8_lossy(&json)) {
+        if let Err(e) = self
+            .store
+            .finish_task(task_id, status, &String::from_utf8_lossy(&json))
+        {
             warn!(task = %task_id, error = %e, "task outcome could not be journaled");
         }
         out.push(Publish::reliable(topic.as_str(), json));
@@ -697,16 +870,27 @@ impl Dispatcher {
 }
 
 fn generated_id(started: Instant, now: Instant, n: u64) -> TaskId {
-    let text = format!("t{}-{}-{n}", unix_ms(), now.duration_since(started).as_micros());
+    let text = format!(
+        "t{}-{}-{n}",
+        unix_ms(),
+        now.duration_since(started).as_micros()
+    );
     TaskId::new(&text).unwrap_or_else(|| TaskId::new("t").expect("static id is valid"))
 }
 
 fn submission_id(json: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(json).ok()?.get("task_id")?.as_str().map(str::to_owned)
+    serde_json::from_slice::<serde_json::Value>(json)
+        .ok()?
+        .get("task_id")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -714,8 +898,8 @@ mod tests {
     use super::*;
     use crate::{Enrollment, RegistryConfig};
     use ambient_core::{
-        Announce, Engine, Identity, Receipt, SafetyPolicy, ScoreConfig, SignedAnnounce, SignedTelemetry, Telemetry,
-        TelemetrySample, sign_message,
+        Announce, Engine, Identity, Receipt, SafetyPolicy, ScoreConfig, SignedAnnounce,
+        SignedTelemetry, Telemetry, TelemetrySample, sign_message,
     };
 
     const MODULE: &[u8] = b"\0asm\x01\0\0\0";
@@ -738,7 +922,10 @@ mod tests {
             enrollment: Enrollment::Open,
         });
         let now = Instant::now();
-        let config = DispatchConfig { spot_check_permille: 0, ..DispatchConfig::default() };
+        let config = DispatchConfig {
+            spot_check_permille: 0,
+            ..DispatchConfig::default()
+        };
         let mut d = Dispatcher::new(config, registry, store, now).unwrap();
         let nodes: Vec<Identity> = (1..=n).map(|i| Identity::from_secret(&[i; 32])).collect();
         for (i, id) in nodes.iter().enumerate() {
@@ -756,7 +943,11 @@ mod tests {
                 max_concurrency: 4,
             };
             let signature = sign_message(id, SignedAnnounce::TAG, &announce).unwrap();
-            let frame = Envelope::new(Message::Announce(SignedAnnounce { announce, signature })).to_vec();
+            let frame = Envelope::new(Message::Announce(SignedAnnounce {
+                announce,
+                signature,
+            }))
+            .to_vec();
             d.on_node_frame(now, node, NodeTopic::Status, b"online");
             d.on_node_frame(now, node, NodeTopic::Announce, &frame);
             // Distinct latencies make the weighted order deterministic: node 0 is best.
@@ -766,12 +957,26 @@ mod tests {
                 mem_free_bytes: Some(4 << 30),
                 ..TelemetrySample::default()
             };
-            let telemetry = Telemetry { node, seq: 1, boot_id: 1, sample };
+            let telemetry = Telemetry {
+                node,
+                seq: 1,
+                boot_id: 1,
+                sample,
+            };
             let signature = sign_message(id, SignedTelemetry::TAG, &telemetry).unwrap();
-            let frame = Envelope::new(Message::Telemetry(SignedTelemetry { telemetry, signature })).to_vec();
+            let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
+                telemetry,
+                signature,
+            }))
+            .to_vec();
             d.on_node_frame(now, node, NodeTopic::Telemetry, &frame);
         }
-        Fixture { d, now, nodes, _dir: dir }
+        Fixture {
+            d,
+            now,
+            nodes,
+            _dir: dir,
+        }
     }
 
     fn submit(f: &mut Fixture, id: &str, verify: &str) -> Vec<Publish> {
@@ -793,12 +998,19 @@ mod tests {
             .collect()
     }
 
-    fn identity<'a>(f: &'a Fixture, node: NodeId) -> &'a Identity {
+    fn identity(f: &Fixture, node: NodeId) -> &Identity {
         f.nodes.iter().find(|i| i.node_id() == node).unwrap()
     }
 
     /// A report of `output` for (task, attempt), signed by `signer`.
-    fn report(f: &Fixture, task: &str, node: NodeId, attempt: u16, output: &[u8], signer: &Identity) -> Vec<u8> {
+    fn report(
+        f: &Fixture,
+        task: &str,
+        node: NodeId,
+        attempt: u16,
+        output: &[u8],
+        signer: &Identity,
+    ) -> Vec<u8> {
         let receipt = Receipt {
             task_id: TaskId::new(task).unwrap(),
             attempt,
@@ -813,8 +1025,18 @@ mod tests {
         }
         .sign(signer);
         let _ = f;
-        let body = ReportBody::Executed { receipt, output, message: Default::default() };
-        Envelope::new(Message::Report(Report { task_id: TaskId::new(task).unwrap(), attempt, node, body })).to_vec()
+        let body = ReportBody::Executed {
+            receipt,
+            output,
+            message: Default::default(),
+        };
+        Envelope::new(Message::Report(Report {
+            task_id: TaskId::new(task).unwrap(),
+            attempt,
+            node,
+            body,
+        }))
+        .to_vec()
     }
 
     fn results(publishes: &[Publish]) -> Vec<TaskEvent> {
@@ -826,7 +1048,12 @@ mod tests {
             .collect()
     }
 
-    fn answer(f: &mut Fixture, task: &str, (node, attempt): (NodeId, u16), output: &[u8]) -> Vec<Publish> {
+    fn answer(
+        f: &mut Fixture,
+        task: &str,
+        (node, attempt): (NodeId, u16),
+        output: &[u8],
+    ) -> Vec<Publish> {
         let frame = report(f, task, node, attempt, output, identity(f, node));
         f.d.on_node_frame(f.now, node, NodeTopic::Results, &frame)
     }
@@ -836,15 +1063,32 @@ mod tests {
         let mut f = fixture(1);
         let sent = assignments(&submit(&mut f, "t1", "receipt"));
         assert_eq!(sent.len(), 1);
-        let frame = report(&f, "t1", sent[0].0, sent[0].1, b"out", identity(&f, sent[0].0));
+        let frame = report(
+            &f,
+            "t1",
+            sent[0].0,
+            sent[0].1,
+            b"out",
+            identity(&f, sent[0].0),
+        );
         let done = results(&f.d.on_node_frame(f.now, sent[0].0, NodeTopic::Results, &frame));
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].status, EventStatus::Completed);
-        assert_eq!(done[0].output_b64.as_deref(), Some(B64.encode(b"out").as_str()));
-        let replay = f.d.on_node_frame(f.now, sent[0].0, NodeTopic::Results, &frame);
+        assert_eq!(
+            done[0].output_b64.as_deref(),
+            Some(B64.encode(b"out").as_str())
+        );
+        let replay =
+            f.d.on_node_frame(f.now, sent[0].0, NodeTopic::Results, &frame);
         assert!(results(&replay).is_empty());
         assert_eq!(f.d.dropped().stale_reports, 1);
-        assert_eq!(f.d.store.task_earnings(&TaskId::new("t1").unwrap()).unwrap().len(), 1);
+        assert_eq!(
+            f.d.store
+                .task_earnings(&TaskId::new("t1").unwrap())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -864,7 +1108,9 @@ mod tests {
     fn a_dispatch_that_times_out_is_reassigned_with_the_next_attempt() {
         let mut f = fixture(2);
         let first = assignments(&submit(&mut f, "t3", "receipt"))[0];
-        let later = f.now + Duration::from_millis(ambient_core::Limits::default().timeout_ms) + Duration::from_secs(16);
+        let later = f.now
+            + Duration::from_millis(ambient_core::Limits::default().timeout_ms)
+            + Duration::from_secs(16);
         let next = assignments(&f.d.on_tick(later));
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, first.0);
@@ -888,7 +1134,13 @@ mod tests {
         let verdict = done[0].verdict.clone().unwrap();
         assert_eq!((verdict.replicas, verdict.agreeing), (3, 2));
         assert_eq!(verdict.disputed, vec![sent[1].0.to_hex().to_string()]);
-        assert_eq!(f.d.store.task_earnings(&TaskId::new("t4").unwrap()).unwrap().len(), 2);
+        assert_eq!(
+            f.d.store
+                .task_earnings(&TaskId::new("t4").unwrap())
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Task submissions as JSON (so any MQTT client can submit), validated into a [`TaskSpec`].
 
-use ambient_core::{Abi, Digest, Engine, Limits, MAX_ENTRY_LEN, MAX_INPUT_BYTES, MAX_MODULE_BYTES, TaskId, sha3_256};
+use ambient_core::{
+    Abi, Digest, Engine, Limits, MAX_ENTRY_LEN, MAX_INPUT_BYTES, MAX_MODULE_BYTES, TaskId, sha3_256,
+};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
@@ -109,11 +111,19 @@ impl std::fmt::Display for Policy {
 impl std::str::FromStr for Policy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("unknown verification policy {s:?}: use `receipt` or `replicate:K` with K from 2 to {MAX_REPLICAS}");
+        let bad = || {
+            format!(
+                "unknown verification policy {s:?}: use `receipt` or `replicate:K` with K from 2 to {MAX_REPLICAS}"
+            )
+        };
         if s == "receipt" {
             return Ok(Self::Receipt);
         }
-        let k: usize = s.strip_prefix("replicate:").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        let k: usize = s
+            .strip_prefix("replicate:")
+            .ok_or_else(bad)?
+            .parse()
+            .map_err(|_| bad())?;
         if !(2..=MAX_REPLICAS).contains(&k) {
             return Err(bad());
         }
@@ -160,7 +170,10 @@ pub struct Rejection {
 }
 
 fn reject(code: &'static str, message: impl Into<String>) -> Rejection {
-    Rejection { code, message: message.into() }
+    Rejection {
+        code,
+        message: message.into(),
+    }
 }
 
 /// A parsed submission, with an inline module if it carried one.
@@ -182,68 +195,121 @@ pub fn parse(
     known_module: impl Fn(&Digest) -> bool,
     make_id: impl FnOnce() -> TaskId,
 ) -> Result<Parsed, Rejection> {
-    let sub: Submission =
-        serde_json::from_slice(json).map_err(|e| reject("bad_json", format!("submission is not valid JSON for the task schema: {e}")))?;
+    let sub: Submission = serde_json::from_slice(json).map_err(|e| {
+        reject(
+            "bad_json",
+            format!("submission is not valid JSON for the task schema: {e}"),
+        )
+    })?;
     let task_id = match &sub.task_id {
         Some(id) => TaskId::new(id).ok_or_else(|| {
-            reject("bad_task_id", format!("task_id {id:?} must be 1 to 64 characters from A-Z a-z 0-9 . _ -"))
+            reject(
+                "bad_task_id",
+                format!("task_id {id:?} must be 1 to 64 characters from A-Z a-z 0-9 . _ -"),
+            )
         })?,
         None => make_id(),
     };
     let client = sub.client_id.clone().unwrap_or_else(|| "anonymous".into());
     if client.is_empty() || client.len() > 64 || client.contains(char::is_whitespace) {
-        return Err(reject("bad_client", format!("client_id {client:?} must be 1 to 64 characters without spaces")));
+        return Err(reject(
+            "bad_client",
+            format!("client_id {client:?} must be 1 to 64 characters without spaces"),
+        ));
     }
     let (module, inline_module) = match (&sub.module, &sub.module_b64) {
         (_, Some(b64)) => {
-            let bytes = B64.decode(b64).map_err(|e| reject("bad_module", format!("module_b64 is not base64: {e}")))?;
+            let bytes = B64
+                .decode(b64)
+                .map_err(|e| reject("bad_module", format!("module_b64 is not base64: {e}")))?;
             if bytes.len() > MAX_MODULE_BYTES {
-                return Err(reject("bad_module", format!("module is {} bytes, over the {MAX_MODULE_BYTES} byte limit", bytes.len())));
+                return Err(reject(
+                    "bad_module",
+                    format!(
+                        "module is {} bytes, over the {MAX_MODULE_BYTES} byte limit",
+                        bytes.len()
+                    ),
+                ));
             }
             let hash = sha3_256(&bytes);
-            if let Some(named) = &sub.module {
-                if Digest::from_hex(named) != Some(hash) {
-                    return Err(reject("bad_module", format!("module {named} does not match the sha3-256 of module_b64 ({hash})")));
-                }
+            if let Some(named) = &sub.module
+                && Digest::from_hex(named) != Some(hash)
+            {
+                return Err(reject(
+                    "bad_module",
+                    format!("module {named} does not match the sha3-256 of module_b64 ({hash})"),
+                ));
             }
             (hash, Some(bytes))
         }
         (Some(hex), None) => {
-            let hash = Digest::from_hex(hex)
-                .ok_or_else(|| reject("bad_module", format!("module {hex:?} is not a sha3-256 hex digest (64 hex characters)")))?;
+            let hash = Digest::from_hex(hex).ok_or_else(|| {
+                reject(
+                    "bad_module",
+                    format!("module {hex:?} is not a sha3-256 hex digest (64 hex characters)"),
+                )
+            })?;
             if !known_module(&hash) {
                 return Err(reject(
                     "unknown_module",
-                    format!("module {hash} is not known: publish its bytes to ambient/v1/modules/{hash} first, or send them as module_b64"),
+                    format!(
+                        "module {hash} is not known: publish its bytes to ambient/v1/modules/{hash} first, or send them as module_b64"
+                    ),
                 ));
             }
             (hash, None)
         }
-        (None, None) => return Err(reject("bad_module", "a submission needs `module` (sha3-256 hex) or `module_b64`")),
+        (None, None) => {
+            return Err(reject(
+                "bad_module",
+                "a submission needs `module` (sha3-256 hex) or `module_b64`",
+            ));
+        }
     };
     let abi = match sub.abi.as_deref().unwrap_or("plain") {
         "plain" => Abi::Plain,
         "wasi" => Abi::Wasi,
-        other => return Err(reject("bad_abi", format!("abi {other:?} is not `plain` or `wasi`"))),
+        other => {
+            return Err(reject(
+                "bad_abi",
+                format!("abi {other:?} is not `plain` or `wasi`"),
+            ));
+        }
     };
     let entry = sub.entry.clone().unwrap_or_else(|| "run".into());
     if entry.is_empty() || entry.len() > MAX_ENTRY_LEN {
-        return Err(reject("bad_entry", format!("entry {entry:?} must be 1 to {MAX_ENTRY_LEN} bytes")));
+        return Err(reject(
+            "bad_entry",
+            format!("entry {entry:?} must be 1 to {MAX_ENTRY_LEN} bytes"),
+        ));
     }
     let input = match (&sub.input, &sub.input_b64) {
-        (Some(_), Some(_)) => return Err(reject("bad_input", "give `input` or `input_b64`, not both")),
+        (Some(_), Some(_)) => {
+            return Err(reject("bad_input", "give `input` or `input_b64`, not both"));
+        }
         (Some(text), None) => text.as_bytes().to_vec(),
-        (None, Some(b64)) => B64.decode(b64).map_err(|e| reject("bad_input", format!("input_b64 is not base64: {e}")))?,
+        (None, Some(b64)) => B64
+            .decode(b64)
+            .map_err(|e| reject("bad_input", format!("input_b64 is not base64: {e}")))?,
         (None, None) => Vec::new(),
     };
     if input.len() > MAX_INPUT_BYTES {
-        return Err(reject("bad_input", format!("input is {} bytes, over the {MAX_INPUT_BYTES} byte limit", input.len())));
+        return Err(reject(
+            "bad_input",
+            format!(
+                "input is {} bytes, over the {MAX_INPUT_BYTES} byte limit",
+                input.len()
+            ),
+        ));
     }
     let limits = validate_limits(sub.limits.unwrap_or_default())?;
     let strategy = sub
         .strategy
         .as_deref()
-        .map(|s| s.parse::<Strategy>().map_err(|e| reject("bad_strategy", e.to_string())))
+        .map(|s| {
+            s.parse::<Strategy>()
+                .map_err(|e| reject("bad_strategy", e.to_string()))
+        })
         .transpose()?;
     let policy = sub
         .verify
@@ -256,11 +322,33 @@ pub fn parse(
         None => None,
         Some("wasmtime") => Some(Engine::Wasmtime),
         Some("wasmedge") => Some(Engine::WasmEdge),
-        Some(other) => return Err(reject("bad_requirements", format!("engine {other:?} is not `wasmtime` or `wasmedge`"))),
+        Some(other) => {
+            return Err(reject(
+                "bad_requirements",
+                format!("engine {other:?} is not `wasmtime` or `wasmedge`"),
+            ));
+        }
     };
-    let requires = Requirements { memory_bytes: limits.memory_bytes, engine, arch: req.arch, labels: req.labels };
+    let requires = Requirements {
+        memory_bytes: limits.memory_bytes,
+        engine,
+        arch: req.arch,
+        labels: req.labels,
+    };
     Ok(Parsed {
-        spec: TaskSpec { task_id, client, module, abi, entry, input, limits, strategy, policy, max_fee: sub.max_fee, requires },
+        spec: TaskSpec {
+            task_id,
+            client,
+            module,
+            abi,
+            entry,
+            input,
+            limits,
+            strategy,
+            policy,
+            max_fee: sub.max_fee,
+            requires,
+        },
         inline_module,
     })
 }
@@ -275,14 +363,29 @@ fn validate_limits(raw: LimitsJson) -> Result<Limits, Rejection> {
     if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&limits.memory_bytes) {
         return Err(reject(
             "bad_limits",
-            format!("limits.memory_bytes {} must be between {MIN_MEMORY_BYTES} and {MAX_MEMORY_BYTES}", limits.memory_bytes),
+            format!(
+                "limits.memory_bytes {} must be between {MIN_MEMORY_BYTES} and {MAX_MEMORY_BYTES}",
+                limits.memory_bytes
+            ),
         ));
     }
     if !(1..=MAX_TIMEOUT_MS).contains(&limits.timeout_ms) {
-        return Err(reject("bad_limits", format!("limits.timeout_ms {} must be between 1 and {MAX_TIMEOUT_MS}", limits.timeout_ms)));
+        return Err(reject(
+            "bad_limits",
+            format!(
+                "limits.timeout_ms {} must be between 1 and {MAX_TIMEOUT_MS}",
+                limits.timeout_ms
+            ),
+        ));
     }
     if !(1..=MAX_FUEL).contains(&limits.fuel) {
-        return Err(reject("bad_limits", format!("limits.fuel {} must be between 1 and {MAX_FUEL}", limits.fuel)));
+        return Err(reject(
+            "bad_limits",
+            format!(
+                "limits.fuel {} must be between 1 and {MAX_FUEL}",
+                limits.fuel
+            ),
+        ));
     }
     Ok(limits)
 }
@@ -325,7 +428,12 @@ mod tests {
     #[test]
     fn malformed_json_is_rejected_with_a_code() {
         assert_eq!(parse(b"{nope", |_| true, id).unwrap_err().code, "bad_json");
-        assert_eq!(parse(br#"{"module":"00","colour":1}"#, |_| true, id).unwrap_err().code, "bad_json");
+        assert_eq!(
+            parse(br#"{"module":"00","colour":1}"#, |_| true, id)
+                .unwrap_err()
+                .code,
+            "bad_json"
+        );
     }
 
     #[test]
@@ -338,17 +446,35 @@ mod tests {
 
     #[test]
     fn impossible_limits_are_rejected() {
-        for limits in [r#"{"fuel":0}"#, r#"{"memory_bytes":1}"#, r#"{"timeout_ms":99999999}"#] {
+        for limits in [
+            r#"{"fuel":0}"#,
+            r#"{"memory_bytes":1}"#,
+            r#"{"timeout_ms":99999999}"#,
+        ] {
             let json = format!(r#"{{"module_b64":"AGFzbQEAAAA=","limits":{limits}}}"#);
-            assert_eq!(parse(json.as_bytes(), |_| true, id).unwrap_err().code, "bad_limits", "{limits}");
+            assert_eq!(
+                parse(json.as_bytes(), |_| true, id).unwrap_err().code,
+                "bad_limits",
+                "{limits}"
+            );
         }
     }
 
     #[test]
     fn an_unknown_strategy_or_policy_is_rejected() {
-        let s = parse(br#"{"module_b64":"AGFzbQEAAAA=","strategy":"fastest"}"#, |_| true, id).unwrap_err();
+        let s = parse(
+            br#"{"module_b64":"AGFzbQEAAAA=","strategy":"fastest"}"#,
+            |_| true,
+            id,
+        )
+        .unwrap_err();
         assert_eq!(s.code, "bad_strategy");
-        let p = parse(br#"{"module_b64":"AGFzbQEAAAA=","verify":"replicate:9"}"#, |_| true, id).unwrap_err();
+        let p = parse(
+            br#"{"module_b64":"AGFzbQEAAAA=","verify":"replicate:9"}"#,
+            |_| true,
+            id,
+        )
+        .unwrap_err();
         assert_eq!(p.code, "bad_policy");
         assert_eq!("replicate:3".parse::<Policy>(), Ok(Policy::Replicate(3)));
     }
@@ -357,12 +483,21 @@ mod tests {
     fn oversize_input_is_rejected() {
         let big = "a".repeat(MAX_INPUT_BYTES + 1);
         let json = serde_json::json!({"module_b64": "AGFzbQEAAAA=", "input": big}).to_string();
-        assert_eq!(parse(json.as_bytes(), |_| true, id).unwrap_err().code, "bad_input");
+        assert_eq!(
+            parse(json.as_bytes(), |_| true, id).unwrap_err().code,
+            "bad_input"
+        );
     }
 
     #[test]
     fn a_named_module_must_match_its_inline_bytes() {
-        let json = format!(r#"{{"module":"{}","module_b64":"AGFzbQEAAAA="}}"#, "00".repeat(32));
-        assert_eq!(parse(json.as_bytes(), |_| true, id).unwrap_err().code, "bad_module");
+        let json = format!(
+            r#"{{"module":"{}","module_b64":"AGFzbQEAAAA="}}"#,
+            "00".repeat(32)
+        );
+        assert_eq!(
+            parse(json.as_bytes(), |_| true, id).unwrap_err().code,
+            "bad_module"
+        );
     }
 }

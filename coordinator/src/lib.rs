@@ -21,7 +21,10 @@ pub mod store;
 
 pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, parse_broker_url};
 pub use dispatcher::{DispatchConfig, Dispatcher, Dropped, Publish};
-pub use intake::{LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec, parse as parse_submission};
+pub use intake::{
+    LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec,
+    parse as parse_submission,
+};
 pub use registry::*;
 pub use results::{ErrorJson, EventStatus, ReceiptJson, TaskEvent, Verdict};
 pub use scheduler::*;

@@ -76,7 +76,10 @@ impl TaskEvent {
 
     /// Adds an error.
     pub fn with_error(mut self, code: impl Into<String>, message: impl Into<String>) -> Self {
-        self.error = Some(ErrorJson { code: code.into(), message: message.into() });
+        self.error = Some(ErrorJson {
+            code: code.into(),
+            message: message.into(),
+        });
         self
     }
 

@@ -70,7 +70,12 @@ impl Coordinator {
             }
             BrokerMode::External { host, port } => (None, host.clone(), *port),
         };
-        Ok(Self { config, broker, host, port })
+        Ok(Self {
+            config,
+            broker,
+            host,
+            port,
+        })
     }
 
     /// The broker agents and clients connect to, as `mqtt://host:port`.
@@ -87,13 +92,28 @@ impl Coordinator {
     ///
     /// # Errors
     /// When the store cannot be opened or the journal cannot be recovered.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), CoordinatorError> {
-        let Self { config, broker, host, port } = self;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| CoordinatorError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), CoordinatorError> {
+        let Self {
+            config,
+            broker,
+            host,
+            port,
+        } = self;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| CoordinatorError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
         let db = config.db_path();
         let store = Store::open(&db)?;
-        let dispatcher = Dispatcher::new(config.dispatch.clone(), Registry::new(config.registry.clone()), store, Instant::now())?;
+        let dispatcher = Dispatcher::new(
+            config.dispatch.clone(),
+            Registry::new(config.registry.clone()),
+            store,
+            Instant::now(),
+        )?;
         info!(db = %db.display(), broker = %format!("mqtt://{host}:{port}"), "coordinator starting");
 
         let cancel = CancellationToken::new();
@@ -110,13 +130,20 @@ impl Coordinator {
         let state = std::thread::Builder::new()
             .name("ambient-dispatch".into())
             .spawn(move || dispatch_loop(dispatcher, in_rx, out_tx, snapshot_every))
-            .map_err(|source| CoordinatorError::DataDir { path: "dispatcher thread".into(), source })?;
+            .map_err(|source| CoordinatorError::DataDir {
+                path: "dispatcher thread".into(),
+                source,
+            })?;
 
         let publisher = {
             let client = client.clone();
             tokio::spawn(async move {
                 while let Some(p) = out_rx.recv().await {
-                    let qos = if p.reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+                    let qos = if p.reliable {
+                        QoS::AtLeastOnce
+                    } else {
+                        QoS::AtMostOnce
+                    };
                     if let Err(e) = client.publish(p.topic, qos, p.retain, p.payload).await {
                         warn!(error = %e, "publish failed");
                     }
@@ -141,8 +168,11 @@ impl Coordinator {
                             info!("connected to the broker");
                             let client = client.clone();
                             tokio::spawn(async move {
-                                for filter in [topics::SUBMIT, topics::ALL_NODES, topics::ALL_MODULES] {
-                                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                                for filter in
+                                    [topics::SUBMIT, topics::ALL_NODES, topics::ALL_MODULES]
+                                {
+                                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await
+                                    {
                                         warn!(%filter, error = %e, "subscribe failed");
                                     }
                                 }
@@ -187,10 +217,10 @@ impl Coordinator {
         .await;
         cancel.cancel();
         let _ = mqtt.await;
-        if let Some(t) = broker_task {
-            if let Ok(Err(e)) = t.await {
-                warn!(error = %e, "embedded broker stopped with an error");
-            }
+        if let Some(t) = broker_task
+            && let Ok(Err(e)) = t.await
+        {
+            warn!(error = %e, "embedded broker stopped with an error");
         }
         Ok(())
     }

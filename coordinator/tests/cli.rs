@@ -4,7 +4,10 @@
 use std::process::Command;
 
 fn ambient(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ambient")).args(args).output().expect("run ambient")
+    Command::new(env!("CARGO_BIN_EXE_ambient"))
+        .args(args)
+        .output()
+        .expect("run ambient")
 }
 
 #[test]
@@ -20,7 +23,12 @@ fn help_lists_every_command_with_examples() {
 
 #[test]
 fn print_config_emits_toml_that_the_coordinator_accepts() {
-    let out = ambient(&["coordinator", "--print-config", "--strategy", "least-loaded"]);
+    let out = ambient(&[
+        "coordinator",
+        "--print-config",
+        "--strategy",
+        "least-loaded",
+    ]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("strategy = \"least-loaded\""));
@@ -30,10 +38,19 @@ fn print_config_emits_toml_that_the_coordinator_accepts() {
 
 #[test]
 fn an_unknown_strategy_is_refused_with_the_valid_ones() {
-    let out = ambient(&["coordinator", "--strategy", "fastest", "--data-dir", "/nonexistent"]);
+    let out = ambient(&[
+        "coordinator",
+        "--strategy",
+        "fastest",
+        "--data-dir",
+        "/nonexistent",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("scheduling.strategy") && err.contains("round-robin"), "{err}");
+    assert!(
+        err.contains("scheduling.strategy") && err.contains("round-robin"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -50,8 +67,17 @@ fn the_embedded_broker_explains_a_taken_port() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let out = ambient(&["coordinator", "--listen", &addr, "--data-dir", dir.path().to_str().unwrap()]);
+    let out = ambient(&[
+        "coordinator",
+        "--listen",
+        &addr,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already in use") && err.contains("--broker"), "{err}");
+    assert!(
+        err.contains("already in use") && err.contains("--broker"),
+        "{err}"
+    );
 }

@@ -9,8 +9,8 @@ use ambient_coordinator::store::{Store, TaskStatus};
 use ambient_coordinator::{EventStatus, LimitsJson, Submission};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Announce, Engine, Envelope, Identity, Message, Receipt, Report, ReportBody, SignedAnnounce, SignedTelemetry, TaskId,
-    Telemetry, TelemetrySample, sha3_256, sign_message,
+    Announce, Engine, Envelope, Identity, Message, Receipt, Report, ReportBody, SignedAnnounce,
+    SignedTelemetry, TaskId, Telemetry, TelemetrySample, sha3_256, sign_message,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -39,13 +39,20 @@ fn spin_task(id: &str, module: &[u8], iterations: u64) -> Submission {
         client_id: Some("e2e".into()),
         module_b64: Some(B64.encode(module)),
         input_b64: Some(B64.encode(iterations.to_le_bytes())),
-        limits: Some(LimitsJson { fuel: Some(1_000_000_000_000), timeout_ms: Some(120_000), memory_bytes: None }),
+        limits: Some(LimitsJson {
+            fuel: Some(1_000_000_000_000),
+            timeout_ms: Some(120_000),
+            memory_bytes: None,
+        }),
         ..Submission::default()
     }
 }
 
 fn task_row(db: &std::path::Path, id: &str) -> Option<ambient_coordinator::store::TaskRow> {
-    Store::open_read_only(db).ok()?.task(&TaskId::new(id)?).ok()?
+    Store::open_read_only(db)
+        .ok()?
+        .task(&TaskId::new(id)?)
+        .ok()?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,23 +63,40 @@ async fn a_task_on_a_killed_agent_completes_elsewhere_and_is_paid_once() {
     c.wait_for_nodes(1);
     let module = wat::parse_str(SPIN_WAT).unwrap();
     let mut client = Client::connect(&c.url).await.unwrap();
-    client.submit(&spin_task("long", &module, 2_000_000_000)).await.unwrap();
-    wait_until(Duration::from_secs(30), || task_row(&c.db(), "long").is_some_and(|r| r.attempts >= 1), || "the task to be dispatched".into());
+    client
+        .submit(&spin_task("long", &module, 2_000_000_000))
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        || task_row(&c.db(), "long").is_some_and(|r| r.attempts >= 1),
+        || "the task to be dispatched".into(),
+    );
     let _second = agent(&c.url, &dir.path().join("a1"), "jetson-orin-nano");
     c.wait_for_nodes(2);
     first.kill9();
     let ev = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), client.next_event()).await.expect("result in time").expect("event");
+        let ev = tokio::time::timeout(Duration::from_secs(120), client.next_event())
+            .await
+            .expect("result in time")
+            .expect("event");
         if ev.task_id == "long" && ev.status.is_final() {
             break ev;
         }
     };
     assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
-    assert_eq!(B64.decode(ev.output_b64.unwrap()).unwrap(), 2_000_000_000u64.to_le_bytes());
+    assert_eq!(
+        B64.decode(ev.output_b64.unwrap()).unwrap(),
+        2_000_000_000u64.to_le_bytes()
+    );
     let store = Store::open_read_only(&c.db()).unwrap();
     let paid = store.task_earnings(&TaskId::new("long").unwrap()).unwrap();
     assert_eq!(paid.len(), 1, "credited exactly once");
-    assert_eq!(paid[0].0.to_hex().as_str(), ev.nodes[0], "the surviving node was paid");
+    assert_eq!(
+        paid[0].0.to_hex().as_str(),
+        ev.nodes[0],
+        "the surviving node was paid"
+    );
     assert!(store.verify_ledger().unwrap().is_ok());
     client.disconnect().await;
 }
@@ -83,18 +107,28 @@ async fn a_coordinator_killed_mid_batch_loses_no_accepted_task() {
     let port = free_port();
     let data = dir.path().join("c");
     let mut c = Coordinator::start(&data, port, None);
-    let _agents: Vec<Proc> = ["pi4", "pi5"].iter().enumerate().map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p)).collect();
+    let _agents: Vec<Proc> = ["pi4", "pi5"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
+        .collect();
     c.wait_for_nodes(2);
     let module = wat::parse_str(SPIN_WAT).unwrap();
     let mut client = Client::connect(&c.url).await.unwrap();
     let n = 30;
     for i in 0..n {
-        client.submit(&spin_task(&format!("r{i}"), &module, 20_000_000)).await.unwrap();
+        client
+            .submit(&spin_task(&format!("r{i}"), &module, 20_000_000))
+            .await
+            .unwrap();
     }
     // Every task acknowledged means every task is in the journal.
     let mut accepted = 0;
     while accepted < n {
-        let ev = tokio::time::timeout(Duration::from_secs(30), client.next_event()).await.expect("ack").expect("event");
+        let ev = tokio::time::timeout(Duration::from_secs(30), client.next_event())
+            .await
+            .expect("ack")
+            .expect("event");
         if ev.status == EventStatus::Accepted {
             accepted += 1;
         }
@@ -105,17 +139,28 @@ async fn a_coordinator_killed_mid_batch_loses_no_accepted_task() {
     wait_until(
         Duration::from_secs(120),
         || {
-            let Ok(store) = Store::open_read_only(&db) else { return false };
-            store.tasks(1000, Some(TaskStatus::Completed)).map(|t| t.len()).unwrap_or(0) >= n
+            let Ok(store) = Store::open_read_only(&db) else {
+                return false;
+            };
+            store
+                .tasks(1000, Some(TaskStatus::Completed))
+                .map(|t| t.len())
+                .unwrap_or(0)
+                >= n
         },
         || format!("all {n} tasks completed after the restart"),
     );
     let store = Store::open_read_only(&db).unwrap();
     for i in 0..n {
         let id = TaskId::new(&format!("r{i}")).unwrap();
-        let result: serde_json::Value = serde_json::from_str(&store.task(&id).unwrap().unwrap().result_json.unwrap()).unwrap();
+        let result: serde_json::Value =
+            serde_json::from_str(&store.task(&id).unwrap().unwrap().result_json.unwrap()).unwrap();
         let agreeing = result["verdict"]["agreeing"].as_u64().unwrap() as usize;
-        assert_eq!(store.task_earnings(&id).unwrap().len(), agreeing, "task r{i}: each agreeing node credited exactly once");
+        assert_eq!(
+            store.task_earnings(&id).unwrap().len(),
+            agreeing,
+            "task r{i}: each agreeing node credited exactly once"
+        );
     }
     assert!(store.verify_ledger().unwrap().is_ok());
 }
@@ -130,20 +175,49 @@ async fn bad_submissions_get_clear_rejections_and_the_coordinator_keeps_working(
     let (host, port) = ambient_coordinator::parse_broker_url(&c.url).unwrap();
     let (raw, mut el) = AsyncClient::new(MqttOptions::new("raw-e2e", host, port), 10);
     tokio::spawn(async move { while el.poll().await.is_ok() {} });
-    raw.publish(topics::SUBMIT, QoS::AtLeastOnce, false, b"{not json".to_vec()).await.unwrap();
+    raw.publish(
+        topics::SUBMIT,
+        QoS::AtLeastOnce,
+        false,
+        b"{not json".to_vec(),
+    )
+    .await
+    .unwrap();
     let cases = [
         (r#"{"task_id":"b1","module":"00"}"#, "bad_module"),
-        (&*format!(r#"{{"task_id":"b2","module":"{}"}}"#, "ab".repeat(32)), "unknown_module"),
-        (r#"{"task_id":"b3","module_b64":"AGFzbQEAAAA=","strategy":"fastest"}"#, "bad_strategy"),
-        (r#"{"task_id":"b4","module_b64":"AGFzbQEAAAA=","limits":{"fuel":0}}"#, "bad_limits"),
-        (r#"{"task_id":"b5","module_b64":"AGFzbQEAAAA=","verify":"replicate:99"}"#, "bad_policy"),
+        (
+            &*format!(r#"{{"task_id":"b2","module":"{}"}}"#, "ab".repeat(32)),
+            "unknown_module",
+        ),
+        (
+            r#"{"task_id":"b3","module_b64":"AGFzbQEAAAA=","strategy":"fastest"}"#,
+            "bad_strategy",
+        ),
+        (
+            r#"{"task_id":"b4","module_b64":"AGFzbQEAAAA=","limits":{"fuel":0}}"#,
+            "bad_limits",
+        ),
+        (
+            r#"{"task_id":"b5","module_b64":"AGFzbQEAAAA=","verify":"replicate:99"}"#,
+            "bad_policy",
+        ),
     ];
     for (json, _) in &cases {
-        raw.publish(topics::SUBMIT, QoS::AtLeastOnce, false, json.as_bytes().to_vec()).await.unwrap();
+        raw.publish(
+            topics::SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            json.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
     }
     let mut seen = std::collections::HashMap::new();
     while seen.len() < cases.len() {
-        let ev = tokio::time::timeout(Duration::from_secs(30), client.next_event()).await.expect("event").expect("open");
+        let ev = tokio::time::timeout(Duration::from_secs(30), client.next_event())
+            .await
+            .expect("event")
+            .expect("open");
         if ev.status == EventStatus::Rejected {
             seen.insert(ev.task_id.clone(), ev.error.unwrap().code);
         }
@@ -153,7 +227,21 @@ async fn bad_submissions_get_clear_rejections_and_the_coordinator_keeps_working(
     }
     // An oversize-fuel task that traps still gets a verified, typed failure.
     let trap = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) (i32.const 0)) (func (export "run") (param i32 i32) (result i64) unreachable))"#).unwrap();
-    let events = client.run_batch(&[spin_task("ok", &wat::parse_str(SPIN_WAT).unwrap(), 10), Submission { task_id: Some("trap".into()), module_b64: Some(B64.encode(trap)), ..Submission::default() }], Duration::from_secs(60), |_| {}).await.unwrap();
+    let events = client
+        .run_batch(
+            &[
+                spin_task("ok", &wat::parse_str(SPIN_WAT).unwrap(), 10),
+                Submission {
+                    task_id: Some("trap".into()),
+                    module_b64: Some(B64.encode(trap)),
+                    ..Submission::default()
+                },
+            ],
+            Duration::from_secs(60),
+            |_| {},
+        )
+        .await
+        .unwrap();
     assert_eq!(events["ok"].status, EventStatus::Completed);
     assert_eq!(events["trap"].status, EventStatus::Failed);
     assert_eq!(events["trap"].error.as_ref().unwrap().code, "trapped");
@@ -171,10 +259,29 @@ impl LyingNode {
         let node = identity.node_id();
         let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
         let mut opts = MqttOptions::new(format!("liar-{node}"), host, port);
-        opts.set_last_will(rumqttc::LastWill::new(topics::node(&node, NodeTopic::Status).as_str(), "offline", QoS::AtLeastOnce, true));
+        opts.set_last_will(rumqttc::LastWill::new(
+            topics::node(&node, NodeTopic::Status).as_str(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
         let (client, mut el) = AsyncClient::new(opts, 100);
-        client.subscribe(topics::node(&node, NodeTopic::Tasks).as_str(), QoS::AtLeastOnce).await.unwrap();
-        client.publish(topics::node(&node, NodeTopic::Status).as_str(), QoS::AtLeastOnce, true, "online").await.unwrap();
+        client
+            .subscribe(
+                topics::node(&node, NodeTopic::Tasks).as_str(),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        client
+            .publish(
+                topics::node(&node, NodeTopic::Status).as_str(),
+                QoS::AtLeastOnce,
+                true,
+                "online",
+            )
+            .await
+            .unwrap();
         let announce = Announce {
             node,
             public_key: identity.public_key(),
@@ -188,8 +295,20 @@ impl LyingNode {
             max_concurrency: 64,
         };
         let signature = sign_message(&identity, SignedAnnounce::TAG, &announce).unwrap();
-        let frame = Envelope::new(Message::Announce(SignedAnnounce { announce, signature })).to_vec();
-        client.publish(topics::node(&node, NodeTopic::Announce).as_str(), QoS::AtLeastOnce, true, frame).await.unwrap();
+        let frame = Envelope::new(Message::Announce(SignedAnnounce {
+            announce,
+            signature,
+        }))
+        .to_vec();
+        client
+            .publish(
+                topics::node(&node, NodeTopic::Announce).as_str(),
+                QoS::AtLeastOnce,
+                true,
+                frame,
+            )
+            .await
+            .unwrap();
         let tel_client = client.clone();
         let tel_identity = Identity::from_secret(&secret);
         tokio::spawn(async move {
@@ -202,20 +321,51 @@ impl LyingNode {
                     mem_free_bytes: Some(60 << 30),
                     ..TelemetrySample::default()
                 };
-                let telemetry = Telemetry { node, seq, boot_id: 1, sample };
-                let signature = sign_message(&tel_identity, SignedTelemetry::TAG, &telemetry).unwrap();
-                let frame = Envelope::new(Message::Telemetry(SignedTelemetry { telemetry, signature })).to_vec();
-                if tel_client.publish(topics::node(&node, NodeTopic::Telemetry).as_str(), QoS::AtMostOnce, false, frame).await.is_err() {
+                let telemetry = Telemetry {
+                    node,
+                    seq,
+                    boot_id: 1,
+                    sample,
+                };
+                let signature =
+                    sign_message(&tel_identity, SignedTelemetry::TAG, &telemetry).unwrap();
+                let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
+                    telemetry,
+                    signature,
+                }))
+                .to_vec();
+                if tel_client
+                    .publish(
+                        topics::node(&node, NodeTopic::Telemetry).as_str(),
+                        QoS::AtMostOnce,
+                        false,
+                        frame,
+                    )
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
         tokio::spawn(async move {
-            let signer = if forge { Identity::from_secret(&[0xEE; 32]) } else { Identity::from_secret(&secret) };
+            let signer = if forge {
+                Identity::from_secret(&[0xEE; 32])
+            } else {
+                Identity::from_secret(&secret)
+            };
             while let Ok(ev) = el.poll().await {
-                let Event::Incoming(Packet::Publish(p)) = ev else { continue };
-                let Ok(Envelope { message: Message::Assign(a), .. }) = Envelope::decode(&p.payload) else { continue };
+                let Event::Incoming(Packet::Publish(p)) = ev else {
+                    continue;
+                };
+                let Ok(Envelope {
+                    message: Message::Assign(a),
+                    ..
+                }) = Envelope::decode(&p.payload)
+                else {
+                    continue;
+                };
                 let output = vec![7u8; a.input.len() / 64];
                 let receipt = Receipt {
                     task_id: a.task_id.clone(),
@@ -234,10 +384,21 @@ impl LyingNode {
                     task_id: a.task_id.clone(),
                     attempt: a.attempt,
                     node,
-                    body: ReportBody::Executed { receipt, output: &output, message: Default::default() },
+                    body: ReportBody::Executed {
+                        receipt,
+                        output: &output,
+                        message: Default::default(),
+                    },
                 };
                 let frame = Envelope::new(Message::Report(report)).to_vec();
-                let _ = client.publish(topics::node(&node, NodeTopic::Results).as_str(), QoS::AtLeastOnce, false, frame).await;
+                let _ = client
+                    .publish(
+                        topics::node(&node, NodeTopic::Results).as_str(),
+                        QoS::AtLeastOnce,
+                        false,
+                        frame,
+                    )
+                    .await;
             }
         });
         LyingNode { node }
@@ -246,7 +407,12 @@ impl LyingNode {
 
 fn reputation_of(db: &std::path::Path, node: &ambient_core::NodeId) -> serde_json::Value {
     let store = Store::open_read_only(db).unwrap();
-    let (_, json) = store.nodes().unwrap().into_iter().find(|(n, _)| n == node).expect("node in snapshot");
+    let (_, json) = store
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == node)
+        .expect("node in snapshot");
     serde_json::from_str::<serde_json::Value>(&json).unwrap()["reputation"].clone()
 }
 
@@ -268,14 +434,28 @@ async fn a_forged_receipt_is_rejected_and_the_task_completes_on_an_honest_node()
         input_b64: Some(B64.encode(input)),
         ..Submission::default()
     };
-    let events = client.run_batch(&[sub], Duration::from_secs(60), |_| {}).await.unwrap();
+    let events = client
+        .run_batch(&[sub], Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
     let ev = &events["forged"];
     assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
     assert_eq!(B64.decode(ev.output_b64.as_ref().unwrap()).unwrap(), native);
     assert_ne!(ev.nodes[0], liar.node.to_hex().as_str());
-    wait_until(Duration::from_secs(10), || reputation_of(&c.db(), &liar.node)["disputed"].as_u64() >= Some(1), || "the forger's reputation to drop".into());
+    wait_until(
+        Duration::from_secs(10),
+        || reputation_of(&c.db(), &liar.node)["disputed"].as_u64() >= Some(1),
+        || "the forger's reputation to drop".into(),
+    );
     let store = Store::open_read_only(&c.db()).unwrap();
-    assert!(store.balances().unwrap().iter().all(|b| b.account != format!("node:{}", liar.node)), "the forger earned nothing");
+    assert!(
+        store
+            .balances()
+            .unwrap()
+            .iter()
+            .all(|b| b.account != format!("node:{}", liar.node)),
+        "the forger earned nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,7 +463,11 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     let liar = LyingNode::start(&c.url, [0x22; 32], false).await;
-    let _honest: Vec<Proc> = ["pi5", "jetson-orin-nano"].iter().enumerate().map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p)).collect();
+    let _honest: Vec<Proc> = ["pi5", "jetson-orin-nano"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
+        .collect();
     c.wait_for_nodes(3);
     let mut client = Client::connect(&c.url).await.unwrap();
     let hash = client.publish_module(DIGITS_WASM).await.unwrap();
@@ -296,14 +480,28 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
         verify: Some("replicate:3".into()),
         ..Submission::default()
     };
-    let events = client.run_batch(&[sub], Duration::from_secs(60), |_| {}).await.unwrap();
+    let events = client
+        .run_batch(&[sub], Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
     let ev = &events["vote"];
     assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
     assert_eq!(B64.decode(ev.output_b64.as_ref().unwrap()).unwrap(), native);
     let verdict = ev.verdict.as_ref().unwrap();
     assert_eq!(verdict.agreeing, 2);
     assert_eq!(verdict.disputed, vec![liar.node.to_hex().to_string()]);
-    wait_until(Duration::from_secs(10), || reputation_of(&c.db(), &liar.node)["disputed"].as_u64() >= Some(1), || "the liar's reputation to drop".into());
+    wait_until(
+        Duration::from_secs(10),
+        || reputation_of(&c.db(), &liar.node)["disputed"].as_u64() >= Some(1),
+        || "the liar's reputation to drop".into(),
+    );
     let store = Store::open_read_only(&c.db()).unwrap();
-    assert_eq!(store.task_earnings(&TaskId::new("vote").unwrap()).unwrap().len(), 2, "only the majority is paid");
+    assert_eq!(
+        store
+            .task_earnings(&TaskId::new("vote").unwrap())
+            .unwrap()
+            .len(),
+        2,
+        "only the majority is paid"
+    );
 }

@@ -13,7 +13,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 
-fn digits_task(id: &str, hash: Digest, offset: usize, strategy: &str, verify: &str) -> (Submission, Vec<u8>) {
+fn digits_task(
+    id: &str,
+    hash: Digest,
+    offset: usize,
+    strategy: &str,
+    verify: &str,
+) -> (Submission, Vec<u8>) {
     let (input, native) = digits_batch(offset, 4);
     let s = Submission {
         task_id: Some(id.into()),
@@ -29,14 +35,25 @@ fn digits_task(id: &str, hash: Digest, offset: usize, strategy: &str, verify: &s
 }
 
 fn output(ev: &TaskEvent) -> Vec<u8> {
-    ev.output_b64.as_deref().and_then(|b| B64.decode(b).ok()).unwrap_or_default()
+    ev.output_b64
+        .as_deref()
+        .and_then(|b| B64.decode(b).ok())
+        .unwrap_or_default()
 }
 
 /// Runs `n` digit tasks per (strategy, policy) and checks every result against the native model,
 /// the verdict and the ledger. Returns the events.
-async fn run_digits(url: &str, db: &std::path::Path, plans: &[(&str, &str)], n: usize) -> Vec<TaskEvent> {
+async fn run_digits(
+    url: &str,
+    db: &std::path::Path,
+    plans: &[(&str, &str)],
+    n: usize,
+) -> Vec<TaskEvent> {
     let mut client = Client::connect(url).await.expect("connect");
-    let hash = client.publish_module(DIGITS_WASM).await.expect("publish module");
+    let hash = client
+        .publish_module(DIGITS_WASM)
+        .await
+        .expect("publish module");
     let mut subs = Vec::new();
     let mut natives = Vec::new();
     for (p, (strategy, verify)) in plans.iter().enumerate() {
@@ -46,19 +63,38 @@ async fn run_digits(url: &str, db: &std::path::Path, plans: &[(&str, &str)], n: 
             natives.push(native);
         }
     }
-    let events = client.run_batch(&subs, Duration::from_secs(60), |_| {}).await.expect("batch");
+    let events = client
+        .run_batch(&subs, Duration::from_secs(60), |_| {})
+        .await
+        .expect("batch");
     client.disconnect().await;
     let store = Store::open_read_only(db).expect("open store");
     let mut out = Vec::new();
     for (s, native) in subs.iter().zip(natives) {
         let id = s.task_id.clone().unwrap_or_default();
-        let ev = events.get(&id).unwrap_or_else(|| panic!("no result for {id}"));
+        let ev = events
+            .get(&id)
+            .unwrap_or_else(|| panic!("no result for {id}"));
         assert_eq!(ev.status, EventStatus::Completed, "{id}: {:?}", ev.error);
-        assert_eq!(output(ev), native, "{id}: WASM output differs from the native model");
+        assert_eq!(
+            output(ev),
+            native,
+            "{id}: WASM output differs from the native model"
+        );
         let verdict = ev.verdict.as_ref().expect("verdict");
-        let payees = store.task_earnings(&ambient_core::TaskId::new(&id).unwrap()).expect("earnings");
-        assert_eq!(payees.len(), verdict.agreeing, "{id}: each agreeing node is paid once");
-        assert_eq!(ev.nodes.iter().collect::<HashSet<_>>().len(), ev.nodes.len(), "{id}: replicas ran on distinct nodes");
+        let payees = store
+            .task_earnings(&ambient_core::TaskId::new(&id).unwrap())
+            .expect("earnings");
+        assert_eq!(
+            payees.len(),
+            verdict.agreeing,
+            "{id}: each agreeing node is paid once"
+        );
+        assert_eq!(
+            ev.nodes.iter().collect::<HashSet<_>>().len(),
+            ev.nodes.len(),
+            "{id}: replicas ran on distinct nodes"
+        );
         assert!(ev.reward.unwrap_or(0) > 0, "{id}: reward recorded");
         out.push(ev.clone());
     }
@@ -71,23 +107,43 @@ async fn run_digits(url: &str, db: &std::path::Path, plans: &[(&str, &str)], n: 
 async fn every_strategy_runs_digit_tasks_to_settled_results_on_the_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
-    let _agents: Vec<Proc> =
-        ["pi4", "pi5", "jetson-orin-nano"].iter().enumerate().map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p)).collect();
+    let _agents: Vec<Proc> = ["pi4", "pi5", "jetson-orin-nano"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
+        .collect();
     c.wait_for_nodes(3);
-    let plans = [("weighted", "receipt"), ("round-robin", "receipt"), ("least-loaded", "receipt"), ("latency-aware", "receipt")];
+    let plans = [
+        ("weighted", "receipt"),
+        ("round-robin", "receipt"),
+        ("least-loaded", "receipt"),
+        ("latency-aware", "receipt"),
+    ];
     let events = run_digits(&c.url, &c.db(), &plans, 3).await;
     let rr: HashSet<_> = events[3..6].iter().map(|e| e.nodes[0].clone()).collect();
-    assert!(rr.len() >= 2, "round-robin spread three tasks over at least two nodes: {rr:?}");
+    assert!(
+        rr.len() >= 2,
+        "round-robin spread three tasks over at least two nodes: {rr:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_tasks_are_accepted_by_a_majority_of_distinct_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
-    let _agents: Vec<Proc> =
-        ["pi4", "pi5", "visionfive2"].iter().enumerate().map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p)).collect();
+    let _agents: Vec<Proc> = ["pi4", "pi5", "visionfive2"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
+        .collect();
     c.wait_for_nodes(3);
-    let events = run_digits(&c.url, &c.db(), &[("weighted", "replicate:3"), ("round-robin", "replicate:2")], 2).await;
+    let events = run_digits(
+        &c.url,
+        &c.db(),
+        &[("weighted", "replicate:3"), ("round-robin", "replicate:2")],
+        2,
+    )
+    .await;
     // replicate:3 is accepted as soon as a strict majority (2 of 3) agrees.
     for ev in &events[..2] {
         let verdict = ev.verdict.as_ref().unwrap();
@@ -107,7 +163,17 @@ async fn the_whole_flow_also_runs_on_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, Some(&mosquitto.url));
     assert_eq!(c.url, mosquitto.url);
-    let _agents: Vec<Proc> = ["pi5", "jetson-orin-nano"].iter().enumerate().map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p)).collect();
+    let _agents: Vec<Proc> = ["pi5", "jetson-orin-nano"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
+        .collect();
     c.wait_for_nodes(2);
-    run_digits(&c.url, &c.db(), &[("weighted", "receipt"), ("least-loaded", "replicate:2")], 3).await;
+    run_digits(
+        &c.url,
+        &c.db(),
+        &[("weighted", "receipt"), ("least-loaded", "replicate:2")],
+        3,
+    )
+    .await;
 }

@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  ambient coordinator --data-dir ./data\n  ambient coordinator --broker mqtt://127.0.0.1:1883     # use a running mosquitto\n  ambient coordinator --print-config > /etc/ambient/coordinator.toml")]
+#[command(
+    after_help = "Examples:\n  ambient coordinator --data-dir ./data\n  ambient coordinator --broker mqtt://127.0.0.1:1883     # use a running mosquitto\n  ambient coordinator --print-config > /etc/ambient/coordinator.toml"
+)]
 pub struct CoordinatorArgs {
     /// TOML configuration file (see --print-config); flags override it.
     #[arg(long, env = "AMBIENT_CONFIG")]
@@ -33,8 +35,10 @@ pub struct CoordinatorArgs {
 pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
     let mut raw = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("config file {} is not valid", path.display()))?
         }
         None => RawConfig::default(),
     };
@@ -56,7 +60,10 @@ pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let raw = load(&args)?;
     if args.print_config {
-        print!("# ambient coordinator configuration (effective values)\n{}", toml::to_string_pretty(&raw)?);
+        print!(
+            "# ambient coordinator configuration (effective values)\n{}",
+            toml::to_string_pretty(&raw)?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let config = raw.validate()?;

@@ -22,7 +22,9 @@ const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
 const PROFILES: [&str; 4] = ["pi4", "pi5", "jetson-orin-nano", "visionfive2"];
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  ambient demo\n  ambient demo --agents 6 --tasks 500 --strategy least-loaded\n  ambient demo --verify replicate:3 --json")]
+#[command(
+    after_help = "Examples:\n  ambient demo\n  ambient demo --agents 6 --tasks 500 --strategy least-loaded\n  ambient demo --verify replicate:3 --json"
+)]
 pub struct DemoArgs {
     /// Agents to start, each with its own identity and a simulated device profile.
     #[arg(long, default_value_t = 4)]
@@ -84,9 +86,15 @@ struct Summary {
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.agents > 0, "--agents must be at least 1");
     anyhow::ensure!(args.tasks > 0, "--tasks must be at least 1");
-    anyhow::ensure!((1..=4096).contains(&args.batch), "--batch must be between 1 and 4096");
+    anyhow::ensure!(
+        (1..=4096).contains(&args.batch),
+        "--batch must be between 1 and 4096"
+    );
     let temp = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let root = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let root = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
 
     let mut raw = RawConfig::default();
     raw.broker.listen = "127.0.0.1:0".into();
@@ -110,10 +118,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         cfg.set_name(format!("{profile}-{i}"));
         cfg.set_simulate(profile.parse::<ambient_agent::Profile>()?);
         cfg.set_telemetry_interval(Duration::from_millis(500));
-        agents.push(tokio::spawn(ambient_agent::run(cfg, stop_agents.clone().cancelled_owned())));
+        agents.push(tokio::spawn(ambient_agent::run(
+            cfg,
+            stop_agents.clone().cancelled_owned(),
+        )));
     }
     if !args.json {
-        eprintln!("ambient demo: broker {url}, {} agents, {} tasks of {} images", args.agents, args.tasks, args.batch);
+        eprintln!(
+            "ambient demo: broker {url}, {} agents, {} tasks of {} images",
+            args.agents, args.tasks, args.batch
+        );
     }
     wait_for_nodes(&db, args.agents).await?;
 
@@ -187,7 +201,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_summary(&summary);
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn wait_for_nodes(db: &std::path::Path, n: usize) -> anyhow::Result<()> {
@@ -204,7 +222,10 @@ async fn wait_for_nodes(db: &std::path::Path, n: usize) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "agents did not register with the coordinator within 30 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agents did not register with the coordinator within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -233,10 +254,10 @@ fn summarise(
         );
     }
     for b in store.balances()? {
-        if let Some(hex) = b.account.strip_prefix("node:") {
-            if let Some(n) = per_node.get_mut(hex) {
-                n.earned_ucredits = b.balance;
-            }
+        if let Some(hex) = b.account.strip_prefix("node:")
+            && let Some(n) = per_node.get_mut(hex)
+        {
+            n.earned_ucredits = b.balance;
         }
     }
     let (mut completed, mut failed, mut correct, mut images, mut native_ok) = (0, 0, 0, 0, true);
@@ -251,7 +272,11 @@ fn summarise(
             continue;
         }
         completed += 1;
-        let output = ev.output_b64.as_deref().and_then(|b| B64.decode(b).ok()).unwrap_or_default();
+        let output = ev
+            .output_b64
+            .as_deref()
+            .and_then(|b| B64.decode(b).ok())
+            .unwrap_or_default();
         images += labels.len();
         correct += output.iter().zip(labels).filter(|(a, b)| a == b).count();
         native_ok &= output == *native;
@@ -269,7 +294,12 @@ fn summarise(
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     let check = store.verify_ledger()?;
     Ok(Summary {
         agents: args.agents,
@@ -280,7 +310,11 @@ fn summarise(
         verify: args.verify.clone(),
         images,
         correct,
-        accuracy: if images > 0 { correct as f64 / images as f64 } else { 0.0 },
+        accuracy: if images > 0 {
+            correct as f64 / images as f64
+        } else {
+            0.0
+        },
         matches_native_reference: native_ok && completed > 0,
         latency_p50_ms: pct(0.5),
         latency_p99_ms: pct(0.99),
@@ -292,7 +326,10 @@ fn summarise(
 }
 
 fn print_summary(s: &Summary) {
-    println!("\n{:<14} {:<17} {:>6} {:>12} {:>9} {:>9} {:>14}", "NODE", "PROFILE", "TASKS", "MEAN LAT ms", "VERIFIED", "DISPUTED", "EARNED (cr)");
+    println!(
+        "\n{:<14} {:<17} {:>6} {:>12} {:>9} {:>9} {:>14}",
+        "NODE", "PROFILE", "TASKS", "MEAN LAT ms", "VERIFIED", "DISPUTED", "EARNED (cr)"
+    );
     for n in &s.nodes {
         println!(
             "{:<14} {:<17} {:>6} {:>12.2} {:>9} {:>9} {:>14.6}",
@@ -306,15 +343,33 @@ fn print_summary(s: &Summary) {
         );
     }
     println!();
-    println!("tasks        {} completed, {} failed ({} strategy, {} verification)", s.completed, s.failed, s.strategy, s.verify);
-    println!("latency      p50 {:.2} ms, p99 {:.2} ms (submit to verified result)", s.latency_p50_ms, s.latency_p99_ms);
+    println!(
+        "tasks        {} completed, {} failed ({} strategy, {} verification)",
+        s.completed, s.failed, s.strategy, s.verify
+    );
+    println!(
+        "latency      p50 {:.2} ms, p99 {:.2} ms (submit to verified result)",
+        s.latency_p50_ms, s.latency_p99_ms
+    );
     println!("throughput   {:.1} tasks/s", s.throughput_tasks_per_s);
     println!(
         "accuracy     {:.2}% ({} of {} held-out digits); WASM output {} the native Rust reference",
         s.accuracy * 100.0,
         s.correct,
         s.images,
-        if s.matches_native_reference { "matches" } else { "DIFFERS FROM" }
+        if s.matches_native_reference {
+            "matches"
+        } else {
+            "DIFFERS FROM"
+        }
     );
-    println!("ledger       {} ({} entries, hash chain and balances checked)", if s.ledger_verified { "verified" } else { "BROKEN" }, s.ledger_entries);
+    println!(
+        "ledger       {} ({} entries, hash chain and balances checked)",
+        if s.ledger_verified {
+            "verified"
+        } else {
+            "BROKEN"
+        },
+        s.ledger_entries
+    );
 }

@@ -51,7 +51,11 @@ fn open(data: &DataDir) -> anyhow::Result<Store> {
 
 pub fn nodes(args: ReadArgs) -> anyhow::Result<ExitCode> {
     let store = open(&args.data)?;
-    let nodes: Vec<Value> = store.nodes()?.into_iter().filter_map(|(_, json)| serde_json::from_str(&json).ok()).collect();
+    let nodes: Vec<Value> = store
+        .nodes()?
+        .into_iter()
+        .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+        .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(ExitCode::SUCCESS);
@@ -62,22 +66,47 @@ pub fn nodes(args: ReadArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  BREAKER",
-        "NODE", "PROFILE", "ARCH", "ONLINE", "SCORE", "BW", "LAT", "CPU", "REP", "VERIF", "RUN", "SEEN"
+        "NODE",
+        "PROFILE",
+        "ARCH",
+        "ONLINE",
+        "SCORE",
+        "BW",
+        "LAT",
+        "CPU",
+        "REP",
+        "VERIF",
+        "RUN",
+        "SEEN"
     );
     for n in &nodes {
         let terms = &n["terms"];
-        let pct = |v: &Value| v.as_u64().map(|x| format!("{:.2}", x as f64 / 10_000.0)).unwrap_or_else(|| "-".into());
-        let seen = n["last_seen_ms_ago"].as_u64().map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "never".into());
+        let pct = |v: &Value| {
+            v.as_u64()
+                .map(|x| format!("{:.2}", x as f64 / 10_000.0))
+                .unwrap_or_else(|| "-".into())
+        };
+        let seen = n["last_seen_ms_ago"]
+            .as_u64()
+            .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "never".into());
         let breaker = match n["breaker_reason"].as_str() {
             Some(r) => format!("{} ({r})", n["breaker"].as_str().unwrap_or("?")),
             None => n["breaker"].as_str().unwrap_or("?").to_string(),
         };
         println!(
             "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  {}",
-            n["node"].as_str().map(|s| &s[..s.len().min(12)]).unwrap_or("?"),
+            n["node"]
+                .as_str()
+                .map(|s| &s[..s.len().min(12)])
+                .unwrap_or("?"),
             n["profile"].as_str().unwrap_or("-"),
             n["arch"].as_str().unwrap_or("?"),
-            if n["online"].as_bool() == Some(true) { "yes" } else { "no" },
+            if n["online"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             pct(&terms["score"]),
             pct(&terms["bandwidth"]),
             pct(&terms["latency"]),
@@ -97,14 +126,21 @@ pub fn tasks(args: TasksArgs) -> anyhow::Result<ExitCode> {
     let status = args
         .status
         .as_deref()
-        .map(|s| s.parse::<TaskStatus>().map_err(|_| anyhow::anyhow!("unknown status {s:?}: use pending, running, completed or failed")))
+        .map(|s| {
+            s.parse::<TaskStatus>().map_err(|_| {
+                anyhow::anyhow!("unknown status {s:?}: use pending, running, completed or failed")
+            })
+        })
         .transpose()?;
     let rows = store.tasks(args.limit, status)?;
     if args.read.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<40} {:<10} {:<12} {:>8}  DETAIL", "TASK", "STATUS", "CLIENT", "ATTEMPTS");
+    println!(
+        "{:<40} {:<10} {:<12} {:>8}  DETAIL",
+        "TASK", "STATUS", "CLIENT", "ATTEMPTS"
+    );
     for r in rows {
         let detail = r
             .result_json
@@ -112,10 +148,21 @@ pub fn tasks(args: TasksArgs) -> anyhow::Result<ExitCode> {
             .and_then(|j| serde_json::from_str::<Value>(j).ok())
             .map(|v| match v["error"]["message"].as_str() {
                 Some(m) => m.to_string(),
-                None => format!("nodes {} reward {}", v["nodes"].as_array().map_or(0, Vec::len), v["reward"].as_u64().unwrap_or(0)),
+                None => format!(
+                    "nodes {} reward {}",
+                    v["nodes"].as_array().map_or(0, Vec::len),
+                    v["reward"].as_u64().unwrap_or(0)
+                ),
             })
             .unwrap_or_default();
-        println!("{:<40} {:<10} {:<12} {:>8}  {}", r.task_id.as_str(), r.status.as_str(), r.client, r.attempts, detail);
+        println!(
+            "{:<40} {:<10} {:<12} {:>8}  {}",
+            r.task_id.as_str(),
+            r.status.as_str(),
+            r.client,
+            r.attempts,
+            detail
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -127,14 +174,21 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<ExitCode> {
         if read.json {
             println!("{}", serde_json::to_string_pretty(&check)?);
         } else if check.is_ok() {
-            println!("ledger ok: {} entries, chain head {}, books balance", check.entries, check.head);
+            println!(
+                "ledger ok: {} entries, chain head {}, books balance",
+                check.entries, check.head
+            );
         } else {
             match check.first_bad_entry {
                 Some(n) => println!("ledger BROKEN: hash chain fails at entry {n}"),
                 None => println!("ledger BROKEN: the books do not balance"),
             }
         }
-        return Ok(if check.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        return Ok(if check.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let store = open(&args.read.data)?;
     let balances = store.balances()?;
@@ -142,9 +196,17 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&balances)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<42} {:>16} {:>8}", "ACCOUNT", "BALANCE (credits)", "ENTRIES");
+    println!(
+        "{:<42} {:>16} {:>8}",
+        "ACCOUNT", "BALANCE (credits)", "ENTRIES"
+    );
     for b in balances {
-        println!("{:<42} {:>16.6} {:>8}", b.account, b.balance as f64 / 1e6, b.entries);
+        println!(
+            "{:<42} {:>16.6} {:>8}",
+            b.account,
+            b.balance as f64 / 1e6,
+            b.entries
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,15 +6,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ambient_coordinator::client::Client;
-use ambient_coordinator::{LimitsJson, Submission};
 use ambient_coordinator::{EventStatus, TaskEvent};
+use ambient_coordinator::{LimitsJson, Submission};
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Args;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  ambient submit tasks/modules/digits.wasm --entry classify --input digit.bin --wait\n  ambient submit tasks/modules/wasi-upper.wasm --abi wasi --input-text hello --wait\n  ambient submit tasks/modules/digits.wasm --entry classify --inputs ./images/ --verify replicate:3 --wait --json\n\nWithout --wait, the command returns once the coordinator has journaled every task.")]
+#[command(
+    after_help = "Examples:\n  ambient submit tasks/modules/digits.wasm --entry classify --input digit.bin --wait\n  ambient submit tasks/modules/wasi-upper.wasm --abi wasi --input-text hello --wait\n  ambient submit tasks/modules/digits.wasm --entry classify --inputs ./images/ --verify replicate:3 --wait --json\n\nWithout --wait, the command returns once the coordinator has journaled every task."
+)]
 pub struct SubmitArgs {
     /// The WASM module to run.
     module: PathBuf,
@@ -72,7 +74,8 @@ pub struct SubmitArgs {
 }
 
 pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let module = std::fs::read(&args.module).with_context(|| format!("cannot read module {}", args.module.display()))?;
+    let module = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read module {}", args.module.display()))?;
     let inputs: Vec<Vec<u8>> = if let Some(dir) = &args.inputs {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read input directory {}", dir.display()))?
@@ -81,9 +84,16 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             .filter(|p| p.is_file())
             .collect();
         files.sort();
-        files.iter().map(std::fs::read).collect::<Result<_, _>>().context("cannot read an input file")?
+        files
+            .iter()
+            .map(std::fs::read)
+            .collect::<Result<_, _>>()
+            .context("cannot read an input file")?
     } else if let Some(path) = &args.input {
-        vec![std::fs::read(path).with_context(|| format!("cannot read input {}", path.display()))?; args.count]
+        vec![
+            std::fs::read(path).with_context(|| format!("cannot read input {}", path.display()))?;
+            args.count
+        ]
     } else {
         vec![args.input_text.clone().unwrap_or_default().into_bytes(); args.count]
     };
@@ -100,7 +110,11 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             abi: Some(args.abi.clone()),
             entry: Some(args.entry.clone()),
             input_b64: Some(B64.encode(input)),
-            limits: Some(LimitsJson { memory_bytes: args.memory_bytes, timeout_ms: args.timeout_ms, fuel: args.fuel }),
+            limits: Some(LimitsJson {
+                memory_bytes: args.memory_bytes,
+                timeout_ms: args.timeout_ms,
+                fuel: args.fuel,
+            }),
             strategy: args.strategy.clone(),
             verify: Some(args.verify.clone()),
             max_fee: args.max_fee,
@@ -118,12 +132,13 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     });
     let timeout = Duration::from_secs(args.wait_secs);
     let events = if args.wait {
-        client.run_batch(&submissions, timeout, |_| {
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-        })
-        .await?
+        client
+            .run_batch(&submissions, timeout, |_| {
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+            })
+            .await?
     } else {
         // Without --wait, return once every task is journaled (or rejected).
         let mut acked = std::collections::HashMap::new();
@@ -132,7 +147,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         }
         while acked.len() < n {
             match tokio::time::timeout(timeout, client.next_event()).await {
-                Ok(Some(ev)) if ev.status != EventStatus::Completed && ev.status != EventStatus::Failed => {
+                Ok(Some(ev))
+                    if ev.status != EventStatus::Completed && ev.status != EventStatus::Failed =>
+                {
                     if let Some(b) = &bar {
                         b.inc(1);
                     }
@@ -165,10 +182,19 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-fn print_event(out: &mut impl std::io::Write, ev: &TaskEvent, json: bool, single: bool) -> std::io::Result<()> {
+fn print_event(
+    out: &mut impl std::io::Write,
+    ev: &TaskEvent,
+    json: bool,
+    single: bool,
+) -> std::io::Result<()> {
     if json {
         return writeln!(out, "{}", serde_json::to_string(ev).unwrap_or_default());
     }
@@ -186,14 +212,21 @@ fn print_event(out: &mut impl std::io::Write, ev: &TaskEvent, json: bool, single
                     "# task {} completed on {} (verified: {}), reward {} µcredits",
                     ev.task_id,
                     ev.nodes.join(", "),
-                    ev.verdict.as_ref().map(|v| v.policy.as_str()).unwrap_or("-"),
+                    ev.verdict
+                        .as_ref()
+                        .map(|v| v.policy.as_str())
+                        .unwrap_or("-"),
                     ev.reward.unwrap_or(0)
                 )
             } else {
                 writeln!(out, "{}: {shown}", ev.task_id)
             }
         }
-        (status, _, Some(e)) => writeln!(out, "{}: {:?}: {} ({})", ev.task_id, status, e.message, e.code),
+        (status, _, Some(e)) => writeln!(
+            out,
+            "{}: {:?}: {} ({})",
+            ev.task_id, status, e.message, e.code
+        ),
         (status, _, None) => writeln!(out, "{}: {:?}", ev.task_id, status),
     }
 }

@@ -13,11 +13,17 @@ use ambient_coordinator::store::Store;
 /// The path of a workspace binary, building it if `cargo test -p ambient-e2e` ran alone.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
     let path = dir.join(name);
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo).args(["build", "--bin", name]).status().expect("run cargo build");
+        let status = Command::new(cargo)
+            .args(["build", "--bin", name])
+            .status()
+            .expect("run cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
     }
     path
@@ -25,7 +31,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free TCP port on loopback (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -42,7 +51,9 @@ impl Proc {
 
     /// Sends SIGTERM and waits for a clean exit.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(s)) = self.child.try_wait() {
@@ -70,21 +81,41 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Option<Mosquitto> {
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
+        let binary = [
+            "/usr/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
         let dir = tempfile::tempdir().ok()?;
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n")).ok()?;
-        let child = Command::new(binary).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
-        let proc = Proc { child, name: "mosquitto".into() };
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let proc = Proc {
+            child,
+            name: "mosquitto".into(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(Mosquitto { proc, url: format!("mqtt://127.0.0.1:{port}"), _dir: dir })
+        Some(Mosquitto {
+            proc,
+            url: format!("mqtt://127.0.0.1:{port}"),
+            _dir: dir,
+        })
     }
 }
 
@@ -99,12 +130,19 @@ impl Coordinator {
     /// Starts with the embedded broker on `port` (0 for any), or on `external` broker.
     pub fn start(data_dir: &Path, port: u16, external: Option<&str>) -> Coordinator {
         let mut cmd = Command::new(bin("ambient"));
-        cmd.arg("coordinator").arg("--data-dir").arg(data_dir).arg("-v");
+        cmd.arg("coordinator")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("-v");
         match external {
             Some(url) => cmd.args(["--broker", url]),
             None => cmd.args(["--listen", &format!("127.0.0.1:{port}")]),
         };
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start ambient coordinator");
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ambient coordinator");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -112,7 +150,10 @@ impl Coordinator {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent {
                     if let Some(i) = line.find("mqtt://") {
-                        let url: String = line[i..].chars().take_while(|c| !c.is_whitespace() && *c != ',').collect();
+                        let url: String = line[i..]
+                            .chars()
+                            .take_while(|c| !c.is_whitespace() && *c != ',')
+                            .collect();
                         let _ = tx.send(url);
                         sent = true;
                     }
@@ -122,8 +163,17 @@ impl Coordinator {
                 }
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(20)).expect("coordinator printed its broker URL");
-        Coordinator { proc: Proc { child, name: "coordinator".into() }, url, data_dir: data_dir.to_path_buf() }
+        let url = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("coordinator printed its broker URL");
+        Coordinator {
+            proc: Proc {
+                child,
+                name: "coordinator".into(),
+            },
+            url,
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     pub fn db(&self) -> PathBuf {
@@ -132,12 +182,18 @@ impl Coordinator {
 
     /// Waits until `n` nodes are online in the coordinator's registry snapshot.
     pub fn wait_for_nodes(&self, n: usize) {
-        wait_until(Duration::from_secs(60), || online_nodes(&self.db()) >= n, || format!("{n} nodes online"));
+        wait_until(
+            Duration::from_secs(60),
+            || online_nodes(&self.db()) >= n,
+            || format!("{n} nodes online"),
+        );
     }
 }
 
 pub fn online_nodes(db: &Path) -> usize {
-    let Ok(store) = Store::open_read_only(db) else { return 0 };
+    let Ok(store) = Store::open_read_only(db) else {
+        return 0;
+    };
     store
         .nodes()
         .unwrap_or_default()
@@ -151,7 +207,11 @@ pub fn online_nodes(db: &Path) -> usize {
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool, what: impl Fn() -> String) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {}", what());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {}",
+            what()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -164,10 +224,17 @@ pub fn agent(url: &str, state_dir: &Path, profile: &str) -> Proc {
         .arg(state_dir)
         .env("AMBIENT_AGENT_TELEMETRY_INTERVAL_MS", "300")
         .stdout(Stdio::null())
-        .stderr(if std::env::var_os("AMBIENT_E2E_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .stderr(if std::env::var_os("AMBIENT_E2E_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("start ambient-agent");
-    Proc { child, name: format!("agent {profile}") }
+    Proc {
+        child,
+        name: format!("agent {profile}"),
+    }
 }
 
 /// The digits module and the first `n` held-out images as one input, with the native labels.
