@@ -148,15 +148,13 @@ impl Coordinator {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(i) = line.find("mqtt://") {
-                        let url: String = line[i..]
-                            .chars()
-                            .take_while(|c| !c.is_whitespace() && *c != ',')
-                            .collect();
-                        let _ = tx.send(url);
-                        sent = true;
-                    }
+                if !sent && let Some(i) = line.find("mqtt://") {
+                    let url: String = line[i..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != ',')
+                        .collect();
+                    let _ = tx.send(url);
+                    sent = true;
                 }
                 if std::env::var_os("AMBIENT_E2E_LOGS").is_some() {
                     eprintln!("[coordinator] {line}");
