@@ -110,7 +110,10 @@ impl fmt::Display for VerifyError {
             Self::InputMismatch => f.write_str("receipt's input hash differs from the task's"),
             Self::OutputMismatch => f.write_str("receipt's output hash differs from the output"),
             Self::FuelOverLimit { used, limit } => {
-                write!(f, "receipt claims {used} fuel, over the task's limit of {limit}")
+                write!(
+                    f,
+                    "receipt claims {used} fuel, over the task's limit of {limit}"
+                )
             }
             Self::LimitsMismatch => f.write_str("receipt's limits differ from the task's"),
         }

@@ -21,7 +21,11 @@ pub struct ScoreConfig {
 
 impl Default for ScoreConfig {
     fn default() -> Self {
-        Self { bandwidth_ref_kbps: 100_000, latency_max_us: 100_000, cores_ref: 8 }
+        Self {
+            bandwidth_ref_kbps: 100_000,
+            latency_max_us: 100_000,
+            cores_ref: 8,
+        }
     }
 }
 

@@ -104,7 +104,8 @@ impl TaskId {
     pub fn new(s: &str) -> Option<Self> {
         let ok = !s.is_empty()
             && s.len() <= Self::MAX_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !ok {
             return None;
         }
@@ -191,7 +192,8 @@ macro_rules! hex_serde {
                         write!(f, "{} hex characters", $n * 2)
                     }
                     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$t, E> {
-                        $t::from_hex(v).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                        $t::from_hex(v)
+                            .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
                     }
                 }
                 if d.is_human_readable() {

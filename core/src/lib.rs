@@ -26,7 +26,7 @@ mod verify;
 mod wire;
 
 pub use error::{DecodeError, ProofError, VerifyError};
-pub use health::{HealthTerms, ScoreConfig, SCORE_SCALE, health_score};
+pub use health::{HealthTerms, SCORE_SCALE, ScoreConfig, health_score};
 pub use id::{Digest, NodeId, TaskId, sha3_256};
 pub use proof::{
     Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
@@ -34,11 +34,11 @@ pub use proof::{
 };
 pub use reputation::Reputation;
 pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};
-pub use telemetry::{ThrottleFlags, TelemetrySample};
+pub use telemetry::{TelemetrySample, ThrottleFlags};
 pub use verify::{Expected, Quorum, Tariff, quorum, verify_receipt};
 pub use wire::{
-    Abi, Announce, Assignment, Envelope, Message, Ping, Pong, Refusal, Report, ReportBody,
-    SignedAnnounce, SignedTelemetry, Telemetry, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
-    MAX_LABELS, MAX_LABEL_LEN, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,
-    PROTOCOL_VERSION,
+    Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
+    MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES, Message,
+    PROTOCOL_VERSION, Ping, Pong, Refusal, Report, ReportBody, SignedAnnounce, SignedTelemetry,
+    Telemetry,
 };

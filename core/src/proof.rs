@@ -19,7 +19,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory_bytes: 512 << 20, timeout_ms: 30_000, fuel: 10_000_000_000 }
+        Self {
+            memory_bytes: 512 << 20,
+            timeout_ms: 30_000,
+            fuel: 10_000_000_000,
+        }
     }
 }
 
@@ -107,14 +111,19 @@ impl Receipt {
     pub fn commitment(&self) -> Digest {
         let mut buf = [0u8; 256];
         // A receipt is at most ~230 bytes (64-byte task id, fixed-size fields), so it fits.
-        let bytes = postcard::to_slice(self, &mut buf).map(|b| &*b).unwrap_or(&[]);
+        let bytes = postcard::to_slice(self, &mut buf)
+            .map(|b| &*b)
+            .unwrap_or(&[]);
         sha3_256_parts(&[Self::TAG, bytes])
     }
 
     /// Signs the commitment.
     pub fn sign(self, identity: &Identity) -> SignedReceipt {
         let signature = identity.sign_digest(&self.commitment());
-        SignedReceipt { receipt: self, signature }
+        SignedReceipt {
+            receipt: self,
+            signature,
+        }
     }
 }
 
@@ -146,7 +155,9 @@ pub struct Identity {
 impl Identity {
     /// Builds the identity from its 32-byte secret.
     pub fn from_secret(secret: &[u8; 32]) -> Self {
-        Self { key: SigningKey::from_bytes(secret) }
+        Self {
+            key: SigningKey::from_bytes(secret),
+        }
     }
 
     /// The 32-byte secret, for storing in the state directory.
@@ -169,10 +180,15 @@ impl Identity {
     }
 }
 
-fn verify_digest(public_key: &[u8; 32], digest: &Digest, signature: &[u8; 64]) -> Result<(), ProofError> {
+fn verify_digest(
+    public_key: &[u8; 32],
+    digest: &Digest,
+    signature: &[u8; 64],
+) -> Result<(), ProofError> {
     let key = VerifyingKey::from_bytes(public_key).map_err(|_| ProofError::BadPublicKey)?;
     let sig = ed25519_dalek::Signature::from_bytes(signature);
-    key.verify_strict(&digest.0, &sig).map_err(|_| ProofError::BadSignature)
+    key.verify_strict(&digest.0, &sig)
+        .map_err(|_| ProofError::BadSignature)
 }
 
 /// Largest message body [`sign_message`] accepts, in bytes of postcard encoding.
@@ -188,7 +204,11 @@ fn message_digest<T: Serialize>(domain: &[u8], body: &T) -> Result<Digest, Proof
 ///
 /// # Errors
 /// [`ProofError::Encoding`] if the body encodes to more than 1 KiB.
-pub fn sign_message<T: Serialize>(identity: &Identity, domain: &[u8], body: &T) -> Result<[u8; 64], ProofError> {
+pub fn sign_message<T: Serialize>(
+    identity: &Identity,
+    domain: &[u8],
+    body: &T,
+) -> Result<[u8; 64], ProofError> {
     Ok(identity.sign_digest(&message_digest(domain, body)?))
 }
 
@@ -236,7 +256,9 @@ pub(crate) mod serde_sig {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<[u8; 64], A::Error> {
                 let mut out = [0u8; 64];
                 for (i, b) in out.iter_mut().enumerate() {
-                    *b = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
                 }
                 Ok(out)
             }

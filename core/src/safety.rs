@@ -42,22 +42,37 @@ impl Default for SafetyPolicy {
 impl SafetyPolicy {
     /// Raspberry Pi: the firmware throttles from 80 °C, so trip there and resume at 75 °C.
     pub fn raspberry_pi() -> Self {
-        Self { max_temp_millic: 80_000, resume_temp_millic: 75_000, ..Self::default() }
+        Self {
+            max_temp_millic: 80_000,
+            resume_temp_millic: 75_000,
+            ..Self::default()
+        }
     }
 
     /// The first threshold `sample` breaches, given `errors` counted so far.
     pub fn breach(&self, sample: &TelemetrySample, errors: u32) -> Option<TripReason> {
         if let Some(t) = sample.temp_millic.filter(|t| *t > self.max_temp_millic) {
-            return Some(TripReason::Overheated { temp_millic: t, max_millic: self.max_temp_millic });
+            return Some(TripReason::Overheated {
+                temp_millic: t,
+                max_millic: self.max_temp_millic,
+            });
         }
         if self.trip_on_throttle && sample.throttle.is_any() {
-            return Some(TripReason::Throttled { flags: sample.throttle });
+            return Some(TripReason::Throttled {
+                flags: sample.throttle,
+            });
         }
         if let Some(l) = sample.latency_us.filter(|l| *l > self.max_latency_us) {
-            return Some(TripReason::LatencyHigh { latency_us: l, max_us: self.max_latency_us });
+            return Some(TripReason::LatencyHigh {
+                latency_us: l,
+                max_us: self.max_latency_us,
+            });
         }
         if errors > self.max_errors {
-            return Some(TripReason::TooManyErrors { errors, max: self.max_errors });
+            return Some(TripReason::TooManyErrors {
+                errors,
+                max: self.max_errors,
+            });
         }
         None
     }
@@ -99,7 +114,10 @@ pub enum TripReason {
 impl fmt::Display for TripReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::Overheated { temp_millic, max_millic } => write!(
+            Self::Overheated {
+                temp_millic,
+                max_millic,
+            } => write!(
                 f,
                 "temperature {}.{} °C is over the {}.{} °C limit",
                 temp_millic / 1000,
@@ -107,14 +125,18 @@ impl fmt::Display for TripReason {
                 max_millic / 1000,
                 (max_millic % 1000).abs() / 100
             ),
-            Self::Throttled { flags } => write!(f, "firmware reports throttling (flags {:#x})", flags.0),
+            Self::Throttled { flags } => {
+                write!(f, "firmware reports throttling (flags {:#x})", flags.0)
+            }
             Self::LatencyHigh { latency_us, max_us } => write!(
                 f,
                 "latency {} ms is over the {} ms limit",
                 latency_us / 1000,
                 max_us / 1000
             ),
-            Self::TooManyErrors { errors, max } => write!(f, "{errors} errors, over the limit of {max}"),
+            Self::TooManyErrors { errors, max } => {
+                write!(f, "{errors} errors, over the limit of {max}")
+            }
             Self::ProbeFailed => f.write_str("the probe task failed"),
         }
     }
@@ -237,7 +259,9 @@ impl Breaker {
             self.needs_cooling = true;
         }
         if self.needs_cooling {
-            self.needs_cooling = sample.temp_millic.is_none_or(|t| t > self.policy.resume_temp_millic);
+            self.needs_cooling = sample
+                .temp_millic
+                .is_none_or(|t| t > self.policy.resume_temp_millic);
         }
         match self.current {
             Some(reason) => self.trip(now_ms, reason),
@@ -280,12 +304,16 @@ impl Breaker {
         }
         self.errors = self.errors.saturating_add(1);
         if self.state == BreakerState::HalfOpen {
-            self.cooldown_ms = (self.cooldown_ms.saturating_mul(2)).min(self.policy.max_cooldown_ms);
+            self.cooldown_ms =
+                (self.cooldown_ms.saturating_mul(2)).min(self.policy.max_cooldown_ms);
             self.breached_at_ms = now_ms;
             return self.enter(BreakerState::Open, Some(TripReason::ProbeFailed));
         }
         if self.errors > self.policy.max_errors {
-            let reason = TripReason::TooManyErrors { errors: self.errors, max: self.policy.max_errors };
+            let reason = TripReason::TooManyErrors {
+                errors: self.errors,
+                max: self.policy.max_errors,
+            };
             return self.trip(now_ms, reason);
         }
         None
@@ -299,7 +327,8 @@ impl Breaker {
                 None
             }
             BreakerState::HalfOpen => {
-                self.cooldown_ms = (self.cooldown_ms.saturating_mul(2)).min(self.policy.max_cooldown_ms);
+                self.cooldown_ms =
+                    (self.cooldown_ms.saturating_mul(2)).min(self.policy.max_cooldown_ms);
                 self.enter(BreakerState::Open, Some(reason))
             }
             BreakerState::Closed => self.enter(BreakerState::Open, Some(reason)),
@@ -308,7 +337,11 @@ impl Breaker {
 
     fn tick(&mut self, now_ms: u64) -> Option<Transition> {
         let cooled = now_ms.saturating_sub(self.breached_at_ms) >= self.cooldown_ms;
-        if self.state == BreakerState::Open && cooled && self.current.is_none() && !self.needs_cooling {
+        if self.state == BreakerState::Open
+            && cooled
+            && self.current.is_none()
+            && !self.needs_cooling
+        {
             return self.enter(BreakerState::HalfOpen, None);
         }
         None

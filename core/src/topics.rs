@@ -32,7 +32,13 @@ pub enum NodeTopic {
 }
 
 impl NodeTopic {
-    const ALL: [NodeTopic; 5] = [Self::Status, Self::Announce, Self::Telemetry, Self::Tasks, Self::Results];
+    const ALL: [NodeTopic; 5] = [
+        Self::Status,
+        Self::Announce,
+        Self::Telemetry,
+        Self::Tasks,
+        Self::Results,
+    ];
 
     /// The leaf's name.
     pub fn as_str(self) -> &'static str {

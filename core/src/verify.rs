@@ -26,7 +26,11 @@ pub struct Expected<'a> {
 ///
 /// # Errors
 /// The first [`VerifyError`] found.
-pub fn verify_receipt(signed: &SignedReceipt, output: &[u8], expected: &Expected<'_>) -> Result<(), VerifyError> {
+pub fn verify_receipt(
+    signed: &SignedReceipt,
+    output: &[u8],
+    expected: &Expected<'_>,
+) -> Result<(), VerifyError> {
     let r = &signed.receipt;
     if r.node != expected.node {
         return Err(VerifyError::WrongNode);
@@ -45,7 +49,10 @@ pub fn verify_receipt(signed: &SignedReceipt, output: &[u8], expected: &Expected
         return Err(VerifyError::LimitsMismatch);
     }
     if r.fuel_used > r.limits.fuel {
-        return Err(VerifyError::FuelOverLimit { used: r.fuel_used, limit: r.limits.fuel });
+        return Err(VerifyError::FuelOverLimit {
+            used: r.fuel_used,
+            limit: r.limits.fuel,
+        });
     }
     if r.output != sha3_256(output) {
         return Err(VerifyError::OutputMismatch);
@@ -81,7 +88,10 @@ pub fn quorum(votes: &[(Digest, u64, Exit)], k: usize) -> Quorum {
         }
     }
     if best.1 >= need {
-        return Quorum::Accepted { index: best.0, agreeing: best.1 };
+        return Quorum::Accepted {
+            index: best.0,
+            agreeing: best.1,
+        };
     }
     if votes.len() >= k || best.1 + (k - votes.len()) < need {
         return Quorum::Split;
@@ -101,7 +111,10 @@ pub struct Tariff {
 impl Default for Tariff {
     /// 1,000 µcredits per task plus 1 µcredit per million fuel.
     fn default() -> Self {
-        Self { base: 1_000, per_million_fuel: 1 }
+        Self {
+            base: 1_000,
+            per_million_fuel: 1,
+        }
     }
 }
 

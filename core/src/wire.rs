@@ -7,7 +7,9 @@ use heapless::{String, Vec};
 use serde::{Deserialize, Serialize};
 
 use crate::proof::serde_sig;
-use crate::{DecodeError, Digest, Engine, Limits, NodeId, SignedReceipt, TaskId, TelemetrySample, TripReason};
+use crate::{
+    DecodeError, Digest, Engine, Limits, NodeId, SignedReceipt, TaskId, TelemetrySample, TripReason,
+};
 
 /// Protocol version carried in every envelope.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -217,7 +219,10 @@ pub struct Pong {
 impl<'a> Envelope<'a> {
     /// Wraps a message in an envelope of the current version.
     pub fn new(message: Message<'a>) -> Self {
-        Self { version: PROTOCOL_VERSION, message }
+        Self {
+            version: PROTOCOL_VERSION,
+            message,
+        }
     }
 
     /// Decodes a frame, rejecting oversize frames before looking at them.
@@ -264,18 +269,28 @@ impl<'a> Envelope<'a> {
 impl Message<'_> {
     fn check_limits(&self) -> Result<(), DecodeError> {
         let check = |field, len, max| {
-            if len > max { Err(DecodeError::FieldTooLarge { field, len, max }) } else { Ok(()) }
+            if len > max {
+                Err(DecodeError::FieldTooLarge { field, len, max })
+            } else {
+                Ok(())
+            }
         };
         match self {
             Message::Assign(a) => {
                 check("input", a.input.len(), MAX_INPUT_BYTES)?;
-                a.task_id.is_valid().then_some(()).ok_or(DecodeError::Malformed)
+                a.task_id
+                    .is_valid()
+                    .then_some(())
+                    .ok_or(DecodeError::Malformed)
             }
             Message::Report(r) => {
                 if let ReportBody::Executed { output, .. } = &r.body {
                     check("output", output.len(), MAX_OUTPUT_BYTES)?;
                 }
-                r.task_id.is_valid().then_some(()).ok_or(DecodeError::Malformed)
+                r.task_id
+                    .is_valid()
+                    .then_some(())
+                    .ok_or(DecodeError::Malformed)
             }
             Message::Ping(p) => check("padding", p.padding.len(), MAX_INPUT_BYTES),
             _ => Ok(()),
