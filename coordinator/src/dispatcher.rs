@@ -425,7 +425,9 @@ impl Dispatcher {
                 });
             }
             Message::Report(r) if r.node == node && leaf == NodeTopic::Results => {
-                self.on_report(now, r, &mut out)
+                self.on_report(now, r, &mut out);
+                // The report freed a slot: queued tasks should not wait for the next tick.
+                self.pump_queue(now, &mut out);
             }
             _ => {
                 self.dropped.malformed += 1;
