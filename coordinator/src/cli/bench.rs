@@ -664,7 +664,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
                 stop_agents.clone().cancelled_owned(),
             )));
         }
-        wait_for_nodes(&db, PROFILES.len()).await?;
+        super::demo::wait_for_nodes(&db, PROFILES.len()).await?;
         progress(&format!(
             "  {} agents registered; Ambient on {url}",
             PROFILES.len()
@@ -838,29 +838,6 @@ async fn one_task(client: &mut Client, submission: &Submission) -> anyhow::Resul
             );
             return Ok(start.elapsed());
         }
-    }
-}
-
-/// Waits until the coordinator's registry snapshot lists `n` nodes online.
-async fn wait_for_nodes(db: &Path, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(store) = Store::open_read_only(db) {
-            let online = store
-                .nodes()?
-                .iter()
-                .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
-                .filter(|v| v["online"].as_bool() == Some(true))
-                .count();
-            if online >= n {
-                return Ok(());
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "agents did not register with the coordinator within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -208,7 +208,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn wait_for_nodes(db: &std::path::Path, n: usize) -> anyhow::Result<()> {
+/// Waits until `n` nodes are online in the coordinator's registry snapshot (shared with `bench`).
+pub(super) async fn wait_for_nodes(db: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(store) = Store::open_read_only(db) {
