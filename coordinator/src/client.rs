@@ -2,13 +2,24 @@
 //!
 //! This is what `ambient submit` and `ambient demo` use; any MQTT client can do the same with
 //! the JSON schema in the README.
+//!
+//! # Delivery
+//!
+//! The coordinator acknowledges a submission (its `accepted` event) only once it is journaled,
+//! and a task id is idempotent: resubmitting it returns `accepted` again while it runs and its
+//! stored final event once it has one. [`Client::run_batch`] builds on that: it resubmits every
+//! task that has no `accepted` event after [`RESUBMIT_AFTER`], and every task without a final
+//! event after each reconnect (results published while it was away are not kept for a client
+//! with a clean session), so no task is lost to a restarted coordinator or broker.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use ambient_core::{Digest, MAX_MODULE_BYTES, sha3_256, topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
-use tokio::sync::{mpsc, oneshot};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::{Submission, TaskEvent, mqtt, parse_broker_url};
 
@@ -40,10 +51,15 @@ pub enum ClientError {
     },
 }
 
+/// How long [`Client::run_batch`] waits for a task's `accepted` event before submitting it again.
+pub const RESUBMIT_AFTER: Duration = Duration::from_secs(3);
+
 /// A connected client; task events arrive through [`Client::next_event`].
 pub struct Client {
     client: AsyncClient,
     events: mpsc::UnboundedReceiver<TaskEvent>,
+    /// Counts subscriptions acknowledged after a reconnect: results may have been missed.
+    resubscribed: watch::Receiver<u64>,
     eventloop: JoinHandle<()>,
 }
 
@@ -56,9 +72,10 @@ impl Client {
     pub async fn connect(broker_url: &str) -> Result<Self, ClientError> {
         let (host, port) = parse_broker_url(broker_url).map_err(ClientError::BadUrl)?;
         let id = format!("ambient-client-{:016x}", rand::random::<u64>());
-        let (client, mut eventloop) = mqtt::connect(&host, port, &id, false);
+        let (client, mut eventloop) = mqtt::connect(&host, port, &id, mqtt::Session::Clean);
         let (tx, events) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
+        let (resub_tx, resubscribed) = watch::channel(0u64);
         let sub = client.clone();
         let eventloop = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
@@ -71,11 +88,14 @@ impl Client {
                                 .await
                         });
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(r) = ready.take() {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => match ready.take() {
+                        Some(r) => {
                             let _ = r.send(Ok(()));
                         }
-                    }
+                        None => {
+                            resub_tx.send_modify(|n| *n += 1);
+                        }
+                    },
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(ev) = serde_json::from_slice::<TaskEvent>(&p.payload)
                             && tx.send(ev).is_err()
@@ -83,6 +103,8 @@ impl Client {
                             break;
                         }
                     }
+                    // `disconnect` was called: stop instead of reconnecting.
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(e) => {
                         if let Some(r) = ready.take() {
@@ -102,6 +124,7 @@ impl Client {
             Ok(Ok(Ok(()))) => Ok(Self {
                 client,
                 events,
+                resubscribed,
                 eventloop,
             }),
             Ok(Ok(Err(reason))) => {
@@ -136,7 +159,7 @@ impl Client {
         Ok(hash)
     }
 
-    /// Submits a task (QoS 1).
+    /// Submits a task (QoS 1). Nothing is resubmitted: see [`Client::run_batch`].
     ///
     /// # Errors
     /// When the connection is gone.
@@ -153,44 +176,108 @@ impl Client {
         self.events.recv().await
     }
 
-    /// Disconnects cleanly.
+    /// Disconnects cleanly, returning as soon as the DISCONNECT is sent.
     pub async fn disconnect(self) {
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.eventloop).await;
     }
 }
 
+/// How far [`Client::run_batch`] follows each task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Until the coordinator has journaled it (`accepted`) or refused it (`rejected`).
+    Accepted,
+    /// Until its final event: `completed`, `failed` or `rejected`.
+    Final,
+}
+
 impl Client {
     /// Submits every task, then waits until each has a final event (completed, failed or
-    /// rejected) or `timeout` passes without any event. `on_final` sees each final event as it
-    /// arrives (for progress bars). Returns the final events in submission order; a task that
-    /// got none within the timeout is missing from the map.
+    /// rejected) or `idle` passes without progress (a task's first `accepted` or its final
+    /// event). Resubmits as the module docs describe. `on_final` sees each final event as it
+    /// arrives (for progress bars). Returns the final events by task id; a task that got none
+    /// is missing from the map. Submissions need a `task_id`.
     ///
     /// # Errors
     /// When the connection is gone.
     pub async fn run_batch(
         &mut self,
         submissions: &[Submission],
-        timeout: Duration,
-        mut on_final: impl FnMut(&TaskEvent),
-    ) -> Result<std::collections::HashMap<String, TaskEvent>, ClientError> {
-        let mut pending: std::collections::HashSet<String> = submissions
+        idle: Duration,
+        on_final: impl FnMut(&TaskEvent),
+    ) -> Result<HashMap<String, TaskEvent>, ClientError> {
+        self.follow(submissions, Until::Final, idle, on_final).await
+    }
+
+    /// Submits every task and follows each until `until`, resubmitting as the module docs
+    /// describe; see [`Client::run_batch`]. `on_done` sees each event that ends the wait for
+    /// its task.
+    ///
+    /// # Errors
+    /// When the connection is gone.
+    pub async fn follow(
+        &mut self,
+        submissions: &[Submission],
+        until: Until,
+        idle: Duration,
+        mut on_done: impl FnMut(&TaskEvent),
+    ) -> Result<HashMap<String, TaskEvent>, ClientError> {
+        let by_id: HashMap<&str, &Submission> = submissions
             .iter()
-            .filter_map(|s| s.task_id.clone())
+            .filter_map(|s| Some((s.task_id.as_deref()?, s)))
             .collect();
+        // Tasks without an `accepted` event, and when each was last sent.
+        let mut unacked: HashMap<&str, Instant> = HashMap::new();
+        let mut pending: HashSet<&str> = by_id.keys().copied().collect();
+        let start = Instant::now();
         for s in submissions {
             self.submit(s).await?;
+            if let Some(id) = s.task_id.as_deref() {
+                unacked.insert(id, start);
+            }
         }
-        let mut done = std::collections::HashMap::new();
+        let mut done = HashMap::new();
+        let mut last_progress = Instant::now();
+        let mut check = tokio::time::interval(RESUBMIT_AFTER / 3);
+        self.resubscribed.mark_unchanged();
         while !pending.is_empty() {
-            let ev = match tokio::time::timeout(timeout, self.next_event()).await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => return Err(ClientError::Closed),
-                Err(_) => break,
-            };
-            if ev.status.is_final() && pending.remove(&ev.task_id) {
-                on_final(&ev);
-                done.insert(ev.task_id.clone(), ev);
+            tokio::select! {
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else { return Err(ClientError::Closed) };
+                    let Some((&id, _)) = by_id.get_key_value(ev.task_id.as_str()) else { continue };
+                    if unacked.remove(id).is_some() {
+                        last_progress = Instant::now();
+                    }
+                    let ends = ev.status.is_final() || until == Until::Accepted;
+                    if ends && pending.remove(id) {
+                        last_progress = Instant::now();
+                        on_done(&ev);
+                        done.insert(ev.task_id.clone(), ev);
+                    }
+                }
+                changed = self.resubscribed.changed() => {
+                    if changed.is_err() {
+                        return Err(ClientError::Closed);
+                    }
+                    // Reconnected: whatever was published meanwhile is gone; ask again.
+                    for &id in &pending {
+                        self.submit(by_id[id]).await?;
+                        unacked.insert(id, Instant::now());
+                    }
+                }
+                _ = check.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(last_progress) >= idle {
+                        break;
+                    }
+                    for (&id, sent) in unacked.iter_mut() {
+                        if now.duration_since(*sent) >= RESUBMIT_AFTER && pending.contains(id) {
+                            self.submit(by_id[id]).await?;
+                            *sent = now;
+                        }
+                    }
+                }
             }
         }
         Ok(done)

@@ -96,7 +96,8 @@ pub struct RawScheduling {
     pub liveness_ms: u64,
     /// Added to a task's time limit before a dispatch counts as lost, in ms. Default 15000.
     pub dispatch_grace_ms: u64,
-    /// How long a task may wait for an eligible node, in ms. Default 60000.
+    /// How long a task may wait for an eligible node, counted from when it first could not be
+    /// placed, in ms; it then fails, naming the requirement no node meets. Default 60000.
     pub queue_timeout_ms: u64,
     /// Bandwidth at which the health score's bandwidth term saturates, in kbit/s. Default 100000.
     pub bandwidth_ref_kbps: u32,

@@ -1,9 +1,46 @@
-//! The coordinator's decisions: intake, placement, retries, verification, settlement, delivery.
+//! The coordinator's decisions as a pure state machine: intake, placement, retries,
+//! verification, settlement, delivery.
 //!
-//! The dispatcher is synchronous and owns all state. It takes inputs (a submission, a frame
-//! from a node, the passage of time) and returns the MQTT publishes to make; the service
-//! does the sending. It writes the journal and ledger itself, because a task must be durable
-//! before it is acknowledged and a settlement durable before the result is delivered.
+//! [`Dispatcher::handle`] takes the time ([`Now`]), one [`Input`] (a submission, a frame from a
+//! node, a module upload, a broker connection, a tick) and a read-only view of the journal
+//! ([`Journal`]), and appends what to do to [`Effects`]. It opens no socket or file and reads no
+//! clock; randomness (spot checks) comes from a seeded RNG. The service
+//! (`service.rs`) owns the I/O and applies each loop turn's effects in this order:
+//!
+//! 1. [`Effects::modules`] and [`Effects::dispatch`]: module copies and assignments. They may
+//!    leave before the commit: execution is at-least-once (agents deduplicate by task and
+//!    attempt), so a crash before the commit only means a task runs again.
+//! 2. [`Effects::journal`]: every write of the turn, in one SQLite transaction (one fsync).
+//! 3. Only after the commit: [`Effects::events`] (the `accepted`, `completed`, `failed` and
+//!    `rejected` events) and the MQTT acknowledgements of the turn's inputs. A failed commit
+//!    stops the coordinator: nothing that depends on it leaves, and the next start recovers
+//!    from the journal.
+//!
+//! # The delivery contract
+//!
+//! - A submission is acknowledged only once journaled. Every accepted task ends with exactly
+//!   one final event: `completed`, `failed` (with the reasons) or `rejected`.
+//! - Resubmitting a task id is idempotent: a running task answers `accepted` again, a finished
+//!   one its stored final event. A different submission under the same id is rejected with code
+//!   `conflict` (submissions are compared by the sha3-256 of their validated form).
+//! - Settlement is exactly-once: the settlement and the outcome commit in the same transaction,
+//!   and the ledger pays a task at most once.
+//! - A task waits in the queue for an eligible node at most
+//!   [`DispatchConfig::queue_timeout`], counted from when it first could not be placed; it then
+//!   fails, naming the requirement no registered node meets when there is one. A dispatch that
+//!   fails (times out, is refused, does not verify) counts against
+//!   [`DispatchConfig::max_failures`]; retries prefer nodes not tried yet, may reuse a node
+//!   that timed out or refused when no other is eligible, and never reuse one that returned a
+//!   result that did not verify.
+//!
+//! # Recovery
+//!
+//! [`Dispatcher::recover`] rebuilds the state from what the journal returns: every unfinished
+//! task, with each `(attempt, node)` it was dispatched as. Those dispatches are adopted as
+//! outstanding and sent again under the same attempt numbers when the broker connection comes
+//! up, so an agent that already ran one answers with its stored report instead of running it
+//! again, and its report is accepted rather than dropped as stale. Votes received before a
+//! restart are not journaled; the agents' stored reports bring them back.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -21,7 +58,7 @@ use tracing::{debug, info, warn};
 
 use crate::intake::{self, MAX_REPLICAS, Policy, TaskSpec};
 use crate::results::{EventStatus, ReceiptJson, TaskEvent, Verdict};
-use crate::store::{Inserted, NewTask, Settlement, Store, StoreError, TaskStatus};
+use crate::store::{JournaledTask, Known, NewTask, Op, StoreError, TaskStatus};
 use crate::{Outcome, Registry, Strategy};
 
 /// An MQTT publish the service should make.
@@ -48,6 +85,27 @@ impl Publish {
     }
 }
 
+/// The answer to a node's latency probe, if `frame` on `node`'s telemetry topic is a
+/// [`Ping`](ambient_core::Ping) from that node.
+///
+/// The service answers pings in its MQTT task, beside the socket, so what a node measures is
+/// its own round trip to the gateway and not the dispatcher's backlog: a busy coordinator must
+/// not open the breakers of healthy nodes.
+pub fn pong(node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Option<Publish> {
+    if leaf != NodeTopic::Telemetry {
+        return None;
+    }
+    match Envelope::decode(frame).ok()?.message {
+        Message::Ping(p) if p.node == node => Some(Publish {
+            topic: topics::node(&node, NodeTopic::Tasks).to_string(),
+            payload: Envelope::new(Message::Pong(Pong { nonce: p.nonce })).to_vec(),
+            retain: false,
+            reliable: false,
+        }),
+        _ => None,
+    }
+}
+
 /// Tunables of the dispatcher.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -57,11 +115,13 @@ pub struct DispatchConfig {
     pub tariff: Tariff,
     /// Share of `receipt` tasks re-run on a second node as a spot check, in permille.
     pub spot_check_permille: u16,
-    /// Dispatches of one task that may fail (time out, be refused, fail verification) before it fails.
+    /// Dispatches of one task that may fail (time out, be refused, fail verification) before
+    /// the task fails; the next failure ends it. Defaults to 3.
     pub max_failures: u16,
-    /// Added to a task's own time limit to allow for module fetch and transit.
+    /// Added to a task's own time limit to allow for module fetch and transit. Defaults to 15 s.
     pub dispatch_grace: Duration,
-    /// How long a task may wait for an eligible node before it fails.
+    /// How long a task may wait for an eligible node, counted from when it first could not be
+    /// placed, before it fails. Defaults to 60 s.
     pub queue_timeout: Duration,
 }
 
@@ -81,7 +141,7 @@ impl Default for DispatchConfig {
 /// Counts of inputs that were dropped, for logs and `ambient nodes`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Dropped {
-    /// Frames that did not decode.
+    /// Frames that did not decode, or arrived on the wrong topic.
     pub malformed: u64,
     /// Frames from nodes the registry does not know or refused.
     pub unknown_node: u64,
@@ -91,6 +151,122 @@ pub struct Dropped {
     pub bad_receipts: u64,
     /// Module uploads whose bytes did not match their topic hash.
     pub bad_modules: u64,
+}
+
+/// The time, passed in: a monotonic instant for deadlines and the wall clock for the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time, for deadlines, liveness and latencies.
+    pub at: Instant,
+    /// Wall-clock time in Unix milliseconds, for journal timestamps and generated task ids.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Reads both clocks (for the service; tests build `Now` themselves).
+    pub fn read() -> Self {
+        Self {
+            at: Instant::now(),
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// One input to [`Dispatcher::handle`].
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// A submission's JSON from `ambient/v1/tasks/submit`.
+    Submit(&'a [u8]),
+    /// A frame on `ambient/v1/nodes/{node}/{leaf}`.
+    Frame {
+        /// The node named by the topic.
+        node: NodeId,
+        /// The topic's leaf.
+        leaf: NodeTopic,
+        /// The payload.
+        frame: &'a [u8],
+    },
+    /// A module upload on `ambient/v1/modules/{hash}`.
+    Module {
+        /// The hash named by the topic.
+        hash: Digest,
+        /// The payload.
+        bytes: &'a [u8],
+    },
+    /// The broker connection came up (first time, or again after a loss).
+    Connected,
+    /// Time passed: dispatch deadlines and queue timeouts are checked.
+    Tick,
+}
+
+/// A read-only view of the journal: what is stored under a task id.
+///
+/// [`Store`](crate::store::Store) implements it; tests use a map.
+pub trait Journal {
+    /// What the journal holds under `task_id`, or `None` if it was never journaled.
+    ///
+    /// # Errors
+    /// When the journal cannot be read.
+    fn known(&self, task_id: &TaskId) -> Result<Option<Known>, StoreError>;
+}
+
+impl Journal for crate::store::Store {
+    fn known(&self, task_id: &TaskId) -> Result<Option<Known>, StoreError> {
+        crate::store::Store::known(self, task_id)
+    }
+}
+
+/// What one loop turn decided: see the module docs for the order the service applies it in.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Modules to publish (retained) from the store, before the assignments.
+    pub modules: Vec<Digest>,
+    /// Publishes that may leave before the commit: assignments and inline module copies.
+    pub dispatch: Vec<Publish>,
+    /// Writes to commit together.
+    pub journal: Vec<Op>,
+    /// Task events, published only after the commit.
+    pub events: Vec<Publish>,
+    /// Tasks finished in this turn: id → (fingerprint, index of the `Op::Finish` in `journal`),
+    /// so a resubmission in the same turn is answered before the journal holds the outcome.
+    finished: HashMap<TaskId, (Digest, usize)>,
+}
+
+impl Effects {
+    /// Empties every list for the next turn, keeping their allocations.
+    pub fn clear(&mut self) {
+        self.modules.clear();
+        self.dispatch.clear();
+        self.journal.clear();
+        self.events.clear();
+        self.finished.clear();
+    }
+
+    /// Whether the turn decided nothing.
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+            && self.dispatch.is_empty()
+            && self.journal.is_empty()
+            && self.events.is_empty()
+    }
+
+    fn event(&mut self, id: &TaskId, event: &TaskEvent) {
+        self.events.push(Publish::reliable(
+            topics::task_result(id).as_str(),
+            event.to_json(),
+        ));
+    }
+}
+
+/// What the journal holds for recovery: unfinished tasks and stored module hashes.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Every unfinished task with its dispatches ([`Store::unfinished_tasks`](crate::store::Store::unfinished_tasks)).
+    pub tasks: Vec<JournaledTask>,
+    /// Every stored module ([`Store::module_hashes`](crate::store::Store::module_hashes)).
+    pub modules: Vec<Digest>,
 }
 
 /// One outstanding placement; its deadline lives in `Dispatcher::deadlines`.
@@ -109,16 +285,24 @@ struct Vote {
 
 struct Job {
     spec: Arc<TaskSpec>,
+    /// sha3-256 of the validated submission's JSON: what resubmissions are compared by.
+    fingerprint: Digest,
     input_hash: Digest,
     submitted: Instant,
     replicas: usize,
     spot_check: bool,
     next_attempt: u16,
     failures: u16,
-    last_error: Option<String>,
+    /// Why each failed dispatch failed, oldest first (at most `max_failures + 1`).
+    errors: Vec<String>,
     outstanding: Vec<Dispatch>,
     votes: Vec<Vote>,
-    tried: Vec<NodeId>,
+    /// Nodes never to use again for this task: they voted (replicas are distinct) or returned
+    /// a receipt that did not verify.
+    barred: Vec<NodeId>,
+    /// Nodes that timed out, refused or went offline: avoided while another node is eligible.
+    avoided: Vec<NodeId>,
+    /// When the task first could not be placed; `None` while fully placed. Set means queued.
     queued_since: Option<Instant>,
 }
 
@@ -127,15 +311,22 @@ impl Job {
         self.replicas
             .saturating_sub(self.votes.len() + self.outstanding.len())
     }
+
+    fn fail_reason(&self) -> String {
+        match self.errors.as_slice() {
+            [] => "no result".into(),
+            [one] => one.clone(),
+            many => format!("{} attempts failed: {}", many.len(), many.join("; ")),
+        }
+    }
 }
 
 /// The dispatcher: see the module docs.
 pub struct Dispatcher {
     config: DispatchConfig,
     registry: Registry,
-    store: Store,
     jobs: HashMap<TaskId, Job>,
-    /// Tasks waiting for an eligible node, oldest first.
+    /// Tasks waiting for an eligible node, oldest first; exactly the jobs with `queued_since`.
     queue: VecDeque<TaskId>,
     /// Dispatch deadlines, earliest first; entries for settled attempts are skipped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, TaskId, u16)>>,
@@ -143,56 +334,55 @@ pub struct Dispatcher {
     dropped: Dropped,
     next_id: u64,
     rng: rand::rngs::StdRng,
-    started: Instant,
-}
-
-/// Why the dispatcher could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum DispatchError {
-    /// The journal could not be read.
-    #[error(transparent)]
-    Store(#[from] StoreError),
 }
 
 impl Dispatcher {
-    /// Builds the dispatcher over an open store, recovering every unfinished task from the
-    /// journal. Recovered tasks get fresh attempt numbers, so reports for attempts made before
-    /// the restart are recognised as stale.
+    /// Builds the dispatcher from what the journal returned; `seed` seeds the spot-check RNG.
     ///
-    /// # Errors
-    /// When the journal cannot be read.
-    pub fn new(
+    /// Every recovered dispatch is adopted as outstanding with a fresh deadline, and sent again
+    /// on the first [`Input::Connected`] (see the module docs). A journaled task whose spec
+    /// cannot be decoded (written by another version) is logged and left unfinished.
+    pub fn recover(
         config: DispatchConfig,
         registry: Registry,
-        store: Store,
-        now: Instant,
-    ) -> Result<Self, DispatchError> {
+        recovered: Recovered,
+        now: Now,
+        seed: u64,
+    ) -> Self {
         use rand::SeedableRng;
-        let modules = store.module_hashes()?.into_iter().collect();
         let mut d = Self {
             config,
             registry,
-            store,
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             deadlines: BinaryHeap::new(),
-            modules,
+            modules: recovered.modules.into_iter().collect(),
             dropped: Dropped::default(),
             next_id: 0,
-            rng: rand::rngs::StdRng::from_os_rng(),
-            started: now,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
         };
-        for t in d.store.unfinished_tasks()? {
-            match serde_json::from_str::<TaskSpec>(&t.spec_json) {
-                Ok(spec) => {
-                    let mut job = d.new_job(spec, now);
-                    job.next_attempt = t.attempts.saturating_add(1);
-                    d.queue.push_back(job.spec.task_id.clone());
-                    d.jobs.insert(job.spec.task_id.clone(), job);
-                }
+        for t in recovered.tasks {
+            let spec = match serde_json::from_str::<TaskSpec>(&t.spec_json) {
+                Ok(spec) => spec,
                 Err(e) => {
-                    warn!(task = %t.task_id, error = %e, "journaled task cannot be decoded; skipped")
+                    warn!(task = %t.task_id, error = %e, "journaled task cannot be decoded; skipped");
+                    continue;
                 }
+            };
+            let mut job = d.new_job(spec, sha3_256(t.spec_json.as_bytes()), now.at);
+            job.next_attempt = t.attempts.saturating_add(1);
+            let id = job.spec.task_id.clone();
+            let deadline = d.deadline(&job, now.at);
+            for (attempt, node) in t.dispatches {
+                job.outstanding.push(Dispatch { attempt, node });
+                d.deadlines.push(Reverse((deadline, id.clone(), attempt)));
+            }
+            // Dispatched more often than it needs replicas (retries): the extra answers are
+            // simply more votes, and `tally` decides as soon as a majority agrees.
+            job.replicas = job.replicas.max(job.outstanding.len().min(MAX_REPLICAS));
+            d.jobs.insert(id.clone(), job);
+            if d.jobs[&id].wanted() > 0 {
+                d.enqueue(now.at, &id);
             }
         }
         if !d.jobs.is_empty() {
@@ -201,25 +391,7 @@ impl Dispatcher {
                 "recovered unfinished tasks from the journal"
             );
         }
-        Ok(d)
-    }
-
-    /// Publishes that re-establish state on a (possibly new) broker: every stored module, retained.
-    pub fn on_connected(&mut self) -> Vec<Publish> {
-        let mut out = Vec::new();
-        for hash in &self.modules {
-            match self.store.module(hash) {
-                Ok(Some(bytes)) => out.push(Publish {
-                    topic: topics::module(hash).to_string(),
-                    payload: bytes,
-                    retain: true,
-                    reliable: true,
-                }),
-                Ok(None) => {}
-                Err(e) => warn!(module = %hash, error = %e, "stored module cannot be read"),
-            }
-        }
-        out
+        d
     }
 
     /// Counts of dropped inputs.
@@ -237,168 +409,182 @@ impl Dispatcher {
         self.jobs.len()
     }
 
-    /// Handles a batch of submissions: validates each, journals the valid ones in one
-    /// transaction (one fsync), and only then acknowledges them.
-    pub fn on_submissions(&mut self, now: Instant, batch: &[Vec<u8>]) -> Vec<Publish> {
-        let mut out = Vec::new();
-        let mut accepted = Vec::new();
-        for json in batch {
-            let next = &mut self.next_id;
-            let started = self.started;
-            let modules = &self.modules;
-            let parsed = intake::parse(
-                json,
-                |h| modules.contains(h),
-                || {
-                    *next += 1;
-                    generated_id(started, now, *next)
-                },
-            );
-            match parsed {
-                Ok(p) => {
-                    if let Some(bytes) = p.inline_module {
-                        out.extend(self.store_module(p.spec.module, bytes));
-                    }
-                    accepted.push(p.spec);
-                }
-                Err(r) => {
-                    // A rejection can only be delivered to a task id's topic; without a valid
-                    // id there is nowhere to answer, so it is counted and logged.
-                    let Some(id) = submission_id(json).and_then(|id| TaskId::new(&id)) else {
-                        self.dropped.malformed += 1;
-                        warn!(
-                            code = r.code,
-                            "submission without a valid task_id rejected: {}", r.message
-                        );
-                        continue;
-                    };
-                    debug!(task = %id, code = r.code, "submission rejected");
-                    let event = TaskEvent::new(id.as_str(), EventStatus::Rejected)
-                        .with_error(r.code, r.message);
-                    out.push(Publish::reliable(
-                        topics::task_result(&id).as_str(),
-                        event.to_json(),
-                    ));
-                }
-            }
-        }
-        if accepted.is_empty() {
-            return out;
-        }
-        let rows: Vec<NewTask> = accepted
-            .iter()
-            .map(|s| NewTask {
-                task_id: s.task_id.clone(),
-                client: s.client.clone(),
-                spec_json: serde_json::to_string(s).unwrap_or_default(),
-                submitted_ms: unix_ms(),
-            })
-            .collect();
-        let inserted = match self.store.insert_tasks(&rows) {
-            Ok(i) => i,
-            Err(e) => {
-                // Not journaled, so not acknowledged: tell the clients to retry.
-                warn!(error = %e, "journal write failed; rejecting the batch");
-                for s in &accepted {
-                    let ev = TaskEvent::new(s.task_id.as_str(), EventStatus::Rejected).with_error(
-                        "journal_unavailable",
-                        format!("the coordinator could not journal the task ({e}); resubmit later"),
-                    );
-                    out.push(Publish::reliable(
-                        topics::task_result(&s.task_id).as_str(),
-                        ev.to_json(),
-                    ));
-                }
-                return out;
-            }
-        };
-        for (spec, ins) in accepted.into_iter().zip(inserted) {
-            let topic = topics::task_result(&spec.task_id);
-            out.push(Publish::reliable(
-                topic.as_str(),
-                TaskEvent::new(spec.task_id.as_str(), EventStatus::Accepted).to_json(),
-            ));
-            if matches!(ins, Inserted::Duplicate) || self.jobs.contains_key(&spec.task_id) {
-                // Idempotent resubmission: the first copy is already running or finished.
-                if let Ok(Some(row)) = self.store.task(&spec.task_id)
-                    && let Some(result) = row.result_json
-                {
-                    out.push(Publish::reliable(topic.as_str(), result.into_bytes()));
-                }
-                continue;
-            }
-            let job = self.new_job(spec, now);
-            let id = job.spec.task_id.clone();
-            self.jobs.insert(id.clone(), job);
-            self.pump(now, &id, &mut out);
-        }
-        out
+    /// Tasks waiting for an eligible node.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
-    /// Handles a module upload on `ambient/v1/modules/{hash}`.
-    pub fn on_module(&mut self, hash: Digest, bytes: Vec<u8>) {
+    /// The registry as `(node, JSON view)` rows, for [`Op::SaveNodes`].
+    pub fn node_rows(&self, now: Now) -> Vec<(NodeId, String)> {
+        self.registry
+            .views(now.at)
+            .into_iter()
+            .map(|v| (v.node, serde_json::to_string(&v).unwrap_or_default()))
+            .collect()
+    }
+
+    /// Handles one input, appending what to do to `fx`.
+    pub fn handle(&mut self, now: Now, input: Input<'_>, journal: &impl Journal, fx: &mut Effects) {
+        match input {
+            Input::Submit(json) => self.on_submission(now, json, journal, fx),
+            Input::Frame { node, leaf, frame } => self.on_node_frame(now, node, leaf, frame, fx),
+            Input::Module { hash, bytes } => self.on_module(hash, bytes, fx),
+            Input::Connected => self.on_connected(fx),
+            Input::Tick => self.on_tick(now, fx),
+        }
+    }
+
+    /// After a (re)connection: the broker may have lost retained modules and the assignments
+    /// in flight (a restarted broker, a session not kept), so send both again. Agents
+    /// deduplicate assignments by task and attempt.
+    fn on_connected(&mut self, fx: &mut Effects) {
+        fx.modules.extend(self.modules.iter().copied());
+        let mut resent = 0;
+        for job in self.jobs.values() {
+            for d in &job.outstanding {
+                fx.dispatch.push(assignment(&job.spec, d.attempt, d.node));
+                resent += 1;
+            }
+        }
+        if resent > 0 {
+            info!(assignments = resent, "broker connected; outstanding assignments sent again");
+        }
+    }
+
+    fn on_submission(&mut self, now: Now, json: &[u8], journal: &impl Journal, fx: &mut Effects) {
+        let next = &mut self.next_id;
+        let modules = &self.modules;
+        let parsed = intake::parse(
+            json,
+            |h| modules.contains(h),
+            || {
+                *next += 1;
+                generated_id(now.unix_ms, *next)
+            },
+        );
+        let p = match parsed {
+            Ok(p) => p,
+            Err(r) => {
+                debug!(code = r.code, "submission rejected: {}", r.message);
+                reject(submission_id(json), r.code, r.message, fx);
+                return;
+            }
+        };
+        let spec_json = serde_json::to_string(&p.spec).unwrap_or_default();
+        let fingerprint = sha3_256(spec_json.as_bytes());
+        let id = p.spec.task_id.clone();
+        // Seen before? Running here, finished in this turn, or in the journal.
+        let earlier: Option<(Digest, Option<String>)> = if let Some(job) = self.jobs.get(&id) {
+            Some((job.fingerprint, None))
+        } else if let Some((fp, at)) = fx.finished.get(&id) {
+            let result = match &fx.journal[*at] {
+                Op::Finish { result_json, .. } => Some(result_json.clone()),
+                _ => None,
+            };
+            Some((*fp, result))
+        } else {
+            match journal.known(&id) {
+                Ok(known) => known.map(|k| (sha3_256(k.spec_json.as_bytes()), k.result_json)),
+                Err(e) => {
+                    // Not journaled, so not acknowledged as accepted: the client resubmits.
+                    warn!(task = %id, error = %e, "journal lookup failed; rejecting");
+                    let message =
+                        format!("the coordinator could not read its journal ({e}); resubmit later");
+                    reject(Some(id.as_str().into()), "journal_unavailable", message, fx);
+                    return;
+                }
+            }
+        };
+        if let Some((earlier_fp, result)) = earlier {
+            if earlier_fp != fingerprint {
+                let message = format!(
+                    "task_id {id} was already submitted with different content; choose a new task_id"
+                );
+                reject(Some(id.as_str().into()), "conflict", message, fx);
+                return;
+            }
+            // Idempotent resubmission: answer with where the first copy stands.
+            fx.event(&id, &TaskEvent::new(id.as_str(), EventStatus::Accepted));
+            if let Some(result) = result {
+                fx.events.push(Publish::reliable(
+                    topics::task_result(&id).as_str(),
+                    result.into_bytes(),
+                ));
+            }
+            return;
+        }
+        if let Some(bytes) = p.inline_module
+            && self.modules.insert(p.spec.module)
+        {
+            fx.dispatch.push(Publish {
+                topic: topics::module(&p.spec.module).to_string(),
+                payload: bytes.clone(),
+                retain: true,
+                reliable: true,
+            });
+            fx.journal.push(Op::PutModule {
+                hash: p.spec.module,
+                bytes,
+            });
+        }
+        fx.journal.push(Op::Insert(NewTask {
+            task_id: id.clone(),
+            client: p.spec.client.clone(),
+            spec_json,
+            submitted_ms: now.unix_ms,
+        }));
+        fx.event(&id, &TaskEvent::new(id.as_str(), EventStatus::Accepted));
+        let job = self.new_job(p.spec, fingerprint, now.at);
+        self.jobs.insert(id.clone(), job);
+        self.pump(now, &id, fx);
+    }
+
+    fn on_module(&mut self, hash: Digest, bytes: &[u8], fx: &mut Effects) {
         if bytes.is_empty() || self.modules.contains(&hash) {
             return;
         }
-        if sha3_256(&bytes) != hash {
+        if sha3_256(bytes) != hash {
             self.dropped.bad_modules += 1;
             warn!(module = %hash, "module upload does not match its topic's hash; ignored");
             return;
         }
-        if let Err(e) = self.store.put_module(&hash, &bytes) {
-            warn!(module = %hash, error = %e, "module could not be stored");
-            return;
-        }
         self.modules.insert(hash);
+        fx.journal.push(Op::PutModule {
+            hash,
+            bytes: bytes.to_vec(),
+        });
     }
 
-    fn store_module(&mut self, hash: Digest, bytes: Vec<u8>) -> Option<Publish> {
-        if self.modules.contains(&hash) {
-            return None;
-        }
-        if let Err(e) = self.store.put_module(&hash, &bytes) {
-            warn!(module = %hash, error = %e, "module could not be stored");
-        }
-        self.modules.insert(hash);
-        Some(Publish {
-            topic: topics::module(&hash).to_string(),
-            payload: bytes,
-            retain: true,
-            reliable: true,
-        })
-    }
-
-    /// Handles a frame on a node topic.
-    pub fn on_node_frame(
+    fn on_node_frame(
         &mut self,
-        now: Instant,
+        now: Now,
         node: NodeId,
         leaf: NodeTopic,
         frame: &[u8],
-    ) -> Vec<Publish> {
-        let mut out = Vec::new();
+        fx: &mut Effects,
+    ) {
         if leaf == NodeTopic::Status {
             let online = frame == b"online";
-            self.registry.on_status(now, node, online);
+            self.registry.on_status(now.at, node, online);
             if !online {
-                self.reassign_from(now, node, "node went offline", &mut out);
+                self.reassign_from(now, node, "node went offline", fx);
             } else {
-                self.pump_queue(now, &mut out);
+                self.pump_queue(now, fx);
             }
-            return out;
+            return;
         }
         let envelope = match Envelope::decode(frame) {
             Ok(e) => e,
             Err(e) => {
                 self.dropped.malformed += 1;
                 debug!(%node, error = %e, "undecodable frame dropped");
-                return out;
+                return;
             }
         };
         match envelope.message {
             Message::Announce(a) if leaf == NodeTopic::Announce => {
-                match self.registry.on_announce(now, &a) {
-                    Ok(id) if id == node => self.pump_queue(now, &mut out),
+                match self.registry.on_announce(now.at, &a) {
+                    Ok(id) if id == node => self.pump_queue(now, fx),
                     Ok(_) => self.dropped.unknown_node += 1,
                     Err(e) => {
                         self.dropped.unknown_node += 1;
@@ -406,38 +592,30 @@ impl Dispatcher {
                     }
                 }
             }
-            Message::Telemetry(t) if t.telemetry.node == node => {
-                match self.registry.on_telemetry(now, &t) {
-                    Ok(()) => self.pump_queue(now, &mut out),
+            Message::Telemetry(t) if t.telemetry.node == node && leaf == NodeTopic::Telemetry => {
+                match self.registry.on_telemetry(now.at, &t) {
+                    Ok(()) => self.pump_queue(now, fx),
                     Err(e) => {
                         self.dropped.unknown_node += 1;
                         debug!(%node, error = %e, "telemetry refused");
                     }
                 }
             }
-            Message::Ping(p) if p.node == node => {
-                let pong = Envelope::new(Message::Pong(Pong { nonce: p.nonce })).to_vec();
-                out.push(Publish {
-                    topic: topics::node(&node, NodeTopic::Tasks).to_string(),
-                    payload: pong,
-                    retain: false,
-                    reliable: false,
-                });
-            }
+            // Answered by the service beside the socket (see `pong`).
+            Message::Ping(_) if leaf == NodeTopic::Telemetry => {}
             Message::Report(r) if r.node == node && leaf == NodeTopic::Results => {
-                self.on_report(now, r, &mut out);
+                self.on_report(now, r, fx);
                 // The report freed a slot: queued tasks should not wait for the next tick.
-                self.pump_queue(now, &mut out);
+                self.pump_queue(now, fx);
             }
             _ => {
                 self.dropped.malformed += 1;
                 debug!(%node, leaf = leaf.as_str(), "message on the wrong topic dropped");
             }
         }
-        out
     }
 
-    fn on_report(&mut self, now: Instant, report: Report<'_>, out: &mut Vec<Publish>) {
+    fn on_report(&mut self, now: Now, report: Report<'_>, fx: &mut Effects) {
         let node = report.node;
         let Some(job) = self.jobs.get_mut(&report.task_id) else {
             self.dropped.stale_reports += 1;
@@ -468,16 +646,10 @@ impl Dispatcher {
                 };
                 if reason == Refusal::ModuleUnavailable {
                     // The broker may have lost its retained copy (restart): publish it again.
-                    if let Ok(Some(bytes)) = self.store.module(&job.spec.module) {
-                        out.push(Publish {
-                            topic: topics::module(&job.spec.module).to_string(),
-                            payload: bytes,
-                            retain: true,
-                            reliable: true,
-                        });
-                    }
+                    fx.modules.push(job.spec.module);
                 }
-                self.fail_attempt(now, &task_id, why, out);
+                job.avoided.push(node);
+                self.fail_attempt(now, &task_id, why, fx);
             }
             ReportBody::Executed {
                 receipt,
@@ -486,7 +658,13 @@ impl Dispatcher {
             } => {
                 let Some(public_key) = self.registry.public_key(&node).copied() else {
                     self.dropped.unknown_node += 1;
-                    self.fail_attempt(now, &task_id, format!("node {node} is not registered"), out);
+                    job.avoided.push(node);
+                    self.fail_attempt(
+                        now,
+                        &task_id,
+                        format!("node {node} is not registered"),
+                        fx,
+                    );
                     return;
                 };
                 let expected = Expected {
@@ -501,29 +679,32 @@ impl Dispatcher {
                 if let Err(e) = verify_receipt(&receipt, output, &expected) {
                     self.dropped.bad_receipts += 1;
                     warn!(task = %task_id, %node, error = %e, "receipt rejected");
-                    self.registry.record(now, &node, Outcome::Disputed);
+                    job.barred.push(node);
+                    self.registry.record(now.at, &node, Outcome::Disputed);
                     self.fail_attempt(
                         now,
                         &task_id,
                         format!("node {node} sent a receipt that does not verify: {e}"),
-                        out,
+                        fx,
                     );
                     return;
                 }
-                self.registry.touch(now, node);
+                self.registry.touch(now.at, node);
                 let exit = receipt.receipt.exit;
                 if exit == Exit::TimedOut {
                     // Wall-clock limits are not deterministic: another node may finish in time.
-                    self.registry.record(now, &node, Outcome::Failed);
+                    job.avoided.push(node);
+                    self.registry.record(now.at, &node, Outcome::Failed);
                     self.fail_attempt(
                         now,
                         &task_id,
                         format!("timed out on node {node}: {message}"),
-                        out,
+                        fx,
                     );
                     return;
                 }
-                self.registry.record(now, &node, Outcome::Completed);
+                self.registry.record(now.at, &node, Outcome::Completed);
+                job.barred.push(node);
                 let key = (receipt.receipt.output, receipt.receipt.fuel_used, exit);
                 job.votes.push(Vote {
                     node,
@@ -532,20 +713,20 @@ impl Dispatcher {
                     receipt,
                     message: message.to_string(),
                 });
-                self.tally(now, &task_id, out);
+                self.tally(now, &task_id, fx);
             }
         }
     }
 
-    fn tally(&mut self, now: Instant, task_id: &TaskId, out: &mut Vec<Publish>) {
+    fn tally(&mut self, now: Now, task_id: &TaskId, fx: &mut Effects) {
         let Some(job) = self.jobs.get_mut(task_id) else {
             return;
         };
         let keys: Vec<_> = job.votes.iter().map(|v| v.key).collect();
         match quorum(&keys, job.replicas) {
-            Quorum::Accepted { index, .. } => self.finish(now, task_id, Some(keys[index]), out),
+            Quorum::Accepted { index, .. } => self.finish(now, task_id, Some(keys[index]), fx),
             Quorum::Pending => {
-                self.pump(now, task_id, out);
+                self.pump(now, task_id, fx);
                 // A spot check is best effort: with no second eligible node, the verified
                 // receipt stands on its own rather than waiting for a node that may never come.
                 let Some(job) = self.jobs.get_mut(task_id) else {
@@ -559,7 +740,7 @@ impl Dispatcher {
                     job.spot_check = false;
                     job.replicas = 1;
                     let key = job.votes[0].key;
-                    self.finish(now, task_id, Some(key), out);
+                    self.finish(now, task_id, Some(key), fx);
                 }
             }
             Quorum::Split if job.replicas < MAX_REPLICAS => {
@@ -571,104 +752,121 @@ impl Dispatcher {
                 })
                 .min(MAX_REPLICAS);
                 info!(task = %task_id, replicas = job.replicas, "replicas disagree; escalating");
-                self.pump(now, task_id, out);
+                self.pump(now, task_id, fx);
             }
             Quorum::Split => {
-                job.last_error = Some(format!("{} replicas produced no majority", job.votes.len()));
-                self.finish(now, task_id, None, out);
+                let why = format!("{} replicas produced no majority", job.votes.len());
+                job.errors.push(why);
+                self.finish(now, task_id, None, fx);
             }
         }
     }
 
-    fn fail_attempt(
-        &mut self,
-        now: Instant,
-        task_id: &TaskId,
-        why: String,
-        out: &mut Vec<Publish>,
-    ) {
+    fn fail_attempt(&mut self, now: Now, task_id: &TaskId, why: String, fx: &mut Effects) {
         let Some(job) = self.jobs.get_mut(task_id) else {
             return;
         };
         debug!(task = %task_id, "{why}");
         job.failures += 1;
-        job.last_error = Some(why);
+        job.errors.push(why);
         if job.failures > self.config.max_failures {
-            self.finish(now, task_id, None, out);
+            self.finish(now, task_id, None, fx);
         } else {
-            self.pump(now, task_id, out);
+            self.pump(now, task_id, fx);
         }
     }
 
+    fn deadline(&self, job: &Job, now: Instant) -> Instant {
+        now + Duration::from_millis(job.spec.limits.timeout_ms) + self.config.dispatch_grace
+    }
+
     /// Places as many dispatches as the task still needs; queues it when no node is eligible.
-    fn pump(&mut self, now: Instant, task_id: &TaskId, out: &mut Vec<Publish>) {
-        let Some(job) = self.jobs.get_mut(task_id) else {
+    fn pump(&mut self, now: Now, task_id: &TaskId, fx: &mut Effects) {
+        let Some(job) = self.jobs.get(task_id) else {
             return;
         };
         let strategy = job.spec.strategy.unwrap_or(self.config.default_strategy);
+        let deadline = self.deadline(job, now.at);
         for _ in 0..job.wanted() {
-            let Some(node) = self
+            let Some(job) = self.jobs.get_mut(task_id) else {
+                return;
+            };
+            // Never a node already running or done with it; nodes that failed it only when
+            // nothing else is eligible.
+            let mut exclude: Vec<NodeId> = job.outstanding.iter().map(|d| d.node).collect();
+            exclude.extend_from_slice(&job.barred);
+            let strict_len = exclude.len();
+            exclude.extend_from_slice(&job.avoided);
+            let requires = &job.spec.requires;
+            let chosen = self
                 .registry
-                .select(now, &job.spec.requires, strategy, &job.tried)
-            else {
-                if job.queued_since.is_none() {
-                    job.queued_since = Some(now);
-                    self.queue.push_back(task_id.clone());
-                }
+                .select(now.at, requires, strategy, &exclude)
+                .or_else(|| {
+                    (exclude.len() > strict_len).then(|| {
+                        self.registry
+                            .select(now.at, requires, strategy, &exclude[..strict_len])
+                    })?
+                });
+            let Some(node) = chosen else {
+                self.enqueue(now.at, task_id);
                 return;
             };
             let attempt = job.next_attempt;
             job.next_attempt = job.next_attempt.saturating_add(1);
-            job.tried.push(node);
-            let deadline = now
-                + Duration::from_millis(job.spec.limits.timeout_ms)
-                + self.config.dispatch_grace;
             job.outstanding.push(Dispatch { attempt, node });
             self.deadlines
                 .push(Reverse((deadline, task_id.clone(), attempt)));
             self.registry.task_started(&node);
-            if let Err(e) = self
-                .store
-                .record_dispatch(task_id, attempt, &node, unix_ms())
-            {
-                warn!(task = %task_id, error = %e, "dispatch could not be journaled");
-            }
-            let entry = heapless::String::try_from(job.spec.entry.as_str()).unwrap_or_default();
-            let assignment = Assignment {
+            fx.journal.push(Op::Dispatch {
                 task_id: task_id.clone(),
                 attempt,
-                module: job.spec.module,
-                abi: job.spec.abi,
-                entry,
-                limits: job.spec.limits,
-                input: &job.spec.input,
-            };
-            let frame = Envelope::new(Message::Assign(assignment)).to_vec();
-            out.push(Publish::reliable(
-                topics::node(&node, NodeTopic::Tasks).as_str(),
-                frame,
-            ));
+                node,
+                at_ms: now.unix_ms,
+            });
+            fx.dispatch.push(assignment(&job.spec, attempt, node));
         }
-        job.queued_since = None;
+        if let Some(job) = self.jobs.get_mut(task_id) {
+            job.queued_since = None;
+        }
     }
 
-    fn pump_queue(&mut self, now: Instant, out: &mut Vec<Publish>) {
-        for _ in 0..self.queue.len() {
-            let Some(id) = self.queue.pop_front() else {
+    /// Marks a task as waiting for a node, from now unless it already waits.
+    fn enqueue(&mut self, now: Instant, task_id: &TaskId) {
+        if let Some(job) = self.jobs.get_mut(task_id)
+            && job.queued_since.is_none()
+        {
+            job.queued_since = Some(now);
+            self.queue.push_back(task_id.clone());
+        }
+    }
+
+    /// Tries to place every queued task, oldest first. Stops early only when no node has a
+    /// free slot: a task whose requirements no node meets must not hold up the ones behind it.
+    fn pump_queue(&mut self, now: Now, fx: &mut Effects) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.queue);
+        let mut still = VecDeque::with_capacity(waiting.len());
+        let mut iter = waiting.into_iter();
+        for id in iter.by_ref() {
+            if self.registry.available() == 0 {
+                still.push_back(id);
                 break;
-            };
-            if let Some(job) = self.jobs.get_mut(&id) {
-                job.queued_since = None;
-                self.pump(now, &id, out);
-                if self.jobs.get(&id).is_some_and(|j| j.queued_since.is_some()) {
-                    // Still no eligible node; later tasks will not find one either.
-                    break;
-                }
+            }
+            self.pump(now, &id, fx);
+            if self.jobs.get(&id).is_some_and(|j| j.queued_since.is_some()) {
+                still.push_back(id);
             }
         }
+        still.extend(iter);
+        // Tasks queued during this pass (a retry after a refusal) come after the older ones.
+        still.extend(self.queue.drain(..));
+        still.retain(|id| self.jobs.get(id).is_some_and(|j| j.queued_since.is_some()));
+        self.queue = still;
     }
 
-    fn reassign_from(&mut self, now: Instant, node: NodeId, why: &str, out: &mut Vec<Publish>) {
+    fn reassign_from(&mut self, now: Now, node: NodeId, why: &str, fx: &mut Effects) {
         let affected: Vec<(TaskId, u16)> = self
             .jobs
             .iter()
@@ -681,37 +879,38 @@ impl Dispatcher {
             .collect();
         for (id, attempt) in affected {
             self.drop_dispatch(&id, attempt);
-            self.registry.record(now, &node, Outcome::Failed);
-            self.fail_attempt(now, &id, format!("node {node}: {why}"), out);
+            self.registry.record(now.at, &node, Outcome::Failed);
+            self.fail_attempt(now, &id, format!("node {node}: {why}"), fx);
         }
     }
 
+    /// Forgets an outstanding dispatch, marking its node as one to avoid for this task.
     fn drop_dispatch(&mut self, task_id: &TaskId, attempt: u16) -> Option<NodeId> {
         let job = self.jobs.get_mut(task_id)?;
         let pos = job.outstanding.iter().position(|d| d.attempt == attempt)?;
         let d = job.outstanding.swap_remove(pos);
+        job.avoided.push(d.node);
         self.registry.task_finished(&d.node);
         Some(d.node)
     }
 
     /// Advances time: expires dispatches past their deadline and tasks that waited too long
-    /// for a node.
-    pub fn on_tick(&mut self, now: Instant) -> Vec<Publish> {
-        let mut out = Vec::new();
+    /// for a node, then places what it can.
+    fn on_tick(&mut self, now: Now, fx: &mut Effects) {
         while let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
-            if *deadline > now {
+            if *deadline > now.at {
                 break;
             }
             let Some(Reverse((_, id, attempt))) = self.deadlines.pop() else {
                 break;
             };
             if let Some(node) = self.drop_dispatch(&id, attempt) {
-                self.registry.record(now, &node, Outcome::Failed);
+                self.registry.record(now.at, &node, Outcome::Failed);
                 self.fail_attempt(
                     now,
                     &id,
                     format!("node {node} did not answer attempt {attempt} in time"),
-                    &mut out,
+                    fx,
                 );
             }
         }
@@ -722,41 +921,35 @@ impl Dispatcher {
                 self.jobs
                     .get(*id)
                     .and_then(|j| j.queued_since)
-                    .is_some_and(|t| now.duration_since(t) >= self.config.queue_timeout)
+                    .is_some_and(|t| now.at.duration_since(t) >= self.config.queue_timeout)
             })
             .cloned()
             .collect();
         for id in expired {
-            if let Some(job) = self.jobs.get_mut(&id) {
-                job.last_error.get_or_insert_with(|| "no eligible node (online, breaker closed, enough memory, matching engine/arch/labels)".into());
-            }
-            self.finish(now, &id, None, &mut out);
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            let waited = self.config.queue_timeout.as_secs_f64();
+            let why = match self.registry.unmet(&job.spec.requires, job.replicas) {
+                Some(unmet) => format!("no eligible node within {waited} s: {unmet}"),
+                None => format!(
+                    "no eligible node within {waited} s (online, breaker closed, a free slot, enough free memory)"
+                ),
+            };
+            job.errors.push(why);
+            self.finish(now, &id, None, fx);
         }
         self.queue.retain(|id| self.jobs.contains_key(id));
-        self.pump_queue(now, &mut out);
-        out
-    }
-
-    /// Snapshot of the registry for the store, as `(node, JSON)`.
-    pub fn save_snapshot(&mut self, now: Instant) {
-        let rows: Vec<(NodeId, String)> = self
-            .registry
-            .views(now)
-            .into_iter()
-            .map(|v| (v.node, serde_json::to_string(&v).unwrap_or_default()))
-            .collect();
-        if let Err(e) = self.store.save_nodes(&rows) {
-            warn!(error = %e, "node snapshot could not be saved");
-        }
+        self.pump_queue(now, fx);
     }
 
     /// Ends a task: with the winning vote key settled and delivered, or failed.
     fn finish(
         &mut self,
-        now: Instant,
+        now: Now,
         task_id: &TaskId,
         winner: Option<(Digest, u64, Exit)>,
-        out: &mut Vec<Publish>,
+        fx: &mut Effects,
     ) {
         let Some(job) = self.jobs.remove(task_id) else {
             return;
@@ -764,39 +957,34 @@ impl Dispatcher {
         for d in &job.outstanding {
             self.registry.task_finished(&d.node);
         }
-        let topic = topics::task_result(task_id);
-        let latency_ms = now.duration_since(job.submitted).as_secs_f64() * 1e3;
+        let latency_ms = now.at.duration_since(job.submitted).as_secs_f64() * 1e3;
         let mut event = match winner {
-            None => {
-                let why = job.last_error.clone().unwrap_or_else(|| "no result".into());
-                TaskEvent::new(task_id.as_str(), EventStatus::Failed)
-                    .with_error("no_verified_result", why)
-            }
+            None => TaskEvent::new(task_id.as_str(), EventStatus::Failed)
+                .with_error("no_verified_result", job.fail_reason()),
             Some(key) => {
                 let winners: Vec<&Vote> = job.votes.iter().filter(|v| v.key == key).collect();
                 let losers: Vec<&Vote> = job.votes.iter().filter(|v| v.key != key).collect();
                 for v in &winners {
-                    self.registry.record(now, &v.node, Outcome::Verified);
+                    self.registry.record(now.at, &v.node, Outcome::Verified);
                 }
                 for v in &losers {
-                    self.registry.record(now, &v.node, Outcome::Disputed);
+                    self.registry.record(now.at, &v.node, Outcome::Disputed);
                 }
+                let n = winners.len() as u64;
                 let each = self.config.tariff.reward(key.1);
                 let each = match job.spec.max_fee {
-                    Some(max) if each.saturating_mul(winners.len() as u64) > max => {
-                        max / winners.len() as u64
-                    }
+                    Some(max) if each.saturating_mul(n) > max => max / n,
                     _ => each,
                 };
                 let payees: Vec<(NodeId, u64)> = winners.iter().map(|v| (v.node, each)).collect();
-                let reward = match self.store.settle(task_id, &job.spec.client, &payees) {
-                    Ok(Settlement::Settled { total, .. }) => Some(total),
-                    Ok(Settlement::AlreadySettled) => None,
-                    Err(e) => {
-                        warn!(task = %task_id, error = %e, "settlement failed");
-                        None
-                    }
-                };
+                let reward = payees.iter().map(|(_, a)| a).sum::<u64>();
+                if reward > 0 {
+                    fx.journal.push(Op::Settle {
+                        task_id: task_id.clone(),
+                        client: job.spec.client.clone(),
+                        payees,
+                    });
+                }
                 let first = winners[0];
                 let status = if key.2 == Exit::Ok {
                     EventStatus::Completed
@@ -818,7 +1006,7 @@ impl Dispatcher {
                     .iter()
                     .map(|v| v.node.to_hex().to_string())
                     .collect();
-                ev.reward = reward;
+                ev.reward = Some(reward);
                 ev.verdict = Some(Verdict {
                     policy: job.spec.policy.to_string(),
                     replicas: job.replicas,
@@ -836,16 +1024,21 @@ impl Dispatcher {
             TaskStatus::Failed
         };
         let json = event.to_json();
-        if let Err(e) = self
-            .store
-            .finish_task(task_id, status, &String::from_utf8_lossy(&json))
-        {
-            warn!(task = %task_id, error = %e, "task outcome could not be journaled");
-        }
-        out.push(Publish::reliable(topic.as_str(), json));
+        fx.finished
+            .insert(task_id.clone(), (job.fingerprint, fx.journal.len()));
+        fx.journal.push(Op::Finish {
+            task_id: task_id.clone(),
+            status,
+            result_json: String::from_utf8_lossy(&json).into_owned(),
+            at_ms: now.unix_ms,
+        });
+        fx.events.push(Publish::reliable(
+            topics::task_result(task_id).as_str(),
+            json,
+        ));
     }
 
-    fn new_job(&mut self, spec: TaskSpec, now: Instant) -> Job {
+    fn new_job(&mut self, spec: TaskSpec, fingerprint: Digest, now: Instant) -> Job {
         use rand::Rng;
         let (replicas, spot_check) = match spec.policy {
             Policy::Replicate(k) => (k, false),
@@ -857,42 +1050,71 @@ impl Dispatcher {
         Job {
             input_hash: sha3_256(&spec.input),
             spec: Arc::new(spec),
+            fingerprint,
             submitted: now,
             replicas,
             spot_check,
             next_attempt: 1,
             failures: 0,
-            last_error: None,
+            errors: Vec::new(),
             outstanding: Vec::new(),
             votes: Vec::new(),
-            tried: Vec::new(),
+            barred: Vec::new(),
+            avoided: Vec::new(),
             queued_since: None,
         }
     }
 }
 
-fn generated_id(started: Instant, now: Instant, n: u64) -> TaskId {
-    let text = format!(
-        "t{}-{}-{n}",
-        unix_ms(),
-        now.duration_since(started).as_micros()
-    );
+/// The `Assign` frame for `attempt` of a task, addressed to `node`.
+fn assignment(spec: &TaskSpec, attempt: u16, node: NodeId) -> Publish {
+    let entry = heapless::String::try_from(spec.entry.as_str()).unwrap_or_default();
+    let frame = Envelope::new(Message::Assign(Assignment {
+        task_id: spec.task_id.clone(),
+        attempt,
+        module: spec.module,
+        abi: spec.abi,
+        entry,
+        limits: spec.limits,
+        input: &spec.input,
+    }))
+    .to_vec();
+    Publish::reliable(topics::node(&node, NodeTopic::Tasks).as_str(), frame)
+}
+
+/// Publishes a `rejected` event on [`topics::REJECTED`], and on the task's own result topic
+/// when a valid task id could be read.
+fn reject(id: Option<String>, code: &str, message: String, fx: &mut Effects) {
+    let valid = id.as_deref().and_then(TaskId::new);
+    let json = TaskEvent::new(id.unwrap_or_default(), EventStatus::Rejected)
+        .with_error(code, message)
+        .to_json();
+    if let Some(id) = valid {
+        fx.events.push(Publish::reliable(
+            topics::task_result(&id).as_str(),
+            json.clone(),
+        ));
+    }
+    fx.events.push(Publish::reliable(topics::REJECTED, json));
+}
+
+fn generated_id(unix_ms: u64, n: u64) -> TaskId {
+    let text = format!("t{unix_ms}-{n}");
     TaskId::new(&text).unwrap_or_else(|| TaskId::new("t").expect("static id is valid"))
 }
 
+/// The task id a submission names, read as far as the submission allows: from valid JSON, or
+/// by scanning malformed JSON for `"task_id": "..."`, so a client can still be told.
 fn submission_id(json: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(json)
-        .ok()?
-        .get("task_id")?
-        .as_str()
-        .map(str::to_owned)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) {
+        return v.get("task_id")?.as_str().map(str::to_owned);
+    }
+    let text = String::from_utf8_lossy(json);
+    let rest = &text[text.find("\"task_id\"")? + "\"task_id\"".len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let id = &rest[..rest.find('"')?];
+    TaskId::new(id).map(|_| id.to_owned())
 }
 
 #[cfg(test)]
@@ -900,42 +1122,164 @@ mod tests {
     use super::*;
     use crate::{Enrollment, RegistryConfig};
     use ambient_core::{
-        Announce, Engine, Identity, Receipt, SafetyPolicy, ScoreConfig, SignedAnnounce,
+        Announce, Engine, Identity, Ping, Receipt, SafetyPolicy, ScoreConfig, SignedAnnounce,
         SignedTelemetry, Telemetry, TelemetrySample, sign_message,
     };
+    use std::cell::RefCell;
 
     const MODULE: &[u8] = b"\0asm\x01\0\0\0";
 
-    struct Fixture {
-        d: Dispatcher,
-        now: Instant,
-        nodes: Vec<Identity>,
-        _dir: tempfile::TempDir,
+    /// The journal in memory: what `Store::apply` would have committed.
+    #[derive(Default)]
+    struct Mem {
+        tasks: RefCell<HashMap<TaskId, Known>>,
+        paid: RefCell<HashMap<TaskId, Vec<(NodeId, u64)>>>,
+        dispatches: RefCell<Vec<(TaskId, u16, NodeId)>>,
     }
 
-    fn fixture(n: u8) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("ambient.db")).unwrap();
-        let registry = Registry::new(RegistryConfig {
+    impl Journal for Mem {
+        fn known(&self, task_id: &TaskId) -> Result<Option<Known>, StoreError> {
+            Ok(self.tasks.borrow().get(task_id).cloned())
+        }
+    }
+
+    impl Mem {
+        fn commit(&self, ops: &[Op]) {
+            for op in ops {
+                match op {
+                    Op::Insert(t) => {
+                        self.tasks.borrow_mut().entry(t.task_id.clone()).or_insert(Known {
+                            spec_json: t.spec_json.clone(),
+                            result_json: None,
+                        });
+                    }
+                    Op::Dispatch {
+                        task_id,
+                        attempt,
+                        node,
+                        ..
+                    } => self
+                        .dispatches
+                        .borrow_mut()
+                        .push((task_id.clone(), *attempt, *node)),
+                    Op::Settle {
+                        task_id, payees, ..
+                    } => {
+                        let mut paid = self.paid.borrow_mut();
+                        assert!(!paid.contains_key(task_id), "{task_id} settled twice");
+                        paid.insert(task_id.clone(), payees.clone());
+                    }
+                    Op::Finish {
+                        task_id,
+                        result_json,
+                        ..
+                    } => {
+                        let mut tasks = self.tasks.borrow_mut();
+                        let known = tasks.get_mut(task_id).expect("finished task was inserted");
+                        assert!(known.result_json.is_none(), "{task_id} finished twice");
+                        known.result_json = Some(result_json.clone());
+                    }
+                    Op::PutModule { .. } | Op::SaveNodes { .. } => {}
+                }
+            }
+        }
+
+        fn recovered(&self) -> Recovered {
+            let tasks = self.tasks.borrow();
+            let mut unfinished: Vec<JournaledTask> = tasks
+                .iter()
+                .filter(|(_, k)| k.result_json.is_none())
+                .map(|(id, k)| {
+                    let dispatches: Vec<(u16, NodeId)> = self
+                        .dispatches
+                        .borrow()
+                        .iter()
+                        .filter(|(t, _, _)| t == id)
+                        .map(|(_, a, n)| (*a, *n))
+                        .collect();
+                    JournaledTask {
+                        task_id: id.clone(),
+                        client: "anonymous".into(),
+                        spec_json: k.spec_json.clone(),
+                        attempts: dispatches.iter().map(|d| d.0).max().unwrap_or(0),
+                        submitted_ms: 1,
+                        dispatches,
+                    }
+                })
+                .collect();
+            unfinished.sort_by(|a, b| a.task_id.as_str().cmp(b.task_id.as_str()));
+            Recovered {
+                tasks: unfinished,
+                modules: vec![sha3_256(MODULE)],
+            }
+        }
+    }
+
+    struct Fixture {
+        d: Dispatcher,
+        now: Now,
+        nodes: Vec<Identity>,
+        journal: Mem,
+    }
+
+    fn registry() -> Registry {
+        Registry::new(RegistryConfig {
             // Long enough that nodes stay live across the simulated timeouts below.
             liveness: Duration::from_secs(3600),
             score: ScoreConfig::default(),
             safety: SafetyPolicy::default(),
             enrollment: Enrollment::Open,
-        });
-        let now = Instant::now();
-        let config = DispatchConfig {
+        })
+    }
+
+    fn config() -> DispatchConfig {
+        DispatchConfig {
             spot_check_permille: 0,
+            queue_timeout: Duration::from_secs(10),
             ..DispatchConfig::default()
+        }
+    }
+
+    fn fixture(n: u8) -> Fixture {
+        let now = Now {
+            at: Instant::now(),
+            unix_ms: 1_700_000_000_000,
         };
-        let mut d = Dispatcher::new(config, registry, store, now).unwrap();
-        let nodes: Vec<Identity> = (1..=n).map(|i| Identity::from_secret(&[i; 32])).collect();
-        for (i, id) in nodes.iter().enumerate() {
+        let d = Dispatcher::recover(config(), registry(), Recovered::default(), now, 7);
+        let mut f = Fixture {
+            d,
+            now,
+            nodes: Vec::new(),
+            journal: Mem::default(),
+        };
+        for i in 1..=n {
+            f.join(Identity::from_secret(&[i; 32]), "aarch64");
+        }
+        f
+    }
+
+    impl Fixture {
+        /// One loop turn: handle, commit, return what was decided.
+        fn step(&mut self, input: Input<'_>) -> Effects {
+            let mut fx = Effects::default();
+            self.d.handle(self.now, input, &self.journal, &mut fx);
+            self.journal.commit(&fx.journal);
+            fx
+        }
+
+        fn advance(&mut self, by: Duration) -> Effects {
+            self.now.at += by;
+            self.now.unix_ms += by.as_millis() as u64;
+            self.step(Input::Tick)
+        }
+
+        fn join(&mut self, id: Identity, arch: &str) {
             let node = id.node_id();
+            let i = self.nodes.len() as u32;
             let announce = Announce {
                 node,
                 public_key: id.public_key(),
-                arch: "aarch64".try_into().unwrap(),
+                arch: arch.try_into().unwrap(),
                 cores: 4,
                 mem_total_bytes: 8 << 30,
                 engine: Engine::Wasmtime,
@@ -944,17 +1288,17 @@ mod tests {
                 profile: None,
                 max_concurrency: 4,
             };
-            let signature = sign_message(id, SignedAnnounce::TAG, &announce).unwrap();
+            let signature = sign_message(&id, SignedAnnounce::TAG, &announce).unwrap();
             let frame = Envelope::new(Message::Announce(SignedAnnounce {
                 announce,
                 signature,
             }))
             .to_vec();
-            d.on_node_frame(now, node, NodeTopic::Status, b"online");
-            d.on_node_frame(now, node, NodeTopic::Announce, &frame);
+            self.frame(node, NodeTopic::Status, b"online");
+            self.frame(node, NodeTopic::Announce, &frame);
             // Distinct latencies make the weighted order deterministic: node 0 is best.
             let sample = TelemetrySample {
-                latency_us: Some(1_000 * (i as u32 + 1)),
+                latency_us: Some(1_000 * (i + 1)),
                 cpu_load_permille: Some(100),
                 mem_free_bytes: Some(4 << 30),
                 ..TelemetrySample::default()
@@ -965,30 +1309,88 @@ mod tests {
                 boot_id: 1,
                 sample,
             };
-            let signature = sign_message(id, SignedTelemetry::TAG, &telemetry).unwrap();
+            let signature = sign_message(&id, SignedTelemetry::TAG, &telemetry).unwrap();
             let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
                 telemetry,
                 signature,
             }))
             .to_vec();
-            d.on_node_frame(now, node, NodeTopic::Telemetry, &frame);
+            self.frame(node, NodeTopic::Telemetry, &frame);
+            self.nodes.push(id);
         }
-        Fixture {
-            d,
-            now,
-            nodes,
-            _dir: dir,
+
+        fn frame(&mut self, node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Effects {
+            self.step(Input::Frame { node, leaf, frame })
+        }
+
+        fn submit_json(&mut self, json: serde_json::Value) -> Effects {
+            let bytes = json.to_string().into_bytes();
+            self.step(Input::Submit(&bytes))
+        }
+
+        fn submit(&mut self, id: &str, verify: &str) -> Effects {
+            self.submit_json(serde_json::json!({"task_id": id, "module_b64": B64.encode(MODULE), "input": "in", "verify": verify}))
+        }
+
+        fn identity(&self, node: NodeId) -> &Identity {
+            self.nodes.iter().find(|i| i.node_id() == node).unwrap()
+        }
+
+        /// A report for (task, attempt) on `node`, signed by `signer`.
+        fn report(
+            &self,
+            task: &str,
+            (node, attempt): (NodeId, u16),
+            output: &[u8],
+            exit: Exit,
+            signer: &Identity,
+        ) -> Vec<u8> {
+            let receipt = Receipt {
+                task_id: TaskId::new(task).unwrap(),
+                attempt,
+                node,
+                module: sha3_256(MODULE),
+                input: sha3_256(b"in"),
+                output: sha3_256(output),
+                fuel_used: 100,
+                limits: ambient_core::Limits::default(),
+                engine: Engine::Wasmtime,
+                exit,
+            }
+            .sign(signer);
+            let body = ReportBody::Executed {
+                receipt,
+                output,
+                message: Default::default(),
+            };
+            Envelope::new(Message::Report(Report {
+                task_id: TaskId::new(task).unwrap(),
+                attempt,
+                node,
+                body,
+            }))
+            .to_vec()
+        }
+
+        fn answer(&mut self, task: &str, sent: (NodeId, u16), output: &[u8]) -> Effects {
+            self.answer_with(task, sent, output, Exit::Ok)
+        }
+
+        fn answer_with(
+            &mut self,
+            task: &str,
+            sent: (NodeId, u16),
+            output: &[u8],
+            exit: Exit,
+        ) -> Effects {
+            let frame = self.report(task, sent, output, exit, self.identity(sent.0));
+            self.frame(sent.0, NodeTopic::Results, &frame)
         }
     }
 
-    fn submit(f: &mut Fixture, id: &str, verify: &str) -> Vec<Publish> {
-        let json = serde_json::json!({"task_id": id, "module_b64": B64.encode(MODULE), "input": "in", "verify": verify});
-        f.d.on_submissions(f.now, &[json.to_string().into_bytes()])
-    }
-
-    /// The assignments among `publishes`, as (node, attempt).
-    fn assignments(publishes: &[Publish]) -> Vec<(NodeId, u16)> {
-        publishes
+    /// The assignments among `fx.dispatch`, as (node, attempt).
+    fn assignments(fx: &Effects) -> Vec<(NodeId, u16)> {
+        fx.dispatch
             .iter()
             .filter_map(|p| {
                 let (node, leaf) = topics::parse_node(&p.topic)?;
@@ -1000,106 +1402,63 @@ mod tests {
             .collect()
     }
 
-    fn identity(f: &Fixture, node: NodeId) -> &Identity {
-        f.nodes.iter().find(|i| i.node_id() == node).unwrap()
-    }
-
-    /// A report of `output` for (task, attempt), signed by `signer`.
-    fn report(
-        f: &Fixture,
-        task: &str,
-        node: NodeId,
-        attempt: u16,
-        output: &[u8],
-        signer: &Identity,
-    ) -> Vec<u8> {
-        let receipt = Receipt {
-            task_id: TaskId::new(task).unwrap(),
-            attempt,
-            node,
-            module: sha3_256(MODULE),
-            input: sha3_256(b"in"),
-            output: sha3_256(output),
-            fuel_used: 100,
-            limits: ambient_core::Limits::default(),
-            engine: Engine::Wasmtime,
-            exit: Exit::Ok,
-        }
-        .sign(signer);
-        let _ = f;
-        let body = ReportBody::Executed {
-            receipt,
-            output,
-            message: Default::default(),
-        };
-        Envelope::new(Message::Report(Report {
-            task_id: TaskId::new(task).unwrap(),
-            attempt,
-            node,
-            body,
-        }))
-        .to_vec()
-    }
-
-    fn results(publishes: &[Publish]) -> Vec<TaskEvent> {
-        publishes
+    fn events(fx: &Effects) -> Vec<(String, TaskEvent)> {
+        fx.events
             .iter()
-            .filter(|p| p.topic.ends_with("/result"))
-            .filter_map(|p| serde_json::from_slice::<TaskEvent>(&p.payload).ok())
-            .filter(|e| e.status.is_final())
+            .map(|p| (p.topic.clone(), serde_json::from_slice(&p.payload).unwrap()))
             .collect()
     }
 
-    fn answer(
-        f: &mut Fixture,
-        task: &str,
-        (node, attempt): (NodeId, u16),
-        output: &[u8],
-    ) -> Vec<Publish> {
-        let frame = report(f, task, node, attempt, output, identity(f, node));
-        f.d.on_node_frame(f.now, node, NodeTopic::Results, &frame)
+    fn finals(fx: &Effects) -> Vec<TaskEvent> {
+        events(fx)
+            .into_iter()
+            .filter(|(topic, e)| topic.ends_with("/result") && e.status.is_final())
+            .map(|(_, e)| e)
+            .collect()
+    }
+
+    fn error_message(ev: &TaskEvent) -> String {
+        ev.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_accepted_event_waits_for_the_commit_while_the_assignment_may_leave_at_once() {
+        let mut f = fixture(1);
+        let fx = f.submit("t0", "receipt");
+        assert_eq!(assignments(&fx).len(), 1, "dispatch goes before the commit");
+        assert!(matches!(fx.journal[..], [Op::PutModule { .. }, Op::Insert(_), Op::Dispatch { .. }]));
+        let evs = events(&fx);
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].1.status, EventStatus::Accepted);
+        assert!(
+            fx.dispatch.iter().all(|p| !p.topic.ends_with("/result")),
+            "no task event leaves before the commit"
+        );
     }
 
     #[test]
     fn a_verified_result_is_delivered_and_paid_once_and_its_replay_is_dropped() {
         let mut f = fixture(1);
-        let sent = assignments(&submit(&mut f, "t1", "receipt"));
+        let sent = assignments(&f.submit("t1", "receipt"));
         assert_eq!(sent.len(), 1);
-        let frame = report(
-            &f,
-            "t1",
-            sent[0].0,
-            sent[0].1,
-            b"out",
-            identity(&f, sent[0].0),
-        );
-        let done = results(&f.d.on_node_frame(f.now, sent[0].0, NodeTopic::Results, &frame));
+        let done = finals(&f.answer("t1", sent[0], b"out"));
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].status, EventStatus::Completed);
-        assert_eq!(
-            done[0].output_b64.as_deref(),
-            Some(B64.encode(b"out").as_str())
-        );
-        let replay =
-            f.d.on_node_frame(f.now, sent[0].0, NodeTopic::Results, &frame);
-        assert!(results(&replay).is_empty());
+        assert_eq!(done[0].output_b64.as_deref(), Some(B64.encode(b"out").as_str()));
+        assert!(finals(&f.answer("t1", sent[0], b"out")).is_empty());
         assert_eq!(f.d.dropped().stale_reports, 1);
-        assert_eq!(
-            f.d.store
-                .task_earnings(&TaskId::new("t1").unwrap())
-                .unwrap()
-                .len(),
-            1
-        );
+        let paid = f.journal.paid.borrow();
+        assert_eq!(paid[&TaskId::new("t1").unwrap()].len(), 1);
+        assert_eq!(done[0].reward, Some(paid[&TaskId::new("t1").unwrap()][0].1));
     }
 
     #[test]
     fn a_receipt_signed_by_another_key_is_rejected_and_the_task_moves_on() {
         let mut f = fixture(2);
-        let first = assignments(&submit(&mut f, "t2", "receipt"))[0];
+        let first = assignments(&f.submit("t2", "receipt"))[0];
         let forger = Identity::from_secret(&[0xEE; 32]);
-        let frame = report(&f, "t2", first.0, first.1, b"out", &forger);
-        let next = assignments(&f.d.on_node_frame(f.now, first.0, NodeTopic::Results, &frame));
+        let frame = f.report("t2", first, b"out", Exit::Ok, &forger);
+        let next = assignments(&f.frame(first.0, NodeTopic::Results, &frame));
         assert_eq!(f.d.dropped().bad_receipts, 1);
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, first.0, "retried on another node");
@@ -1107,67 +1466,227 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_sent_a_bad_receipt_is_never_asked_again_for_that_task() {
+        let mut f = fixture(1);
+        let first = assignments(&f.submit("t2b", "receipt"))[0];
+        let forger = Identity::from_secret(&[0xEE; 32]);
+        let frame = f.report("t2b", first, b"out", Exit::Ok, &forger);
+        assert!(assignments(&f.frame(first.0, NodeTopic::Results, &frame)).is_empty());
+        assert_eq!(f.d.queued(), 1);
+    }
+
+    #[test]
     fn a_dispatch_that_times_out_is_reassigned_with_the_next_attempt() {
         let mut f = fixture(2);
-        let first = assignments(&submit(&mut f, "t3", "receipt"))[0];
-        let later = f.now
-            + Duration::from_millis(ambient_core::Limits::default().timeout_ms)
+        let first = assignments(&f.submit("t3", "receipt"))[0];
+        let wait = Duration::from_millis(ambient_core::Limits::default().timeout_ms)
             + Duration::from_secs(16);
-        let next = assignments(&f.d.on_tick(later));
+        let next = assignments(&f.advance(wait));
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, first.0);
         // The slow node's answer to the old attempt now arrives: it is stale.
-        f.now = later;
-        assert!(results(&answer(&mut f, "t3", first, b"out")).is_empty());
+        assert!(finals(&f.answer("t3", first, b"out")).is_empty());
         assert_eq!(f.d.dropped().stale_reports, 1);
+    }
+
+    #[test]
+    fn a_task_whose_attempts_all_time_out_fails_with_every_reason() {
+        let mut f = fixture(1);
+        let mut sent = assignments(&f.submit("loop", "receipt"))[0];
+        let mut done = Vec::new();
+        for round in 0..10 {
+            let fx = f.answer_with("loop", sent, b"", Exit::TimedOut);
+            done = finals(&fx);
+            if !done.is_empty() {
+                assert_eq!(round, 3, "max_failures 3: the fourth failure ends it");
+                break;
+            }
+            let next = assignments(&fx);
+            assert_eq!(next.len(), 1, "the only node is reused after a timeout");
+            assert_eq!(next[0].0, sent.0);
+            sent = next[0];
+        }
+        assert_eq!(done.len(), 1, "the task ended");
+        assert_eq!(done[0].status, EventStatus::Failed);
+        let message = error_message(&done[0]);
+        assert!(message.starts_with("4 attempts failed"), "{message}");
+        assert_eq!(message.matches("timed out on node").count(), 4, "{message}");
+        assert_eq!(f.d.unfinished(), 0);
     }
 
     #[test]
     fn disagreeing_replicas_escalate_and_the_minority_is_disputed() {
         let mut f = fixture(3);
-        let sent = assignments(&submit(&mut f, "t4", "replicate:2"));
+        let sent = assignments(&f.submit("t4", "replicate:2"));
         assert_eq!(sent.len(), 2, "two distinct nodes");
         assert_ne!(sent[0].0, sent[1].0);
-        assert!(results(&answer(&mut f, "t4", sent[0], b"right")).is_empty());
-        let third = assignments(&answer(&mut f, "t4", sent[1], b"wrong"));
+        assert!(finals(&f.answer("t4", sent[0], b"right")).is_empty());
+        let third = assignments(&f.answer("t4", sent[1], b"wrong"));
         assert_eq!(third.len(), 1, "a split vote escalates to a third replica");
-        let done = results(&answer(&mut f, "t4", third[0], b"right"));
+        let done = finals(&f.answer("t4", third[0], b"right"));
         assert_eq!(done.len(), 1);
         let verdict = done[0].verdict.clone().unwrap();
         assert_eq!((verdict.replicas, verdict.agreeing), (3, 2));
         assert_eq!(verdict.disputed, vec![sent[1].0.to_hex().to_string()]);
-        assert_eq!(
-            f.d.store
-                .task_earnings(&TaskId::new("t4").unwrap())
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(), 2);
     }
 
     #[test]
     fn a_node_going_offline_hands_its_tasks_to_another() {
         let mut f = fixture(2);
-        let first = assignments(&submit(&mut f, "t5", "receipt"))[0];
-        let next = assignments(&f.d.on_node_frame(f.now, first.0, NodeTopic::Status, b"offline"));
+        let first = assignments(&f.submit("t5", "receipt"))[0];
+        let next = assignments(&f.frame(first.0, NodeTopic::Status, b"offline"));
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, first.0);
     }
 
     #[test]
-    fn unfinished_tasks_are_recovered_from_the_journal_with_fresh_attempts() {
+    fn a_task_no_node_can_take_fails_after_the_queue_timeout_naming_the_requirement() {
+        let mut f = fixture(2);
+        let fx = f.submit_json(serde_json::json!({"task_id": "sparc", "module_b64": B64.encode(MODULE), "requires": {"arch": "sparc"}}));
+        assert_eq!(events(&fx)[0].1.status, EventStatus::Accepted, "nodes may still join");
+        assert!(assignments(&fx).is_empty());
+        // Node traffic re-tries the queue; it must not restart the clock.
+        for _ in 0..9 {
+            assert!(finals(&f.advance(Duration::from_secs(1))).is_empty());
+            f.frame(f.nodes[0].node_id(), NodeTopic::Status, b"online");
+        }
+        let done = finals(&f.advance(Duration::from_secs(1)));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, EventStatus::Failed);
+        let message = error_message(&done[0]);
+        assert!(message.contains("no registered node has arch \"sparc\""), "{message}");
+        assert!(message.contains("aarch64"), "names what is registered: {message}");
+    }
+
+    #[test]
+    fn replicas_above_the_node_count_fail_naming_the_count() {
+        let mut f = fixture(3);
+        let sent = assignments(&f.submit("seven", "replicate:7"));
+        assert_eq!(sent.len(), 3);
+        for s in sent {
+            assert!(finals(&f.answer("seven", s, b"same")).is_empty());
+        }
+        let done = finals(&f.advance(Duration::from_secs(11)));
+        assert_eq!(done.len(), 1);
+        let message = error_message(&done[0]);
+        assert!(message.contains("needs 7 distinct nodes and 3"), "{message}");
+        assert!(f.journal.paid.borrow().is_empty(), "no majority of 7, nothing paid");
+    }
+
+    #[test]
+    fn a_task_queued_behind_one_no_node_can_take_is_still_placed() {
         let mut f = fixture(1);
-        let first = assignments(&submit(&mut f, "t6", "receipt"))[0];
-        let dir = f._dir.path().to_path_buf();
-        let store = Store::open(&dir.join("ambient.db")).unwrap();
-        let registry = Registry::new(RegistryConfig {
-            liveness: Duration::from_secs(15),
-            score: ScoreConfig::default(),
-            safety: SafetyPolicy::default(),
-            enrollment: Enrollment::Open,
-        });
-        let d = Dispatcher::new(DispatchConfig::default(), registry, store, f.now).unwrap();
-        assert_eq!(d.unfinished(), 1);
-        assert!(d.jobs[&TaskId::new("t6").unwrap()].next_attempt > first.1);
+        f.submit_json(serde_json::json!({"task_id": "sparc", "module_b64": B64.encode(MODULE), "requires": {"arch": "sparc"}}));
+        let sent = assignments(&f.submit("after", "receipt"));
+        assert_eq!(sent.len(), 1);
+    }
+
+    #[test]
+    fn the_same_task_id_with_the_same_content_is_answered_with_where_it_stands() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("dup", "receipt"))[0];
+        let again = f.submit("dup", "receipt");
+        assert!(assignments(&again).is_empty(), "not run twice");
+        assert!(again.journal.is_empty());
+        assert_eq!(events(&again)[0].1.status, EventStatus::Accepted);
+        let done = finals(&f.answer("dup", sent, b"out"));
+        let after = f.submit("dup", "receipt");
+        assert_eq!(finals(&after), done, "a finished task answers with its stored result");
+    }
+
+    #[test]
+    fn a_resubmission_in_the_same_turn_as_its_result_gets_that_result() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("same-turn", "receipt"))[0];
+        let report = f.report("same-turn", sent, b"out", Exit::Ok, f.identity(sent.0));
+        let json = serde_json::json!({"task_id": "same-turn", "module_b64": B64.encode(MODULE), "input": "in", "verify": "receipt"}).to_string();
+        let mut fx = Effects::default();
+        f.d.handle(f.now, Input::Frame { node: sent.0, leaf: NodeTopic::Results, frame: &report }, &f.journal, &mut fx);
+        f.d.handle(f.now, Input::Submit(json.as_bytes()), &f.journal, &mut fx);
+        let done = finals(&fx);
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0], done[1]);
+    }
+
+    #[test]
+    fn the_same_task_id_with_other_content_is_rejected_as_a_conflict() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("c", "receipt"))[0];
+        let check = |fx: &Effects| {
+            let evs = events(fx);
+            assert!(evs.iter().any(|(t, e)| t.ends_with("/c/result") && e.status == EventStatus::Rejected && e.error.as_ref().unwrap().code == "conflict"), "{evs:?}");
+            assert!(fx.journal.is_empty() && assignments(fx).is_empty());
+        };
+        check(&f.submit("c", "replicate:2"));
+        f.answer("c", sent, b"out");
+        check(&f.submit("c", "replicate:2"));
+    }
+
+    #[test]
+    fn malformed_json_is_rejected_on_the_rejected_topic_with_the_id_it_could_read() {
+        let mut f = fixture(1);
+        let fx = f.step(Input::Submit(br#"{"task_id": "half", "module": "#));
+        let evs = events(&fx);
+        assert_eq!(evs.len(), 2, "{evs:?}");
+        assert_eq!(evs[0].0, "ambient/v1/tasks/half/result");
+        assert_eq!(evs[1].0, topics::REJECTED);
+        assert_eq!(evs[1].1.task_id, "half");
+        assert_eq!(evs[1].1.error.as_ref().unwrap().code, "bad_json");
+        let fx = f.step(Input::Submit(b"\xff not json at all"));
+        let evs = events(&fx);
+        assert_eq!(evs.len(), 1);
+        assert_eq!((evs[0].0.as_str(), evs[0].1.task_id.as_str()), (topics::REJECTED, ""));
+    }
+
+    #[test]
+    fn a_reconnect_sends_every_outstanding_assignment_and_module_again() {
+        let mut f = fixture(2);
+        let mut sent = assignments(&f.submit("r1", "receipt"));
+        sent.extend(assignments(&f.submit("r2", "replicate:2")));
+        let fx = f.step(Input::Connected);
+        let mut again = assignments(&fx);
+        sent.sort();
+        again.sort();
+        assert_eq!(again, sent);
+        assert_eq!(fx.modules, vec![sha3_256(MODULE)]);
+        assert!(fx.journal.is_empty(), "nothing new to journal");
+    }
+
+    #[test]
+    fn recovered_dispatches_are_sent_again_under_their_attempt_numbers_and_their_reports_count() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("crash", "receipt"))[0];
+        // The coordinator dies here: the journal has the task and its dispatch.
+        let mut d = Dispatcher::recover(config(), registry(), f.journal.recovered(), f.now, 1);
+        std::mem::swap(&mut f.d, &mut d);
+        let ids = std::mem::take(&mut f.nodes);
+        for id in ids {
+            f.join(id, "aarch64");
+        }
+        assert_eq!(f.d.unfinished(), 1);
+        let fx = f.step(Input::Connected);
+        assert_eq!(assignments(&fx), vec![sent], "same node, same attempt");
+        let done = finals(&f.answer("crash", sent, b"out"));
+        assert_eq!(done.len(), 1, "the report of the adopted attempt is not stale");
+        assert_eq!(done[0].status, EventStatus::Completed);
+        assert_eq!(f.journal.paid.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_ping_is_answered_with_its_nonce_only_on_its_own_node_topic() {
+        let node = Identity::from_secret(&[1; 32]).node_id();
+        let other = Identity::from_secret(&[2; 32]).node_id();
+        let frame = Envelope::new(Message::Ping(Ping {
+            node,
+            nonce: 42,
+            padding: &[0; 8],
+        }))
+        .to_vec();
+        let p = pong(node, NodeTopic::Telemetry, &frame).unwrap();
+        assert_eq!(p.topic, topics::node(&node, NodeTopic::Tasks).as_str());
+        assert!(matches!(Envelope::decode(&p.payload).unwrap().message, Message::Pong(Pong { nonce: 42 })));
+        assert_eq!(pong(other, NodeTopic::Telemetry, &frame), None);
+        assert_eq!(pong(node, NodeTopic::Results, &frame), None);
     }
 }

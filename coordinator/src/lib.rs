@@ -2,7 +2,8 @@
 //!
 //! - [`Coordinator`]: binds the embedded broker and runs the service until shutdown.
 //! - [`Dispatcher`]: every decision about tasks (intake, placement, retries, verification,
-//!   settlement, delivery), synchronous and without sockets.
+//!   settlement, delivery), a state machine that takes the time and an [`Input`] and returns
+//!   [`Effects`]; no socket, file or clock.
 //! - [`Registry`] and [`Strategy`]: who is out there and where a task goes.
 //! - [`store::Store`]: the SQLite journal, module store and ledger.
 //! - [`client`]: what `ambient submit` and any program use to submit tasks and await results.
@@ -20,7 +21,9 @@ mod service;
 pub mod store;
 
 pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, parse_broker_url};
-pub use dispatcher::{DispatchConfig, Dispatcher, Dropped, Publish};
+pub use dispatcher::{
+    DispatchConfig, Dispatcher, Dropped, Effects, Input, Journal, Now, Publish, Recovered, pong,
+};
 pub use intake::{
     LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec,
     parse as parse_submission,

@@ -7,17 +7,24 @@ use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions};
 /// Largest MQTT packet accepted or sent, in bytes: room for a 16 MiB module.
 pub const MAX_PACKET_BYTES: usize = 32 << 20;
 
+/// What the broker keeps of a client between connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// `clean_session = true`, publishes acknowledged on arrival: clients and tools.
+    Clean,
+    /// `clean_session = false` and manual acknowledgements: the broker keeps subscriptions and
+    /// unacknowledged messages across reconnects, and a message is acknowledged (with
+    /// `AsyncClient::ack`) only once it has been handled. The coordinator's session.
+    Durable,
+}
+
 /// Options for a client: keep-alive 10 s, large packets, TCP_NODELAY (Nagle's algorithm
 /// costs 40+ ms per round trip on small request/response packets).
-pub fn connect(
-    host: &str,
-    port: u16,
-    client_id: &str,
-    persistent: bool,
-) -> (AsyncClient, EventLoop) {
+pub fn connect(host: &str, port: u16, client_id: &str, session: Session) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(10))
-        .set_clean_session(!persistent)
+        .set_clean_session(session == Session::Clean)
+        .set_manual_acks(session == Session::Durable)
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_inflight(1000);
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);

@@ -660,6 +660,69 @@ impl Registry {
         }
     }
 
+    /// Why no registered node could ever run a task that needs `req` on `replicas` distinct
+    /// nodes: names the first requirement no node meets (arch, engine, a label, memory, the
+    /// number of nodes). `None` when enough registered nodes meet every requirement, so the
+    /// task only waited for one of them to be online, healthy and free.
+    ///
+    /// O(n): for the failure message of a task that timed out in the queue, not for placement.
+    pub fn unmet(&self, req: &Requirements, replicas: usize) -> Option<String> {
+        if self.nodes.is_empty() {
+            return Some("no node is registered".into());
+        }
+        let listed = |values: &mut Vec<String>| {
+            values.sort_unstable();
+            values.dedup();
+            values.join(", ")
+        };
+        if let Some(arch) = &req.arch
+            && !self.nodes.values().any(|n| &n.arch == arch)
+        {
+            let mut all: Vec<String> = self.nodes.values().map(|n| n.arch.clone()).collect();
+            return Some(format!(
+                "no registered node has arch {arch:?} (registered: {})",
+                listed(&mut all)
+            ));
+        }
+        if let Some(engine) = req.engine
+            && !self.nodes.values().any(|n| n.engine == engine)
+        {
+            return Some(format!("no registered node runs the {engine:?} engine"));
+        }
+        if let Some(label) = req
+            .labels
+            .iter()
+            .find(|l| !self.nodes.values().any(|n| n.labels.contains(l)))
+        {
+            return Some(format!("no registered node has the label {label:?}"));
+        }
+        let matching: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| req.is_met_by(n.attributes(), u64::MAX))
+            .collect();
+        if matching.is_empty() {
+            return Some(
+                "no registered node has the arch, engine and labels asked for together".into(),
+            );
+        }
+        let most = matching.iter().map(|n| n.mem_free_bytes()).max().unwrap_or(0);
+        if most < req.memory_bytes {
+            let total = matching.iter().map(|n| n.mem_total_bytes).max().unwrap_or(0);
+            return Some(format!(
+                "limits.memory_bytes {} is more than any matching node has free ({most} bytes free, {total} bytes in all on the largest)",
+                req.memory_bytes
+            ));
+        }
+        let able = matching
+            .iter()
+            .filter(|n| n.mem_free_bytes() >= req.memory_bytes)
+            .count();
+        (able < replicas).then(|| {
+            format!("the task needs {replicas} distinct nodes and {able} registered nodes meet its requirements")
+        })
+    }
+
     /// Takes nodes whose liveness ran out by `now` out of the indexes.
     fn expire(&mut self, now: Instant) {
         while let Some(&(deadline, id)) = self.deadlines.first() {

@@ -1,20 +1,52 @@
-//! The coordinator service: the embedded broker, one MQTT connection, and the dispatcher thread.
+//! The coordinator service: the thin shell around the [`Dispatcher`].
+//!
+//! Three pieces, joined by two queues:
+//!
+//! ```text
+//!  broker ⇄ MQTT task ──inbound (bounded)──▶ dispatcher thread ──outbound──▶ publisher task ─▶ broker
+//!           answers pings                     handle → publish dispatches
+//!           forwards the rest                 → commit (one fsync) → events + PUBACKs
+//! ```
+//!
+//! - The **MQTT task** owns the event loop. It answers pings itself (so nodes measure their own
+//!   latency, not the dispatcher's backlog) and forwards every other publish with the
+//!   connection generation it arrived on. Acknowledgements are manual: nothing is PUBACKed on
+//!   arrival. The inbound queue is bounded ([`INBOUND`]); when it is full the task waits, stops
+//!   reading the socket, and the broker holds further messages: back-pressure, not loss.
+//! - The **dispatcher thread** runs loop turns: it takes up to [`MAX_TURN`] inputs, feeds each
+//!   to the dispatcher, publishes the turn's assignments, commits the turn's journal
+//!   operations in one transaction, and only then queues the turn's task events and the
+//!   PUBACKs of its inputs. A failed commit stops the coordinator with an error; nothing that
+//!   depended on it leaves, the broker redelivers what was not acknowledged, and the next start
+//!   recovers from the journal.
+//! - The **publisher task** makes the publishes and acknowledgements in order. Its queue is
+//!   not bounded: the single MQTT event loop both reads and writes, so a bounded outbound queue
+//!   could fill while the event loop waits for room in the inbound one, and the two would wait
+//!   on each other forever. Every outbound item comes from a bounded inbound turn, so the queue
+//!   grows only with the work already admitted.
+//!
+//! The coordinator keeps a persistent MQTT session (`clean_session = false`) and subscribes only
+//! to what it consumes: submissions, node status, announces, telemetry and results, and module
+//! uploads; never to the `tasks` topics it publishes to. After every (re)connection it
+//! subscribes again and the dispatcher sends every outstanding assignment and stored module
+//! again, since a restarted broker keeps neither.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_broker::{Broker, BrokerConfig, BrokerError};
-use ambient_core::topics;
-use rumqttc::{Event, Packet, QoS};
-use tokio::sync::mpsc;
+use ambient_core::topics::{self, NodeTopic};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{BrokerMode, CoordinatorConfig};
-use crate::dispatcher::{DispatchError, Dispatcher, Publish};
-use crate::store::{Store, StoreError};
+use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
+use crate::store::{Op, Store, StoreError};
 use crate::{Registry, mqtt};
 
 /// Why the coordinator stopped.
@@ -24,12 +56,10 @@ pub enum CoordinatorError {
     /// The embedded broker could not start.
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    /// The store could not be opened.
+    /// The store could not be opened, read for recovery, or written (a failed commit stops the
+    /// coordinator rather than acknowledge what is not on disk).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The journal could not be recovered.
-    #[error(transparent)]
-    Dispatch(#[from] DispatchError),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -38,14 +68,33 @@ pub enum CoordinatorError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The dispatcher thread could not be started.
+    #[error("cannot start the dispatcher thread: {0}")]
+    Thread(std::io::Error),
 }
 
+/// Inputs waiting for the dispatcher thread, at most. Each is one MQTT publish.
+pub const INBOUND: usize = 4096;
+/// Most inputs handled in one loop turn, that is, under one commit.
+pub const MAX_TURN: usize = 2048;
+/// How often time advances for dispatch deadlines and queue timeouts.
+const TICK: Duration = Duration::from_millis(100);
+
 /// What the MQTT task hands the dispatcher thread.
-enum Input {
+enum Inbound {
+    /// The broker connection came up.
     Connected,
-    Submit(Vec<u8>),
-    Frame(String, Vec<u8>),
+    /// A publish, and the connection generation it arrived on (its PUBACK is only valid there).
+    Publish(rumqttc::Publish, u64),
+    /// Shut down after this turn.
     Stop,
+}
+
+/// What the dispatcher thread hands the publisher task.
+enum Outbound {
+    Publish(Publish),
+    /// The PUBACK of an input, once its turn committed.
+    Ack(rumqttc::Publish, u64),
 }
 
 /// A bound coordinator, ready to [`run`](Coordinator::run).
@@ -91,7 +140,7 @@ impl Coordinator {
     /// Runs until `shutdown` completes.
     ///
     /// # Errors
-    /// When the store cannot be opened or the journal cannot be recovered.
+    /// When the store cannot be opened, the journal cannot be recovered, or a commit fails.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -108,12 +157,17 @@ impl Coordinator {
         })?;
         let db = config.db_path();
         let store = Store::open(&db)?;
-        let dispatcher = Dispatcher::new(
+        let recovered = Recovered {
+            tasks: store.unfinished_tasks()?,
+            modules: store.module_hashes()?,
+        };
+        let dispatcher = Dispatcher::recover(
             config.dispatch.clone(),
             Registry::new(config.registry.clone()),
-            store,
-            Instant::now(),
-        )?;
+            recovered,
+            Now::read(),
+            rand::random(),
+        );
         info!(db = %db.display(), broker = %format!("mqtt://{host}:{port}"), "coordinator starting");
 
         let cancel = CancellationToken::new();
@@ -122,99 +176,51 @@ impl Coordinator {
             tokio::spawn(async move { b.run(c.cancelled_owned()).await })
         });
 
-        let (client, mut eventloop) = mqtt::connect(&host, port, "ambient-coordinator", true);
-        let (in_tx, in_rx) = std_mpsc::channel::<Input>();
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Publish>();
+        let (client, eventloop) =
+            mqtt::connect(&host, port, "ambient-coordinator", mqtt::Session::Durable);
+        let (in_tx, in_rx) = flume::bounded::<Inbound>(INBOUND);
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
+        let generation = Arc::new(AtomicU64::new(0));
 
         let snapshot_every = config.snapshot_interval;
+        let (done_tx, mut done_rx) = oneshot::channel();
         let state = std::thread::Builder::new()
             .name("ambient-dispatch".into())
-            .spawn(move || dispatch_loop(dispatcher, in_rx, out_tx, snapshot_every))
-            .map_err(|source| CoordinatorError::DataDir {
-                path: "dispatcher thread".into(),
-                source,
-            })?;
-
-        let publisher = {
-            let client = client.clone();
-            tokio::spawn(async move {
-                while let Some(p) = out_rx.recv().await {
-                    let qos = if p.reliable {
-                        QoS::AtLeastOnce
-                    } else {
-                        QoS::AtMostOnce
-                    };
-                    if let Err(e) = client.publish(p.topic, qos, p.retain, p.payload).await {
-                        warn!(error = %e, "publish failed");
-                    }
-                }
+            .spawn(move || {
+                let result = dispatch_loop(dispatcher, store, in_rx, out_tx, snapshot_every);
+                let _ = done_tx.send(());
+                result
             })
-        };
+            .map_err(CoordinatorError::Thread)?;
 
-        let mqtt = {
-            let cancel = cancel.clone();
-            let client = client.clone();
-            let in_tx = in_tx.clone();
-            tokio::spawn(async move {
-                let mut backoff = Duration::from_millis(100);
-                loop {
-                    let event = tokio::select! {
-                        e = eventloop.poll() => e,
-                        () = cancel.cancelled() => break,
-                    };
-                    match event {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            backoff = Duration::from_millis(100);
-                            info!("connected to the broker");
-                            let client = client.clone();
-                            tokio::spawn(async move {
-                                for filter in
-                                    [topics::SUBMIT, topics::ALL_NODES, topics::ALL_MODULES]
-                                {
-                                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await
-                                    {
-                                        warn!(%filter, error = %e, "subscribe failed");
-                                    }
-                                }
-                            });
-                            let _ = in_tx.send(Input::Connected);
-                        }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let input = if p.topic == topics::SUBMIT {
-                                Input::Submit(p.payload.to_vec())
-                            } else {
-                                Input::Frame(p.topic, p.payload.to_vec())
-                            };
-                            if in_tx.send(input).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            warn!(error = %e, "broker connection lost; reconnecting in {backoff:?}");
-                            tokio::select! {
-                                () = tokio::time::sleep(backoff) => {}
-                                () = cancel.cancelled() => break,
-                            }
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-            })
-        };
+        let publisher = tokio::spawn(publish_loop(client.clone(), out_rx, generation.clone()));
+        let mqtt = tokio::spawn(mqtt_loop(
+            client.clone(),
+            eventloop,
+            in_tx.clone(),
+            generation,
+            cancel.clone(),
+        ));
 
-        shutdown.await;
-        info!("coordinator shutting down");
-        let _ = in_tx.send(Input::Stop);
-        let _ = tokio::task::spawn_blocking(move || state.join()).await;
+        tokio::select! {
+            () = shutdown => info!("coordinator shutting down"),
+            _ = &mut done_rx => {}
+        }
+        let _ = in_tx.send_async(Inbound::Stop).await;
+        drop(in_tx);
+        let result = tokio::task::spawn_blocking(move || state.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(Ok(()));
+        if let Err(e) = &result {
+            error!(error = %e, "journal commit failed; stopping without acknowledging the last turn");
+        }
         // The dispatcher thread dropped its sender, so the publisher drains and ends.
         let _ = publisher.await;
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            // Let the event loop send the DISCONNECT before it is cancelled.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        })
-        .await;
+        let _ = client.try_disconnect();
+        // Let the event loop send the DISCONNECT before it is cancelled.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         cancel.cancel();
         let _ = mqtt.await;
         if let Some(t) = broker_task
@@ -222,78 +228,213 @@ impl Coordinator {
         {
             warn!(error = %e, "embedded broker stopped with an error");
         }
-        Ok(())
+        result.map_err(CoordinatorError::from)
     }
 }
 
-/// Most inputs handled between two journal commits.
-const MAX_BATCH: usize = 2048;
-/// How often time advances for dispatch deadlines.
-const TICK: Duration = Duration::from_millis(100);
+/// The topics the coordinator consumes; never its own `tasks` topics.
+fn subscriptions() -> Vec<String> {
+    let mut filters = vec![topics::SUBMIT.to_string(), topics::ALL_MODULES.to_string()];
+    filters.extend(
+        [
+            NodeTopic::Status,
+            NodeTopic::Announce,
+            NodeTopic::Telemetry,
+            NodeTopic::Results,
+        ]
+        .map(|leaf| topics::all_nodes(leaf).to_string()),
+    );
+    filters
+}
 
-fn dispatch_loop(
-    mut d: Dispatcher,
-    rx: std_mpsc::Receiver<Input>,
-    tx: mpsc::UnboundedSender<Publish>,
-    snapshot_every: Duration,
+async fn mqtt_loop(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    in_tx: flume::Sender<Inbound>,
+    generation: Arc<AtomicU64>,
+    cancel: CancellationToken,
 ) {
-    let mut last_tick = Instant::now();
-    let mut last_snapshot = Instant::now();
-    let send = |publishes: Vec<Publish>| {
-        for p in publishes {
-            let _ = tx.send(p);
-        }
-    };
+    let mut backoff = Duration::from_millis(100);
     loop {
-        let first = match rx.recv_timeout(TICK) {
-            Ok(i) => Some(i),
-            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            () = cancel.cancelled() => break,
         };
-        // Drain what is already queued so that submissions journal in one transaction.
-        let mut batch: Vec<Input> = first.into_iter().collect();
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(i) => batch.push(i),
-                Err(_) => break,
-            }
-        }
-        let now = Instant::now();
-        let mut submissions = Vec::new();
-        let mut stop = false;
-        for input in batch {
-            match input {
-                Input::Submit(json) => submissions.push(json),
-                Input::Frame(topic, payload) => {
-                    if !submissions.is_empty() {
-                        send(d.on_submissions(now, &std::mem::take(&mut submissions)));
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                generation.fetch_add(1, Ordering::SeqCst);
+                info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                // Subscribing goes through the request queue the event loop drains, so it
+                // must not be awaited here.
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for filter in subscriptions() {
+                        if let Err(e) = client.subscribe(&filter, QoS::AtLeastOnce).await {
+                            warn!(%filter, error = %e, "subscribe failed");
+                        }
                     }
-                    if let Some((node, leaf)) = topics::parse_node(&topic) {
-                        send(d.on_node_frame(now, node, leaf, &payload));
-                    } else if let Some(hash) = topics::parse_module(&topic) {
-                        d.on_module(hash, payload);
-                    } else {
-                        debug!(%topic, "publish on an unexpected topic ignored");
-                    }
+                });
+                if in_tx.send_async(Inbound::Connected).await.is_err() {
+                    break;
                 }
-                Input::Connected => send(d.on_connected()),
-                Input::Stop => stop = true,
             }
-        }
-        if !submissions.is_empty() {
-            send(d.on_submissions(now, &submissions));
-        }
-        if stop {
-            d.save_snapshot(Instant::now());
-            break;
-        }
-        if now.duration_since(last_tick) >= TICK {
-            last_tick = now;
-            send(d.on_tick(now));
-        }
-        if now.duration_since(last_snapshot) >= snapshot_every {
-            last_snapshot = now;
-            d.save_snapshot(now);
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some((node, leaf)) = topics::parse_node(&p.topic)
+                    && let Some(pong) = dispatcher::pong(node, leaf, &p.payload)
+                {
+                    // QoS 0 both ways: a lost probe is just a missing sample.
+                    let _ = client.try_publish(pong.topic, QoS::AtMostOnce, false, pong.payload);
+                    let _ = client.try_ack(&p);
+                    continue;
+                }
+                let at = generation.load(Ordering::SeqCst);
+                if in_tx.send_async(Inbound::Publish(p, at)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "broker connection lost; reconnecting in {backoff:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = cancel.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
+}
+
+async fn publish_loop(
+    client: AsyncClient,
+    mut out_rx: mpsc::UnboundedReceiver<Outbound>,
+    generation: Arc<AtomicU64>,
+) {
+    while let Some(out) = out_rx.recv().await {
+        let sent = match out {
+            Outbound::Publish(p) => {
+                let qos = if p.reliable {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                client.publish(p.topic, qos, p.retain, p.payload).await
+            }
+            // An acknowledgement belongs to the connection its publish arrived on; after a
+            // reconnect the broker sends the publish again and that copy is acknowledged.
+            Outbound::Ack(p, at) if at == generation.load(Ordering::SeqCst) => {
+                client.ack(&p).await
+            }
+            Outbound::Ack(..) => Ok(()),
+        };
+        if let Err(e) = sent {
+            warn!(error = %e, "publish failed");
+        }
+    }
+}
+
+/// Runs loop turns until told to stop or the inbound queue closes; see the module docs.
+fn dispatch_loop(
+    mut d: Dispatcher,
+    mut store: Store,
+    rx: flume::Receiver<Inbound>,
+    tx: mpsc::UnboundedSender<Outbound>,
+    snapshot_every: Duration,
+) -> Result<(), StoreError> {
+    let mut fx = Effects::default();
+    let mut acks: Vec<(rumqttc::Publish, u64)> = Vec::new();
+    let mut next_tick = Instant::now() + TICK;
+    let mut next_snapshot = Instant::now() + snapshot_every;
+    let send = |o: Outbound| {
+        let _ = tx.send(o);
+    };
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let first = match rx.recv_timeout(wait) {
+            Ok(i) => Some(i),
+            Err(flume::RecvTimeoutError::Timeout) => None,
+            Err(flume::RecvTimeoutError::Disconnected) => break,
+        };
+        let now = Now::read();
+        let mut stop = false;
+        for input in first.into_iter().chain(rx.try_iter().take(MAX_TURN - 1)) {
+            match input {
+                Inbound::Connected => d.handle(now, Input::Connected, &store, &mut fx),
+                Inbound::Publish(p, at) => {
+                    route(&mut d, now, &p.topic, &p.payload, &store, &mut fx);
+                    if p.qos != QoS::AtMostOnce {
+                        acks.push((p, at));
+                    }
+                }
+                Inbound::Stop => stop = true,
+            }
+        }
+        if now.at >= next_tick {
+            d.handle(now, Input::Tick, &store, &mut fx);
+            next_tick = now.at + TICK;
+        }
+        if stop || now.at >= next_snapshot {
+            fx.journal.push(Op::SaveNodes {
+                rows: d.node_rows(now),
+                at_ms: now.unix_ms,
+            });
+            next_snapshot = now.at + snapshot_every;
+        }
+        // 1. What may leave before the commit: module copies, then the assignments that need them.
+        for hash in fx.modules.drain(..) {
+            match store.module(&hash) {
+                Ok(Some(bytes)) => send(Outbound::Publish(Publish {
+                    topic: topics::module(&hash).to_string(),
+                    payload: bytes,
+                    retain: true,
+                    reliable: true,
+                })),
+                Ok(None) => {}
+                Err(e) => warn!(module = %hash, error = %e, "stored module cannot be read"),
+            }
+        }
+        for p in fx.dispatch.drain(..) {
+            send(Outbound::Publish(p));
+        }
+        // 2. One transaction, one fsync, for the whole turn.
+        store.apply(&fx.journal)?;
+        // 3. What depends on the commit.
+        for p in fx.events.drain(..) {
+            send(Outbound::Publish(p));
+        }
+        for (p, at) in acks.drain(..) {
+            send(Outbound::Ack(p, at));
+        }
+        fx.clear();
+        if stop {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a topic into the dispatcher's input.
+fn route(d: &mut Dispatcher, now: Now, topic: &str, payload: &[u8], store: &Store, fx: &mut Effects) {
+    let input = if topic == topics::SUBMIT {
+        Input::Submit(payload)
+    } else if let Some((node, leaf)) = topics::parse_node(topic) {
+        Input::Frame {
+            node,
+            leaf,
+            frame: payload,
+        }
+    } else if let Some(hash) = topics::parse_module(topic) {
+        Input::Module {
+            hash,
+            bytes: payload,
+        }
+    } else {
+        debug!(%topic, "publish on an unexpected topic ignored");
+        return;
+    };
+    d.handle(now, input, store, fx);
 }

@@ -11,6 +11,9 @@ pub type Topic = heapless::String<128>;
 pub const PREFIX: &str = "ambient/v1";
 /// Where clients publish task submissions (JSON).
 pub const SUBMIT: &str = "ambient/v1/tasks/submit";
+/// Where the coordinator publishes a `rejected` event for every submission it refuses (JSON),
+/// including those whose task id could not be read, so no submission goes unanswered.
+pub const REJECTED: &str = "ambient/v1/tasks/rejected";
 /// Filter matching every node topic (`ambient/v1/nodes/{id}/{leaf}`).
 pub const ALL_NODES: &str = "ambient/v1/nodes/+/+";
 /// Filter matching every module upload.
@@ -50,6 +53,13 @@ impl NodeTopic {
             Self::Results => "results",
         }
     }
+}
+
+/// Filter matching one leaf of every node: `ambient/v1/nodes/+/{leaf}`.
+pub fn all_nodes(leaf: NodeTopic) -> Topic {
+    let mut t = Topic::new();
+    let _ = write!(t, "{PREFIX}/nodes/+/{}", leaf.as_str());
+    t
 }
 
 /// `ambient/v1/nodes/{node}/{leaf}`.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ambient_coordinator::client::Client;
+use ambient_coordinator::client::{Client, Until};
 use ambient_coordinator::{EventStatus, TaskEvent};
 use ambient_coordinator::{LimitsJson, Submission};
 use anyhow::Context as _;
@@ -68,7 +68,8 @@ pub struct SubmitArgs {
     /// The coordinator's MQTT broker.
     #[arg(long, env = "AMBIENT_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
-    /// Give up when no event arrives for this long, in seconds.
+    /// Give up when no task makes progress (is accepted or ends) for this long, in seconds.
+    /// Tasks without an `accepted` event are resubmitted every 3 s and after a reconnect.
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
 }
@@ -131,36 +132,19 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         bar
     });
     let timeout = Duration::from_secs(args.wait_secs);
-    let events = if args.wait {
-        client
-            .run_batch(&submissions, timeout, |_| {
-                if let Some(b) = &bar {
-                    b.inc(1);
-                }
-            })
-            .await?
+    let until = if args.wait {
+        Until::Final
     } else {
         // Without --wait, return once every task is journaled (or rejected).
-        let mut acked = std::collections::HashMap::new();
-        for s in &submissions {
-            client.submit(s).await?;
-        }
-        while acked.len() < n {
-            match tokio::time::timeout(timeout, client.next_event()).await {
-                Ok(Some(ev))
-                    if ev.status != EventStatus::Completed && ev.status != EventStatus::Failed =>
-                {
-                    if let Some(b) = &bar {
-                        b.inc(1);
-                    }
-                    acked.insert(ev.task_id.clone(), ev);
-                }
-                Ok(Some(_)) => {}
-                _ => break,
-            }
-        }
-        acked
+        Until::Accepted
     };
+    let events = client
+        .follow(&submissions, until, timeout, |_| {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        })
+        .await?;
     if let Some(b) = bar {
         b.finish();
     }

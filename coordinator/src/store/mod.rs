@@ -10,6 +10,9 @@
 //!   credited once per task ([`Store::settle`], [`Store::verify_ledger`]);
 //! - a snapshot of the node registry for `ambient nodes` ([`Store::save_nodes`]).
 //!
+//! The coordinator's dispatcher does not call these methods: it returns its writes as [`Op`]s,
+//! and the service applies each loop turn's operations with [`Store::apply`] (group commit).
+//!
 //! # Durability and throughput
 //!
 //! The database runs in WAL mode with `synchronous = FULL`: when a write method returns `Ok`,
@@ -28,6 +31,7 @@
 
 mod batch;
 mod error;
+mod journal;
 mod ledger;
 mod modules;
 mod nodes;
@@ -45,6 +49,7 @@ use error::Fail;
 
 pub use batch::Batch;
 pub use error::{StoreError, UnknownStatus};
+pub use journal::{Known, Op};
 pub use ledger::{
     Balance, LedgerCheck, LedgerEntry, Payout, Settlement, canonical_entry_bytes, client_account,
     node_account,

@@ -3,7 +3,23 @@
 use ambient_core::{Digest, sha3_256};
 use rusqlite::OptionalExtension;
 
-use super::{Fail, Store, StoreError};
+use super::{Batch, Fail, Store, StoreError};
+
+const INSERT_MODULE: &str =
+    "INSERT INTO modules (hash, bytes) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING";
+
+impl Batch<'_> {
+    /// Stores a module under `hash` as part of the batch; see [`Store::put_module`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn put_module(&mut self, hash: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
+        self.run("store a module", |b| {
+            Ok(b.tx.prepare_cached(INSERT_MODULE)?.execute((hash.0, bytes))? == 1)
+        })
+    }
+}
 
 impl Store {
     /// Stores a module under `hash`, which the caller has checked is `sha3_256(bytes)`.
@@ -16,12 +32,7 @@ impl Store {
     /// [`StoreError::Sqlite`], including on a read-only store.
     pub fn put_module(&self, hash: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
         self.read("store a module", |conn| {
-            let changed = conn
-                .prepare_cached(
-                    "INSERT INTO modules (hash, bytes) VALUES (?1, ?2)
-                     ON CONFLICT (hash) DO NOTHING",
-                )?
-                .execute((hash.0, bytes))?;
+            let changed = conn.prepare_cached(INSERT_MODULE)?.execute((hash.0, bytes))?;
             Ok(changed == 1)
         })
     }

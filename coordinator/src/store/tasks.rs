@@ -111,8 +111,10 @@ pub struct JournaledTask {
     pub attempts: u16,
     /// When it was accepted, in Unix milliseconds.
     pub submitted_ms: u64,
-    /// Every node it was dispatched to, each once, in the order of first dispatch.
-    pub nodes: Vec<NodeId>,
+    /// Every `(attempt, node)` it was dispatched as, each once, in attempt order: recovery
+    /// sends these again under the same attempt numbers, so a node that already ran one
+    /// answers with its stored report instead of running it again.
+    pub dispatches: Vec<(u16, NodeId)>,
 }
 
 /// A task as `ambient tasks` and the HTTP API show it.
@@ -357,7 +359,8 @@ impl Store {
     pub fn unfinished_tasks(&self) -> Result<Vec<JournaledTask>, StoreError> {
         self.read("list unfinished tasks", |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT t.task_id, t.client, s.spec_json, t.attempts, t.submitted_ms, d.node
+                "SELECT t.task_id, t.client, s.spec_json, t.attempts, t.submitted_ms, d.node,
+                        d.attempt
                  FROM tasks t JOIN task_specs s ON s.task_seq = t.seq
                  LEFT JOIN dispatches d ON d.task_seq = t.seq
                  WHERE t.status IN ('pending', 'running')
@@ -376,14 +379,13 @@ impl Store {
                         spec_json: row.get(2)?,
                         attempts: parse_attempts(row.get(3)?)?,
                         submitted_ms: from_sql_int(row.get(4)?, "submitted_ms")?,
-                        nodes: Vec::new(),
+                        dispatches: Vec::new(),
                     });
                 }
-                if let (Some(node), Some(task)) = (node, out.last_mut()) {
-                    let node = NodeId(node);
-                    if !task.nodes.contains(&node) {
-                        task.nodes.push(node);
-                    }
+                let attempt: Option<i64> = row.get(6)?;
+                if let (Some(node), Some(attempt), Some(task)) = (node, attempt, out.last_mut()) {
+                    // The primary key (task, attempt, node) makes each pair unique.
+                    task.dispatches.push((parse_attempts(attempt)?, NodeId(node)));
                 }
             }
             Ok(out)
@@ -580,11 +582,11 @@ pub(super) mod tests {
         let ids: Vec<&str> = unfinished.iter().map(|t| t.task_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"], "in submission order, without b");
         assert_eq!(unfinished[0].attempts, 2);
-        assert_eq!(unfinished[0].nodes, [n1, n2]);
+        assert_eq!(unfinished[0].dispatches, [(1, n1), (2, n2)]);
         assert_eq!(unfinished[0].client, "alice");
         assert_eq!(unfinished[0].spec_json, new_task("a", 1).spec_json);
         assert_eq!(unfinished[1].attempts, 0);
-        assert!(unfinished[1].nodes.is_empty());
+        assert!(unfinished[1].dispatches.is_empty());
 
         let a = store.task(&id("a")).unwrap().unwrap();
         assert_eq!(a.status, TaskStatus::Running);
