@@ -38,7 +38,8 @@
 //! [`Dispatcher::recover`] rebuilds the state from what the journal returns: every unfinished
 //! task, with each `(attempt, node)` it was dispatched as. Those dispatches are adopted as
 //! outstanding and sent again under the same attempt numbers when the broker connection comes
-//! up, so an agent that already ran one answers with its stored report instead of running it
+//! up and whenever their node says it is `online` again (a node that reconnects may have lost
+//! its session, and the assignments queued in it, with a restarted broker), so an agent that already ran one answers with its stored report instead of running it
 //! again, and its report is accepted rather than dropped as stale. Votes received before a
 //! restart are not journaled; the agents' stored reports bring them back.
 
@@ -451,6 +452,16 @@ impl Dispatcher {
         }
     }
 
+    /// A node (re)connected: assignments sent while it was away, or lost with its session,
+    /// are sent again. Its agent deduplicates them, or answers with the stored report.
+    fn resend_to(&self, node: NodeId, fx: &mut Effects) {
+        for job in self.jobs.values() {
+            for d in job.outstanding.iter().filter(|d| d.node == node) {
+                fx.dispatch.push(assignment(&job.spec, d.attempt, d.node));
+            }
+        }
+    }
+
     fn on_submission(&mut self, now: Now, json: &[u8], journal: &impl Journal, fx: &mut Effects) {
         let next = &mut self.next_id;
         let modules = &self.modules;
@@ -569,6 +580,7 @@ impl Dispatcher {
             if !online {
                 self.reassign_from(now, node, "node went offline", fx);
             } else {
+                self.resend_to(node, fx);
                 self.pump_queue(now, fx);
             }
             return;
@@ -1651,6 +1663,16 @@ mod tests {
         assert_eq!(again, sent);
         assert_eq!(fx.modules, vec![sha3_256(MODULE)]);
         assert!(fx.journal.is_empty(), "nothing new to journal");
+    }
+
+    #[test]
+    fn a_node_coming_back_online_gets_its_outstanding_assignments_again() {
+        let mut f = fixture(2);
+        let sent = assignments(&f.submit("back", "receipt"))[0];
+        let fx = f.frame(sent.0, NodeTopic::Status, b"online");
+        assert_eq!(assignments(&fx), vec![sent]);
+        let other = f.nodes.iter().map(Identity::node_id).find(|n| *n != sent.0).unwrap();
+        assert!(assignments(&f.frame(other, NodeTopic::Status, b"online")).is_empty());
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Option<Mosquitto> {
+        Self::start_on(free_port())
+    }
+
+    /// Starts on `port` (to restart one in place). `None` if mosquitto is not installed.
+    pub fn start_on(port: u16) -> Option<Mosquitto> {
         let binary = [
             "/usr/sbin/mosquitto",
             "/usr/bin/mosquitto",
@@ -89,9 +94,8 @@ impl Mosquitto {
         .into_iter()
         .find(|p| Path::new(p).exists())?;
         let dir = tempfile::tempdir().ok()?;
-        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n")).ok()?;
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 100000\n")).ok()?;
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -129,8 +133,23 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts with the embedded broker on `port` (0 for any), or on `external` broker.
     pub fn start(data_dir: &Path, port: u16, external: Option<&str>) -> Coordinator {
+        Self::start_with(data_dir, port, external, "")
+    }
+
+    /// As [`Coordinator::start`], with `config` (TOML) as its configuration file.
+    pub fn start_with(
+        data_dir: &Path,
+        port: u16,
+        external: Option<&str>,
+        config: &str,
+    ) -> Coordinator {
+        std::fs::create_dir_all(data_dir).expect("create the data directory");
+        let config_path = data_dir.join("coordinator.toml");
+        std::fs::write(&config_path, config).expect("write the configuration");
         let mut cmd = Command::new(bin("ambient"));
         cmd.arg("coordinator")
+            .arg("--config")
+            .arg(&config_path)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("-v");
