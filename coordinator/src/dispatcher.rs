@@ -448,7 +448,10 @@ impl Dispatcher {
             }
         }
         if resent > 0 {
-            info!(assignments = resent, "broker connected; outstanding assignments sent again");
+            info!(
+                assignments = resent,
+                "broker connected; outstanding assignments sent again"
+            );
         }
     }
 
@@ -647,6 +650,12 @@ impl Dispatcher {
         self.registry.task_finished(&node);
         let task_id = report.task_id.clone();
         match report.body {
+            ReportBody::Refused(Refusal::Busy) => {
+                // Not the task's failure: the node runs more than was counted. It rests until
+                // its next report or sample, and the task goes elsewhere or waits in the queue.
+                self.registry.refused_busy(&node);
+                self.pump(now, &task_id, fx);
+            }
             ReportBody::Refused(reason) => {
                 let why = match reason {
                     Refusal::Breaker(r) => format!("node {node} refused: breaker open ({r})"),
@@ -671,12 +680,7 @@ impl Dispatcher {
                 let Some(public_key) = self.registry.public_key(&node).copied() else {
                     self.dropped.unknown_node += 1;
                     job.avoided.push(node);
-                    self.fail_attempt(
-                        now,
-                        &task_id,
-                        format!("node {node} is not registered"),
-                        fx,
-                    );
+                    self.fail_attempt(now, &task_id, format!("node {node} is not registered"), fx);
                     return;
                 };
                 let expected = Expected {
@@ -1160,10 +1164,13 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Insert(t) => {
-                        self.tasks.borrow_mut().entry(t.task_id.clone()).or_insert(Known {
-                            spec_json: t.spec_json.clone(),
-                            result_json: None,
-                        });
+                        self.tasks
+                            .borrow_mut()
+                            .entry(t.task_id.clone())
+                            .or_insert(Known {
+                                spec_json: t.spec_json.clone(),
+                                result_json: None,
+                            });
                     }
                     Op::Dispatch {
                         task_id,
@@ -1430,7 +1437,10 @@ mod tests {
     }
 
     fn error_message(ev: &TaskEvent) -> String {
-        ev.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()
+        ev.error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -1438,7 +1448,10 @@ mod tests {
         let mut f = fixture(1);
         let fx = f.submit("t0", "receipt");
         assert_eq!(assignments(&fx).len(), 1, "dispatch goes before the commit");
-        assert!(matches!(fx.journal[..], [Op::PutModule { .. }, Op::Insert(_), Op::Dispatch { .. }]));
+        assert!(matches!(
+            fx.journal[..],
+            [Op::PutModule { .. }, Op::Insert(_), Op::Dispatch { .. }]
+        ));
         let evs = events(&fx);
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].1.status, EventStatus::Accepted);
@@ -1456,7 +1469,10 @@ mod tests {
         let done = finals(&f.answer("t1", sent[0], b"out"));
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].status, EventStatus::Completed);
-        assert_eq!(done[0].output_b64.as_deref(), Some(B64.encode(b"out").as_str()));
+        assert_eq!(
+            done[0].output_b64.as_deref(),
+            Some(B64.encode(b"out").as_str())
+        );
         assert!(finals(&f.answer("t1", sent[0], b"out")).is_empty());
         assert_eq!(f.d.dropped().stale_reports, 1);
         let paid = f.journal.paid.borrow();
@@ -1540,7 +1556,10 @@ mod tests {
         let verdict = done[0].verdict.clone().unwrap();
         assert_eq!((verdict.replicas, verdict.agreeing), (3, 2));
         assert_eq!(verdict.disputed, vec![sent[1].0.to_hex().to_string()]);
-        assert_eq!(f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(), 2);
+        assert_eq!(
+            f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(),
+            2
+        );
     }
 
     #[test]
@@ -1556,7 +1575,11 @@ mod tests {
     fn a_task_no_node_can_take_fails_after_the_queue_timeout_naming_the_requirement() {
         let mut f = fixture(2);
         let fx = f.submit_json(serde_json::json!({"task_id": "sparc", "module_b64": B64.encode(MODULE), "requires": {"arch": "sparc"}}));
-        assert_eq!(events(&fx)[0].1.status, EventStatus::Accepted, "nodes may still join");
+        assert_eq!(
+            events(&fx)[0].1.status,
+            EventStatus::Accepted,
+            "nodes may still join"
+        );
         assert!(assignments(&fx).is_empty());
         // Node traffic re-tries the queue; it must not restart the clock.
         for _ in 0..9 {
@@ -1567,8 +1590,14 @@ mod tests {
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].status, EventStatus::Failed);
         let message = error_message(&done[0]);
-        assert!(message.contains("no registered node has arch \"sparc\""), "{message}");
-        assert!(message.contains("aarch64"), "names what is registered: {message}");
+        assert!(
+            message.contains("no registered node has arch \"sparc\""),
+            "{message}"
+        );
+        assert!(
+            message.contains("aarch64"),
+            "names what is registered: {message}"
+        );
     }
 
     #[test]
@@ -1582,8 +1611,14 @@ mod tests {
         let done = finals(&f.advance(Duration::from_secs(11)));
         assert_eq!(done.len(), 1);
         let message = error_message(&done[0]);
-        assert!(message.contains("needs 7 distinct nodes and 3"), "{message}");
-        assert!(f.journal.paid.borrow().is_empty(), "no majority of 7, nothing paid");
+        assert!(
+            message.contains("needs 7 distinct nodes and 3"),
+            "{message}"
+        );
+        assert!(
+            f.journal.paid.borrow().is_empty(),
+            "no majority of 7, nothing paid"
+        );
     }
 
     #[test]
@@ -1604,7 +1639,11 @@ mod tests {
         assert_eq!(events(&again)[0].1.status, EventStatus::Accepted);
         let done = finals(&f.answer("dup", sent, b"out"));
         let after = f.submit("dup", "receipt");
-        assert_eq!(finals(&after), done, "a finished task answers with its stored result");
+        assert_eq!(
+            finals(&after),
+            done,
+            "a finished task answers with its stored result"
+        );
     }
 
     #[test]
@@ -1614,7 +1653,16 @@ mod tests {
         let report = f.report("same-turn", sent, b"out", Exit::Ok, f.identity(sent.0));
         let json = serde_json::json!({"task_id": "same-turn", "module_b64": B64.encode(MODULE), "input": "in", "verify": "receipt"}).to_string();
         let mut fx = Effects::default();
-        f.d.handle(f.now, Input::Frame { node: sent.0, leaf: NodeTopic::Results, frame: &report }, &f.journal, &mut fx);
+        f.d.handle(
+            f.now,
+            Input::Frame {
+                node: sent.0,
+                leaf: NodeTopic::Results,
+                frame: &report,
+            },
+            &f.journal,
+            &mut fx,
+        );
         f.d.handle(f.now, Input::Submit(json.as_bytes()), &f.journal, &mut fx);
         let done = finals(&fx);
         assert_eq!(done.len(), 2);
@@ -1627,7 +1675,12 @@ mod tests {
         let sent = assignments(&f.submit("c", "receipt"))[0];
         let check = |fx: &Effects| {
             let evs = events(fx);
-            assert!(evs.iter().any(|(t, e)| t.ends_with("/c/result") && e.status == EventStatus::Rejected && e.error.as_ref().unwrap().code == "conflict"), "{evs:?}");
+            assert!(
+                evs.iter().any(|(t, e)| t.ends_with("/c/result")
+                    && e.status == EventStatus::Rejected
+                    && e.error.as_ref().unwrap().code == "conflict"),
+                "{evs:?}"
+            );
             assert!(fx.journal.is_empty() && assignments(fx).is_empty());
         };
         check(&f.submit("c", "replicate:2"));
@@ -1648,7 +1701,10 @@ mod tests {
         let fx = f.step(Input::Submit(b"\xff not json at all"));
         let evs = events(&fx);
         assert_eq!(evs.len(), 1);
-        assert_eq!((evs[0].0.as_str(), evs[0].1.task_id.as_str()), (topics::REJECTED, ""));
+        assert_eq!(
+            (evs[0].0.as_str(), evs[0].1.task_id.as_str()),
+            (topics::REJECTED, "")
+        );
     }
 
     #[test]
@@ -1666,12 +1722,58 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_refusal_is_not_a_failure_and_the_node_rests_until_it_reports() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("busy", "receipt"))[0];
+        let refusal = Envelope::new(Message::Report(Report {
+            task_id: TaskId::new("busy").unwrap(),
+            attempt: sent.1,
+            node: sent.0,
+            body: ReportBody::Refused(Refusal::Busy),
+        }))
+        .to_vec();
+        for _ in 0..5 {
+            let fx = f.frame(sent.0, NodeTopic::Results, &refusal);
+            assert!(finals(&fx).is_empty(), "busy refusals do not fail the task");
+            assert!(assignments(&fx).is_empty(), "the busy node rests");
+        }
+        // Its next sample makes it available again, and the task goes out.
+        let telemetry = Telemetry {
+            node: sent.0,
+            seq: 2,
+            boot_id: 1,
+            sample: TelemetrySample {
+                latency_us: Some(1_000),
+                mem_free_bytes: Some(4 << 30),
+                ..TelemetrySample::default()
+            },
+        };
+        let signature = sign_message(&f.nodes[0], SignedTelemetry::TAG, &telemetry).unwrap();
+        let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
+            telemetry,
+            signature,
+        }))
+        .to_vec();
+        let fx = f.frame(sent.0, NodeTopic::Telemetry, &frame);
+        assert_eq!(
+            assignments(&fx),
+            vec![(sent.0, sent.1 + 1)],
+            "placed once the node reported"
+        );
+    }
+
+    #[test]
     fn a_node_coming_back_online_gets_its_outstanding_assignments_again() {
         let mut f = fixture(2);
         let sent = assignments(&f.submit("back", "receipt"))[0];
         let fx = f.frame(sent.0, NodeTopic::Status, b"online");
         assert_eq!(assignments(&fx), vec![sent]);
-        let other = f.nodes.iter().map(Identity::node_id).find(|n| *n != sent.0).unwrap();
+        let other = f
+            .nodes
+            .iter()
+            .map(Identity::node_id)
+            .find(|n| *n != sent.0)
+            .unwrap();
         assert!(assignments(&f.frame(other, NodeTopic::Status, b"online")).is_empty());
     }
 
@@ -1690,7 +1792,11 @@ mod tests {
         let fx = f.step(Input::Connected);
         assert_eq!(assignments(&fx), vec![sent], "same node, same attempt");
         let done = finals(&f.answer("crash", sent, b"out"));
-        assert_eq!(done.len(), 1, "the report of the adopted attempt is not stale");
+        assert_eq!(
+            done.len(),
+            1,
+            "the report of the adopted attempt is not stale"
+        );
         assert_eq!(done[0].status, EventStatus::Completed);
         assert_eq!(f.journal.paid.borrow().len(), 1);
     }
@@ -1707,7 +1813,10 @@ mod tests {
         .to_vec();
         let p = pong(node, NodeTopic::Telemetry, &frame).unwrap();
         assert_eq!(p.topic, topics::node(&node, NodeTopic::Tasks).as_str());
-        assert!(matches!(Envelope::decode(&p.payload).unwrap().message, Message::Pong(Pong { nonce: 42 })));
+        assert!(matches!(
+            Envelope::decode(&p.payload).unwrap().message,
+            Message::Pong(Pong { nonce: 42 })
+        ));
         assert_eq!(pong(other, NodeTopic::Telemetry, &frame), None);
         assert_eq!(pong(node, NodeTopic::Results, &frame), None);
     }

@@ -20,7 +20,12 @@ pub enum Session {
 
 /// Options for a client: keep-alive 10 s, large packets, TCP_NODELAY (Nagle's algorithm
 /// costs 40+ ms per round trip on small request/response packets).
-pub fn connect(host: &str, port: u16, client_id: &str, session: Session) -> (AsyncClient, EventLoop) {
+pub fn connect(
+    host: &str,
+    port: u16,
+    client_id: &str,
+    session: Session,
+) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(10))
         .set_clean_session(session == Session::Clean)

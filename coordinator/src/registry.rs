@@ -215,6 +215,10 @@ struct Node {
     reputation: Reputation,
     terms: HealthTerms,
     in_flight: u32,
+    /// The node refused a task as busy: it runs more than `in_flight` counts (tasks from before
+    /// a coordinator restart, attempts given up on that still run). Not available until its next
+    /// report or telemetry sample.
+    refused_busy: bool,
     /// The keys this node is indexed under, if it is available for work.
     indexed: Option<Keys>,
 }
@@ -303,6 +307,7 @@ impl Node {
         self.live
             && !self.offline
             && self.admitting
+            && !self.refused_busy
             && self.in_flight < u32::from(self.max_concurrency)
             && self
                 .sample
@@ -480,6 +485,7 @@ impl Registry {
                     reputation: Reputation::default(),
                     terms: HealthTerms::default(),
                     in_flight: 0,
+                    refused_busy: false,
                     indexed: None,
                 })
             }
@@ -519,6 +525,7 @@ impl Registry {
         log_transition(id, node.breaker.observe(now_ms, &t.sample));
         node.admitting = node.breaker.is_admitting(now_ms);
         node.sample = Some(t.sample.clone());
+        node.refused_busy = false;
         node.rescore(&self.config.score);
         refresh(&mut self.deadlines, self.config.liveness, id, node, now);
         reindex(&mut self.placement, id, node);
@@ -599,6 +606,17 @@ impl Registry {
     pub fn task_finished(&mut self, node: &NodeId) {
         if let Some(entry) = self.nodes.get_mut(node) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
+            entry.refused_busy = false;
+            reindex(&mut self.placement, *node, entry);
+        }
+    }
+
+    /// The node refused a task because all its slots are taken, although fewer tasks are
+    /// counted in flight (it still runs tasks from before a coordinator restart, or attempts
+    /// given up on): it is not chosen again until its next report or telemetry sample.
+    pub fn refused_busy(&mut self, node: &NodeId) {
+        if let Some(entry) = self.nodes.get_mut(node) {
+            entry.refused_busy = true;
             reindex(&mut self.placement, *node, entry);
         }
     }
@@ -706,9 +724,17 @@ impl Registry {
                 "no registered node has the arch, engine and labels asked for together".into(),
             );
         }
-        let most = matching.iter().map(|n| n.mem_free_bytes()).max().unwrap_or(0);
+        let most = matching
+            .iter()
+            .map(|n| n.mem_free_bytes())
+            .max()
+            .unwrap_or(0);
         if most < req.memory_bytes {
-            let total = matching.iter().map(|n| n.mem_total_bytes).max().unwrap_or(0);
+            let total = matching
+                .iter()
+                .map(|n| n.mem_total_bytes)
+                .max()
+                .unwrap_or(0);
             return Some(format!(
                 "limits.memory_bytes {} is more than any matching node has free ({most} bytes free, {total} bytes in all on the largest)",
                 req.memory_bytes

@@ -326,9 +326,7 @@ async fn publish_loop(
             }
             // An acknowledgement belongs to the connection its publish arrived on; after a
             // reconnect the broker sends the publish again and that copy is acknowledged.
-            Outbound::Ack(p, at) if at == generation.load(Ordering::SeqCst) => {
-                client.ack(&p).await
-            }
+            Outbound::Ack(p, at) if at == generation.load(Ordering::SeqCst) => client.ack(&p).await,
             Outbound::Ack(..) => Ok(()),
         };
         if let Err(e) = sent {
@@ -418,7 +416,14 @@ fn dispatch_loop(
 }
 
 /// Decodes a topic into the dispatcher's input.
-fn route(d: &mut Dispatcher, now: Now, topic: &str, payload: &[u8], store: &Store, fx: &mut Effects) {
+fn route(
+    d: &mut Dispatcher,
+    now: Now,
+    topic: &str,
+    payload: &[u8],
+    store: &Store,
+    fx: &mut Effects,
+) {
     let input = if topic == topics::SUBMIT {
         Input::Submit(payload)
     } else if let Some((node, leaf)) = topics::parse_node(topic) {

@@ -58,11 +58,17 @@ fn journaled(db: &Path) -> (usize, usize) {
 
 /// Every task completed with its own count, each agreeing node was credited exactly once, and
 /// the ledger's chain and books verify.
-fn assert_all_completed_and_paid_once(db: &Path, subs: &[Submission], events: &HashMap<String, TaskEvent>) {
+fn assert_all_completed_and_paid_once(
+    db: &Path,
+    subs: &[Submission],
+    events: &HashMap<String, TaskEvent>,
+) {
     let store = Store::open_read_only(db).unwrap();
     for s in subs {
         let id = s.task_id.as_deref().unwrap();
-        let ev = events.get(id).unwrap_or_else(|| panic!("{id}: no final event"));
+        let ev = events
+            .get(id)
+            .unwrap_or_else(|| panic!("{id}: no final event"));
         assert_eq!(ev.status, EventStatus::Completed, "{id}: {:?}", ev.error);
         assert_eq!(
             ev.output_b64, s.input_b64,
@@ -70,7 +76,11 @@ fn assert_all_completed_and_paid_once(db: &Path, subs: &[Submission], events: &H
         );
         let agreeing = ev.verdict.as_ref().unwrap().agreeing;
         let paid = store.task_earnings(&TaskId::new(id).unwrap()).unwrap();
-        assert_eq!(paid.len(), agreeing, "{id}: each agreeing node credited exactly once");
+        assert_eq!(
+            paid.len(),
+            agreeing,
+            "{id}: each agreeing node credited exactly once"
+        );
     }
     let check = store.verify_ledger().unwrap();
     assert!(check.is_ok(), "ledger verifies: {check:?}");
@@ -180,18 +190,27 @@ async fn a_mosquitto_restart_with_500_in_flight_loses_no_task_and_needs_no_retry
         || "50 tasks finished".into(),
     );
     m.proc.kill9();
-    assert!(journaled(&db).1 < 500, "the broker died with tasks in flight");
+    assert!(
+        journaled(&db).1 < 500,
+        "the broker died with tasks in flight"
+    );
     let _m = Mosquitto::start_on(port).expect("mosquitto restarts on its port");
     let events = batch.await.unwrap().unwrap();
     assert_eq!(events.len(), 500, "a final event for every task");
     assert_all_completed_and_paid_once(&db, &subs, &events);
-    // A lost assignment would have waited out its dispatch deadline and run as attempt 2;
-    // assignments are sent again on reconnect under the same attempt instead.
+    // A lost assignment would have waited out its dispatch deadline and been dispatched again
+    // under a new attempt; assignments are sent again on reconnect under the same attempt.
+    let store = Store::open_read_only(&db).unwrap();
     for ev in events.values() {
-        let attempts: Vec<u16> = ev.receipts.iter().map(|r| r.attempt).collect();
-        assert!(
-            attempts.iter().all(|a| *a == 1),
-            "{}: needed a retry ({attempts:?})",
+        let row = store
+            .task(&TaskId::new(&ev.task_id).unwrap())
+            .unwrap()
+            .unwrap();
+        let replicas = ev.verdict.as_ref().unwrap().replicas;
+        assert_eq!(
+            usize::from(row.attempts),
+            replicas,
+            "{}: dispatched more often than it has replicas",
             ev.task_id
         );
     }
@@ -275,7 +294,10 @@ async fn a_task_id_is_idempotent_for_the_same_content_and_a_conflict_for_other_c
         .run_batch(&[spin("same", &module, 5)], Duration::from_secs(60), |_| {})
         .await
         .unwrap();
-    assert_eq!(again["same"], first["same"], "the stored result, not a second run");
+    assert_eq!(
+        again["same"], first["same"],
+        "the stored result, not a second run"
+    );
     let other = client
         .run_batch(&[spin("same", &module, 6)], Duration::from_secs(60), |_| {})
         .await
@@ -284,24 +306,40 @@ async fn a_task_id_is_idempotent_for_the_same_content_and_a_conflict_for_other_c
     assert_eq!(other["same"].status, EventStatus::Rejected);
     assert_eq!(other["same"].error.as_ref().unwrap().code, "conflict");
     let store = Store::open_read_only(&c.db()).unwrap();
-    assert_eq!(store.task_earnings(&TaskId::new("same").unwrap()).unwrap().len(), 1);
+    assert_eq!(
+        store
+            .task_earnings(&TaskId::new("same").unwrap())
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_answered_on_the_rejected_topic() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    // A node registered means the coordinator is subscribed.
+    let _a = agent(&c.url, &dir.path().join("a0"), "pi4");
+    c.wait_for_nodes(1);
     let (host, port) = ambient_coordinator::parse_broker_url(&c.url).unwrap();
     let (raw, mut el) = AsyncClient::new(MqttOptions::new("raw-rejected", host, port), 10);
-    raw.subscribe(topics::REJECTED, QoS::AtLeastOnce).await.unwrap();
+    raw.subscribe(topics::REJECTED, QoS::AtLeastOnce)
+        .await
+        .unwrap();
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
             break;
         }
     }
-    raw.publish(topics::SUBMIT, QoS::AtLeastOnce, false, br#"{"task_id": "torn", "modu"#.to_vec())
-        .await
-        .unwrap();
+    raw.publish(
+        topics::SUBMIT,
+        QoS::AtLeastOnce,
+        false,
+        br#"{"task_id": "torn", "modu"#.to_vec(),
+    )
+    .await
+    .unwrap();
     let event: TaskEvent = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {

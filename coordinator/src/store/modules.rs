@@ -16,7 +16,10 @@ impl Batch<'_> {
     /// [`StoreError::Sqlite`].
     pub fn put_module(&mut self, hash: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
         self.run("store a module", |b| {
-            Ok(b.tx.prepare_cached(INSERT_MODULE)?.execute((hash.0, bytes))? == 1)
+            Ok(b.tx
+                .prepare_cached(INSERT_MODULE)?
+                .execute((hash.0, bytes))?
+                == 1)
         })
     }
 }
@@ -32,7 +35,9 @@ impl Store {
     /// [`StoreError::Sqlite`], including on a read-only store.
     pub fn put_module(&self, hash: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
         self.read("store a module", |conn| {
-            let changed = conn.prepare_cached(INSERT_MODULE)?.execute((hash.0, bytes))?;
+            let changed = conn
+                .prepare_cached(INSERT_MODULE)?
+                .execute((hash.0, bytes))?;
             Ok(changed == 1)
         })
     }

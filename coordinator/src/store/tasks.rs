@@ -385,7 +385,8 @@ impl Store {
                 let attempt: Option<i64> = row.get(6)?;
                 if let (Some(node), Some(attempt), Some(task)) = (node, attempt, out.last_mut()) {
                     // The primary key (task, attempt, node) makes each pair unique.
-                    task.dispatches.push((parse_attempts(attempt)?, NodeId(node)));
+                    task.dispatches
+                        .push((parse_attempts(attempt)?, NodeId(node)));
                 }
             }
             Ok(out)
