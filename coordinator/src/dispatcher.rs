@@ -268,6 +268,10 @@ pub struct Recovered {
     pub tasks: Vec<JournaledTask>,
     /// Every stored module ([`Store::module_hashes`](crate::store::Store::module_hashes)).
     pub modules: Vec<Digest>,
+    /// Final events of tasks finished shortly before the restart
+    /// ([`Store::finished_since`](crate::store::Store::finished_since)): published again on the
+    /// first connection, since the last ones may have been committed but never sent.
+    pub finished: Vec<(TaskId, String)>,
 }
 
 /// One outstanding placement; its deadline lives in `Dispatcher::deadlines`.
@@ -335,6 +339,8 @@ pub struct Dispatcher {
     dropped: Dropped,
     next_id: u64,
     rng: rand::rngs::StdRng,
+    /// [`Recovered::finished`], until the first connection publishes it.
+    unsent: Vec<(TaskId, String)>,
 }
 
 impl Dispatcher {
@@ -361,6 +367,7 @@ impl Dispatcher {
             dropped: Dropped::default(),
             next_id: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
+            unsent: recovered.finished,
         };
         for t in recovered.tasks {
             let spec = match serde_json::from_str::<TaskSpec>(&t.spec_json) {
@@ -439,6 +446,12 @@ impl Dispatcher {
     /// in flight (a restarted broker, a session not kept), so send both again. Agents
     /// deduplicate assignments by task and attempt.
     fn on_connected(&mut self, fx: &mut Effects) {
+        for (id, json) in self.unsent.drain(..) {
+            fx.events.push(Publish::reliable(
+                topics::task_result(&id).as_str(),
+                json.into_bytes(),
+            ));
+        }
         fx.modules.extend(self.modules.iter().copied());
         let mut resent = 0;
         for job in self.jobs.values() {
@@ -1230,6 +1243,7 @@ mod tests {
             Recovered {
                 tasks: unfinished,
                 modules: vec![sha3_256(MODULE)],
+                finished: Vec::new(),
             }
         }
     }
@@ -1799,6 +1813,30 @@ mod tests {
         );
         assert_eq!(done[0].status, EventStatus::Completed);
         assert_eq!(f.journal.paid.borrow().len(), 1);
+    }
+
+    #[test]
+    fn final_events_finished_just_before_a_crash_are_published_again_once() {
+        let now = Now {
+            at: Instant::now(),
+            unix_ms: 1,
+        };
+        let id = TaskId::new("done").unwrap();
+        let recovered = Recovered {
+            finished: vec![(
+                id.clone(),
+                "{\"task_id\":\"done\",\"status\":\"completed\"}".into(),
+            )],
+            ..Recovered::default()
+        };
+        let mut d = Dispatcher::recover(config(), registry(), recovered, now, 1);
+        let mut fx = Effects::default();
+        d.handle(now, Input::Connected, &Mem::default(), &mut fx);
+        assert_eq!(fx.events.len(), 1);
+        assert_eq!(fx.events[0].topic, topics::task_result(&id).as_str());
+        fx.clear();
+        d.handle(now, Input::Connected, &Mem::default(), &mut fx);
+        assert!(fx.events.is_empty(), "only after the restart");
     }
 
     #[test]

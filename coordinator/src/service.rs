@@ -77,6 +77,10 @@ pub enum CoordinatorError {
 pub const INBOUND: usize = 4096;
 /// Most inputs handled in one loop turn, that is, under one commit.
 pub const MAX_TURN: usize = 2048;
+/// At start, the final events of tasks finished this recently (in ms) are published again: a
+/// crash between a commit and its publishes would otherwise leave a client that saw `accepted`
+/// waiting for an event that was journaled but never sent.
+const REPUBLISH_FINISHED_MS: u64 = 60_000;
 /// How often time advances for dispatch deadlines and queue timeouts.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -157,15 +161,17 @@ impl Coordinator {
         })?;
         let db = config.db_path();
         let store = Store::open(&db)?;
+        let now = Now::read();
         let recovered = Recovered {
             tasks: store.unfinished_tasks()?,
             modules: store.module_hashes()?,
+            finished: store.finished_since(now.unix_ms.saturating_sub(REPUBLISH_FINISHED_MS))?,
         };
         let dispatcher = Dispatcher::recover(
             config.dispatch.clone(),
             Registry::new(config.registry.clone()),
             recovered,
-            Now::read(),
+            now,
             rand::random(),
         );
         info!(db = %db.display(), broker = %format!("mqtt://{host}:{port}"), "coordinator starting");

@@ -118,6 +118,33 @@ impl Store {
         })
     }
 
+    /// The final events of tasks finished at or after `since_ms` (Unix milliseconds), oldest
+    /// first: after a crash, the coordinator publishes them again, since one may have been
+    /// committed and not yet published when it died.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`]; [`StoreError::Corrupt`] for a malformed task id.
+    pub fn finished_since(&self, since_ms: u64) -> Result<Vec<(TaskId, String)>, StoreError> {
+        self.read("list recently finished tasks", |conn| {
+            let since = i64::try_from(since_ms).unwrap_or(i64::MAX);
+            let mut stmt = conn.prepare_cached(
+                "SELECT t.task_id, r.result_json
+                 FROM tasks t JOIN task_results r ON r.task_seq = t.seq
+                 WHERE t.finished_ms >= ?1 ORDER BY t.seq",
+            )?;
+            let rows = stmt.query_map([since], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, json) = row?;
+                let id = TaskId::new(&id)
+                    .ok_or_else(|| super::Fail::Corrupt(format!("task id {id:?} is malformed")))?;
+                out.push((id, json));
+            }
+            Ok(out)
+        })
+    }
+
     /// What the journal holds under `task_id`, or `None` if it was never journaled.
     ///
     /// # Errors
