@@ -663,10 +663,12 @@ impl Dispatcher {
         self.registry.task_finished(&node);
         let task_id = report.task_id.clone();
         match report.body {
-            ReportBody::Refused(Refusal::Busy) => {
-                // Not the task's failure: the node runs more than was counted. It rests until
-                // its next report or sample, and the task goes elsewhere or waits in the queue.
-                self.registry.refused_busy(&node);
+            ReportBody::Refused(Refusal::Busy | Refusal::Breaker(_) | Refusal::ShuttingDown) => {
+                // Not the task's failure: the node is full, unwell or leaving, which the registry
+                // did not know yet. It rests until its next report or sample, and the task goes
+                // elsewhere or waits in the queue (whose timeout still ends it).
+                self.registry.rest(&node);
+                job.avoided.push(node);
                 self.pump(now, &task_id, fx);
             }
             ReportBody::Refused(reason) => {
@@ -1736,7 +1738,7 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_refusal_is_not_a_failure_and_the_node_rests_until_it_reports() {
+    fn a_busy_refusal_is_not_a_failure_and_the_node_rests_until_it_reports_again() {
         let mut f = fixture(1);
         let sent = assignments(&f.submit("busy", "receipt"))[0];
         let refusal = Envelope::new(Message::Report(Report {

@@ -215,10 +215,10 @@ struct Node {
     reputation: Reputation,
     terms: HealthTerms,
     in_flight: u32,
-    /// The node refused a task as busy: it runs more than `in_flight` counts (tasks from before
-    /// a coordinator restart, attempts given up on that still run). Not available until its next
-    /// report or telemetry sample.
-    refused_busy: bool,
+    /// The node refused a task for a reason of its own (all slots taken, its own breaker open,
+    /// shutting down) that the registry did not know yet. Not available until its next report or
+    /// telemetry sample, which says where it stands.
+    resting: bool,
     /// The keys this node is indexed under, if it is available for work.
     indexed: Option<Keys>,
 }
@@ -307,7 +307,7 @@ impl Node {
         self.live
             && !self.offline
             && self.admitting
-            && !self.refused_busy
+            && !self.resting
             && self.in_flight < u32::from(self.max_concurrency)
             && self
                 .sample
@@ -485,7 +485,7 @@ impl Registry {
                     reputation: Reputation::default(),
                     terms: HealthTerms::default(),
                     in_flight: 0,
-                    refused_busy: false,
+                    resting: false,
                     indexed: None,
                 })
             }
@@ -525,7 +525,7 @@ impl Registry {
         log_transition(id, node.breaker.observe(now_ms, &t.sample));
         node.admitting = node.breaker.is_admitting(now_ms);
         node.sample = Some(t.sample.clone());
-        node.refused_busy = false;
+        node.resting = false;
         node.rescore(&self.config.score);
         refresh(&mut self.deadlines, self.config.liveness, id, node, now);
         reindex(&mut self.placement, id, node);
@@ -606,17 +606,18 @@ impl Registry {
     pub fn task_finished(&mut self, node: &NodeId) {
         if let Some(entry) = self.nodes.get_mut(node) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
-            entry.refused_busy = false;
+            entry.resting = false;
             reindex(&mut self.placement, *node, entry);
         }
     }
 
-    /// The node refused a task because all its slots are taken, although fewer tasks are
-    /// counted in flight (it still runs tasks from before a coordinator restart, or attempts
-    /// given up on): it is not chosen again until its next report or telemetry sample.
-    pub fn refused_busy(&mut self, node: &NodeId) {
+    /// The node refused a task for a reason of its own that the registry did not know (all its
+    /// slots taken by tasks from before a coordinator restart or attempts given up on, its own
+    /// breaker open, shutting down): it is not chosen again until its next report or telemetry
+    /// sample.
+    pub fn rest(&mut self, node: &NodeId) {
         if let Some(entry) = self.nodes.get_mut(node) {
-            entry.refused_busy = true;
+            entry.resting = true;
             reindex(&mut self.placement, *node, entry);
         }
     }
