@@ -32,6 +32,19 @@ qemu-aarch64 -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu
   --name qemu-aarch64 >"$work/agent.log" 2>&1 &
 pids+=($!)
 
+# Wait until the emulated agent is registered: a task no node can take fails after the
+# coordinator's queue timeout (60 s), and the agent starts slowly under emulation.
+online=""
+for _ in $(seq 1 300); do
+  if "$ambient" nodes --json --data-dir "$work/coordinator" 2>/dev/null \
+    | python3 -c 'import json, sys; sys.exit(0 if any(n.get("online") for n in json.load(sys.stdin)) else 1)'; then
+    online=yes
+    break
+  fi
+  sleep 1
+done
+[ -n "$online" ] || { cat "$work/agent.log"; echo "the aarch64 agent did not come online" >&2; exit 1; }
+
 # The first held-out digit: 64 pixel bytes, then its label.
 head -c 64 tasks/digits-model/data/heldout.bin >"$work/digit.bin"
 label=$(od -An -tu1 -j64 -N1 tasks/digits-model/data/heldout.bin | tr -d ' ')
