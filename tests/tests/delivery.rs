@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use ambient_coordinator::client::Client;
+use ambient_coordinator::client::{Client, ClientError};
 use ambient_coordinator::store::Store;
 use ambient_coordinator::{EventStatus, LimitsJson, RequiresJson, Submission, TaskEvent};
 use ambient_core::{TaskId, topics};
@@ -15,22 +15,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-/// A plain-ABI module that counts to the little-endian u64 in its input, then returns it.
-const SPIN_WAT: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) (i32.const 16))
-  (func (export "run") (param $p i32) (param $n i32) (result i64)
-    (local $i i64) (local $end i64)
-    (local.set $end (i64.load (local.get $p)))
-    (block $done (loop $l
-      (br_if $done (i64.ge_u (local.get $i) (local.get $end)))
-      (local.set $i (i64.add (local.get $i) (i64.const 1)))
-      (br $l)))
-    (i64.store (i32.const 64) (local.get $i))
-    (i64.or (i64.shl (i64.const 64) (i64.const 32)) (i64.const 8))))
-"#;
 
 fn spin(id: &str, module: &str, iterations: u64) -> Submission {
     Submission {
@@ -40,6 +24,31 @@ fn spin(id: &str, module: &str, iterations: u64) -> Submission {
         input_b64: Some(B64.encode(iterations.to_le_bytes())),
         ..Submission::default()
     }
+}
+
+/// Publishes the spin module and returns its hash as hex.
+async fn publish_spin(client: &Client) -> String {
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    client
+        .publish_module(&module)
+        .await
+        .unwrap()
+        .to_hex()
+        .to_string()
+}
+
+/// Runs the batch on its own task (so the test can kill things meanwhile) and disconnects.
+fn in_background(
+    mut client: Client,
+    subs: Vec<Submission>,
+) -> tokio::task::JoinHandle<Result<HashMap<String, TaskEvent>, ClientError>> {
+    tokio::spawn(async move {
+        let events = client
+            .run_batch(&subs, Duration::from_secs(120), |_| {})
+            .await;
+        client.disconnect().await;
+        events
+    })
 }
 
 fn mosquitto() -> Mosquitto {
@@ -93,33 +102,15 @@ async fn kill_the_coordinator_mid_batch(external: Option<&str>) {
     let data = dir.path().join("c");
     let port = if external.is_some() { 0 } else { free_port() };
     let mut c = Coordinator::start(&data, port, external);
-    let _agents: Vec<Proc> = ["pi4", "pi5"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
-        .collect();
+    let _agents = agents(&c.url, dir.path(), &["pi4", "pi5"]);
     c.wait_for_nodes(2);
     let url = c.url.clone();
-    let mut client = Client::connect(&url).await.unwrap();
-    let module = client
-        .publish_module(&wat::parse_str(SPIN_WAT).unwrap())
-        .await
-        .unwrap()
-        .to_hex()
-        .to_string();
+    let client = Client::connect(&url).await.unwrap();
+    let module = publish_spin(&client).await;
     let subs: Vec<Submission> = (0..300)
         .map(|i| spin(&format!("k{i}"), &module, 200_000 + i))
         .collect();
-    let batch = {
-        let subs = subs.clone();
-        tokio::spawn(async move {
-            let events = client
-                .run_batch(&subs, Duration::from_secs(120), |_| {})
-                .await;
-            client.disconnect().await;
-            events
-        })
-    };
+    let batch = in_background(client, subs.clone());
     let db = c.db();
     wait_until(
         Duration::from_secs(60),
@@ -157,32 +148,14 @@ async fn a_mosquitto_restart_with_500_in_flight_loses_no_task_and_needs_no_retry
     let port: u16 = m.url.rsplit(':').next().unwrap().parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
-    let _agents: Vec<Proc> = ["pi4", "pi5", "jetson-orin-nano"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
-        .collect();
+    let _agents = agents(&c.url, dir.path(), &["pi4", "pi5", "jetson-orin-nano"]);
     c.wait_for_nodes(3);
-    let mut client = Client::connect(&c.url).await.unwrap();
-    let module = client
-        .publish_module(&wat::parse_str(SPIN_WAT).unwrap())
-        .await
-        .unwrap()
-        .to_hex()
-        .to_string();
+    let client = Client::connect(&c.url).await.unwrap();
+    let module = publish_spin(&client).await;
     let subs: Vec<Submission> = (0..500)
         .map(|i| spin(&format!("m{i}"), &module, 2_000_000 + i))
         .collect();
-    let batch = {
-        let subs = subs.clone();
-        tokio::spawn(async move {
-            let events = client
-                .run_batch(&subs, Duration::from_secs(120), |_| {})
-                .await;
-            client.disconnect().await;
-            events
-        })
-    };
+    let batch = in_background(client, subs.clone());
     let db = c.db();
     wait_until(
         Duration::from_secs(60),
@@ -228,12 +201,7 @@ async fn tasks_no_node_can_finish_end_with_the_reason() {
     let _a = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
     let mut client = Client::connect(&c.url).await.unwrap();
-    let module = client
-        .publish_module(&wat::parse_str(SPIN_WAT).unwrap())
-        .await
-        .unwrap()
-        .to_hex()
-        .to_string();
+    let module = publish_spin(&client).await;
     let sparc = Submission {
         requires: Some(RequiresJson {
             arch: Some("sparc".into()),
@@ -280,12 +248,7 @@ async fn a_task_id_is_idempotent_for_the_same_content_and_a_conflict_for_other_c
     let _a = agent(&c.url, &dir.path().join("a0"), "pi4");
     c.wait_for_nodes(1);
     let mut client = Client::connect(&c.url).await.unwrap();
-    let module = client
-        .publish_module(&wat::parse_str(SPIN_WAT).unwrap())
-        .await
-        .unwrap()
-        .to_hex()
-        .to_string();
+    let module = publish_spin(&client).await;
     let first = client
         .run_batch(&[spin("same", &module, 5)], Duration::from_secs(60), |_| {})
         .await

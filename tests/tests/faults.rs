@@ -18,22 +18,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-/// A plain-ABI module that counts to the little-endian u64 in its input, then returns 8 bytes.
-const SPIN_WAT: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) (i32.const 16))
-  (func (export "run") (param $p i32) (param $n i32) (result i64)
-    (local $i i64) (local $end i64)
-    (local.set $end (i64.load (local.get $p)))
-    (block $done (loop $l
-      (br_if $done (i64.ge_u (local.get $i) (local.get $end)))
-      (local.set $i (i64.add (local.get $i) (i64.const 1)))
-      (br $l)))
-    (i64.store (i32.const 64) (local.get $i))
-    (i64.or (i64.shl (i64.const 64) (i64.const 32)) (i64.const 8))))
-"#;
-
 fn spin_task(id: &str, module: &[u8], iterations: u64) -> Submission {
     Submission {
         task_id: Some(id.into()),
@@ -400,11 +384,7 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     let liar = LyingNode::start(&c.url, [0x22; 32], false).await;
-    let _honest: Vec<Proc> = ["pi5", "jetson-orin-nano"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
-        .collect();
+    let _honest = agents(&c.url, dir.path(), &["pi5", "jetson-orin-nano"]);
     c.wait_for_nodes(3);
     let mut client = Client::connect(&c.url).await.unwrap();
     let hash = client.publish_module(DIGITS_WASM).await.unwrap();

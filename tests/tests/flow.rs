@@ -107,11 +107,7 @@ async fn run_digits(
 async fn every_strategy_runs_digit_tasks_to_settled_results_on_the_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
-    let _agents: Vec<Proc> = ["pi4", "pi5", "jetson-orin-nano"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
-        .collect();
+    let _agents = agents(&c.url, dir.path(), &["pi4", "pi5", "jetson-orin-nano"]);
     c.wait_for_nodes(3);
     let plans = [
         ("weighted", "receipt"),
@@ -131,11 +127,7 @@ async fn every_strategy_runs_digit_tasks_to_settled_results_on_the_embedded_brok
 async fn replicated_tasks_are_accepted_by_a_majority_of_distinct_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
-    let _agents: Vec<Proc> = ["pi4", "pi5", "visionfive2"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
-        .collect();
+    let _agents = agents(&c.url, dir.path(), &["pi4", "pi5", "visionfive2"]);
     c.wait_for_nodes(3);
     let events = run_digits(
         &c.url,
@@ -161,11 +153,7 @@ async fn the_whole_flow_also_runs_on_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, Some(&mosquitto.url));
     assert_eq!(c.url, mosquitto.url);
-    let _agents: Vec<Proc> = ["pi5", "jetson-orin-nano"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| agent(&c.url, &dir.path().join(format!("a{i}")), p))
-        .collect();
+    let _agents = agents(&c.url, dir.path(), &["pi5", "jetson-orin-nano"]);
     c.wait_for_nodes(2);
     run_digits(
         &c.url,

@@ -254,6 +254,15 @@ pub fn agent(url: &str, state_dir: &Path, profile: &str) -> Proc {
     }
 }
 
+/// One simulated agent per profile, each with its own state directory under `dir`.
+pub fn agents(url: &str, dir: &Path, profiles: &[&str]) -> Vec<Proc> {
+    profiles
+        .iter()
+        .enumerate()
+        .map(|(i, p)| agent(url, &dir.join(format!("a{i}")), p))
+        .collect()
+}
+
 /// The digits module and the first `n` held-out images as one input, with the native labels.
 pub fn digits_batch(offset: usize, n: usize) -> (Vec<u8>, Vec<u8>) {
     let all: Vec<_> = ambient_digits::heldout().collect();
@@ -268,3 +277,19 @@ pub fn digits_batch(offset: usize, n: usize) -> (Vec<u8>, Vec<u8>) {
 }
 
 pub const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
+
+/// A plain-ABI module that counts to the little-endian u64 in its input, then returns that count.
+pub const SPIN_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 16))
+  (func (export "run") (param $p i32) (param $n i32) (result i64)
+    (local $i i64) (local $end i64)
+    (local.set $end (i64.load (local.get $p)))
+    (block $done (loop $l
+      (br_if $done (i64.ge_u (local.get $i) (local.get $end)))
+      (local.set $i (i64.add (local.get $i) (i64.const 1)))
+      (br $l)))
+    (i64.store (i32.const 64) (local.get $i))
+    (i64.or (i64.shl (i64.const 64) (i64.const 32)) (i64.const 8))))
+"#;
