@@ -245,19 +245,10 @@ impl Effects {
         self.finished.clear();
     }
 
-    /// Whether the turn decided nothing.
-    pub fn is_empty(&self) -> bool {
-        self.modules.is_empty()
-            && self.dispatch.is_empty()
-            && self.journal.is_empty()
-            && self.events.is_empty()
-    }
-
-    fn event(&mut self, id: &TaskId, event: &TaskEvent) {
-        self.events.push(Publish::reliable(
-            topics::task_result(id).as_str(),
-            event.to_json(),
-        ));
+    /// Queues `json` (a task event) for the task's result topic, to leave after the commit.
+    fn event(&mut self, id: &TaskId, json: Vec<u8>) {
+        self.events
+            .push(Publish::reliable(topics::task_result(id).as_str(), json));
     }
 }
 
@@ -447,19 +438,10 @@ impl Dispatcher {
     /// deduplicate assignments by task and attempt.
     fn on_connected(&mut self, fx: &mut Effects) {
         for (id, json) in self.unsent.drain(..) {
-            fx.events.push(Publish::reliable(
-                topics::task_result(&id).as_str(),
-                json.into_bytes(),
-            ));
+            fx.event(&id, json.into_bytes());
         }
         fx.modules.extend(self.modules.iter().copied());
-        let mut resent = 0;
-        for job in self.jobs.values() {
-            for d in &job.outstanding {
-                fx.dispatch.push(assignment(&job.spec, d.attempt, d.node));
-                resent += 1;
-            }
-        }
+        let resent = self.resend(None, fx);
         if resent > 0 {
             info!(
                 assignments = resent,
@@ -468,14 +450,20 @@ impl Dispatcher {
         }
     }
 
-    /// A node (re)connected: assignments sent while it was away, or lost with its session,
-    /// are sent again. Its agent deduplicates them, or answers with the stored report.
-    fn resend_to(&self, node: NodeId, fx: &mut Effects) {
+    /// Sends every outstanding assignment again (to `only` that node, if given) and returns how
+    /// many. A node that reconnected may have lost them with its session or a restarted broker;
+    /// its agent deduplicates them, or answers with the stored report.
+    fn resend(&self, only: Option<NodeId>, fx: &mut Effects) -> usize {
+        let mut sent = 0;
         for job in self.jobs.values() {
-            for d in job.outstanding.iter().filter(|d| d.node == node) {
-                fx.dispatch.push(assignment(&job.spec, d.attempt, d.node));
+            for d in &job.outstanding {
+                if only.is_none_or(|n| n == d.node) {
+                    fx.dispatch.push(assignment(&job.spec, d.attempt, d.node));
+                    sent += 1;
+                }
             }
         }
+        sent
     }
 
     fn on_submission(&mut self, now: Now, json: &[u8], journal: &impl Journal, fx: &mut Effects) {
@@ -531,12 +519,12 @@ impl Dispatcher {
                 return;
             }
             // Idempotent resubmission: answer with where the first copy stands.
-            fx.event(&id, &TaskEvent::new(id.as_str(), EventStatus::Accepted));
+            fx.event(
+                &id,
+                TaskEvent::new(id.as_str(), EventStatus::Accepted).to_json(),
+            );
             if let Some(result) = result {
-                fx.events.push(Publish::reliable(
-                    topics::task_result(&id).as_str(),
-                    result.into_bytes(),
-                ));
+                fx.event(&id, result.into_bytes());
             }
             return;
         }
@@ -560,7 +548,10 @@ impl Dispatcher {
             spec_json,
             submitted_ms: now.unix_ms,
         }));
-        fx.event(&id, &TaskEvent::new(id.as_str(), EventStatus::Accepted));
+        fx.event(
+            &id,
+            TaskEvent::new(id.as_str(), EventStatus::Accepted).to_json(),
+        );
         let job = self.new_job(p.spec, fingerprint, now.at);
         self.jobs.insert(id.clone(), job);
         self.pump(now, &id, fx);
@@ -596,7 +587,7 @@ impl Dispatcher {
             if !online {
                 self.reassign_from(now, node, "node went offline", fx);
             } else {
-                self.resend_to(node, fx);
+                self.resend(Some(node), fx);
                 self.pump_queue(now, fx);
             }
             return;
@@ -1063,10 +1054,7 @@ impl Dispatcher {
             result_json: String::from_utf8_lossy(&json).into_owned(),
             at_ms: now.unix_ms,
         });
-        fx.events.push(Publish::reliable(
-            topics::task_result(task_id).as_str(),
-            json,
-        ));
+        fx.event(task_id, json);
     }
 
     fn new_job(&mut self, spec: TaskSpec, fingerprint: Digest, now: Instant) -> Job {
@@ -1121,10 +1109,7 @@ fn reject(id: Option<String>, code: &str, message: String, fx: &mut Effects) {
         .with_error(code, message)
         .to_json();
     if let Some(id) = valid {
-        fx.events.push(Publish::reliable(
-            topics::task_result(&id).as_str(),
-            json.clone(),
-        ));
+        fx.event(&id, json.clone());
     }
     fx.events.push(Publish::reliable(topics::REJECTED, json));
 }
