@@ -288,6 +288,8 @@ async fn mqtt_loop(
                     break;
                 }
             }
+            // Shutting down: the DISCONNECT is out, so do not reconnect.
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some((node, leaf)) = topics::parse_node(&p.topic)
                     && let Some(pong) = dispatcher::pong(node, leaf, &p.payload)

@@ -516,12 +516,16 @@ fn build_engine(config: &SandboxConfig, pooling: bool) -> wasmtime::Result<wasmt
             .max_memory_size(max_memory)
             .table_elements(MAX_TABLE_ELEMENTS)
             // Small tasks touch little memory: zeroing the first 64 KiB of a reused slot with
-            // memset is cheaper than an madvise system call and the page faults after it, and
-            // batching the remaining decommits saves more system calls per run. (Measured on
-            // the trivial-task benchmark: 4.3 µs → 2.8 µs; 8 KiB kept resident did no better.)
+            // memset is cheaper than an madvise system call and the page faults after it.
+            // (Measured on the trivial-task benchmark: 4.3 µs → 2.8 µs; 8 KiB kept resident did
+            // no better.)
             .linear_memory_keep_resident(64 << 10)
             .table_keep_resident(16 << 10)
-            .decommit_batch_size(8);
+            // Decommit at once, not in batches: a batched slot sits in a per-thread queue, and
+            // an instantiation racing another thread's flush of that queue fails with "maximum
+            // concurrent limit … reached" although fewer runs than slots are live (seen with 4
+            // runs on an 8-slot pool). A run must never fail for a reason its neighbours cause.
+            .decommit_batch_size(1);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     wasmtime::Engine::new(&c)

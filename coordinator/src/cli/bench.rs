@@ -628,6 +628,8 @@ struct EndToEnd {
     /// Tasks of the batch that completed, and that had no final event when the cap ran out.
     completed: usize,
     unfinished: usize,
+    /// Why the first task that did not complete ended, if one did.
+    first_failure: Option<String>,
     /// Agents whose breaker was not closed right after the batch.
     tripped: usize,
 }
@@ -763,7 +765,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
         let batch: Vec<Submission> = (0..plan.batch_tasks)
             .map(|i| submission("batch", i))
             .collect();
-        let (completed, unfinished, elapsed) =
+        let (completed, unfinished, first_failure, elapsed) =
             run_capped(&mut client, &batch, plan.batch_cap).await?;
         let tripped = tripped_nodes(&db);
         client.disconnect().await;
@@ -777,6 +779,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
             tasks_per_s: completed as f64 / elapsed.as_secs_f64(),
             completed,
             unfinished,
+            first_failure,
             tripped,
         })
     }
@@ -811,13 +814,14 @@ fn tripped_nodes(db: &Path) -> usize {
 }
 
 /// Submits every task, then counts final events until every task has one or `cap` has passed
-/// since the first submission. Returns the tasks completed, those still unfinished, and the time
-/// from the first submission to the last final event (`cap` when it ran out).
+/// since the first submission. Returns the tasks completed, those still unfinished, why the
+/// first task that did not complete ended, and the time from the first submission to the last
+/// final event (`cap` when it ran out).
 async fn run_capped(
     client: &mut Client,
     batch: &[Submission],
     cap: Duration,
-) -> anyhow::Result<(usize, usize, Duration)> {
+) -> anyhow::Result<(usize, usize, Option<String>, Duration)> {
     let mut pending: std::collections::HashSet<String> =
         batch.iter().filter_map(|s| s.task_id.clone()).collect();
     let start = Instant::now();
@@ -825,19 +829,27 @@ async fn run_capped(
         client.submit(s).await?;
     }
     let deadline = start + cap;
-    let (mut completed, mut last) = (0, start);
+    let (mut completed, mut last, mut first_failure) = (0, start, None);
     while !pending.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(event) = tokio::time::timeout(left, client.next_event()).await else {
-            return Ok((completed, pending.len(), cap));
+            return Ok((completed, pending.len(), first_failure, cap));
         };
         let event = event.context("the client connection closed")?;
         if event.status.is_final() && pending.remove(&event.task_id) {
-            completed += usize::from(event.status == EventStatus::Completed);
+            if event.status == EventStatus::Completed {
+                completed += 1;
+            } else if first_failure.is_none() {
+                first_failure = Some(format!(
+                    "{:?}: {}",
+                    event.status,
+                    event.error.map(|e| e.message).unwrap_or_default()
+                ));
+            }
             last = Instant::now();
         }
     }
-    Ok((completed, 0, last - start))
+    Ok((completed, 0, first_failure, last - start))
 }
 
 /// The p50 of `n` durable 4 KiB appends in `dir`: what one journal commit waits for at least.
@@ -916,8 +928,10 @@ fn end_to_end_figures(section: &'static str, key: &str, plan: &Plan, e: &EndToEn
         ));
     } else if e.completed < plan.batch_tasks {
         throughput = throughput.note(format!(
-            "only {} of {} tasks completed",
-            e.completed, plan.batch_tasks
+            "only {} of {} tasks completed; the first other one ended {}",
+            e.completed,
+            plan.batch_tasks,
+            e.first_failure.as_deref().unwrap_or("-")
         ));
     }
     vec![
