@@ -300,6 +300,8 @@ struct Job {
     avoided: Vec<NodeId>,
     /// When the task first could not be placed; `None` while fully placed. Set means queued.
     queued_since: Option<Instant>,
+    /// Which `Dispatcher::queue` entry is this task's, while it is queued.
+    ticket: u64,
 }
 
 impl Job {
@@ -322,8 +324,12 @@ pub struct Dispatcher {
     config: DispatchConfig,
     registry: Registry,
     jobs: HashMap<TaskId, Job>,
-    /// Tasks waiting for an eligible node, oldest first; exactly the jobs with `queued_since`.
-    queue: VecDeque<TaskId>,
+    /// Tasks waiting for an eligible node, by the time they queued, as `(ticket, task)`. An
+    /// entry is live while its task is queued under that ticket; entries of tasks placed or
+    /// finished since are stale and dropped when reached (and at every tick).
+    queue: VecDeque<(u64, TaskId)>,
+    /// The ticket the next queued task gets.
+    next_ticket: u64,
     /// Dispatch deadlines, earliest first; entries for settled attempts are skipped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, TaskId, u16)>>,
     modules: HashSet<Digest>,
@@ -353,6 +359,7 @@ impl Dispatcher {
             registry,
             jobs: HashMap::new(),
             queue: VecDeque::new(),
+            next_ticket: 0,
             deadlines: BinaryHeap::new(),
             modules: recovered.modules.into_iter().collect(),
             dropped: Dropped::default(),
@@ -410,7 +417,10 @@ impl Dispatcher {
 
     /// Tasks waiting for an eligible node.
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.jobs
+            .values()
+            .filter(|j| j.queued_since.is_some())
+            .count()
     }
 
     /// The registry as `(node, JSON view)` rows, for [`Op::SaveNodes`].
@@ -858,34 +868,43 @@ impl Dispatcher {
             && job.queued_since.is_none()
         {
             job.queued_since = Some(now);
-            self.queue.push_back(task_id.clone());
+            job.ticket = self.next_ticket;
+            self.next_ticket += 1;
+            self.queue.push_back((job.ticket, task_id.clone()));
         }
     }
 
-    /// Tries to place every queued task, oldest first. Stops early only when no node has a
-    /// free slot: a task whose requirements no node meets must not hold up the ones behind it.
+    /// Tries to place queued tasks, oldest first, while some node has a free slot. A task
+    /// whose requirements no free node meets is passed over, not waited on, so it cannot hold
+    /// up the ones behind it.
+    ///
+    /// Cost: the tasks examined, not the queue's length; this runs on every report and sample,
+    /// and the queue holds a whole batch while the nodes are saturated.
     fn pump_queue(&mut self, now: Now, fx: &mut Effects) {
-        if self.queue.is_empty() {
-            return;
-        }
-        let waiting = std::mem::take(&mut self.queue);
-        let mut still = VecDeque::with_capacity(waiting.len());
-        let mut iter = waiting.into_iter();
-        for id in iter.by_ref() {
-            if self.registry.available() == 0 {
-                still.push_back(id);
+        let mut passed_over = Vec::new();
+        while self.registry.available() > 0 {
+            let Some(entry) = self.queue.pop_front() else {
                 break;
+            };
+            if !self.is_live(&entry) {
+                continue;
             }
-            self.pump(now, &id, fx);
-            if self.jobs.get(&id).is_some_and(|j| j.queued_since.is_some()) {
-                still.push_back(id);
+            self.pump(now, &entry.1, fx);
+            // Still waiting under the same ticket: it keeps its place.
+            if self.is_live(&entry) {
+                passed_over.push(entry);
             }
         }
-        still.extend(iter);
-        // Tasks queued during this pass (a retry after a refusal) come after the older ones.
-        still.extend(self.queue.drain(..));
-        still.retain(|id| self.jobs.get(id).is_some_and(|j| j.queued_since.is_some()));
-        self.queue = still;
+        for entry in passed_over.into_iter().rev() {
+            self.queue.push_front(entry);
+        }
+    }
+
+    /// Whether a queue entry is its task's current one.
+    fn is_live(&self, (ticket, id): &(u64, TaskId)) -> bool {
+        self.jobs
+            .get(id)
+            .is_some_and(|j| j.queued_since.is_some() && j.ticket == *ticket)
     }
 
     fn reassign_from(&mut self, now: Now, node: NodeId, why: &str, fx: &mut Effects) {
@@ -936,16 +955,19 @@ impl Dispatcher {
                 );
             }
         }
+        let jobs = &self.jobs;
+        self.queue.retain(|(ticket, id)| {
+            jobs.get(id)
+                .is_some_and(|j| j.queued_since.is_some() && j.ticket == *ticket)
+        });
+        // Live entries are in the order they queued, so the expired ones lead.
         let expired: Vec<TaskId> = self
             .queue
             .iter()
-            .filter(|id| {
-                self.jobs
-                    .get(*id)
-                    .and_then(|j| j.queued_since)
-                    .is_some_and(|t| now.at.duration_since(t) >= self.config.queue_timeout)
+            .map_while(|(_, id)| {
+                let since = self.jobs.get(id)?.queued_since?;
+                (now.at.duration_since(since) >= self.config.queue_timeout).then(|| id.clone())
             })
-            .cloned()
             .collect();
         for id in expired {
             let Some(job) = self.jobs.get_mut(&id) else {
@@ -961,7 +983,6 @@ impl Dispatcher {
             job.errors.push(why);
             self.finish(now, &id, None, fx);
         }
-        self.queue.retain(|id| self.jobs.contains_key(id));
         self.pump_queue(now, fx);
     }
 
@@ -1081,6 +1102,7 @@ impl Dispatcher {
             barred: Vec::new(),
             avoided: Vec::new(),
             queued_since: None,
+            ticket: 0,
         }
     }
 }
