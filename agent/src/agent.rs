@@ -13,6 +13,7 @@ use std::time::Duration;
 use ambient_core::{
     Abi, Admission, Announce, Breaker, Digest, Envelope, Exit, Identity, Limits, MAX_LABELS,
     MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody, SignedAnnounce,
+    SignedRefusal,
     SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256, sign_message,
     topics,
 };
@@ -31,7 +32,7 @@ use crate::connection::{self, Backoff, ConnEvent, Driver, Inbound, Publisher};
 use crate::dedup::{Dedup, Seen, TaskKey};
 use crate::engine::{Call, ExecError, Execution, Prepared, Sandbox, Wasmtime, task_seed};
 use crate::link::{LARGE_PADDING, LinkProbe};
-use crate::outbox::OutboxDir;
+use crate::outbox::{self, OutboxDir, Writer};
 use crate::telemetry::{Reading, Sampler};
 
 /// Frames waiting for the agent before the event loop starts dropping them.
@@ -85,6 +86,12 @@ pub async fn run(
                     source,
                 })?
         };
+        let outbox_dir = Arc::new(outbox_dir);
+        let writer =
+            Writer::spawn(outbox_dir.clone()).map_err(|source| AgentError::Outbox {
+                path: state_dir.join("outbox"),
+                source,
+            })?;
         let opts = connection::options(&config, &node)?;
         let (publisher, eventloop, delivery) = connection::client(opts);
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
@@ -123,7 +130,8 @@ pub async fn run(
             identity: Arc::new(identity),
             sandbox,
             publisher,
-            outbox_dir: Arc::new(outbox_dir),
+            outbox_dir,
+            writer,
             stored,
             sampler,
             conn_rx,
@@ -195,7 +203,7 @@ impl Job {
 
 /// What a blocking job hands back.
 enum Done {
-    /// A report was built, signed and stored.
+    /// A report was built and signed.
     Report(Finished),
     /// A module lookup in memory and on disk ended.
     Loaded {
@@ -220,7 +228,6 @@ struct Finished {
     admitted: bool,
     /// What to tell the breaker: success, failure, or nothing (refused before running).
     outcome: Option<bool>,
-    seq: Option<u64>,
     payload: Bytes,
     exit: Option<Exit>,
     fuel_used: u64,
@@ -232,19 +239,9 @@ struct Reporter {
     identity: Arc<Identity>,
     node: NodeId,
     sandbox: Arc<dyn Sandbox>,
-    outbox: Arc<OutboxDir>,
 }
 
 impl Reporter {
-    fn store(&self, payload: &[u8]) -> Option<u64> {
-        match self.outbox.write(payload) {
-            Ok(seq) => Some(seq),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot store a report in the outbox; publishing it without durability");
-                None
-            }
-        }
-    }
 
     fn executed(&self, job: &Job, run: Execution, started: std::time::Instant) -> Finished {
         let receipt = Receipt {
@@ -271,12 +268,10 @@ impl Reporter {
             },
         };
         let payload = Envelope::new(Message::Report(report)).to_vec();
-        let seq = self.store(&payload);
         Finished {
             key: job.key(),
             admitted: true,
             outcome: Some(run.exit == Exit::Ok),
-            seq,
             payload: payload.into(),
             exit: Some(run.exit),
             fuel_used: run.fuel_used,
@@ -289,10 +284,15 @@ impl Reporter {
             task_id: key.0.clone(),
             attempt: key.1,
             node: self.node,
-            body: ReportBody::Refused(refusal),
+            body: ReportBody::Refused(SignedRefusal::sign(
+                &self.identity,
+                &key.0,
+                key.1,
+                &self.node,
+                refusal,
+            )),
         };
         let payload = Envelope::new(Message::Report(report)).to_vec();
-        let seq = self.store(&payload);
         let outcome = match refusal {
             Refusal::ModuleUnavailable => Some(false),
             _ => None,
@@ -301,7 +301,6 @@ impl Reporter {
             key,
             admitted,
             outcome,
-            seq,
             payload: payload.into(),
             exit: None,
             fuel_used: 0,
@@ -326,11 +325,14 @@ enum FetchState {
     Verifying,
 }
 
-/// A report in the outbox.
+/// A report the broker has not acknowledged yet.
 struct Pending {
     payload: Bytes,
     /// Handed to the client; cleared when the connection drops before the broker acked it.
     queued: bool,
+    /// On disk, or asked of the writer.
+    stored: bool,
+    made: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,7 +360,8 @@ struct AgentParts {
     sandbox: Arc<dyn Sandbox>,
     publisher: Publisher,
     outbox_dir: Arc<OutboxDir>,
-    stored: crate::outbox::Stored,
+    writer: Writer,
+    stored: outbox::Stored,
     sampler: Sampler,
     conn_rx: mpsc::UnboundedReceiver<ConnEvent>,
     inbound_rx: mpsc::Receiver<Inbound>,
@@ -378,6 +381,8 @@ struct Agent {
     breaker: Breaker,
     dedup: Dedup,
     outbox: BTreeMap<u64, Pending>,
+    outbox_dir: Arc<OutboxDir>,
+    writer: Writer,
     fetches: HashMap<Digest, Fetch>,
     slots_used: usize,
     max_concurrency: usize,
@@ -464,6 +469,8 @@ impl Agent {
                     Pending {
                         payload: payload.into(),
                         queued: false,
+                        stored: true,
+                        made: Instant::now(),
                     },
                 )
             })
@@ -475,7 +482,6 @@ impl Agent {
                 identity: p.identity,
                 node,
                 sandbox: p.sandbox,
-                outbox: p.outbox_dir,
             }),
             publisher: p.publisher,
             topics,
@@ -483,6 +489,8 @@ impl Agent {
             breaker: Breaker::new(p.config.safety_policy()),
             dedup: Dedup::new(p.config.dedup_capacity(), REPORT_MEMORY),
             outbox,
+            outbox_dir: p.outbox_dir,
+            writer: p.writer,
             fetches: HashMap::new(),
             slots_used: 0,
             max_concurrency: usize::from(max_concurrency),
@@ -542,7 +550,10 @@ impl Agent {
                 Some(frame) = self.inbound_rx.recv() => self.on_inbound(frame),
                 Some(done) = self.done_rx.recv() => self.on_done(done),
                 _ = telemetry.tick(), if phase == Phase::Running => self.on_tick(),
-                _ = retry.tick() => self.send_reports(),
+                _ = retry.tick() => {
+                    self.send_reports();
+                    self.store_reports(false);
+                }
                 () = sleep_until(fetch_deadline.unwrap_or(far)), if fetch_deadline.is_some() => self.expire_fetches(),
                 () = sleep_until(phase_deadline.unwrap_or(far)), if phase_deadline.is_some() => {}
                 _ = &mut self.driver, if matches!(phase, Phase::Closing { .. }) => return,
@@ -596,18 +607,22 @@ impl Agent {
                         until: now + DISCONNECT_WAIT,
                     }
                 } else {
-                    self.stop.cancel();
-                    let _ = (&mut self.driver).await;
-                    Phase::Finished
+                    self.finish().await
                 }
             }
-            Phase::Closing { until } if now >= until => {
-                self.stop.cancel();
-                let _ = (&mut self.driver).await;
-                Phase::Finished
-            }
+            Phase::Closing { until } if now >= until => self.finish().await,
             other => other,
         }
+    }
+
+    /// Stops the connection and leaves every unacknowledged report on disk.
+    async fn finish(&mut self) -> Phase {
+        self.stop.cancel();
+        let _ = (&mut self.driver).await;
+        self.store_reports(true);
+        let mut writer = std::mem::replace(&mut self.writer, Writer::closed());
+        blocking(move || writer.close()).await;
+        Phase::Finished
     }
 
     fn begin_shutdown(&mut self) {
@@ -669,13 +684,28 @@ impl Agent {
                         p.queued = false;
                     }
                 }
+                self.store_reports(true);
             }
             ConnEvent::Delivered(seq) => {
-                if self.outbox.remove(&seq).is_some() {
-                    let outbox = self.reporter.outbox.clone();
-                    tokio::task::spawn_blocking(move || outbox.remove(seq));
+                if let Some(p) = self.outbox.remove(&seq)
+                    && p.stored
+                {
+                    self.writer.send(outbox::Op::Remove(seq));
                 }
             }
+        }
+    }
+
+    /// Writes to disk the reports that must outlive the process: all of them with `all`
+    /// (offline, stopping), else those the broker has not taken within [`outbox::WRITE_AFTER`].
+    fn store_reports(&mut self, all: bool) {
+        let now = Instant::now();
+        for (seq, pending) in self.outbox.iter_mut().filter(|(_, p)| {
+            !p.stored && (all || now.saturating_duration_since(p.made) >= outbox::WRITE_AFTER)
+        }) {
+            self.writer
+                .send(outbox::Op::Write(*seq, pending.payload.clone()));
+            pending.stored = true;
         }
     }
 
@@ -769,7 +799,7 @@ impl Agent {
 
     fn on_duplicate(&mut self, key: &TaskKey, seen: Seen) {
         match seen {
-            Seen::Done { seq: Some(seq), .. } if self.outbox.contains_key(&seq) => {
+            Seen::Done { seq, .. } if self.outbox.contains_key(&seq) => {
                 tracing::debug!(task = %key.0, attempt = key.1, "duplicate assignment; its report is on its way");
             }
             Seen::Done {
@@ -976,27 +1006,21 @@ impl Agent {
             ),
             None => tracing::debug!(task = %f.key.0, attempt = f.key.1, "refusal stored"),
         }
-        self.dedup.finish(f.key, f.seq, f.payload.clone());
-        match f.seq {
-            Some(seq) => {
-                self.outbox.insert(
-                    seq,
-                    Pending {
-                        payload: f.payload,
-                        queued: false,
-                    },
-                );
-                self.send_reports();
-            }
-            None => {
-                self.publisher.publish(
-                    &self.topics.results,
-                    QoS::AtLeastOnce,
-                    false,
-                    f.payload.to_vec(),
-                    None,
-                );
-            }
+        let seq = self.outbox_dir.reserve();
+        self.dedup.finish(f.key, seq, f.payload.clone());
+        self.outbox.insert(
+            seq,
+            Pending {
+                payload: f.payload,
+                queued: false,
+                stored: false,
+                made: Instant::now(),
+            },
+        );
+        if self.connected {
+            self.send_reports();
+        } else {
+            self.store_reports(true);
         }
     }
 

@@ -14,9 +14,9 @@ pub(crate) type TaskKey = (TaskId, u16);
 pub(crate) enum Seen {
     /// Admitted and not yet reported.
     Active,
-    /// Reported: the outbox entry (if it was stored) and the report (while the byte budget lasts).
+    /// Reported: its outbox sequence number and the report (while the byte budget lasts).
     Done {
-        seq: Option<u64>,
+        seq: u64,
         report: Option<Bytes>,
     },
 }
@@ -55,7 +55,7 @@ impl Dedup {
     }
 
     /// Records the report of an assignment (admitted or refused).
-    pub fn finish(&mut self, key: TaskKey, seq: Option<u64>, report: Bytes) {
+    pub fn finish(&mut self, key: TaskKey, seq: u64, report: Bytes) {
         self.report_bytes += report.len();
         let done = Seen::Done {
             seq,
@@ -122,11 +122,11 @@ mod tests {
         let mut d = Dedup::new(16, 1 << 20);
         d.start(key(1));
         assert_eq!(d.get(&key(1)), Some(&Seen::Active));
-        d.finish(key(1), Some(3), Bytes::from_static(b"report"));
+        d.finish(key(1), 3, Bytes::from_static(b"report"));
         assert_eq!(
             d.get(&key(1)),
             Some(&Seen::Done {
-                seq: Some(3),
+                seq: 3,
                 report: Some(Bytes::from_static(b"report"))
             })
         );
@@ -141,7 +141,7 @@ mod tests {
     fn memory_stays_bounded_and_the_oldest_are_forgotten_first() {
         let mut d = Dedup::new(100, 1_000);
         for i in 0..1_000 {
-            d.finish(key(i), None, Bytes::from(vec![0u8; 100]));
+            d.finish(key(i), i.into(), Bytes::from(vec![0u8; 100]));
         }
         assert_eq!(d.len(), 100);
         assert!(d.get(&key(0)).is_none());
@@ -164,7 +164,7 @@ mod tests {
         let mut d = Dedup::new(16, 0);
         d.start(key(0));
         for i in 1..100 {
-            d.finish(key(i), None, Bytes::new());
+            d.finish(key(i), i.into(), Bytes::new());
         }
         assert_eq!(d.get(&key(0)), Some(&Seen::Active));
     }

@@ -1,15 +1,35 @@
-//! The durable outbox: every report is on disk before it is published, and leaves the disk
-//! only when the broker has acknowledged it.
+//! The outbox: reports the broker has not yet acknowledged, and the disk copy of those that
+//! waited.
 //!
-//! One file per report, `<seq>.report` with a zero-padded sequence number so that names sort
-//! in the order reports were made. A file is written to `<seq>.tmp`, synced, renamed and the
-//! directory synced, so after a crash a report is either whole or absent. The methods block
-//! (file system calls): use them from a blocking thread.
+//! A report is published the moment it is made and kept in memory until the broker
+//! acknowledges it. It is written to disk only when it has to outlive the process: the broker
+//! has not acknowledged it within [`WRITE_AFTER`], the connection is down, or the agent is
+//! stopping. So on a healthy link no report touches the disk (no fsync on the result's path,
+//! no SD-card wear on a Pi), and a report made while the broker is away survives a restart. A
+//! crash inside that window loses a report the broker may not have; the coordinator's dispatch
+//! deadline then runs the task again, exactly as after a crash mid-execution.
+//!
+//! On disk: one file per report, `<seq>.report` with a zero-padded sequence number so that
+//! names sort in the order reports were made. A file is written to `<seq>.tmp`, synced, renamed
+//! and the directory synced, so after a crash a report is either whole or absent. Files are
+//! written and deleted by one [`Writer`] thread, in the order the agent asked; a write whose
+//! delete is already queued behind it is skipped together with the delete.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// How long a published report may wait for the broker's acknowledgement before it is
+/// written to disk.
+pub(crate) const WRITE_AFTER: Duration = Duration::from_secs(1);
 
 /// Reports found on disk at start: sequence number and frame, oldest first.
 pub(crate) type Stored = Vec<(u64, Vec<u8>)>;
@@ -63,17 +83,20 @@ impl OutboxDir {
         self.dir.join(format!("{seq:020}.{ext}"))
     }
 
-    /// Stores `payload` durably and returns its sequence number.
-    pub fn write(&self, payload: &[u8]) -> io::Result<u64> {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+    /// The next report's sequence number.
+    pub fn reserve(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Stores `payload` durably under `seq`.
+    pub fn write(&self, seq: u64, payload: &[u8]) -> io::Result<()> {
         let tmp = self.path(seq, "tmp");
         let mut file = fs::File::create(&tmp)?;
         file.write_all(payload)?;
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, self.path(seq, "report"))?;
-        fs::File::open(&self.dir)?.sync_all()?;
-        Ok(seq)
+        fs::File::open(&self.dir)?.sync_all()
     }
 
     /// Deletes a delivered report. A report whose deletion is lost in a crash is sent again
@@ -87,6 +110,94 @@ impl OutboxDir {
     }
 }
 
+/// A file operation, in the order the agent asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    Write(u64, Bytes),
+    Remove(u64),
+}
+
+/// Drops every write whose delete follows it in `ops`, with that delete: the broker
+/// acknowledged the report before its file was made.
+fn coalesce(ops: Vec<Op>) -> Vec<Op> {
+    let written: HashSet<u64> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Write(seq, _) => Some(*seq),
+            Op::Remove(_) => None,
+        })
+        .collect();
+    let acknowledged: HashSet<u64> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Remove(seq) if written.contains(seq) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    ops.into_iter()
+        .filter(|op| match op {
+            Op::Write(seq, _) | Op::Remove(seq) => !acknowledged.contains(seq),
+        })
+        .collect()
+}
+
+/// The thread that writes and deletes report files, in order, off the agent's event loop.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    tx: Option<mpsc::Sender<Op>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn spawn(dir: Arc<OutboxDir>) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Op>();
+        let thread = std::thread::Builder::new()
+            .name("outbox".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let batch = std::iter::once(first).chain(rx.try_iter()).collect();
+                    for op in coalesce(batch) {
+                        match op {
+                            Op::Write(seq, payload) => {
+                                if let Err(e) = dir.write(seq, &payload) {
+                                    tracing::error!(seq, error = %e, "cannot store a report in the outbox; it is lost if the agent stops before the broker takes it");
+                                }
+                            }
+                            Op::Remove(seq) => dir.remove(seq),
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// A writer that was closed: what it is sent is dropped.
+    pub fn closed() -> Self {
+        Self {
+            tx: None,
+            thread: None,
+        }
+    }
+
+    pub fn send(&self, op: Op) {
+        if let Some(tx) = &self.tx {
+            // The thread only ends when the sender is dropped, so this cannot fail.
+            let _ = tx.send(op);
+        }
+    }
+
+    /// Finishes every queued operation and stops the thread. Blocks.
+    pub fn close(&mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,16 +207,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (outbox, stored) = OutboxDir::open(dir.path()).unwrap();
         assert!(stored.is_empty());
-        let a = outbox.write(b"first").unwrap();
-        let b = outbox.write(b"second").unwrap();
-        let c = outbox.write(b"third").unwrap();
+        let [a, b, c] = [0; 3].map(|_| outbox.reserve());
+        outbox.write(a, b"first").unwrap();
+        outbox.write(b, b"second").unwrap();
+        outbox.write(c, b"third").unwrap();
         outbox.remove(b);
         fs::write(dir.path().join("00000000000000000099.tmp"), b"half").unwrap();
 
         let (reopened, stored) = OutboxDir::open(dir.path()).unwrap();
         assert_eq!(stored, vec![(a, b"first".to_vec()), (c, b"third".to_vec())]);
         assert!(!dir.path().join("00000000000000000099.tmp").exists());
-        assert!(reopened.write(b"fourth").unwrap() > c);
+        assert!(reopened.reserve() > c);
+    }
+
+    #[test]
+    fn a_write_acknowledged_before_its_turn_is_skipped_with_its_delete() {
+        let w = |seq| Op::Write(seq, Bytes::from_static(b"r"));
+        let ops = vec![w(1), w(2), Op::Remove(1), Op::Remove(7), w(3)];
+        // 1 was acknowledged before it was written; 7 was written in an earlier batch.
+        assert_eq!(coalesce(ops), vec![w(2), Op::Remove(7), w(3)]);
+    }
+
+    #[test]
+    fn the_writer_finishes_queued_writes_and_deletes_before_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = OutboxDir::open(dir.path()).unwrap();
+        let outbox = Arc::new(outbox);
+        let mut writer = Writer::spawn(outbox.clone()).unwrap();
+        let [a, b] = [0; 2].map(|_| outbox.reserve());
+        writer.send(Op::Write(a, Bytes::from_static(b"kept")));
+        writer.send(Op::Write(b, Bytes::from_static(b"delivered")));
+        writer.send(Op::Remove(b));
+        writer.close();
+        let (_, stored) = OutboxDir::open(dir.path()).unwrap();
+        assert_eq!(stored, vec![(a, b"kept".to_vec())]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ambient_agent::Profile;
 use ambient_core::{
     Abi, BreakerState, Envelope, Exit, Expected, Limits, Message, NodeId, Refusal, ReportBody,
+    SignedRefusal,
     SignedAnnounce, SignedReceipt, SignedTelemetry, TripReason, sha3_256, topics, verify_message,
     verify_receipt,
 };
@@ -267,7 +268,7 @@ async fn module_bytes_that_do_not_match_their_hash_make_the_module_unavailable()
         .await;
     let (_, body) = report_of(&mut coord, &agent.node, "forged").await;
     assert!(
-        matches!(body, ReportBody::Refused(Refusal::ModuleUnavailable)),
+        matches!(body, ReportBody::Refused(r) if r.refusal == Refusal::ModuleUnavailable),
         "{body:?}"
     );
     agent.shutdown().await;
@@ -310,7 +311,9 @@ async fn a_module_that_never_arrives_is_unavailable_after_the_fetch_timeout() {
                     return None;
                 };
                 match r.body {
-                    ReportBody::Refused(refusal) => Some((r.task_id.as_str().to_owned(), refusal)),
+                    ReportBody::Refused(refusal) => {
+                        Some((r.task_id.as_str().to_owned(), refusal.refusal))
+                    }
                     ReportBody::Executed { .. } => None,
                 }
             })
@@ -476,7 +479,7 @@ async fn an_assignment_beyond_the_concurrency_limit_is_refused_as_busy() {
         .await;
     let (_, body) = report_of(&mut coord, &agent.node, "spin-2").await;
     assert!(
-        matches!(body, ReportBody::Refused(Refusal::Busy)),
+        matches!(body, ReportBody::Refused(r) if r.refusal == Refusal::Busy),
         "{body:?}"
     );
     let (_, body) = report_of(&mut coord, &agent.node, "spin-1").await;
@@ -524,10 +527,13 @@ async fn an_open_breaker_refuses_work_with_its_reason() {
     assert!(
         matches!(
             body,
-            ReportBody::Refused(Refusal::Breaker(TripReason::Overheated {
-                max_millic: 30_000,
+            ReportBody::Refused(SignedRefusal {
+                refusal: Refusal::Breaker(TripReason::Overheated {
+                    max_millic: 30_000,
+                    ..
+                }),
                 ..
-            }))
+            })
         ),
         "{body:?}"
     );
@@ -618,13 +624,21 @@ async fn a_report_left_in_the_outbox_by_a_previous_run_is_sent_on_start() {
     };
     let mut coord = Coordinator::connect(&broker.url(), "coord-leftover").await;
     let state = dir.path().join("agent");
-    let node = ambient_agent::load_identity(&state).unwrap().node_id();
-    // What a crash between storing and publishing leaves behind.
+    let identity = ambient_agent::load_identity(&state).unwrap();
+    let node = identity.node_id();
+    let task_id = ambient_core::TaskId::new("left-over").unwrap();
+    // What an agent stopped while the broker was away leaves behind.
     let frame = Envelope::new(Message::Report(ambient_core::Report {
-        task_id: ambient_core::TaskId::new("left-over").unwrap(),
+        body: ReportBody::Refused(SignedRefusal::sign(
+            &identity,
+            &task_id,
+            3,
+            &node,
+            Refusal::Busy,
+        )),
+        task_id,
         attempt: 3,
         node,
-        body: ReportBody::Refused(Refusal::Busy),
     }))
     .to_vec();
     std::fs::create_dir_all(state.join("outbox")).unwrap();

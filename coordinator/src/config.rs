@@ -94,6 +94,10 @@ pub struct RawScheduling {
     pub strategy: String,
     /// A node silent for longer than this is offline, in ms. Default 15000.
     pub liveness_ms: u64,
+    /// How long an `offline` presence (unsigned: a last will, or anyone's claim) waits for the
+    /// node's signed telemetry to disprove it before the node's tasks move elsewhere, in ms.
+    /// New tasks avoid the node at once. Default 10000.
+    pub offline_grace_ms: u64,
     /// Added to a task's time limit before a dispatch counts as lost, in ms. Default 15000.
     pub dispatch_grace_ms: u64,
     /// How long a task may wait for an eligible node, counted from when it first could not be
@@ -166,6 +170,7 @@ impl Default for RawScheduling {
         Self {
             strategy: Strategy::default().to_string(),
             liveness_ms: 15_000,
+            offline_grace_ms: 10_000,
             dispatch_grace_ms: d.dispatch_grace.as_millis() as u64,
             queue_timeout_ms: d.queue_timeout.as_millis() as u64,
             bandwidth_ref_kbps: s.bandwidth_ref_kbps,
@@ -345,6 +350,7 @@ impl RawConfig {
                 score,
                 safety,
                 enrollment,
+                offline_grace: Duration::from_millis(self.scheduling.offline_grace_ms),
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
         })

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
     Assignment, Digest, Envelope, Exit, Expected, Message, NodeId, Pong, Quorum, Refusal, Report,
-    ReportBody, SignedReceipt, Tariff, TaskId, quorum, sha3_256, verify_receipt,
+    ReportBody, SignedReceipt, SignedRefusal, Tariff, TaskId, quorum, sha3_256, verify_receipt,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -148,7 +148,11 @@ pub struct Dropped {
     pub unknown_node: u64,
     /// Reports for tasks already finished, or attempts not outstanding (replays, duplicates).
     pub stale_reports: u64,
-    /// Receipts that failed verification.
+    /// Reports whose signature does not prove they come from the node they name, for the
+    /// attempt they answer (forged, replayed, or with output bytes the receipt does not cover).
+    /// Never held against that node.
+    pub unauthenticated: u64,
+    /// Receipts the node signed for the attempt whose claims are false (a dispute).
     pub bad_receipts: u64,
     /// Module uploads whose bytes did not match their topic hash.
     pub bad_modules: u64,
@@ -593,10 +597,10 @@ impl Dispatcher {
     ) {
         if leaf == NodeTopic::Status {
             let online = frame == b"online";
+            // Unsigned: it stops new placements, but the node's tasks move only once it goes
+            // silent (see `Registry::on_status`), so nobody can cancel a live node's work.
             self.registry.on_status(now.at, node, online);
-            if !online {
-                self.reassign_from(now, node, "node went offline", fx);
-            } else {
+            if online {
                 self.resend(Some(node), fx);
                 self.pump_queue(now, fx);
             }
@@ -660,11 +664,46 @@ impl Dispatcher {
             debug!(task = %report.task_id, attempt = report.attempt, %node, "report for an attempt not outstanding dropped");
             return;
         };
+        // Authenticate before anything changes: a frame anyone on the broker could have sent
+        // must neither cancel the attempt nor count against the node it names.
+        let public_key = self.registry.public_key(&node).copied();
+        let verdict = match (&report.body, &public_key) {
+            (_, None) => Err("the node is not registered".to_owned()),
+            (ReportBody::Refused(r), Some(key)) => r
+                .verify(key, &report.task_id, report.attempt, &node)
+                .map_err(|e| format!("refusal signature: {e}")),
+            (ReportBody::Executed { receipt, output, .. }, Some(key)) => {
+                let expected = Expected {
+                    task_id: &job.spec.task_id,
+                    attempt: report.attempt,
+                    node,
+                    public_key: key,
+                    module: job.spec.module,
+                    input: job.input_hash,
+                    limits: job.spec.limits,
+                };
+                match verify_receipt(receipt, output, &expected) {
+                    Err(e) if !e.is_attributable() => Err(e.to_string()),
+                    other => Ok(other.err()),
+                }
+            }
+        };
+        let disputed = match verdict {
+            Ok(disputed) => disputed,
+            Err(why) => {
+                self.dropped.unauthenticated += 1;
+                debug!(task = %report.task_id, attempt = report.attempt, %node, %why, "unauthenticated report dropped");
+                return;
+            }
+        };
         job.outstanding.swap_remove(pos);
         self.registry.task_finished(&node);
         let task_id = report.task_id.clone();
         match report.body {
-            ReportBody::Refused(Refusal::Busy | Refusal::Breaker(_) | Refusal::ShuttingDown) => {
+            ReportBody::Refused(SignedRefusal {
+                refusal: Refusal::Busy | Refusal::Breaker(_) | Refusal::ShuttingDown,
+                ..
+            }) => {
                 // Not the task's failure: the node is full, unwell or leaving, which the registry
                 // did not know yet. It rests until its next report or sample, and the task goes
                 // elsewhere or waits in the queue (whose timeout still ends it).
@@ -672,8 +711,8 @@ impl Dispatcher {
                 job.avoided.push(node);
                 self.pump(now, &task_id, fx);
             }
-            ReportBody::Refused(reason) => {
-                let why = match reason {
+            ReportBody::Refused(SignedRefusal { refusal, .. }) => {
+                let why = match refusal {
                     Refusal::Breaker(r) => format!("node {node} refused: breaker open ({r})"),
                     Refusal::Busy => format!("node {node} refused: busy"),
                     Refusal::ModuleUnavailable => {
@@ -681,7 +720,7 @@ impl Dispatcher {
                     }
                     Refusal::ShuttingDown => format!("node {node} is shutting down"),
                 };
-                if reason == Refusal::ModuleUnavailable {
+                if refusal == Refusal::ModuleUnavailable {
                     // The broker may have lost its retained copy (restart): publish it again.
                     fx.modules.push(job.spec.module);
                 }
@@ -693,22 +732,7 @@ impl Dispatcher {
                 output,
                 message,
             } => {
-                let Some(public_key) = self.registry.public_key(&node).copied() else {
-                    self.dropped.unknown_node += 1;
-                    job.avoided.push(node);
-                    self.fail_attempt(now, &task_id, format!("node {node} is not registered"), fx);
-                    return;
-                };
-                let expected = Expected {
-                    task_id: &job.spec.task_id,
-                    attempt: report.attempt,
-                    node,
-                    public_key: &public_key,
-                    module: job.spec.module,
-                    input: job.input_hash,
-                    limits: job.spec.limits,
-                };
-                if let Err(e) = verify_receipt(&receipt, output, &expected) {
+                if let Some(e) = disputed {
                     self.dropped.bad_receipts += 1;
                     warn!(task = %task_id, %node, error = %e, "receipt rejected");
                     job.barred.push(node);
@@ -938,6 +962,9 @@ impl Dispatcher {
     /// Advances time: expires dispatches past their deadline and tasks that waited too long
     /// for a node, then places what it can.
     fn on_tick(&mut self, now: Now, fx: &mut Effects) {
+        for node in self.registry.went_silent(now.at) {
+            self.reassign_from(now, node, "went silent (no signed traffic in time)", fx);
+        }
         while let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
             if *deadline > now.at {
                 break;
@@ -1271,6 +1298,7 @@ mod tests {
             score: ScoreConfig::default(),
             safety: SafetyPolicy::default(),
             enrollment: Enrollment::Open,
+            offline_grace: Duration::from_secs(10),
         })
     }
 

@@ -33,6 +33,11 @@ pub struct RegistryConfig {
     pub safety: SafetyPolicy,
     /// Which keys may join the pool. Default [`Enrollment::Open`].
     pub enrollment: Enrollment,
+    /// How long an "offline" presence waits for the node's signed traffic to disprove it
+    /// before the node counts as gone (and its tasks move). Presence is unsigned: a last will,
+    /// or anyone's claim, so it only stops new placements at once. Default 10 s: two default
+    /// telemetry intervals.
+    pub offline_grace: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -42,6 +47,7 @@ impl Default for RegistryConfig {
             score: ScoreConfig::default(),
             safety: SafetyPolicy::default(),
             enrollment: Enrollment::Open,
+            offline_grace: Duration::from_secs(10),
         }
     }
 }
@@ -177,6 +183,8 @@ pub struct Registry {
     /// "offline" statuses (last wills) that arrived before the node's announce, as happens with
     /// retained messages when the coordinator starts. Bounded by [`MAX_PENDING_OFFLINE`].
     pending_offline: HashSet<NodeId>,
+    /// Nodes whose liveness ran out since [`Registry::went_silent`] was last called.
+    silent: Vec<NodeId>,
     /// The first instant the registry was given: breakers count milliseconds from it.
     epoch: Option<Instant>,
 }
@@ -300,9 +308,10 @@ impl Node {
         }
     }
 
-    /// Whether the node can take a task now, whatever the task: online, breaker admitting
-    /// (ours, and the one the node reports for itself, since an open one refuses assignments),
-    /// and a free execution slot.
+    /// Whether the node can take a task now, whatever the task: online, has sent valid signed
+    /// telemetry (an announce alone proves only that a key exists), breaker admitting (ours,
+    /// and the one the node reports for itself, since an open one refuses assignments), and a
+    /// free execution slot.
     fn is_available(&self) -> bool {
         self.live
             && !self.offline
@@ -312,7 +321,7 @@ impl Node {
             && self
                 .sample
                 .as_ref()
-                .is_none_or(|s| s.breaker != BreakerState::Open)
+                .is_some_and(|s| s.breaker != BreakerState::Open)
     }
 
     fn is_online(&self, now: Instant) -> bool {
@@ -391,6 +400,7 @@ impl Registry {
             placement: Placement::default(),
             deadlines: BTreeSet::new(),
             pending_offline: HashSet::new(),
+            silent: Vec::new(),
             epoch: None,
         }
     }
@@ -534,9 +544,12 @@ impl Registry {
 
     /// Takes in the node's retained presence: `online`, or `offline` (its last will).
     ///
-    /// Presence is unsigned, so it never makes a node live by itself: `online` only lifts an
-    /// earlier `offline`, and the node still needs valid traffic within the liveness window.
-    /// An `offline` for a node not yet registered is remembered for its announce.
+    /// Presence is unsigned, so it never makes a node live by itself, nor gone: `online` only
+    /// lifts an earlier `offline`, and the node still needs valid traffic within the liveness
+    /// window. `offline` stops new placements at once and shortens the liveness window to
+    /// [`RegistryConfig::offline_grace`]: a node that is up disproves it with its next
+    /// telemetry, one that is gone goes silent (see [`Registry::went_silent`]). An `offline` for
+    /// a node not yet registered is remembered for its announce.
     pub fn on_status(&mut self, now: Instant, node: NodeId, online: bool) {
         let _ = self.now_ms(now);
         let Some(entry) = self.nodes.get_mut(&node) else {
@@ -551,7 +564,25 @@ impl Registry {
             tracing::info!(%node, online, "node presence changed");
         }
         entry.offline = !online;
+        if !online
+            && entry.live
+            && let Some(grace) = now.checked_add(self.config.offline_grace)
+            && entry.deadline.is_none_or(|d| d > grace)
+        {
+            if let Some(old) = entry.deadline {
+                self.deadlines.remove(&(old, node));
+            }
+            entry.deadline = Some(grace);
+            self.deadlines.insert((grace, node));
+        }
         reindex(&mut self.placement, node, entry);
+    }
+
+    /// The nodes whose liveness window ran out (no valid signed traffic) since the last call,
+    /// as of `now`: the dispatcher moves their tasks.
+    pub fn went_silent(&mut self, now: Instant) -> Vec<NodeId> {
+        self.expire(now);
+        std::mem::take(&mut self.silent)
     }
 
     /// Counts valid traffic from the node (a verified report, say) towards its liveness.
@@ -759,6 +790,7 @@ impl Registry {
             self.deadlines.pop_first();
             if let Some(node) = self.nodes.get_mut(&id) {
                 node.live = false;
+                self.silent.push(id);
                 tracing::info!(node = %id, "node went silent");
                 reindex(&mut self.placement, id, node);
             }

@@ -100,6 +100,22 @@ pub enum VerifyError {
     LimitsMismatch,
 }
 
+impl VerifyError {
+    /// Whether the node itself vouched for what is wrong: its key signed a receipt for this
+    /// very task and attempt whose claims are false. Only then is the error evidence against
+    /// the node. A bad signature, a receipt for another attempt (a replay) or output bytes that
+    /// do not match a genuine receipt could have been sent by anyone who reaches the broker.
+    pub fn is_attributable(&self) -> bool {
+        match self {
+            Self::Proof(_) | Self::WrongTask | Self::WrongNode | Self::OutputMismatch => false,
+            Self::ModuleMismatch
+            | Self::InputMismatch
+            | Self::FuelOverLimit { .. }
+            | Self::LimitsMismatch => true,
+        }
+    }
+}
+
 impl fmt::Display for VerifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

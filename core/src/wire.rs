@@ -8,11 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::proof::serde_sig;
 use crate::{
-    DecodeError, Digest, Engine, Limits, NodeId, SignedReceipt, TaskId, TelemetrySample, TripReason,
+    DecodeError, Digest, Engine, Identity, Limits, NodeId, ProofError, SignedReceipt, TaskId,
+    TelemetrySample, TripReason, sign_message, verify_message,
 };
 
 /// Protocol version carried in every envelope.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest task input, in bytes.
 pub const MAX_INPUT_BYTES: usize = 4 << 20;
 /// Largest task output, in bytes.
@@ -182,7 +183,73 @@ pub enum ReportBody<'a> {
         message: String<MAX_MESSAGE_LEN>,
     },
     /// It did not run.
-    Refused(Refusal),
+    Refused(SignedRefusal),
+}
+
+/// A refusal and the node's signature over the attempt it answers, so that nobody else can
+/// refuse in a node's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRefusal {
+    /// Why.
+    pub refusal: Refusal,
+    /// Signature over [`RefusalClaim`] (domain [`SignedRefusal::TAG`]).
+    #[serde(with = "serde_sig")]
+    pub signature: [u8; 64],
+}
+
+/// What a refusal's signature covers: the attempt it answers, who refuses and why.
+#[derive(Debug, Serialize)]
+struct RefusalClaim<'a> {
+    task_id: &'a TaskId,
+    attempt: u16,
+    node: &'a NodeId,
+    refusal: Refusal,
+}
+
+impl SignedRefusal {
+    /// Domain-separation tag of refusal signatures.
+    pub const TAG: &'static [u8] = b"ambient/refusal/v1\0";
+
+    /// `identity` (the node `node`) refuses attempt `attempt` of `task_id`.
+    pub fn sign(
+        identity: &Identity,
+        task_id: &TaskId,
+        attempt: u16,
+        node: &NodeId,
+        refusal: Refusal,
+    ) -> Self {
+        let claim = RefusalClaim {
+            task_id,
+            attempt,
+            node,
+            refusal,
+        };
+        Self {
+            refusal,
+            // A task id is at most 64 bytes, so the claim always fits the signing buffer.
+            signature: sign_message(identity, Self::TAG, &claim).unwrap_or([0; 64]),
+        }
+    }
+
+    /// Checks that `public_key` refused attempt `attempt` of `task_id` as node `node`.
+    ///
+    /// # Errors
+    /// [`ProofError`] when the key or signature is bad.
+    pub fn verify(
+        &self,
+        public_key: &[u8; 32],
+        task_id: &TaskId,
+        attempt: u16,
+        node: &NodeId,
+    ) -> Result<(), ProofError> {
+        let claim = RefusalClaim {
+            task_id,
+            attempt,
+            node,
+            refusal: self.refusal,
+        };
+        verify_message(public_key, Self::TAG, &claim, &self.signature)
+    }
 }
 
 /// Why a node did not run an assignment. Append-only.

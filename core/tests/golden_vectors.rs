@@ -12,7 +12,8 @@ mod common;
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Digest, Envelope, Message, NodeId, Ping, Pong, Refusal, Report, ReportBody, TripReason,
+    Digest, Envelope, Message, NodeId, Ping, Pong, Refusal, Report, ReportBody, SignedRefusal,
+    TripReason,
     chain_hash, sha3_256,
 };
 use common::*;
@@ -39,10 +40,16 @@ fn refused_report() -> Message<'static> {
         task_id: task_id(),
         attempt: 2,
         node: identity().node_id(),
-        body: ReportBody::Refused(Refusal::Breaker(TripReason::Overheated {
-            temp_millic: 86_000,
-            max_millic: 85_000,
-        })),
+        body: ReportBody::Refused(SignedRefusal::sign(
+            &identity(),
+            &task_id(),
+            2,
+            &identity().node_id(),
+            Refusal::Breaker(TripReason::Overheated {
+                temp_millic: 86_000,
+                max_millic: 85_000,
+            }),
+        )),
     })
 }
 
@@ -188,7 +195,7 @@ fn an_announce_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Announce(announce()),
         concat!(
-            "01",                                                               // protocol version
+            "02",                                                               // protocol version
             "00",                                                               // Message::Announce
             "096fb3f142eff542bda546cce4472a5e",                                 // node
             "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c", // public key
@@ -207,7 +214,7 @@ fn a_telemetry_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Telemetry(telemetry()),
         concat!(
-            "0101",
+            "0201",
             "096fb3f142eff542bda546cce4472a5e", // node
             "2a",                               // seq 42
             "ef9bafcdf8acd19101",               // boot id 0x0123456789abcdef
@@ -229,7 +236,7 @@ fn an_assign_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Assign(assignment()),
         concat!(
-            "0102",
+            "0202",
             "087461736b2d30303101", // "task-001", attempt 1
             "76fcc948d12ff9ec24dcedd5e76c8fac29cfa916ecc2e1fd73e9d99cadb633ab", // module
             "00",                   // abi plain
@@ -245,7 +252,7 @@ fn an_executed_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         executed_report(),
         concat!(
-            "0103",
+            "0203",
             "087461736b2d30303101",             // "task-001", attempt 1
             "096fb3f142eff542bda546cce4472a5e", // node
             "00",                               // ReportBody::Executed
@@ -269,7 +276,7 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         refused_report(),
         concat!(
-            "0103",
+            "0203",
             "087461736b2d30303102",             // "task-001", attempt 2
             "096fb3f142eff542bda546cce4472a5e", // node
             "01",                               // ReportBody::Refused
@@ -277,14 +284,18 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
             "00",                               // TripReason::Overheated
             "e0bf0a",                           // 86,000 m°C, zigzag
             "90b00a",                           // 85,000 m°C, zigzag
+            // ed25519 over sha3-256("ambient/refusal/v1\0" ‖ task id ‖ attempt ‖ node ‖ refusal),
+            // cross-checked with `openssl pkeyutl -sign -rawin`
+            "dfca8a2980c15b0e51968d013078150720f902be648d28b04e4d2529de415eb4",
+            "fe056a6126489e6ffc5b835549ecf73d0f0f3e6f10b127ce3429269bade63204",
         ),
     );
 }
 
 #[test]
 fn ping_and_pong_envelopes_are_pinned_and_round_trip() {
-    assert_pinned(ping(), "0104096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
-    assert_pinned(Message::Pong(Pong { nonce: 7 }), "010507");
+    assert_pinned(ping(), "0204096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
+    assert_pinned(Message::Pong(Pong { nonce: 7 }), "020507");
 }
 
 #[test]

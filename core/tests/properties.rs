@@ -5,6 +5,7 @@ mod common;
 use ambient_core::{
     Abi, Admission, Announce, Assignment, Breaker, BreakerState, DecodeError, Digest, Engine,
     Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Quorum, Receipt, Refusal,
+    SignedRefusal,
     Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy, ScoreConfig, SignedAnnounce,
     SignedReceipt, SignedTelemetry, TaskId, Telemetry, TelemetrySample, ThrottleFlags, TripReason,
     health_score, quorum,
@@ -291,14 +292,16 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                     })
                 }
             ),
-        (task_id(), any::<u16>(), node_id(), refusal()).prop_map(|(task_id, attempt, node, r)| {
-            Message::Report(Report {
-                task_id,
-                attempt,
-                node,
-                body: ReportBody::Refused(r),
-            })
-        }),
+        (task_id(), any::<u16>(), node_id(), refusal(), signature()).prop_map(
+            |(task_id, attempt, node, refusal, signature)| {
+                Message::Report(Report {
+                    task_id,
+                    attempt,
+                    node,
+                    body: ReportBody::Refused(SignedRefusal { refusal, signature }),
+                })
+            }
+        ),
         (node_id(), any::<u64>(), bytes(256)).prop_map(|(node, nonce, padding)| Message::Ping(
             Ping {
                 node,

@@ -3,8 +3,8 @@
 mod common;
 
 use ambient_core::{
-    Digest, Expected, Limits, ProofError, Receipt, SignedReceipt, TaskId, VerifyError, sha3_256,
-    verify_receipt,
+    Digest, Expected, Identity, Limits, ProofError, Receipt, Refusal, SignedReceipt, SignedRefusal,
+    TaskId, VerifyError, sha3_256, verify_receipt,
 };
 use common::*;
 
@@ -221,4 +221,54 @@ fn a_signed_receipt_round_trips_through_postcard() {
     let bytes = postcard::to_stdvec(&signed).expect("encodes");
     let back: SignedReceipt = postcard::from_bytes(&bytes).expect("decodes");
     assert_eq!(back, signed);
+}
+
+#[test]
+fn only_false_claims_the_node_signed_for_this_attempt_count_against_it() {
+    let other_task = TaskId::new("task-002").expect("valid");
+    let stranger = Identity::from_secret(&[9; 32]);
+    let (task, pk) = (task_id(), identity().public_key());
+    let forged = receipt().sign(&stranger);
+    let not_the_node = verify_receipt(&forged, OUTPUT, &expected(&task, &pk)).unwrap_err();
+    // Anyone on the broker could have sent these: a forgery, a replay of another attempt's
+    // receipt, or a genuine receipt with other output bytes beside it.
+    for e in [
+        not_the_node,
+        verify_signed(|r| r.attempt = 2, OUTPUT).unwrap_err(),
+        verify_signed(|r| r.task_id = other_task, OUTPUT).unwrap_err(),
+        verify_signed(|_| {}, b"HELLO!").unwrap_err(),
+    ] {
+        assert!(!e.is_attributable(), "{e}");
+    }
+    // Only the node's key could have signed these for this attempt.
+    for e in [
+        verify_signed(|r| r.module = digest(1), OUTPUT).unwrap_err(),
+        verify_signed(|r| r.input = digest(2), OUTPUT).unwrap_err(),
+        verify_signed(|r| r.fuel_used = u64::MAX, OUTPUT).unwrap_err(),
+    ] {
+        assert!(e.is_attributable(), "{e}");
+    }
+}
+
+#[test]
+fn a_refusal_verifies_only_for_the_attempt_and_node_it_names() {
+    let node = identity().node_id();
+    let (task, pk) = (task_id(), identity().public_key());
+    let refusal = SignedRefusal::sign(&identity(), &task, 1, &node, Refusal::Busy);
+    assert_eq!(refusal.verify(&pk, &task, 1, &node), Ok(()));
+    assert_eq!(
+        refusal.verify(&pk, &task, 2, &node),
+        Err(ProofError::BadSignature),
+        "replayed for another attempt"
+    );
+    let other_task = TaskId::new("task-002").expect("valid");
+    assert!(refusal.verify(&pk, &other_task, 1, &node).is_err());
+    let changed = SignedRefusal {
+        refusal: Refusal::ModuleUnavailable,
+        ..refusal
+    };
+    assert!(changed.verify(&pk, &task, 1, &node).is_err(), "reason changed");
+    let stranger = Identity::from_secret(&[9; 32]);
+    let forged = SignedRefusal::sign(&stranger, &task, 1, &node, Refusal::Busy);
+    assert!(forged.verify(&pk, &task, 1, &node).is_err(), "another key");
 }
