@@ -13,9 +13,8 @@ use std::time::Duration;
 use ambient_core::{
     Abi, Admission, Announce, Breaker, Digest, Envelope, Exit, Identity, Limits, MAX_LABELS,
     MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody, SignedAnnounce,
-    SignedRefusal,
-    SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256, sign_message,
-    topics,
+    SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256,
+    sign_message, topics,
 };
 use bytes::Bytes;
 use rand::Rng as _;
@@ -87,11 +86,10 @@ pub async fn run(
                 })?
         };
         let outbox_dir = Arc::new(outbox_dir);
-        let writer =
-            Writer::spawn(outbox_dir.clone()).map_err(|source| AgentError::Outbox {
-                path: state_dir.join("outbox"),
-                source,
-            })?;
+        let writer = Writer::spawn(outbox_dir.clone()).map_err(|source| AgentError::Outbox {
+            path: state_dir.join("outbox"),
+            source,
+        })?;
         let opts = connection::options(&config, &node)?;
         let (publisher, eventloop, delivery) = connection::client(opts);
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
@@ -242,7 +240,6 @@ struct Reporter {
 }
 
 impl Reporter {
-
     fn executed(&self, job: &Job, run: Execution, started: std::time::Instant) -> Finished {
         let receipt = Receipt {
             task_id: job.task_id.clone(),

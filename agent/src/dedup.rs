@@ -15,10 +15,7 @@ pub(crate) enum Seen {
     /// Admitted and not yet reported.
     Active,
     /// Reported: its outbox sequence number and the report (while the byte budget lasts).
-    Done {
-        seq: u64,
-        report: Option<Bytes>,
-    },
+    Done { seq: u64, report: Option<Bytes> },
 }
 
 #[derive(Debug)]
@@ -141,7 +138,7 @@ mod tests {
     fn memory_stays_bounded_and_the_oldest_are_forgotten_first() {
         let mut d = Dedup::new(100, 1_000);
         for i in 0..1_000 {
-            d.finish(key(i), i.into(), Bytes::from(vec![0u8; 100]));
+            d.finish(key(i), i as u64, Bytes::from(vec![0u8; 100]));
         }
         assert_eq!(d.len(), 100);
         assert!(d.get(&key(0)).is_none());
@@ -164,7 +161,7 @@ mod tests {
         let mut d = Dedup::new(16, 0);
         d.start(key(0));
         for i in 1..100 {
-            d.finish(key(i), i.into(), Bytes::new());
+            d.finish(key(i), i as u64, Bytes::new());
         }
         assert_eq!(d.get(&key(0)), Some(&Seen::Active));
     }

@@ -7,9 +7,8 @@ use std::time::Duration;
 use ambient_agent::Profile;
 use ambient_core::{
     Abi, BreakerState, Envelope, Exit, Expected, Limits, Message, NodeId, Refusal, ReportBody,
-    SignedRefusal,
-    SignedAnnounce, SignedReceipt, SignedTelemetry, TripReason, sha3_256, topics, verify_message,
-    verify_receipt,
+    SignedAnnounce, SignedReceipt, SignedRefusal, SignedTelemetry, TripReason, sha3_256, topics,
+    verify_message, verify_receipt,
 };
 use common::*;
 

@@ -671,8 +671,14 @@ impl Dispatcher {
             (_, None) => Err("the node is not registered".to_owned()),
             (ReportBody::Refused(r), Some(key)) => r
                 .verify(key, &report.task_id, report.attempt, &node)
+                .map(|()| None)
                 .map_err(|e| format!("refusal signature: {e}")),
-            (ReportBody::Executed { receipt, output, .. }, Some(key)) => {
+            (
+                ReportBody::Executed {
+                    receipt, output, ..
+                },
+                Some(key),
+            ) => {
                 let expected = Expected {
                     task_id: &job.spec.task_id,
                     attempt: report.attempt,
@@ -1410,12 +1416,25 @@ mod tests {
         fn report(
             &self,
             task: &str,
-            (node, attempt): (NodeId, u16),
+            sent: (NodeId, u16),
             output: &[u8],
             exit: Exit,
             signer: &Identity,
         ) -> Vec<u8> {
-            let receipt = Receipt {
+            self.report_claiming(task, sent, output, exit, signer, |_| {})
+        }
+
+        /// As [`Fixture::report`], with the receipt changed by `lie` before it is signed.
+        fn report_claiming(
+            &self,
+            task: &str,
+            (node, attempt): (NodeId, u16),
+            output: &[u8],
+            exit: Exit,
+            signer: &Identity,
+            lie: impl FnOnce(&mut Receipt),
+        ) -> Vec<u8> {
+            let mut receipt = Receipt {
                 task_id: TaskId::new(task).unwrap(),
                 attempt,
                 node,
@@ -1426,8 +1445,9 @@ mod tests {
                 limits: ambient_core::Limits::default(),
                 engine: Engine::Wasmtime,
                 exit,
-            }
-            .sign(signer);
+            };
+            lie(&mut receipt);
+            let receipt = receipt.sign(signer);
             let body = ReportBody::Executed {
                 receipt,
                 output,
@@ -1455,6 +1475,25 @@ mod tests {
         ) -> Effects {
             let frame = self.report(task, sent, output, exit, self.identity(sent.0));
             self.frame(sent.0, NodeTopic::Results, &frame)
+        }
+
+        /// The node's signed refusal of (task, attempt).
+        fn refusal(&self, task: &str, (node, attempt): (NodeId, u16), why: Refusal) -> Vec<u8> {
+            let task_id = TaskId::new(task).unwrap();
+            let body = ReportBody::Refused(SignedRefusal::sign(
+                self.identity(node),
+                &task_id,
+                attempt,
+                &node,
+                why,
+            ));
+            Envelope::new(Message::Report(Report {
+                task_id,
+                attempt,
+                node,
+                body,
+            }))
+            .to_vec()
         }
     }
 
@@ -1532,13 +1571,45 @@ mod tests {
     }
 
     #[test]
-    fn a_receipt_signed_by_another_key_is_rejected_and_the_task_moves_on() {
+    fn a_report_forged_with_another_key_changes_nothing_and_the_real_one_is_accepted() {
         let mut f = fixture(2);
         let first = assignments(&f.submit("t2", "receipt"))[0];
         let forger = Identity::from_secret(&[0xEE; 32]);
-        let frame = f.report("t2", first, b"out", Exit::Ok, &forger);
+        let forged = f.report("t2", first, b"forged", Exit::Ok, &forger);
+        let refusal = {
+            let mut honest = f.refusal("t2", first, Refusal::ModuleUnavailable);
+            let n = honest.len();
+            honest[n - 1] ^= 1;
+            honest
+        };
+        for frame in [&forged, &refusal] {
+            let fx = f.frame(first.0, NodeTopic::Results, frame);
+            assert!(fx.dispatch.is_empty() && fx.events.is_empty(), "{fx:?}");
+        }
+        assert_eq!(f.d.dropped().unauthenticated, 2);
+        let view = f.d.registry().view(f.now.at, &first.0).unwrap();
+        assert_eq!(
+            (view.reputation.disputed, view.reputation.failed),
+            (0, 0),
+            "nothing held against the node the forger named"
+        );
+        let done = finals(&f.answer("t2", first, b"out"));
+        assert_eq!(done.len(), 1, "the attempt was still outstanding");
+        assert_eq!(done[0].status, EventStatus::Completed);
+    }
+
+    #[test]
+    fn a_receipt_the_node_signed_with_false_claims_is_a_dispute_and_the_task_moves_on() {
+        let mut f = fixture(2);
+        let first = assignments(&f.submit("t2b", "receipt"))[0];
+        let signer = f.identity(first.0).clone();
+        let frame = f.report_claiming("t2b", first, b"out", Exit::Ok, &signer, |r| {
+            r.input = sha3_256(b"another input");
+        });
         let next = assignments(&f.frame(first.0, NodeTopic::Results, &frame));
         assert_eq!(f.d.dropped().bad_receipts, 1);
+        let view = f.d.registry().view(f.now.at, &first.0).unwrap();
+        assert_eq!(view.reputation.disputed, 1);
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, first.0, "retried on another node");
         assert_eq!(next[0].1, first.1 + 1, "with the next attempt number");
@@ -1547,9 +1618,11 @@ mod tests {
     #[test]
     fn a_node_that_sent_a_bad_receipt_is_never_asked_again_for_that_task() {
         let mut f = fixture(1);
-        let first = assignments(&f.submit("t2b", "receipt"))[0];
-        let forger = Identity::from_secret(&[0xEE; 32]);
-        let frame = f.report("t2b", first, b"out", Exit::Ok, &forger);
+        let first = assignments(&f.submit("t2c", "receipt"))[0];
+        let signer = f.identity(first.0).clone();
+        let frame = f.report_claiming("t2c", first, b"out", Exit::Ok, &signer, |r| {
+            r.fuel_used = u64::MAX;
+        });
         assert!(assignments(&f.frame(first.0, NodeTopic::Results, &frame)).is_empty());
         assert_eq!(f.d.queued(), 1);
     }
@@ -1614,12 +1687,48 @@ mod tests {
     }
 
     #[test]
-    fn a_node_going_offline_hands_its_tasks_to_another() {
+    fn a_node_that_goes_offline_and_stays_silent_hands_its_tasks_to_another() {
         let mut f = fixture(2);
         let first = assignments(&f.submit("t5", "receipt"))[0];
-        let next = assignments(&f.frame(first.0, NodeTopic::Status, b"offline"));
-        assert_eq!(next.len(), 1);
+        let fx = f.frame(first.0, NodeTopic::Status, b"offline");
+        assert!(
+            assignments(&fx).is_empty(),
+            "an unsigned presence cancels nothing"
+        );
+        assert!(assignments(&f.advance(Duration::from_secs(9))).is_empty());
+        let next = assignments(&f.advance(Duration::from_secs(1)));
+        assert_eq!(
+            next.len(),
+            1,
+            "silent for the offline grace: the task moves"
+        );
         assert_ne!(next[0].0, first.0);
+    }
+
+    #[test]
+    fn a_spoofed_offline_is_disproved_by_the_nodes_telemetry_and_its_task_completes() {
+        let mut f = fixture(2);
+        let first = assignments(&f.submit("t5b", "receipt"))[0];
+        f.frame(first.0, NodeTopic::Status, b"offline");
+        let telemetry = Telemetry {
+            node: first.0,
+            seq: 2,
+            boot_id: 1,
+            sample: TelemetrySample::default(),
+        };
+        let signature =
+            sign_message(f.identity(first.0), SignedTelemetry::TAG, &telemetry).unwrap();
+        let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
+            telemetry,
+            signature,
+        }))
+        .to_vec();
+        f.frame(first.0, NodeTopic::Telemetry, &frame);
+        assert!(assignments(&f.advance(Duration::from_secs(20))).is_empty());
+        let view = f.d.registry().view(f.now.at, &first.0).unwrap();
+        assert_eq!(view.reputation.failed, 0);
+        let done = finals(&f.answer("t5b", first, b"out"));
+        assert_eq!(done[0].status, EventStatus::Completed);
     }
 
     #[test]
@@ -1776,13 +1885,7 @@ mod tests {
     fn a_busy_refusal_is_not_a_failure_and_the_node_rests_until_it_reports_again() {
         let mut f = fixture(1);
         let sent = assignments(&f.submit("busy", "receipt"))[0];
-        let refusal = Envelope::new(Message::Report(Report {
-            task_id: TaskId::new("busy").unwrap(),
-            attempt: sent.1,
-            node: sent.0,
-            body: ReportBody::Refused(Refusal::Busy),
-        }))
-        .to_vec();
+        let refusal = f.refusal("busy", sent, Refusal::Busy);
         for _ in 0..5 {
             let fx = f.frame(sent.0, NodeTopic::Results, &refusal);
             assert!(finals(&fx).is_empty(), "busy refusals do not fail the task");

@@ -928,7 +928,8 @@ pub(crate) mod fixtures {
             Self::with(n, |_| {})
         }
 
-        /// `n` nodes announced at [`t0`], each announce adjusted by `adjust`.
+        /// `n` nodes announced at [`t0`], each announce adjusted by `adjust`, each followed by
+        /// an empty signed sample (a node is eligible only once it has sent telemetry).
         pub(crate) fn with(n: usize, adjust: impl Fn(&mut Announce)) -> Self {
             Self::configured(RegistryConfig::default(), n, adjust)
         }
@@ -949,6 +950,7 @@ pub(crate) mod fixtures {
                 adjust(&mut a);
                 fleet.announces.push(a);
                 fleet.reannounce(t0(), i, |_| {});
+                fleet.report(t0(), i, TelemetrySample::default());
             }
             fleet
         }
@@ -1048,6 +1050,54 @@ mod tests {
     }
 
     #[test]
+    fn an_announced_node_gets_no_task_until_its_first_signed_telemetry() {
+        let me = identity(1);
+        let mut registry = Registry::new(RegistryConfig::default());
+        let id = registry
+            .on_announce(t0(), &sign_announce(&me, announce(&me)))
+            .unwrap();
+        let req = Requirements::default();
+        assert_eq!(registry.select(t0(), &req, Strategy::Weighted, &[]), None);
+        let telemetry = Telemetry {
+            node: id,
+            seq: 1,
+            boot_id: 1,
+            sample: healthy(),
+        };
+        registry
+            .on_telemetry(t0(), &sign_telemetry(&me, telemetry))
+            .unwrap();
+        assert_eq!(
+            registry.select(t0(), &req, Strategy::Weighted, &[]),
+            Some(id)
+        );
+    }
+
+    #[test]
+    fn an_offline_presence_stops_placements_and_ends_liveness_after_the_grace() {
+        let mut fleet = Fleet::new(1);
+        let id = fleet.id(0);
+        fleet.registry.on_status(t0(), id, false);
+        assert_eq!(pick(&mut fleet, t0()), None, "no new task meanwhile");
+        assert!(fleet.registry.went_silent(t0() + secs(9)).is_empty());
+        assert_eq!(fleet.registry.went_silent(t0() + secs(10)), vec![id]);
+        assert!(
+            fleet.registry.went_silent(t0() + secs(11)).is_empty(),
+            "once"
+        );
+    }
+
+    #[test]
+    fn a_node_that_disproves_an_offline_presence_in_time_never_goes_silent() {
+        let mut fleet = Fleet::new(1);
+        let id = fleet.id(0);
+        fleet.registry.on_status(t0(), id, false);
+        fleet.report(t0() + secs(5), 0, healthy());
+        assert_eq!(pick(&mut fleet, t0() + secs(5)), Some(id));
+        assert!(fleet.registry.went_silent(t0() + secs(19)).is_empty());
+    }
+
+    #[test]
     fn an_announce_claiming_another_nodes_id_is_rejected() {
         let (me, victim) = (identity(1), identity(2));
         let mut a = announce(&me);
@@ -1096,7 +1146,7 @@ mod tests {
             &forger,
             Telemetry {
                 node: fleet.id(0),
-                seq: 1,
+                seq: 2,
                 boot_id: 1,
                 sample: healthy(),
             },
@@ -1107,9 +1157,9 @@ mod tests {
         );
         assert_eq!(
             fleet.registry.view(t0(), &fleet.id(0)).unwrap().sample,
-            None
+            Some(TelemetrySample::default())
         );
-        // The forgery did not use up sequence number 1.
+        // The forgery did not use up sequence number 2.
         fleet.report(t0(), 0, healthy());
     }
 

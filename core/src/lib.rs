@@ -40,6 +40,5 @@ pub use wire::{
     Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
     MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES, Message,
     PROTOCOL_VERSION, Ping, Pong, Refusal, Report, ReportBody, SignedAnnounce, SignedRefusal,
-    SignedTelemetry,
-    Telemetry,
+    SignedTelemetry, Telemetry,
 };

@@ -13,8 +13,7 @@ mod common;
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
     Digest, Envelope, Message, NodeId, Ping, Pong, Refusal, Report, ReportBody, SignedRefusal,
-    TripReason,
-    chain_hash, sha3_256,
+    TripReason, chain_hash, sha3_256,
 };
 use common::*;
 

@@ -5,10 +5,9 @@ mod common;
 use ambient_core::{
     Abi, Admission, Announce, Assignment, Breaker, BreakerState, DecodeError, Digest, Engine,
     Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Quorum, Receipt, Refusal,
-    SignedRefusal,
     Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy, ScoreConfig, SignedAnnounce,
-    SignedReceipt, SignedTelemetry, TaskId, Telemetry, TelemetrySample, ThrottleFlags, TripReason,
-    health_score, quorum,
+    SignedReceipt, SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample,
+    ThrottleFlags, TripReason, health_score, quorum,
 };
 use proptest::collection::vec;
 use proptest::option;

@@ -267,7 +267,10 @@ fn a_refusal_verifies_only_for_the_attempt_and_node_it_names() {
         refusal: Refusal::ModuleUnavailable,
         ..refusal
     };
-    assert!(changed.verify(&pk, &task, 1, &node).is_err(), "reason changed");
+    assert!(
+        changed.verify(&pk, &task, 1, &node).is_err(),
+        "reason changed"
+    );
     let stranger = Identity::from_secret(&[9; 32]);
     let forged = SignedRefusal::sign(&stranger, &task, 1, &node, Refusal::Busy);
     assert!(forged.verify(&pk, &task, 1, &node).is_err(), "another key");
