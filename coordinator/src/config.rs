@@ -143,6 +143,13 @@ pub struct RawEnrollment {
     pub mode: String,
     /// Hex ed25519 public keys admitted in `allowlist` mode.
     pub allow: Vec<String>,
+    /// Most nodes held in memory; new keys beyond it are refused. Default 10000.
+    pub max_nodes: usize,
+    /// New nodes admitted per second on average, bursts of ten seconds' worth. Default 20.
+    pub joins_per_s: u32,
+    /// A node with no valid traffic and no task for this long is forgotten (the ledger keeps
+    /// its history), in ms. Default 86400000 (24 h).
+    pub forget_after_ms: u64,
 }
 
 impl Default for RawBroker {
@@ -205,9 +212,13 @@ impl Default for RawSettlement {
 
 impl Default for RawEnrollment {
     fn default() -> Self {
+        let r = RegistryConfig::default();
         Self {
             mode: "open".into(),
             allow: Vec::new(),
+            max_nodes: r.max_nodes,
+            joins_per_s: r.joins_per_s,
+            forget_after_ms: r.forget_after.as_millis() as u64,
         }
     }
 }
@@ -300,6 +311,12 @@ impl RawConfig {
                 "a positive number of milliseconds",
             ));
         }
+        if self.enrollment.max_nodes == 0 {
+            return Err(bad("enrollment.max_nodes", 0, "at least 1"));
+        }
+        if self.enrollment.joins_per_s == 0 {
+            return Err(bad("enrollment.joins_per_s", 0, "at least 1"));
+        }
         let enrollment = match self.enrollment.mode.as_str() {
             "open" => Enrollment::Open,
             "allowlist" => {
@@ -351,6 +368,9 @@ impl RawConfig {
                 safety,
                 enrollment,
                 offline_grace: Duration::from_millis(self.scheduling.offline_grace_ms),
+                max_nodes: self.enrollment.max_nodes,
+                joins_per_s: self.enrollment.joins_per_s,
+                forget_after: Duration::from_millis(self.enrollment.forget_after_ms),
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
         })

@@ -60,7 +60,7 @@ use tracing::{debug, info, warn};
 use crate::intake::{self, MAX_REPLICAS, Policy, TaskSpec};
 use crate::results::{EventStatus, ReceiptJson, TaskEvent, Verdict};
 use crate::store::{JournaledTask, Known, NewTask, Op, StoreError, TaskStatus};
-use crate::{Outcome, Registry, Strategy};
+use crate::{Outcome, Registry, RegistryError, Strategy};
 
 /// An MQTT publish the service should make.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,13 +139,15 @@ impl Default for DispatchConfig {
     }
 }
 
-/// Counts of inputs that were dropped, for logs and `ambient nodes`.
+/// Counts of inputs that were dropped, logged at info once a minute when they changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Dropped {
     /// Frames that did not decode, or arrived on the wrong topic.
     pub malformed: u64,
     /// Frames from nodes the registry does not know or refused.
     pub unknown_node: u64,
+    /// Announces from new nodes refused by the enrollment bounds (`max_nodes`, `joins_per_s`).
+    pub refused_joins: u64,
     /// Reports for tasks already finished, or attempts not outstanding (replays, duplicates).
     pub stale_reports: u64,
     /// Reports whose signature does not prove they come from the node they name, for the
@@ -615,13 +617,17 @@ impl Dispatcher {
             }
         };
         match envelope.message {
-            Message::Announce(a) if leaf == NodeTopic::Announce => {
+            // A node speaks only on its own topics: an announce elsewhere registers nobody.
+            Message::Announce(a) if leaf == NodeTopic::Announce && a.announce.node == node => {
                 match self.registry.on_announce(now.at, &a) {
-                    Ok(id) if id == node => self.pump_queue(now, fx),
-                    Ok(_) => self.dropped.unknown_node += 1,
+                    Ok(_) => self.pump_queue(now, fx),
+                    Err(e @ (RegistryError::Full(_) | RegistryError::TooManyJoins)) => {
+                        self.dropped.refused_joins += 1;
+                        debug!(%node, error = %e, "announce refused");
+                    }
                     Err(e) => {
                         self.dropped.unknown_node += 1;
-                        warn!(%node, error = %e, "announce refused");
+                        debug!(%node, error = %e, "announce refused");
                     }
                 }
             }
@@ -1304,7 +1310,7 @@ mod tests {
             score: ScoreConfig::default(),
             safety: SafetyPolicy::default(),
             enrollment: Enrollment::Open,
-            offline_grace: Duration::from_secs(10),
+            ..RegistryConfig::default()
         })
     }
 

@@ -38,6 +38,15 @@ pub struct RegistryConfig {
     /// or anyone's claim, so it only stops new placements at once. Default 10 s: two default
     /// telemetry intervals.
     pub offline_grace: Duration,
+    /// Most nodes held in memory; an announce from a new key beyond it is refused. Default
+    /// 10,000.
+    pub max_nodes: usize,
+    /// New nodes admitted per second on average (bursts up to 10 s worth); the excess is
+    /// refused and comes back with the node's next announce. Default 20.
+    pub joins_per_s: u32,
+    /// A node with no valid traffic and no task for this long is forgotten (the ledger keeps
+    /// its history; it joins again with its next announce). Default 24 h.
+    pub forget_after: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -48,6 +57,9 @@ impl Default for RegistryConfig {
             safety: SafetyPolicy::default(),
             enrollment: Enrollment::Open,
             offline_grace: Duration::from_secs(10),
+            max_nodes: 10_000,
+            joins_per_s: 20,
+            forget_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -89,6 +101,14 @@ pub enum RegistryError {
     /// An announce under a registered node id carries a different public key.
     #[error("node announced a different public key from the one it registered with")]
     KeyChanged,
+    /// The registry holds `max_nodes` nodes already.
+    #[error("the pool is full ({0} nodes, `enrollment.max_nodes`)")]
+    Full(usize),
+    /// New nodes arrive faster than `enrollment.joins_per_s`.
+    #[error(
+        "too many new nodes at once (`enrollment.joins_per_s`); the node is admitted with a later announce"
+    )]
+    TooManyJoins,
 }
 
 /// What became of a task on a node, as the coordinator judged it.
@@ -185,6 +205,10 @@ pub struct Registry {
     pending_offline: HashSet<NodeId>,
     /// Nodes whose liveness ran out since [`Registry::went_silent`] was last called.
     silent: Vec<NodeId>,
+    /// Admissions of new nodes: a token bucket of `joins_per_s`, ten seconds deep.
+    joins: TokenBucket,
+    /// When idle nodes are next looked for (see [`RegistryConfig::forget_after`]).
+    next_sweep: Option<Instant>,
     /// The first instant the registry was given: breakers count milliseconds from it.
     epoch: Option<Instant>,
 }
@@ -387,6 +411,42 @@ fn log_transition(id: NodeId, transition: Option<Transition>) {
     }
 }
 
+/// A token bucket: `rate` admissions per second on average, bursts of up to ten seconds' worth.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    rate: u32,
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl TokenBucket {
+    const DEPTH_S: f64 = 10.0;
+
+    fn new(rate: u32) -> Self {
+        Self {
+            rate,
+            tokens: f64::from(rate) * Self::DEPTH_S,
+            at: None,
+        }
+    }
+
+    /// Takes one token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let rate = f64::from(self.rate);
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * rate;
+            self.tokens = (self.tokens + refill).min(rate * Self::DEPTH_S);
+        }
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -395,12 +455,14 @@ impl Registry {
     /// An empty registry judging nodes by `config`.
     pub fn new(config: RegistryConfig) -> Self {
         Self {
+            joins: TokenBucket::new(config.joins_per_s),
             config,
             nodes: HashMap::new(),
             placement: Placement::default(),
             deadlines: BTreeSet::new(),
             pending_offline: HashSet::new(),
             silent: Vec::new(),
+            next_sweep: None,
             epoch: None,
         }
     }
@@ -452,8 +514,15 @@ impl Registry {
         {
             return Err(RegistryError::KeyChanged);
         }
+        let new = !self.nodes.contains_key(&id);
+        if new && self.nodes.len() >= self.config.max_nodes {
+            return Err(RegistryError::Full(self.nodes.len()));
+        }
         verify_message(&a.public_key, SignedAnnounce::TAG, a, &signed.signature)
             .map_err(|_| RegistryError::BadSignature)?;
+        if new && !self.joins.take(now) {
+            return Err(RegistryError::TooManyJoins);
+        }
 
         let now_ms = self.now_ms(now);
         let arch = a.arch.as_str().to_owned();
@@ -582,7 +651,34 @@ impl Registry {
     /// as of `now`: the dispatcher moves their tasks.
     pub fn went_silent(&mut self, now: Instant) -> Vec<NodeId> {
         self.expire(now);
+        self.forget_idle(now);
         std::mem::take(&mut self.silent)
+    }
+
+    /// Forgets nodes with no valid traffic and no task for [`RegistryConfig::forget_after`].
+    /// Looks at most once a minute (O(nodes)).
+    fn forget_idle(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|at| now < at) {
+            return;
+        }
+        self.next_sweep = now.checked_add(Duration::from_secs(60));
+        let forget_after = self.config.forget_after;
+        let idle: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| {
+                !n.live
+                    && n.in_flight == 0
+                    && now.saturating_duration_since(n.last_seen) >= forget_after
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(mut node) = self.nodes.remove(&id) {
+                unindex(&mut self.placement, id, &mut node);
+                tracing::info!(node = %id, "forgot a node idle since long ago");
+            }
+        }
     }
 
     /// Counts valid traffic from the node (a verified report, say) towards its liveness.
@@ -1071,6 +1167,59 @@ mod tests {
             registry.select(t0(), &req, Strategy::Weighted, &[]),
             Some(id)
         );
+    }
+
+    #[test]
+    fn open_enrollment_holds_at_most_max_nodes_and_admits_new_ones_at_the_join_rate() {
+        let config = RegistryConfig {
+            max_nodes: 30,
+            joins_per_s: 2,
+            ..RegistryConfig::default()
+        };
+        let mut registry = Registry::new(config);
+        let join = |registry: &mut Registry, i: usize, now: Instant| {
+            let id = identity(i);
+            registry.on_announce(now, &sign_announce(&id, announce(&id)))
+        };
+        // A burst of ten seconds' worth, then one per half second.
+        for i in 0..20 {
+            join(&mut registry, i, t0()).unwrap();
+        }
+        assert_eq!(
+            join(&mut registry, 20, t0()),
+            Err(RegistryError::TooManyJoins)
+        );
+        join(&mut registry, 20, t0() + Duration::from_millis(500)).unwrap();
+        // A known node re-announces whatever the rate.
+        join(&mut registry, 0, t0() + Duration::from_millis(500)).unwrap();
+        for i in 21..30 {
+            join(&mut registry, i, t0() + secs(60)).unwrap();
+        }
+        assert_eq!(
+            join(&mut registry, 30, t0() + secs(120)),
+            Err(RegistryError::Full(30))
+        );
+        assert_eq!(registry.len(), 30);
+    }
+
+    #[test]
+    fn a_node_idle_past_forget_after_is_forgotten_and_may_join_again() {
+        let config = RegistryConfig {
+            forget_after: secs(3600),
+            ..RegistryConfig::default()
+        };
+        let mut fleet = Fleet::configured(config, 2, |_| {});
+        let (busy, idle) = (fleet.id(0), fleet.id(1));
+        fleet.registry.task_started(&busy);
+        assert!(fleet.registry.went_silent(t0() + secs(3599)).len() == 2);
+        fleet.registry.went_silent(t0() + secs(3700));
+        assert!(fleet.registry.view(t0(), &idle).is_none(), "forgotten");
+        assert!(
+            fleet.registry.view(t0(), &busy).is_some(),
+            "a node with a task stays"
+        );
+        fleet.reannounce(t0() + secs(3800), 1, |_| {});
+        assert!(fleet.registry.view(t0(), &idle).is_some());
     }
 
     #[test]

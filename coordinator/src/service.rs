@@ -83,6 +83,8 @@ pub const MAX_TURN: usize = 2048;
 const REPUBLISH_FINISHED_MS: u64 = 60_000;
 /// How often time advances for dispatch deadlines and queue timeouts.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the drop counters are logged (at info, when they changed).
+const DROPS_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What the MQTT task hands the dispatcher thread.
 enum Inbound {
@@ -355,6 +357,7 @@ fn dispatch_loop(
     let mut acks: Vec<(rumqttc::Publish, u64)> = Vec::new();
     let mut next_tick = Instant::now() + TICK;
     let mut next_snapshot = Instant::now() + snapshot_every;
+    let mut drops_logged = (d.dropped(), Instant::now() + DROPS_LOG_EVERY);
     let send = |o: Outbound| {
         let _ = tx.send(o);
     };
@@ -389,6 +392,13 @@ fn dispatch_loop(
                 at_ms: now.unix_ms,
             });
             next_snapshot = now.at + snapshot_every;
+        }
+        if now.at >= drops_logged.1 {
+            let dropped = d.dropped();
+            if dropped != drops_logged.0 {
+                info!(?dropped, "inputs dropped since start");
+            }
+            drops_logged = (dropped, now.at + DROPS_LOG_EVERY);
         }
         // 1. What may leave before the commit: module copies, then the assignments that need them.
         for hash in fx.modules.drain(..) {
