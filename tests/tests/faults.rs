@@ -338,9 +338,17 @@ fn reputation_of(db: &std::path::Path, node: &ambient_core::NodeId) -> serde_jso
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_receipt_is_rejected_and_the_task_completes_on_an_honest_node() {
+async fn a_node_whose_receipts_are_signed_by_another_key_earns_nothing_and_the_task_completes_elsewhere()
+ {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    // Reports that do not authenticate are dropped (anyone could have sent them), so the
+    // liar's attempt ends at its dispatch deadline: keep that short.
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[scheduling]\ndispatch_grace_ms = 1000\n",
+    );
     let liar = LyingNode::start(&c.url, [0x11; 32], true).await;
     c.wait_for_nodes(1);
     let _honest = agent(&c.url, &dir.path().join("a0"), "pi4");
@@ -353,6 +361,10 @@ async fn a_forged_receipt_is_rejected_and_the_task_completes_on_an_honest_node()
         module: Some(hash.to_hex().to_string()),
         entry: Some("classify".into()),
         input_b64: Some(B64.encode(input)),
+        limits: Some(LimitsJson {
+            timeout_ms: Some(2_000),
+            ..LimitsJson::default()
+        }),
         ..Submission::default()
     };
     let events = client
@@ -365,9 +377,10 @@ async fn a_forged_receipt_is_rejected_and_the_task_completes_on_an_honest_node()
     assert_ne!(ev.nodes[0], liar.node.to_hex().as_str());
     wait_until(
         Duration::from_secs(10),
-        || reputation_of(&c.db(), &liar.node)["disputed"].as_u64() >= Some(1),
-        || "the forger's reputation to drop".into(),
+        || reputation_of(&c.db(), &liar.node)["failed"].as_u64() >= Some(1),
+        || "the liar's unanswered attempt to count as a failure".into(),
     );
+    assert_eq!(reputation_of(&c.db(), &liar.node)["disputed"], 0);
     let store = Store::open_read_only(&c.db()).unwrap();
     assert!(
         store
@@ -375,7 +388,7 @@ async fn a_forged_receipt_is_rejected_and_the_task_completes_on_an_honest_node()
             .unwrap()
             .iter()
             .all(|b| b.account != format!("node:{}", liar.node)),
-        "the forger earned nothing"
+        "the liar earned nothing"
     );
 }
 

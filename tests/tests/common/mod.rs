@@ -10,23 +10,30 @@ use std::time::{Duration, Instant};
 
 use ambient_coordinator::store::Store;
 
-/// The path of a workspace binary, building it if `cargo test -p ambient-e2e` ran alone.
+/// The path of a workspace binary, fresh: the first call in each test binary runs
+/// `cargo build --workspace --bins` (a no-op after `cargo test --workspace`), so that
+/// `cargo test -p ambient-e2e` alone never runs binaries older than the code.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
-        .expect("target profile dir");
-    let path = dir.join(name);
-    if !path.exists() {
+        .expect("target profile dir")
+        .to_path_buf();
+    BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--bin", name])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build --bin {name} failed");
-    }
-    path
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&root)
+            .args(["build", "--workspace", "--bins"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    dir.join(name)
 }
 
 /// A free TCP port on loopback (bound, then released).

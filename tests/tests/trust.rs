@@ -1,0 +1,416 @@
+//! The trust boundary: what a stranger who reaches the broker can and cannot do. Each test
+//! runs the attack with real processes and checks that it had no effect.
+
+mod common;
+
+use std::time::Duration;
+
+use ambient_coordinator::client::Client;
+use ambient_coordinator::store::Store;
+use ambient_coordinator::{EventStatus, LimitsJson, Submission};
+use ambient_core::topics::{self, NodeTopic};
+use ambient_core::{
+    Announce, Engine, Envelope, Identity, Message, NodeId, Receipt, Refusal, Report, ReportBody,
+    SignedAnnounce, SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, sha3_256,
+    sign_message,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// A raw MQTT client on `url` subscribed to `filters`: what anyone on the broker can do.
+async fn stranger(
+    url: &str,
+    name: &str,
+    filters: &[&str],
+) -> (AsyncClient, mpsc::Receiver<rumqttc::Publish>) {
+    let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
+    let (client, mut el) = AsyncClient::new(MqttOptions::new(name, host, port), 1024);
+    let (tx, rx) = mpsc::channel(4096);
+    let (subscribed_tx, mut subscribed) = mpsc::channel(filters.len().max(1));
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            match ev {
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(p).await;
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = subscribed_tx.send(()).await;
+                }
+                _ => {}
+            }
+        }
+    });
+    for f in filters {
+        client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        subscribed.recv().await.expect("suback");
+    }
+    (client, rx)
+}
+
+fn signed_announce(identity: &Identity) -> Vec<u8> {
+    let announce = Announce {
+        node: identity.node_id(),
+        public_key: identity.public_key(),
+        arch: "aarch64".try_into().unwrap(),
+        cores: 4,
+        mem_total_bytes: 4 << 30,
+        engine: Engine::Wasmtime,
+        agent_version: "0.1.0".try_into().unwrap(),
+        labels: Default::default(),
+        profile: None,
+        max_concurrency: 2,
+    };
+    let signature = sign_message(identity, SignedAnnounce::TAG, &announce).unwrap();
+    Envelope::new(Message::Announce(SignedAnnounce {
+        announce,
+        signature,
+    }))
+    .to_vec()
+}
+
+fn signed_telemetry(identity: &Identity, seq: u64) -> Vec<u8> {
+    let telemetry = Telemetry {
+        node: identity.node_id(),
+        seq,
+        boot_id: 1,
+        sample: TelemetrySample::default(),
+    };
+    let signature = sign_message(identity, SignedTelemetry::TAG, &telemetry).unwrap();
+    Envelope::new(Message::Telemetry(SignedTelemetry {
+        telemetry,
+        signature,
+    }))
+    .to_vec()
+}
+
+/// Every node in the coordinator's registry snapshot, with its `NodeView` JSON.
+fn snapshot(db: &std::path::Path) -> Vec<(NodeId, serde_json::Value)> {
+    Store::open_read_only(db)
+        .and_then(|s| s.nodes())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, j)| (n, serde_json::from_str(&j).unwrap()))
+        .collect()
+}
+
+/// Waits until the coordinator has handled everything `client` published so far: it answers a
+/// malformed submission on the rejected topic, in order after the earlier messages, and then
+/// saves a fresh node snapshot. The marker is sent again every 2 s, as a coordinator that has
+/// only just started may not have subscribed yet: call this once before an attack too.
+async fn settle(
+    client: &AsyncClient,
+    rejected: &mut mpsc::Receiver<rumqttc::Publish>,
+    db: &std::path::Path,
+) {
+    static MARKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    'marker: loop {
+        let n = MARKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("marker-{n}");
+        let torn = format!(r#"{{"task_id": "{id}", "modu"#);
+        client
+            .publish(topics::SUBMIT, QoS::AtLeastOnce, false, torn.into_bytes())
+            .await
+            .unwrap();
+        let wait = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(p)) = tokio::time::timeout_at(wait, rejected.recv()).await {
+            let event: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            if event["task_id"] == id.as_str() {
+                break 'marker;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the coordinator never answered the marker"
+        );
+    }
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            Store::open_read_only(db)
+                .and_then(|s| s.nodes_saved_ms())
+                .ok()
+                .flatten()
+                .is_some_and(|ms| ms > after)
+        },
+        || "a node snapshot after the marker".into(),
+    );
+}
+
+/// Waits for the `accepted` event of `task`.
+async fn accepted(client: &mut Client, task: &str) {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), client.next_event())
+            .await
+            .expect("accepted in time")
+            .expect("event");
+        if ev.task_id == task {
+            assert_eq!(ev.status, EventStatus::Accepted, "{:?}", ev.error);
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reports_refusals_and_a_spoofed_offline_in_a_nodes_name_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
+    c.wait_for_nodes(1);
+    let (attacker, mut assignments) =
+        stranger(&c.url, "attacker", &[&topics::all_nodes(NodeTopic::Tasks)]).await;
+    let forger = Identity::from_secret(&[0xEE; 32]);
+    tokio::spawn(async move {
+        while let Some(p) = assignments.recv().await {
+            let Some((victim, _)) = topics::parse_node(&p.topic) else {
+                continue;
+            };
+            let Ok(Envelope {
+                message: Message::Assign(a),
+                ..
+            }) = Envelope::decode(&p.payload)
+            else {
+                continue;
+            };
+            // In the victim's name, at once: a wrong output under a receipt signed by another
+            // key, a refusal signed by another key, and an unsigned "offline".
+            let output = b"forged".to_vec();
+            let receipt = Receipt {
+                task_id: a.task_id.clone(),
+                attempt: a.attempt,
+                node: victim,
+                module: a.module,
+                input: sha3_256(a.input),
+                output: sha3_256(&output),
+                fuel_used: 1,
+                limits: a.limits,
+                engine: Engine::Wasmtime,
+                exit: ambient_core::Exit::Ok,
+            }
+            .sign(&forger);
+            let bodies = [
+                ReportBody::Executed {
+                    receipt,
+                    output: &output,
+                    message: Default::default(),
+                },
+                ReportBody::Refused(SignedRefusal::sign(
+                    &forger,
+                    &a.task_id,
+                    a.attempt,
+                    &victim,
+                    Refusal::ModuleUnavailable,
+                )),
+            ];
+            for body in bodies {
+                let frame = Envelope::new(Message::Report(Report {
+                    task_id: a.task_id.clone(),
+                    attempt: a.attempt,
+                    node: victim,
+                    body,
+                }))
+                .to_vec();
+                let topic = topics::node(&victim, NodeTopic::Results);
+                attacker
+                    .publish(topic.as_str(), QoS::AtLeastOnce, false, frame)
+                    .await
+                    .unwrap();
+            }
+            let status = topics::node(&victim, NodeTopic::Status);
+            attacker
+                .publish(
+                    status.as_str(),
+                    QoS::AtLeastOnce,
+                    false,
+                    b"offline".to_vec(),
+                )
+                .await
+                .unwrap();
+        }
+    });
+
+    // Long enough (a few hundred ms) that the forgeries arrive while the real run is going.
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let n: u64 = 300_000_000;
+    let sub = Submission {
+        task_id: Some("targeted".into()),
+        module_b64: Some(B64.encode(&module)),
+        input_b64: Some(B64.encode(n.to_le_bytes())),
+        limits: Some(LimitsJson {
+            fuel: Some(1_000_000_000_000),
+            timeout_ms: Some(120_000),
+            memory_bytes: None,
+        }),
+        ..Submission::default()
+    };
+    let mut client = Client::connect(&c.url).await.unwrap();
+    let events = client
+        .run_batch(&[sub], Duration::from_secs(90), |_| {})
+        .await
+        .unwrap();
+    let ev = &events["targeted"];
+    assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+    assert_eq!(
+        B64.decode(ev.output_b64.as_ref().unwrap()).unwrap(),
+        n.to_le_bytes()
+    );
+    let store = Store::open_read_only(&c.db()).unwrap();
+    let row = store
+        .task(&TaskId::new("targeted").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.attempts, 1,
+        "the forgeries did not end the real attempt"
+    );
+    let (marker, mut rejected) = stranger(&c.url, "marker", &[topics::REJECTED]).await;
+    settle(&marker, &mut rejected, &c.db()).await;
+    let view = &snapshot(&c.db())[0].1;
+    assert_eq!(view["reputation"]["disputed"], 0, "{view}");
+    assert_eq!(view["reputation"]["failed"], 0, "{view}");
+    assert!(store.verify_ledger().unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announce_on_another_nodes_topic_registers_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let (client, mut rejected) = stranger(&c.url, "misplaced", &[topics::REJECTED]).await;
+    settle(&client, &mut rejected, &c.db()).await;
+    let (attacker, victim) = (
+        Identity::from_secret(&[1; 32]),
+        Identity::from_secret(&[2; 32]),
+    );
+    let topic = topics::node(&victim.node_id(), NodeTopic::Announce);
+    client
+        .publish(
+            topic.as_str(),
+            QoS::AtLeastOnce,
+            false,
+            signed_announce(&attacker),
+        )
+        .await
+        .unwrap();
+    settle(&client, &mut rejected, &c.db()).await;
+    assert!(snapshot(&c.db()).is_empty(), "{:?}", snapshot(&c.db()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_enrollment_stops_at_max_nodes_and_only_nodes_with_telemetry_get_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[enrollment]\nmax_nodes = 50\njoins_per_s = 100000\n",
+    );
+    let (client, mut rejected) = stranger(&c.url, "flood", &[topics::REJECTED]).await;
+    settle(&client, &mut rejected, &c.db()).await;
+    // 2,000 fresh keys, each validly signed: only announces, never telemetry.
+    for i in 0..2_000u32 {
+        let mut secret = [0u8; 32];
+        secret[..4].copy_from_slice(&i.to_le_bytes());
+        secret[31] = 0xA5;
+        let id = Identity::from_secret(&secret);
+        let topic = topics::node(&id.node_id(), NodeTopic::Announce);
+        client
+            .publish(topic.as_str(), QoS::AtMostOnce, false, signed_announce(&id))
+            .await
+            .unwrap();
+    }
+    settle(&client, &mut rejected, &c.db()).await;
+    let nodes = snapshot(&c.db());
+    assert_eq!(nodes.len(), 50, "registered up to the cap and no further");
+
+    // A task submitted now finds no node with telemetry among the 50: it waits in the queue
+    // (none of the announce-only nodes receives it, so nothing waits out a dispatch deadline).
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let sub = Submission {
+        task_id: Some("after-flood".into()),
+        module_b64: Some(B64.encode(&module)),
+        input_b64: Some(B64.encode(10u64.to_le_bytes())),
+        ..Submission::default()
+    };
+    let mut submitter = Client::connect(&c.url).await.unwrap();
+    submitter.submit(&sub).await.unwrap();
+    accepted(&mut submitter, "after-flood").await;
+    // Placement is tried in the turn that accepts the task, and journaled with it.
+    let store = Store::open_read_only(&c.db()).unwrap();
+    let row = store
+        .task(&TaskId::new("after-flood").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.attempts, 0, "no announce-only node was given the task");
+    submitter.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let node = Identity::from_secret(&[3; 32]);
+    let (client, mut tasks) = stranger(
+        &c.url,
+        "late-telemetry",
+        &[
+            topics::node(&node.node_id(), NodeTopic::Tasks).as_str(),
+            topics::REJECTED,
+        ],
+    )
+    .await;
+    let announce = topics::node(&node.node_id(), NodeTopic::Announce);
+    client
+        .publish(
+            announce.as_str(),
+            QoS::AtLeastOnce,
+            false,
+            signed_announce(&node),
+        )
+        .await
+        .unwrap();
+    let mut submitter = Client::connect(&c.url).await.unwrap();
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let sub = Submission {
+        task_id: Some("waits".into()),
+        module_b64: Some(B64.encode(&module)),
+        input_b64: Some(B64.encode(10u64.to_le_bytes())),
+        ..Submission::default()
+    };
+    submitter.submit(&sub).await.unwrap();
+    accepted(&mut submitter, "waits").await;
+    let store = Store::open_read_only(&c.db()).unwrap();
+    let row = store.task(&TaskId::new("waits").unwrap()).unwrap().unwrap();
+    assert_eq!(row.attempts, 0, "an announce alone does not make a node eligible");
+    // Its telemetry now makes it eligible; the first thing on its tasks topic is the assignment.
+    let topic = topics::node(&node.node_id(), NodeTopic::Telemetry);
+    client
+        .publish(
+            topic.as_str(),
+            QoS::AtLeastOnce,
+            false,
+            signed_telemetry(&node, 1),
+        )
+        .await
+        .unwrap();
+    let p = loop {
+        let p = tokio::time::timeout(Duration::from_secs(30), tasks.recv())
+            .await
+            .expect("an assignment after telemetry")
+            .expect("publish");
+        if p.topic.ends_with("/tasks") {
+            break p;
+        }
+    };
+    let Message::Assign(a) = Envelope::decode(&p.payload).unwrap().message else {
+        panic!("not an assignment");
+    };
+    assert_eq!(a.task_id.as_str(), "waits");
+    submitter.disconnect().await;
+}
