@@ -37,7 +37,7 @@ pids+=($!)
 online=""
 for _ in $(seq 1 300); do
   if "$ambient" nodes --json --data-dir "$work/coordinator" 2>/dev/null \
-    | python3 -c 'import json, sys; sys.exit(0 if any(n.get("online") for n in json.load(sys.stdin)) else 1)' 2>/dev/null; then
+    | python3 -c 'import json, sys; sys.exit(0 if any(n.get("online") for n in json.load(sys.stdin)["nodes"]) else 1)' 2>/dev/null; then
     online=yes
     break
   fi

@@ -160,6 +160,21 @@ pub struct Dropped {
     pub bad_modules: u64,
 }
 
+impl Dropped {
+    /// Every counter by name, as `ambient nodes` shows them.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("malformed", self.malformed),
+            ("unknown_node", self.unknown_node),
+            ("refused_joins", self.refused_joins),
+            ("stale_reports", self.stale_reports),
+            ("unauthenticated", self.unauthenticated),
+            ("bad_receipts", self.bad_receipts),
+            ("bad_modules", self.bad_modules),
+        ]
+    }
+}
+
 /// The time, passed in: a monotonic instant for deadlines and the wall clock for the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Now {

@@ -389,6 +389,7 @@ fn dispatch_loop(
         if stop || now.at >= next_snapshot {
             fx.journal.push(Op::SaveNodes {
                 rows: d.node_rows(now),
+                dropped: d.dropped().counts(),
                 at_ms: now.unix_ms,
             });
             next_snapshot = now.at + snapshot_every;

@@ -117,6 +117,9 @@ async fn settle(
             .unwrap();
         let wait = tokio::time::Instant::now() + Duration::from_secs(2);
         while let Ok(Some(p)) = tokio::time::timeout_at(wait, rejected.recv()).await {
+            if p.topic != topics::REJECTED {
+                continue;
+            }
             let event: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
             if event["task_id"] == id.as_str() {
                 break 'marker;
@@ -164,79 +167,90 @@ async fn forged_reports_refusals_and_a_spoofed_offline_in_a_nodes_name_change_no
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
-    let (attacker, mut assignments) =
-        stranger(&c.url, "attacker", &[&topics::all_nodes(NodeTopic::Tasks)]).await;
+    let (attacker, mut assignments) = stranger(
+        &c.url,
+        "attacker",
+        &[&topics::all_nodes(NodeTopic::Tasks), topics::REJECTED],
+    )
+    .await;
+    settle(&attacker, &mut assignments, &c.db()).await;
     let forger = Identity::from_secret(&[0xEE; 32]);
-    tokio::spawn(async move {
-        while let Some(p) = assignments.recv().await {
-            let Some((victim, _)) = topics::parse_node(&p.topic) else {
-                continue;
-            };
-            let Ok(Envelope {
-                message: Message::Assign(a),
-                ..
-            }) = Envelope::decode(&p.payload)
-            else {
-                continue;
-            };
-            // In the victim's name, at once: a wrong output under a receipt signed by another
-            // key, a refusal signed by another key, and an unsigned "offline".
-            let output = b"forged".to_vec();
-            let receipt = Receipt {
-                task_id: a.task_id.clone(),
-                attempt: a.attempt,
-                node: victim,
-                module: a.module,
-                input: sha3_256(a.input),
-                output: sha3_256(&output),
-                fuel_used: 1,
-                limits: a.limits,
-                engine: Engine::Wasmtime,
-                exit: ambient_core::Exit::Ok,
-            }
-            .sign(&forger);
-            let bodies = [
-                ReportBody::Executed {
-                    receipt,
-                    output: &output,
-                    message: Default::default(),
-                },
-                ReportBody::Refused(SignedRefusal::sign(
-                    &forger,
-                    &a.task_id,
-                    a.attempt,
-                    &victim,
-                    Refusal::ModuleUnavailable,
-                )),
-            ];
-            for body in bodies {
-                let frame = Envelope::new(Message::Report(Report {
+    let attack = {
+        let attacker = attacker.clone();
+        tokio::spawn(async move {
+            while let Some(p) = assignments.recv().await {
+                let Some((victim, _)) = topics::parse_node(&p.topic) else {
+                    continue;
+                };
+                let Ok(Envelope {
+                    message: Message::Assign(a),
+                    ..
+                }) = Envelope::decode(&p.payload)
+                else {
+                    continue;
+                };
+                // In the victim's name, at once: a wrong output under a receipt signed by another
+                // key, a refusal signed by another key, and an unsigned "offline".
+                let output = b"forged".to_vec();
+                let receipt = Receipt {
                     task_id: a.task_id.clone(),
                     attempt: a.attempt,
                     node: victim,
-                    body,
-                }))
-                .to_vec();
-                let topic = topics::node(&victim, NodeTopic::Results);
+                    module: a.module,
+                    input: sha3_256(a.input),
+                    output: sha3_256(&output),
+                    fuel_used: 1,
+                    limits: a.limits,
+                    engine: Engine::Wasmtime,
+                    exit: ambient_core::Exit::Ok,
+                }
+                .sign(&forger);
+                let bodies = [
+                    ReportBody::Executed {
+                        receipt,
+                        output: &output,
+                        message: Default::default(),
+                    },
+                    ReportBody::Refused(SignedRefusal::sign(
+                        &forger,
+                        &a.task_id,
+                        a.attempt,
+                        &victim,
+                        Refusal::ModuleUnavailable,
+                    )),
+                ];
+                for body in bodies {
+                    let frame = Envelope::new(Message::Report(Report {
+                        task_id: a.task_id.clone(),
+                        attempt: a.attempt,
+                        node: victim,
+                        body,
+                    }))
+                    .to_vec();
+                    let topic = topics::node(&victim, NodeTopic::Results);
+                    attacker
+                        .publish(topic.as_str(), QoS::AtLeastOnce, false, frame)
+                        .await
+                        .unwrap();
+                }
+                let status = topics::node(&victim, NodeTopic::Status);
                 attacker
-                    .publish(topic.as_str(), QoS::AtLeastOnce, false, frame)
+                    .publish(
+                        status.as_str(),
+                        QoS::AtLeastOnce,
+                        false,
+                        b"offline".to_vec(),
+                    )
                     .await
                     .unwrap();
+                // Once: the connection's later messages are for `settle`.
+                return assignments;
             }
-            let status = topics::node(&victim, NodeTopic::Status);
-            attacker
-                .publish(
-                    status.as_str(),
-                    QoS::AtLeastOnce,
-                    false,
-                    b"offline".to_vec(),
-                )
-                .await
-                .unwrap();
-        }
-    });
+            panic!("the attacker saw no assignment");
+        })
+    };
 
-    // Long enough (a few hundred ms) that the forgeries arrive while the real run is going.
+    // Long enough that the forgeries usually arrive while the real run is going.
     let module = wat::parse_str(SPIN_WAT).unwrap();
     let n: u64 = 300_000_000;
     let sub = Submission {
@@ -270,11 +284,20 @@ async fn forged_reports_refusals_and_a_spoofed_offline_in_a_nodes_name_change_no
         row.attempts, 1,
         "the forgeries did not end the real attempt"
     );
-    let (marker, mut rejected) = stranger(&c.url, "marker", &[topics::REJECTED]).await;
-    settle(&marker, &mut rejected, &c.db()).await;
+    // Everything the attacker sent has been handled once its marker is answered.
+    let mut rejected = attack.await.unwrap();
+    settle(&attacker, &mut rejected, &c.db()).await;
     let view = &snapshot(&c.db())[0].1;
     assert_eq!(view["reputation"]["disputed"], 0, "{view}");
     assert_eq!(view["reputation"]["failed"], 0, "{view}");
+    // Whether they arrived during the run (unauthenticated) or after it (stale), both forged
+    // reports reached the coordinator and were dropped.
+    let dropped = store.dropped().unwrap();
+    assert_eq!(
+        dropped["unauthenticated"] + dropped["stale_reports"],
+        2,
+        "{dropped:?}"
+    );
     assert!(store.verify_ledger().unwrap().is_ok());
 }
 
@@ -365,6 +388,7 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
         ],
     )
     .await;
+    settle(&client, &mut tasks, &c.db()).await;
     let announce = topics::node(&node.node_id(), NodeTopic::Announce);
     client
         .publish(
@@ -375,6 +399,8 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
         )
         .await
         .unwrap();
+    settle(&client, &mut tasks, &c.db()).await;
+    assert_eq!(snapshot(&c.db()).len(), 1, "registered");
     let mut submitter = Client::connect(&c.url).await.unwrap();
     let module = wat::parse_str(SPIN_WAT).unwrap();
     let sub = Submission {
@@ -387,7 +413,10 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
     accepted(&mut submitter, "waits").await;
     let store = Store::open_read_only(&c.db()).unwrap();
     let row = store.task(&TaskId::new("waits").unwrap()).unwrap().unwrap();
-    assert_eq!(row.attempts, 0, "an announce alone does not make a node eligible");
+    assert_eq!(
+        row.attempts, 0,
+        "an announce alone does not make a node eligible"
+    );
     // Its telemetry now makes it eligible; the first thing on its tasks topic is the assignment.
     let topic = topics::node(&node.node_id(), NodeTopic::Telemetry);
     client

@@ -56,12 +56,28 @@ pub fn nodes(args: ReadArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .filter_map(|(_, json)| serde_json::from_str(&json).ok())
         .collect();
+    let dropped = store.dropped()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        let out = serde_json::json!({ "nodes": nodes, "dropped": dropped });
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let drops: Vec<String> = dropped
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| format!("{} {n}", name.replace('_', " ")))
+        .collect();
+    let footer = || {
+        if !drops.is_empty() {
+            println!(
+                "dropped since the coordinator started: {}",
+                drops.join(", ")
+            );
+        }
+    };
     if nodes.is_empty() {
         println!("no nodes registered yet");
+        footer();
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -118,6 +134,7 @@ pub fn nodes(args: ReadArgs) -> anyhow::Result<ExitCode> {
             breaker
         );
     }
+    footer();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -54,6 +54,8 @@ pub enum Op {
     SaveNodes {
         /// Every node's view.
         rows: Vec<(NodeId, String)>,
+        /// The dispatcher's drop counters, by name.
+        dropped: Vec<(&'static str, u64)>,
         /// When, in Unix milliseconds.
         at_ms: u64,
     },
@@ -111,7 +113,14 @@ impl Store {
                     Op::PutModule { hash, bytes } => {
                         b.put_module(hash, bytes)?;
                     }
-                    Op::SaveNodes { rows, at_ms } => b.save_nodes(rows, *at_ms)?,
+                    Op::SaveNodes {
+                        rows,
+                        dropped,
+                        at_ms,
+                    } => {
+                        b.save_nodes(rows, *at_ms)?;
+                        b.save_dropped(dropped)?;
+                    }
                 }
             }
             Ok(())

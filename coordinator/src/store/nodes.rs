@@ -35,7 +35,47 @@ impl Batch<'_> {
     }
 }
 
+impl Batch<'_> {
+    /// Stores the dispatcher's drop counters beside the snapshot, as `dropped.<name>`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::OutOfRange`], [`StoreError::Sqlite`].
+    pub fn save_dropped(&mut self, counts: &[(&str, u64)]) -> Result<(), StoreError> {
+        self.run("save the drop counters", |b| {
+            let mut upsert = b.tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?;
+            for (name, n) in counts {
+                upsert.execute((format!("dropped.{name}"), to_sql_int(*n, "dropped")?))?;
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Store {
+    /// The drop counters saved with the last snapshot, by name; empty if never saved.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`]; [`StoreError::Corrupt`] if a count is negative.
+    pub fn dropped(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        self.read("read the drop counters", |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT substr(key, 9), value FROM meta WHERE key LIKE 'dropped.%'",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = std::collections::BTreeMap::new();
+            for row in rows {
+                let (name, n) = row?;
+                out.insert(name, from_sql_int(n, "dropped")?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Replaces the node snapshot in one transaction, stamped with the wall clock; see
     /// [`Batch::save_nodes`].
     ///

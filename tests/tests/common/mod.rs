@@ -10,30 +10,22 @@ use std::time::{Duration, Instant};
 
 use ambient_coordinator::store::Store;
 
-/// The path of a workspace binary, fresh: the first call in each test binary runs
-/// `cargo build --workspace --bins` (a no-op after `cargo test --workspace`), so that
-/// `cargo test -p ambient-e2e` alone never runs binaries older than the code.
+/// The path of a workspace binary, built by the same `cargo test --workspace` (the README's
+/// test command). `cargo test -p ambient-e2e` alone runs whatever is in the target directory:
+/// run `cargo build --workspace --bins` first. A test never builds, so it never races one.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
+    let path = exe
         .parent()
         .and_then(Path::parent)
         .expect("target profile dir")
-        .to_path_buf();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(&root)
-            .args(["build", "--workspace", "--bins"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "cargo build --workspace --bins failed");
-    });
-    dir.join(name)
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the README's test command (`cargo test --workspace`), or `cargo build --workspace --bins` before `cargo test -p ambient-e2e`",
+        path.display()
+    );
+    path
 }
 
 /// A free TCP port on loopback (bound, then released).
