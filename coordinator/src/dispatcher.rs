@@ -1623,8 +1623,8 @@ mod tests {
     fn a_receipt_the_node_signed_with_false_claims_is_a_dispute_and_the_task_moves_on() {
         let mut f = fixture(2);
         let first = assignments(&f.submit("t2b", "receipt"))[0];
-        let signer = f.identity(first.0).clone();
-        let frame = f.report_claiming("t2b", first, b"out", Exit::Ok, &signer, |r| {
+        let signer = f.identity(first.0);
+        let frame = f.report_claiming("t2b", first, b"out", Exit::Ok, signer, |r| {
             r.input = sha3_256(b"another input");
         });
         let next = assignments(&f.frame(first.0, NodeTopic::Results, &frame));
@@ -1640,8 +1640,8 @@ mod tests {
     fn a_node_that_sent_a_bad_receipt_is_never_asked_again_for_that_task() {
         let mut f = fixture(1);
         let first = assignments(&f.submit("t2c", "receipt"))[0];
-        let signer = f.identity(first.0).clone();
-        let frame = f.report_claiming("t2c", first, b"out", Exit::Ok, &signer, |r| {
+        let signer = f.identity(first.0);
+        let frame = f.report_claiming("t2c", first, b"out", Exit::Ok, signer, |r| {
             r.fuel_used = u64::MAX;
         });
         assert!(assignments(&f.frame(first.0, NodeTopic::Results, &frame)).is_empty());
