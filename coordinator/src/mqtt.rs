@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions};
 
-/// Largest MQTT packet accepted or sent, in bytes: room for a 16 MiB module.
-pub const MAX_PACKET_BYTES: usize = 32 << 20;
+/// Largest MQTT packet accepted or sent, in bytes: a submission with a module and an input at
+/// their limits (see [`ambient_core::MAX_PACKET_BYTES`]).
+pub const MAX_PACKET_BYTES: usize = ambient_core::MAX_PACKET_BYTES;
 
 /// What the broker keeps of a client between connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -119,7 +119,16 @@ impl Coordinator {
     pub async fn bind(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         let (broker, host, port) = match &config.broker {
             BrokerMode::Embedded(addr) => {
-                let broker = Broker::bind(*addr, BrokerConfig::default()).await?;
+                let broker = Broker::bind(
+                    *addr,
+                    BrokerConfig {
+                        // Every submission within the task limits gets an answer, not a
+                        // closed connection.
+                        max_packet_bytes: ambient_core::MAX_PACKET_BYTES,
+                        ..BrokerConfig::default()
+                    },
+                )
+                .await?;
                 let local = broker.local_addr();
                 (Some(broker), local.ip().to_string(), local.port())
             }

@@ -38,7 +38,7 @@ pub use telemetry::{TelemetrySample, ThrottleFlags};
 pub use verify::{Expected, Quorum, Tariff, quorum, verify_receipt};
 pub use wire::{
     Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
-    MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES, Message,
-    PROTOCOL_VERSION, Ping, Pong, Refusal, Report, ReportBody, SignedAnnounce, SignedRefusal,
-    SignedTelemetry, Telemetry,
+    MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,
+    MAX_PACKET_BYTES, MAX_SUBMISSION_BYTES, Message, PROTOCOL_VERSION, Ping, Pong, Refusal, Report,
+    ReportBody, SignedAnnounce, SignedRefusal, SignedTelemetry, Telemetry,
 };

@@ -22,6 +22,20 @@ pub const MAX_OUTPUT_BYTES: usize = 4 << 20;
 pub const MAX_MODULE_BYTES: usize = 16 << 20;
 /// Largest frame: the largest input or output plus room for the fixed-size fields.
 pub const MAX_FRAME_BYTES: usize = MAX_INPUT_BYTES + (64 << 10);
+/// Largest JSON task submission: a module and an input at their limits, both in base64, plus
+/// room for the other fields.
+pub const MAX_SUBMISSION_BYTES: usize =
+    base64_len(MAX_MODULE_BYTES) + base64_len(MAX_INPUT_BYTES) + (64 << 10);
+/// Largest MQTT packet an Ambient program sends or accepts (its "remaining length"): a
+/// submission at its limit, with its topic and header. Brokers must allow at least this much
+/// for every limit above to be answered with a message rather than a closed connection.
+pub const MAX_PACKET_BYTES: usize = MAX_SUBMISSION_BYTES + (1 << 10);
+
+/// Length of the base64 (padded) encoding of `n` bytes.
+const fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
 /// Longest entry-point name.
 pub const MAX_ENTRY_LEN: usize = 64;
 /// Most labels a node may announce.

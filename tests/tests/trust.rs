@@ -27,7 +27,12 @@ async fn stranger(
     filters: &[&str],
 ) -> (AsyncClient, mpsc::Receiver<rumqttc::Publish>) {
     let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
-    let (client, mut el) = AsyncClient::new(MqttOptions::new(name, host, port), 1024);
+    let mut opts = MqttOptions::new(name, host, port);
+    opts.set_max_packet_size(
+        ambient_core::MAX_PACKET_BYTES,
+        ambient_core::MAX_PACKET_BYTES,
+    );
+    let (client, mut el) = AsyncClient::new(opts, 1024);
     let (tx, rx) = mpsc::channel(4096);
     let (subscribed_tx, mut subscribed) = mpsc::channel(filters.len().max(1));
     tokio::spawn(async move {
@@ -442,4 +447,67 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
     };
     assert_eq!(a.task_id.as_str(), "waits");
     submitter.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_module_over_the_limit_is_rejected_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let (client, mut rejected) = stranger(&c.url, "big", &[topics::REJECTED]).await;
+    settle(&client, &mut rejected, &c.db()).await;
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    module.resize(ambient_core::MAX_MODULE_BYTES + 1, 0);
+    let json = serde_json::json!({"task_id": "too-big", "module_b64": B64.encode(&module)});
+    client
+        .publish(
+            topics::SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            json.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    let event: serde_json::Value = loop {
+        let p = tokio::time::timeout(Duration::from_secs(60), rejected.recv())
+            .await
+            .expect("an answer, not a closed connection")
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        if event["task_id"] == "too-big" {
+            break event;
+        }
+    };
+    assert_eq!(event["status"], "rejected");
+    let message = event["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&ambient_core::MAX_MODULE_BYTES.to_string()),
+        "{message}"
+    );
+}
+
+#[test]
+fn ambient_submit_refuses_an_oversize_or_text_module_before_sending_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.wasm");
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    module.resize(ambient_core::MAX_MODULE_BYTES + 1, 0);
+    std::fs::write(&big, &module).unwrap();
+    let text = dir.path().join("hello.wat");
+    std::fs::write(&text, "(module)").unwrap();
+    // No broker listens on this port: the check comes first.
+    let port = free_port();
+    for (path, expected) in [
+        (&big, ambient_core::MAX_MODULE_BYTES.to_string()),
+        (&text, "wat2wasm".to_string()),
+    ] {
+        let out = std::process::Command::new(bin("ambient"))
+            .arg("submit")
+            .arg(path)
+            .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
 }

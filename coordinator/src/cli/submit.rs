@@ -8,6 +8,7 @@ use std::time::Duration;
 use ambient_coordinator::client::{Client, Until};
 use ambient_coordinator::{EventStatus, TaskEvent};
 use ambient_coordinator::{LimitsJson, Submission};
+use ambient_core::{MAX_INPUT_BYTES, MAX_MODULE_BYTES};
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -74,9 +75,38 @@ pub struct SubmitArgs {
     wait_secs: u64,
 }
 
+/// Refuses, before anything is sent, a module the coordinator would refuse: over the size limit,
+/// or not binary WebAssembly.
+fn check_module(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if bytes.len() > MAX_MODULE_BYTES {
+        anyhow::bail!(
+            "module {} is {} bytes, over the {MAX_MODULE_BYTES} byte limit",
+            path.display(),
+            bytes.len()
+        );
+    }
+    if !bytes.starts_with(b"\0asm") {
+        let text = bytes.trim_ascii_start().starts_with(b"(module")
+            || path.extension().is_some_and(|e| e == "wat");
+        if text {
+            anyhow::bail!(
+                "module {} is WebAssembly text: compile it to a binary .wasm first (for example `wat2wasm {}`)",
+                path.display(),
+                path.display()
+            );
+        }
+        anyhow::bail!(
+            "module {} is not a WebAssembly binary (it does not start with \\0asm)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let module = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
+    check_module(&args.module, &module)?;
     let inputs: Vec<Vec<u8>> = if let Some(dir) = &args.inputs {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read input directory {}", dir.display()))?
@@ -98,6 +128,12 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     } else {
         vec![args.input_text.clone().unwrap_or_default().into_bytes(); args.count]
     };
+    if let Some(big) = inputs.iter().find(|i| i.len() > MAX_INPUT_BYTES) {
+        anyhow::bail!(
+            "an input is {} bytes, over the {MAX_INPUT_BYTES} byte limit of a task's input",
+            big.len()
+        );
+    }
     let mut client = Client::connect(&args.broker).await?;
     let hash = client.publish_module(&module).await?;
     let run_id = format!("{:08x}", rand::random::<u32>());
