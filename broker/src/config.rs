@@ -23,6 +23,10 @@ pub struct BrokerConfig {
     /// Time a new connection has to deliver its CONNECT packet, in milliseconds, before it is
     /// closed. Defaults to 5,000.
     pub connect_timeout_ms: u64,
+    /// Longest keep-alive granted, in seconds. A client that asks for none (0) or for more is
+    /// held to this, so an idle connection cannot hold a slot forever: silent for 1.5 times
+    /// it, the client is dropped and its will published. Defaults to 300; 0 is treated as 1.
+    pub max_keep_alive_s: u16,
 }
 
 impl Default for BrokerConfig {
@@ -32,6 +36,7 @@ impl Default for BrokerConfig {
             max_queued_per_session: 10_000,
             max_connections: 1_000,
             connect_timeout_ms: 5_000,
+            max_keep_alive_s: 300,
         }
     }
 }

@@ -190,6 +190,7 @@ struct Shared {
     max_packet_bytes: usize,
     max_queued: usize,
     connect_timeout: Duration,
+    max_keep_alive_s: u16,
     stats: BrokerStats,
 }
 
@@ -207,6 +208,7 @@ impl Shared {
             max_packet_bytes: config.max_packet_bytes,
             max_queued,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            max_keep_alive_s: config.max_keep_alive_s.max(1),
             stats,
         }
     }
@@ -380,9 +382,10 @@ impl Connection {
         }
     }
 
-    /// Reads CONNECT and binds the connection to its session. Returns the keep-alive limit
-    /// (`None` when the client disabled keep-alive).
-    async fn handshake(&mut self, outbox: Outbox) -> Result<Option<Duration>, CloseReason> {
+    /// Reads CONNECT and binds the connection to its session. Returns the keep-alive limit:
+    /// 1.5 times what the client asked for, capped by `max_keep_alive_s` (which also applies
+    /// when the client asked for none).
+    async fn handshake(&mut self, outbox: Outbox) -> Result<Duration, CloseReason> {
         let deadline = Instant::now() + self.shared.connect_timeout;
         loop {
             match mqttbytes::check(self.read_buf.iter(), self.shared.max_packet_bytes) {
@@ -416,9 +419,11 @@ impl Connection {
             Ok(_) => return Err(CloseReason::NotConnect),
             Err(error) => return Err(CloseReason::Malformed(error)),
         };
-        let keep_alive = (connect.keep_alive > 0).then(|| {
-            Duration::from_millis(u64::from(connect.keep_alive) * KEEP_ALIVE_GRACE_MS_PER_S)
-        });
+        let granted = match connect.keep_alive {
+            0 => self.shared.max_keep_alive_s,
+            asked => asked.min(self.shared.max_keep_alive_s),
+        };
+        let keep_alive = Duration::from_millis(u64::from(granted) * KEEP_ALIVE_GRACE_MS_PER_S);
 
         let mut own = Vec::new();
         let flow = {
@@ -440,7 +445,7 @@ impl Connection {
     /// Reading goes on while a write is pending. A client that uploads a large message while
     /// the broker sends it one would otherwise wait for the broker to read while the broker
     /// waits for it to read, until a timeout broke the connection.
-    async fn serve(&mut self, keep_alive: Option<Duration>) -> CloseReason {
+    async fn serve(&mut self, keep_alive: Duration) -> CloseReason {
         // CONNECT may have arrived together with the packets that followed it.
         if !self.read_buf.is_empty()
             && let Some(reason) = self.process_incoming()
@@ -448,8 +453,7 @@ impl Connection {
             self.flush_before_close().await;
             return reason;
         }
-        let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        let idle = sleep_until(keep_alive.map_or(far_future, |limit| Instant::now() + limit));
+        let idle = sleep_until(Instant::now() + keep_alive);
         tokio::pin!(idle);
         // Replies to a client that sends without reading pile up here; past this much
         // unwritten output the broker stops reading from it until it catches up.
@@ -467,7 +471,7 @@ impl Connection {
                     () = self.close.cancelled() => Step::Close(CloseReason::Cancelled),
                     // Only reads reset this, so a client that stops reading while it keeps
                     // pinging is not dropped, but one that goes silent is.
-                    () = &mut idle, if keep_alive.is_some() => Step::Close(CloseReason::KeepAliveExpired),
+                    () = &mut idle => Step::Close(CloseReason::KeepAliveExpired),
                     read = reader.read_buf(&mut self.read_buf), if may_read => Step::Read(read),
                     written = writer.write(&self.write_buf), if !self.write_buf.is_empty() => Step::Wrote(written),
                     Some(packet) = self.reliable_rx.recv(), if may_take => Step::Deliver(packet),
@@ -480,9 +484,7 @@ impl Connection {
                 Step::Read(Ok(_)) => {
                     // Any bytes count as activity, so a client busy uploading a large packet
                     // is not cut off for failing to ping meanwhile.
-                    if let Some(limit) = keep_alive {
-                        idle.as_mut().reset(Instant::now() + limit);
-                    }
+                    idle.as_mut().reset(Instant::now() + keep_alive);
                     if let Some(reason) = self.process_incoming() {
                         self.flush_before_close().await;
                         return reason;

@@ -132,6 +132,19 @@ async fn a_silent_client_is_dropped_after_one_and_a_half_keep_alives_and_its_wil
 }
 
 #[tokio::test]
+async fn a_client_that_asks_for_no_keep_alive_is_still_dropped_when_silent() {
+    let broker = RunningBroker::start_with(BrokerConfig {
+        max_keep_alive_s: 1,
+        ..BrokerConfig::default()
+    })
+    .await;
+    // Keep-alive 0 would otherwise hold a connection slot forever.
+    let mut idle = raw_client(broker.addr, b"idle", 0).await;
+    assert_eq!(read_until_closed(&mut idle).await, b"");
+    broker.wait_for_connections(0).await;
+}
+
+#[tokio::test]
 async fn connections_beyond_max_connections_are_closed() {
     let broker = RunningBroker::start_with(BrokerConfig {
         max_connections: 1,

@@ -73,7 +73,9 @@ pub fn init_tracing(log: &LogArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: never escape codes in a redirected log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if log.json_logs {
         builder.json().init();
     } else {
