@@ -166,6 +166,68 @@ pub struct Assignment<'a> {
     pub limits: Limits,
     /// Input bytes.
     pub input: &'a [u8],
+    /// The coordinator's ed25519 public key. A node pins the first one it sees (or the one
+    /// its operator gave it) and runs only assignments signed by that key.
+    pub coordinator: [u8; 32],
+    /// The coordinator's signature over [`AssignmentClaim`] (domain [`Assignment::TAG`]).
+    #[serde(with = "serde_sig")]
+    pub signature: [u8; 64],
+}
+
+/// What an assignment's signature covers: everything the node acts on, with the input by its
+/// hash, and the node it is addressed to (so it cannot be replayed to another node).
+#[derive(Debug, Serialize)]
+struct AssignmentClaim<'a> {
+    task_id: &'a TaskId,
+    attempt: u16,
+    node: &'a NodeId,
+    module: &'a Digest,
+    abi: Abi,
+    entry: &'a str,
+    limits: &'a Limits,
+    input: &'a Digest,
+}
+
+impl Assignment<'_> {
+    /// Domain-separation tag of assignment signatures.
+    pub const TAG: &'static [u8] = b"ambient/assign/v1\0";
+
+    fn claim<'c>(&'c self, node: &'c NodeId, input: &'c Digest) -> AssignmentClaim<'c> {
+        AssignmentClaim {
+            task_id: &self.task_id,
+            attempt: self.attempt,
+            node,
+            module: &self.module,
+            abi: self.abi,
+            entry: self.entry.as_str(),
+            limits: &self.limits,
+            input,
+        }
+    }
+
+    /// Signs the assignment as `coordinator`, addressed to `node`; `input` is the sha3-256 of
+    /// [`Assignment::input`] (the caller usually has it already).
+    pub fn sign(&mut self, coordinator: &Identity, node: &NodeId, input: &Digest) {
+        self.coordinator = coordinator.public_key();
+        // Every field is bounded (task id 64, entry 64 bytes), so the claim always fits the
+        // signing buffer; were it not to, the zero signature would simply not verify.
+        self.signature =
+            sign_message(coordinator, Self::TAG, &self.claim(node, input)).unwrap_or([0; 64]);
+    }
+
+    /// Checks that [`Assignment::coordinator`] signed this assignment for `node`, `input` being
+    /// the sha3-256 of [`Assignment::input`].
+    ///
+    /// # Errors
+    /// [`ProofError`] when the key or signature is bad.
+    pub fn verify(&self, node: &NodeId, input: &Digest) -> Result<(), ProofError> {
+        verify_message(
+            &self.coordinator,
+            Self::TAG,
+            &self.claim(node, input),
+            &self.signature,
+        )
+    }
 }
 
 /// A node's answer to an assignment.

@@ -242,6 +242,12 @@ fn an_assign_envelope_is_pinned_and_round_trips() {
             "0372756e",             // entry "run"
             "808080208827c0843d",   // limits
             "0568656c6c6f",         // input "hello"
+            // the coordinator's public key (secret [8; 32]), cross-checked with `openssl pkey`
+            "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca",
+            // ed25519 over sha3-256("ambient/assign/v1\0" ‖ task id ‖ attempt ‖ node ‖ module ‖
+            // abi ‖ entry ‖ limits ‖ sha3-256(input)), cross-checked with `openssl pkeyutl`
+            "3e05691eef10131d2d5ec870ca45aec562d5111e79fd0873b4c2ac9d7ae65235",
+            "73b4312cdad787069a533e10ccff78ce81365f00e0bafd5dd2982a929636e405",
         ),
     );
 }

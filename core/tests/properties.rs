@@ -254,19 +254,25 @@ fn message() -> impl Strategy<Value = Message<'static>> {
             prop_oneof![Just(Abi::Plain), Just(Abi::Wasi)],
             text::<64>(),
             limits(),
-            bytes(64)
+            bytes(64),
+            any::<[u8; 32]>(),
+            signature(),
         )
-            .prop_map(|(task_id, attempt, module, abi, entry, limits, input)| {
-                Message::Assign(Assignment {
-                    task_id,
-                    attempt,
-                    module,
-                    abi,
-                    entry,
-                    limits,
-                    input,
-                })
-            }),
+            .prop_map(
+                |(task_id, attempt, module, abi, entry, limits, input, coordinator, signature)| {
+                    Message::Assign(Assignment {
+                        task_id,
+                        attempt,
+                        module,
+                        abi,
+                        entry,
+                        limits,
+                        input,
+                        coordinator,
+                        signature,
+                    })
+                }
+            ),
         (
             task_id(),
             any::<u16>(),

@@ -275,3 +275,25 @@ fn a_refusal_verifies_only_for_the_attempt_and_node_it_names() {
     let forged = SignedRefusal::sign(&stranger, &task, 1, &node, Refusal::Busy);
     assert!(forged.verify(&pk, &task, 1, &node).is_err(), "another key");
 }
+
+#[test]
+fn an_assignment_verifies_only_for_the_node_and_input_it_was_signed_for() {
+    let a = assignment();
+    let node = identity().node_id();
+    let input = sha3_256(INPUT);
+    assert_eq!(a.verify(&node, &input), Ok(()));
+    assert_eq!(a.coordinator, coordinator().public_key());
+    let other_node = Identity::from_secret(&[9; 32]).node_id();
+    assert!(a.verify(&other_node, &input).is_err(), "replayed to another node");
+    assert!(a.verify(&node, &digest(1)).is_err(), "another input");
+    let mut changed = a.clone();
+    changed.attempt = 2;
+    assert!(changed.verify(&node, &input).is_err(), "another attempt");
+    let mut forged = a.clone();
+    forged.sign(&Identity::from_secret(&[9; 32]), &node, &input);
+    assert_eq!(forged.verify(&node, &input), Ok(()), "self-consistent");
+    assert_ne!(
+        forged.coordinator, a.coordinator,
+        "but under another key, which a node that pinned the real one refuses"
+    );
+}

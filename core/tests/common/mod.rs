@@ -114,8 +114,14 @@ pub fn telemetry() -> SignedTelemetry {
     }
 }
 
+/// The coordinator's fixed identity (secret key `[8; 32]`).
+pub fn coordinator() -> Identity {
+    Identity::from_secret(&[8; 32])
+}
+
+/// An assignment to [`identity`]'s node, signed by [`coordinator`].
 pub fn assignment() -> Assignment<'static> {
-    Assignment {
+    let mut a = Assignment {
         task_id: task_id(),
         attempt: 1,
         module: sha3_256(MODULE),
@@ -123,7 +129,11 @@ pub fn assignment() -> Assignment<'static> {
         entry: heapless::String::try_from("run").expect("fits"),
         limits: limits(),
         input: INPUT,
-    }
+        coordinator: [0; 32],
+        signature: [0; 64],
+    };
+    a.sign(&coordinator(), &identity().node_id(), &sha3_256(INPUT));
+    a
 }
 
 pub fn digest(byte: u8) -> Digest {
