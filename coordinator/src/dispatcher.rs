@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Assignment, Digest, Envelope, Exit, Expected, Message, NodeId, Pong, Quorum, Refusal, Report,
+    Assignment, Digest, Envelope, Exit, Expected, Identity, Message, NodeId, Pong, Quorum, Refusal, Report,
     ReportBody, SignedReceipt, SignedRefusal, Tariff, TaskId, quorum, sha3_256, verify_receipt,
 };
 use base64::Engine as _;
@@ -344,6 +344,8 @@ impl Job {
 pub struct Dispatcher {
     config: DispatchConfig,
     registry: Registry,
+    /// Signs every assignment.
+    identity: Identity,
     jobs: HashMap<TaskId, Job>,
     /// Tasks waiting for an eligible node, by the time they queued, as `(ticket, task)`. An
     /// entry is live while its task is queued under that ticket; entries of tasks placed or
@@ -370,6 +372,7 @@ impl Dispatcher {
     pub fn recover(
         config: DispatchConfig,
         registry: Registry,
+        identity: Identity,
         recovered: Recovered,
         now: Now,
         seed: u64,
@@ -378,6 +381,7 @@ impl Dispatcher {
         let mut d = Self {
             config,
             registry,
+            identity,
             jobs: HashMap::new(),
             queue: VecDeque::new(),
             next_ticket: 0,
@@ -489,7 +493,8 @@ impl Dispatcher {
         for job in self.jobs.values() {
             for d in &job.outstanding {
                 if only.is_none_or(|n| n == d.node) {
-                    fx.dispatch.push(assignment(&job.spec, d.attempt, d.node));
+                    fx.dispatch
+                        .push(assignment(&self.identity, job, d.attempt, d.node));
                     sent += 1;
                 }
             }
@@ -906,7 +911,8 @@ impl Dispatcher {
                 node,
                 at_ms: now.unix_ms,
             });
-            fx.dispatch.push(assignment(&job.spec, attempt, node));
+            fx.dispatch
+                .push(assignment(&self.identity, job, attempt, node));
         }
         if let Some(job) = self.jobs.get_mut(task_id) {
             job.queued_since = None;
@@ -1161,10 +1167,11 @@ impl Dispatcher {
     }
 }
 
-/// The `Assign` frame for `attempt` of a task, addressed to `node`.
-fn assignment(spec: &TaskSpec, attempt: u16, node: NodeId) -> Publish {
+/// The `Assign` frame for `attempt` of a task, addressed to `node` and signed by `identity`.
+fn assignment(identity: &Identity, job: &Job, attempt: u16, node: NodeId) -> Publish {
+    let spec = &job.spec;
     let entry = heapless::String::try_from(spec.entry.as_str()).unwrap_or_default();
-    let frame = Envelope::new(Message::Assign(Assignment {
+    let mut a = Assignment {
         task_id: spec.task_id.clone(),
         attempt,
         module: spec.module,
@@ -1172,8 +1179,11 @@ fn assignment(spec: &TaskSpec, attempt: u16, node: NodeId) -> Publish {
         entry,
         limits: spec.limits,
         input: &spec.input,
-    }))
-    .to_vec();
+        coordinator: [0; 32],
+        signature: [0; 64],
+    };
+    a.sign(identity, &node, &job.input_hash);
+    let frame = Envelope::new(Message::Assign(a)).to_vec();
     Publish::reliable(topics::node(&node, NodeTopic::Tasks).as_str(), frame)
 }
 
@@ -1318,6 +1328,11 @@ mod tests {
         journal: Mem,
     }
 
+    /// The coordinator's signing key in these tests.
+    fn coordinator() -> Identity {
+        Identity::from_secret(&[0xC0; 32])
+    }
+
     fn registry() -> Registry {
         Registry::new(RegistryConfig {
             // Long enough that nodes stay live across the simulated timeouts below.
@@ -1342,7 +1357,7 @@ mod tests {
             at: Instant::now(),
             unix_ms: 1_700_000_000_000,
         };
-        let d = Dispatcher::recover(config(), registry(), Recovered::default(), now, 7);
+        let d = Dispatcher::recover(config(), registry(), coordinator(), Recovered::default(), now, 7);
         let mut f = Fixture {
             d,
             now,
@@ -1589,6 +1604,23 @@ mod tests {
         let paid = f.journal.paid.borrow();
         assert_eq!(paid[&TaskId::new("t1").unwrap()].len(), 1);
         assert_eq!(done[0].reward, Some(paid[&TaskId::new("t1").unwrap()][0].1));
+    }
+
+    #[test]
+    fn every_assignment_is_signed_by_the_coordinator_for_its_node() {
+        let mut f = fixture(2);
+        let fx = f.submit("signed", "replicate:2");
+        assert_eq!(assignments(&fx).len(), 2);
+        for p in &fx.dispatch {
+            let Some((node, NodeTopic::Tasks)) = topics::parse_node(&p.topic) else {
+                continue;
+            };
+            let Message::Assign(a) = Envelope::decode(&p.payload).unwrap().message else {
+                panic!("not an assignment");
+            };
+            assert_eq!(a.coordinator, coordinator().public_key());
+            assert_eq!(a.verify(&node, &sha3_256(a.input)), Ok(()));
+        }
     }
 
     #[test]
@@ -1957,7 +1989,7 @@ mod tests {
         let mut f = fixture(1);
         let sent = assignments(&f.submit("crash", "receipt"))[0];
         // The coordinator dies here: the journal has the task and its dispatch.
-        let mut d = Dispatcher::recover(config(), registry(), f.journal.recovered(), f.now, 1);
+        let mut d = Dispatcher::recover(config(), registry(), coordinator(), f.journal.recovered(), f.now, 1);
         std::mem::swap(&mut f.d, &mut d);
         let ids = std::mem::take(&mut f.nodes);
         for id in ids {
@@ -1990,7 +2022,7 @@ mod tests {
             )],
             ..Recovered::default()
         };
-        let mut d = Dispatcher::recover(config(), registry(), recovered, now, 1);
+        let mut d = Dispatcher::recover(config(), registry(), coordinator(), recovered, now, 1);
         let mut fx = Effects::default();
         d.handle(now, Input::Connected, &Mem::default(), &mut fx);
         assert_eq!(fx.events.len(), 1);

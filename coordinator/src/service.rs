@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_broker::{Broker, BrokerConfig, BrokerError};
+use ambient_core::Identity;
 use ambient_core::topics::{self, NodeTopic};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -71,6 +72,9 @@ pub enum CoordinatorError {
     /// The dispatcher thread could not be started.
     #[error("cannot start the dispatcher thread: {0}")]
     Thread(std::io::Error),
+    /// The coordinator's signing key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] ambient_agent::IdentityError),
 }
 
 /// Inputs waiting for the dispatcher thread, at most. Each is one MQTT publish.
@@ -106,6 +110,7 @@ enum Outbound {
 /// A bound coordinator, ready to [`run`](Coordinator::run).
 pub struct Coordinator {
     config: CoordinatorConfig,
+    identity: Identity,
     broker: Option<Broker>,
     host: String,
     port: u16,
@@ -117,6 +122,9 @@ impl Coordinator {
     /// # Errors
     /// When the broker's address is taken (the message says what to do).
     pub async fn bind(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
+        // The key that signs assignments: `identity.key` in the data directory, created on
+        // first start. Agents pin its public half (see the README's Security section).
+        let identity = ambient_agent::load_identity(&config.data_dir)?;
         let (broker, host, port) = match &config.broker {
             BrokerMode::Embedded(addr) => {
                 let broker = Broker::bind(
@@ -136,10 +144,16 @@ impl Coordinator {
         };
         Ok(Self {
             config,
+            identity,
             broker,
             host,
             port,
         })
+    }
+
+    /// The public key that signs assignments, in hex: what agents pin.
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.identity.public_key())
     }
 
     /// The broker agents and clients connect to, as `mqtt://host:port`.
@@ -162,6 +176,7 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         let Self {
             config,
+            identity,
             broker,
             host,
             port,
@@ -181,6 +196,7 @@ impl Coordinator {
         let dispatcher = Dispatcher::recover(
             config.dispatch.clone(),
             Registry::new(config.registry.clone()),
+            identity,
             recovered,
             now,
             rand::random(),

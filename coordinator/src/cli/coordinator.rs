@@ -69,6 +69,10 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let config = raw.validate()?;
     let coordinator = Coordinator::bind(config).await?;
     eprintln!("ambient coordinator: broker {}", coordinator.broker_url());
+    eprintln!(
+        "ambient coordinator: assignment key {} (agents pin it; see the README's Security section)",
+        coordinator.public_key_hex()
+    );
     coordinator.run(super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
