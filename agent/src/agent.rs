@@ -6,15 +6,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ambient_core::{
-    Abi, Admission, Announce, Breaker, Digest, Envelope, Exit, Identity, Limits, MAX_LABELS,
-    MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody, SignedAnnounce,
-    SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256,
-    sign_message, topics,
+    Abi, Admission, Announce, Assignment, Breaker, Digest, Envelope, Exit, Identity, Limits,
+    MAX_LABELS, MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody,
+    SignedAnnounce, SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition,
+    sha3_256, sign_message, topics,
 };
 use bytes::Bytes;
 use rand::Rng as _;
@@ -44,6 +45,29 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 /// How often undelivered reports are retried while connected.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// The pinned coordinator key in the state directory: 64 hex digits.
+pub const COORDINATOR_KEY_FILE: &str = "coordinator.pub";
+
+/// Reads the pinned coordinator key, `None` if none is pinned yet.
+fn load_coordinator_key(state_dir: &Path) -> Result<Option<[u8; 32]>, AgentError> {
+    let path = state_dir.join(COORDINATOR_KEY_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(AgentError::CoordinatorKey {
+                path,
+                reason: e.to_string(),
+            });
+        }
+    };
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|e| AgentError::CoordinatorKey {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(Some(key))
+}
 
 /// Runs an agent until `shutdown` completes, then stops taking tasks, waits for running ones
 /// (up to the configured grace), publishes `offline`, flushes the outbox (bounded) and
@@ -74,6 +98,10 @@ pub async fn run(
             sandbox_config.max_instances = (u32::from(config.max_concurrency()) * 2).max(8);
             let engine = config.engine();
             blocking(move || build_sandbox(engine, sandbox_config)).await?
+        };
+        let coordinator_key = {
+            let dir = state_dir.clone();
+            blocking(move || load_coordinator_key(&dir)).await?
         };
         let outbox_path = state_dir.join("outbox");
         let (outbox_dir, stored) = {
@@ -131,6 +159,7 @@ pub async fn run(
             outbox_dir,
             writer,
             stored,
+            coordinator_key,
             sampler,
             conn_rx,
             inbound_rx,
@@ -190,6 +219,8 @@ struct Job {
     entry: String,
     limits: Limits,
     input: Bytes,
+    /// sha3-256 of `input`: checked against the coordinator's signature, then in the receipt.
+    input_hash: Digest,
     probe: bool,
 }
 
@@ -246,7 +277,7 @@ impl Reporter {
             attempt: job.attempt,
             node: self.node,
             module: job.module,
-            input: sha3_256(&job.input),
+            input: job.input_hash,
             output: sha3_256(&run.output),
             fuel_used: run.fuel_used,
             limits: job.limits,
@@ -359,6 +390,7 @@ struct AgentParts {
     outbox_dir: Arc<OutboxDir>,
     writer: Writer,
     stored: outbox::Stored,
+    coordinator_key: Option<[u8; 32]>,
     sampler: Sampler,
     conn_rx: mpsc::UnboundedReceiver<ConnEvent>,
     inbound_rx: mpsc::Receiver<Inbound>,
@@ -380,6 +412,8 @@ struct Agent {
     outbox: BTreeMap<u64, Pending>,
     outbox_dir: Arc<OutboxDir>,
     writer: Writer,
+    /// The coordinator key assignments must be signed with, once pinned.
+    coordinator_key: Option<[u8; 32]>,
     fetches: HashMap<Digest, Fetch>,
     slots_used: usize,
     max_concurrency: usize,
@@ -488,6 +522,7 @@ impl Agent {
             outbox,
             outbox_dir: p.outbox_dir,
             writer: p.writer,
+            coordinator_key: p.coordinator_key,
             fetches: HashMap::new(),
             slots_used: 0,
             max_concurrency: usize::from(max_concurrency),
@@ -744,6 +779,32 @@ impl Agent {
         );
     }
 
+    /// Runs only what the coordinator signed: the assignment's signature must verify for this
+    /// node, under the pinned key. The first valid key seen is pinned (trust on first use, like
+    /// SSH's `known_hosts`) unless the operator wrote one to `coordinator.pub` beforehand.
+    fn check_assigner(&mut self, a: &Assignment<'_>, input: &Digest) -> Result<(), String> {
+        a.verify(&self.node, input)
+            .map_err(|e| format!("assignment signature: {e}"))?;
+        match &self.coordinator_key {
+            Some(pinned) if *pinned == a.coordinator => Ok(()),
+            Some(pinned) => Err(format!(
+                "assignment signed by coordinator key {}, not the pinned {}; to trust a new coordinator, stop the agent and delete {}",
+                hex::encode(a.coordinator),
+                hex::encode(pinned),
+                self.config.state_dir().join(COORDINATOR_KEY_FILE).display()
+            )),
+            None => {
+                let path = self.config.state_dir().join(COORDINATOR_KEY_FILE);
+                if let Err(e) = std::fs::write(&path, format!("{}\n", hex::encode(a.coordinator))) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot store the coordinator's key; it is pinned until the agent stops");
+                }
+                tracing::info!(key = %hex::encode(a.coordinator), path = %path.display(), "pinned the coordinator's key");
+                self.coordinator_key = Some(a.coordinator);
+                Ok(())
+            }
+        }
+    }
+
     fn on_task_frame(&mut self, payload: Bytes, at: Instant) {
         let envelope = match Envelope::decode(&payload) {
             Ok(e) => e,
@@ -751,6 +812,10 @@ impl Agent {
         };
         match envelope.message {
             Message::Assign(a) => {
+                let input_hash = sha3_256(a.input);
+                if let Err(why) = self.check_assigner(&a, &input_hash) {
+                    return self.drop_frame(&why);
+                }
                 let job = Job {
                     task_id: a.task_id,
                     attempt: a.attempt,
@@ -759,6 +824,7 @@ impl Agent {
                     entry: a.entry.as_str().to_owned(),
                     limits: a.limits,
                     input: payload.slice_ref(a.input),
+                    input_hash,
                     probe: false,
                 };
                 self.on_assign(job);

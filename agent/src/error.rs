@@ -29,4 +29,14 @@ pub enum AgentError {
     /// TLS to the broker cannot be set up.
     #[error("cannot set up TLS to the broker: {0}")]
     Tls(String),
+    /// The pinned coordinator key cannot be read.
+    #[error(
+        "{path}: {reason}; it must hold the coordinator's public key as 64 hex digits (printed when the coordinator starts), or be deleted to trust the first coordinator that assigns a task"
+    )]
+    CoordinatorKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -14,7 +14,7 @@ mod outbox;
 mod profile;
 mod telemetry;
 
-pub use agent::run;
+pub use agent::{COORDINATOR_KEY_FILE, run};
 pub use config::{
     AgentConfig, BrokerUrl, ConfigError, DEFAULT_BROKER, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR,
     ENV_PREFIX, EngineChoice, RawConfig, RawSafety, RawSandbox, env_vars,

@@ -683,3 +683,89 @@ async fn a_wasi_task_reads_stdin_and_writes_stdout_over_mqtt() {
     assert_eq!(executed(body).1, b"QUIET SHELF");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_assignments_signed_by_the_pinned_coordinator_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(dir.path()) else {
+        return;
+    };
+    let mut coord = Coordinator::connect(&broker.url(), "coord-pinned").await;
+    let state = dir.path().join("agent");
+    let agent = RunningAgent::start(&broker.url(), &state, |c| {
+        c.set_max_concurrency(1);
+    });
+    let node = agent.node;
+    announce_of(&mut coord, &node).await;
+    let reverse = coord.publish_module(&wasm(REVERSE_WAT)).await;
+    let spin = coord.publish_module(&wasm(SPIN_WAT)).await;
+
+    // The first signed assignment pins its key.
+    coord
+        .assign(
+            &node,
+            &assignment(
+                "first",
+                reverse,
+                Abi::Plain,
+                "reverse",
+                b"ab",
+                small_limits(),
+            ),
+        )
+        .await;
+    let (_, body) = report_of(&mut coord, &node, "first").await;
+    assert_eq!(executed(body).1, b"ba");
+    let pinned = std::fs::read_to_string(state.join(ambient_agent::COORDINATOR_KEY_FILE)).unwrap();
+    assert_eq!(
+        pinned.trim(),
+        hex::encode(coordinator_identity().public_key())
+    );
+
+    // A validly signed assignment under another key, then one from the pinned coordinator.
+    // With one slot, had the first been run, the second would be refused as busy.
+    let long = Limits {
+        timeout_ms: 1_500,
+        fuel: u64::MAX,
+        ..small_limits()
+    };
+    let stranger = ambient_core::Identity::from_secret(&[0x99; 32]);
+    coord
+        .assign_signed_by(
+            &node,
+            &assignment("forged", spin, Abi::Plain, "spin", b"", long),
+            &stranger,
+        )
+        .await;
+    coord
+        .assign(
+            &node,
+            &assignment(
+                "after",
+                reverse,
+                Abi::Plain,
+                "reverse",
+                b"cd",
+                small_limits(),
+            ),
+        )
+        .await;
+    let (task, body) = coord
+        .expect("the next report", |s| {
+            if leaf(&node, s)? != topics::NodeTopic::Results {
+                return None;
+            }
+            let Message::Report(r) = Envelope::decode(&s.payload).ok()?.message else {
+                return None;
+            };
+            let ran = matches!(r.body, ReportBody::Executed { .. });
+            Some((r.task_id.as_str().to_owned(), ran))
+        })
+        .await;
+    assert_eq!(
+        (task.as_str(), body),
+        ("after", true),
+        "the forged one never ran"
+    );
+    agent.shutdown().await;
+}

@@ -50,8 +50,9 @@ use std::time::{Duration, Instant};
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Assignment, Digest, Envelope, Exit, Expected, Identity, Message, NodeId, Pong, Quorum, Refusal, Report,
-    ReportBody, SignedReceipt, SignedRefusal, Tariff, TaskId, quorum, sha3_256, verify_receipt,
+    Assignment, Digest, Envelope, Exit, Expected, Identity, Message, NodeId, Pong, Quorum, Refusal,
+    Report, ReportBody, SignedReceipt, SignedRefusal, Tariff, TaskId, quorum, sha3_256,
+    verify_receipt,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -1357,7 +1358,14 @@ mod tests {
             at: Instant::now(),
             unix_ms: 1_700_000_000_000,
         };
-        let d = Dispatcher::recover(config(), registry(), coordinator(), Recovered::default(), now, 7);
+        let d = Dispatcher::recover(
+            config(),
+            registry(),
+            coordinator(),
+            Recovered::default(),
+            now,
+            7,
+        );
         let mut f = Fixture {
             d,
             now,
@@ -1989,7 +1997,14 @@ mod tests {
         let mut f = fixture(1);
         let sent = assignments(&f.submit("crash", "receipt"))[0];
         // The coordinator dies here: the journal has the task and its dispatch.
-        let mut d = Dispatcher::recover(config(), registry(), coordinator(), f.journal.recovered(), f.now, 1);
+        let mut d = Dispatcher::recover(
+            config(),
+            registry(),
+            coordinator(),
+            f.journal.recovered(),
+            f.now,
+            1,
+        );
         std::mem::swap(&mut f.d, &mut d);
         let ids = std::mem::take(&mut f.nodes);
         for id in ids {

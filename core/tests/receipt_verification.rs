@@ -284,7 +284,10 @@ fn an_assignment_verifies_only_for_the_node_and_input_it_was_signed_for() {
     assert_eq!(a.verify(&node, &input), Ok(()));
     assert_eq!(a.coordinator, coordinator().public_key());
     let other_node = Identity::from_secret(&[9; 32]).node_id();
-    assert!(a.verify(&other_node, &input).is_err(), "replayed to another node");
+    assert!(
+        a.verify(&other_node, &input).is_err(),
+        "replayed to another node"
+    );
     assert!(a.verify(&node, &digest(1)).is_err(), "another input");
     let mut changed = a.clone();
     changed.attempt = 2;

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use ambient_agent::{AgentConfig, AgentError};
 use ambient_core::{
-    Abi, Assignment, Digest, Envelope, Limits, Message, NodeId, Pong, TaskId, topics,
+    Abi, Assignment, Digest, Envelope, Identity, Limits, Message, NodeId, Pong, TaskId, sha3_256,
+    topics,
 };
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -228,8 +229,17 @@ impl Coordinator {
             .unwrap();
     }
 
+    /// Sends `a` to `node`, signed with [`coordinator_identity`].
     pub async fn assign(&self, node: &NodeId, a: &Assignment<'_>) {
-        let frame = Envelope::new(Message::Assign(a.clone())).to_vec();
+        self.assign_signed_by(node, a, &coordinator_identity())
+            .await;
+    }
+
+    /// Sends `a` to `node`, signed by `signer`.
+    pub async fn assign_signed_by(&self, node: &NodeId, a: &Assignment<'_>, signer: &Identity) {
+        let mut a = a.clone();
+        a.sign(signer, node, &sha3_256(a.input));
+        let frame = Envelope::new(Message::Assign(a)).to_vec();
         self.send_raw(node, frame).await;
     }
 
@@ -324,6 +334,12 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The key the test coordinator signs assignments with.
+pub fn coordinator_identity() -> Identity {
+    Identity::from_secret(&[0xC0; 32])
+}
+
+/// An unsigned assignment; [`Coordinator::assign`] signs it for its node.
 pub fn assignment<'a>(
     task: &str,
     module: Digest,
@@ -340,6 +356,8 @@ pub fn assignment<'a>(
         entry: entry.try_into().unwrap(),
         limits,
         input,
+        coordinator: [0; 32],
+        signature: [0; 64],
     }
 }
 
