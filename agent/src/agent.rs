@@ -705,6 +705,11 @@ impl Agent {
                     );
                 }
                 self.send_reports();
+                // A node gets work only once the coordinator has its signed telemetry: send a
+                // sample now rather than at the next interval.
+                if !self.shutting_down {
+                    self.on_tick();
+                }
             }
             ConnEvent::Lost { resend, error } => {
                 if self.connected {

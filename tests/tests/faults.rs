@@ -69,7 +69,13 @@ async fn a_task_on_a_killed_agent_completes_elsewhere_and_is_paid_once() {
             break ev;
         }
     };
-    assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+    assert_eq!(
+        ev.status,
+        EventStatus::Completed,
+        "{:?}\nnodes: {:?}",
+        ev.error,
+        Store::open_read_only(&c.db()).and_then(|s| s.nodes())
+    );
     assert_eq!(
         B64.decode(ev.output_b64.unwrap()).unwrap(),
         2_000_000_000u64.to_le_bytes()

@@ -196,7 +196,8 @@ impl Coordinator {
         self.data_dir.join("ambient.db")
     }
 
-    /// Waits until `n` nodes are online in the coordinator's registry snapshot.
+    /// Waits until `n` nodes are online and have sent signed telemetry (so they can take work)
+    /// in the coordinator's registry snapshot.
     pub fn wait_for_nodes(&self, n: usize) {
         wait_until(
             Duration::from_secs(60),
@@ -206,6 +207,7 @@ impl Coordinator {
     }
 }
 
+/// Nodes online with telemetry in the snapshot at `db`.
 pub fn online_nodes(db: &Path) -> usize {
     let Ok(store) = Store::open_read_only(db) else {
         return 0;
@@ -215,7 +217,7 @@ pub fn online_nodes(db: &Path) -> usize {
         .unwrap_or_default()
         .iter()
         .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
-        .filter(|v| v["online"].as_bool() == Some(true))
+        .filter(|v| v["online"].as_bool() == Some(true) && !v["sample"].is_null())
         .count()
 }
 
