@@ -169,7 +169,10 @@ pub struct NodeView {
 /// ```
 /// use std::time::Instant;
 /// use ambient_coordinator::{Registry, RegistryConfig, Requirements, Strategy};
-/// use ambient_core::{Announce, Engine, Identity, SignedAnnounce, sign_message};
+/// use ambient_core::{
+///     Announce, Engine, Identity, SignedAnnounce, SignedTelemetry, Telemetry, TelemetrySample,
+///     sign_message,
+/// };
 ///
 /// let node = Identity::from_secret(&[7; 32]);
 /// let announce = Announce {
@@ -190,6 +193,12 @@ pub struct NodeView {
 /// let now = Instant::now();
 /// let id = registry.on_announce(now, &SignedAnnounce { announce, signature })?;
 /// let req = Requirements { memory_bytes: 512 << 20, ..Default::default() };
+/// // An announce alone proves only that a key exists: no work before signed telemetry.
+/// assert_eq!(registry.select(now, &req, Strategy::Weighted, &[]), None);
+///
+/// let telemetry = Telemetry { node: id, seq: 1, boot_id: 1, sample: TelemetrySample::default() };
+/// let signature = sign_message(&node, SignedTelemetry::TAG, &telemetry)?;
+/// registry.on_telemetry(now, &SignedTelemetry { telemetry, signature })?;
 /// assert_eq!(registry.select(now, &req, Strategy::Weighted, &[]), Some(id));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
