@@ -59,7 +59,7 @@ event = json.loads(sys.argv[1]); label = int(sys.argv[2])
 assert event["status"] == "completed", event
 out = base64.b64decode(event["output_b64"])
 assert list(out) == [label], f"classified as {list(out)}, label {label}"
-nodes = json.loads(subprocess.check_output([sys.argv[4], "nodes", "--json", "--data-dir", sys.argv[3]]))
+nodes = json.loads(subprocess.check_output([sys.argv[4], "nodes", "--json", "--data-dir", sys.argv[3]]))["nodes"]
 archs = {n["node"]: n["arch"] for n in nodes}
 ran_on = event["nodes"][0]
 assert archs.get(ran_on) == "aarch64", f"ran on {ran_on} with arch {archs.get(ran_on)}"
