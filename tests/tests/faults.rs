@@ -10,8 +10,8 @@ use ambient_coordinator::store::Store;
 use ambient_coordinator::{EventStatus, LimitsJson, Submission};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Announce, Engine, Envelope, Identity, Message, Receipt, Report, ReportBody, SignedAnnounce,
-    SignedTelemetry, TaskId, Telemetry, TelemetrySample, sha3_256, sign_message,
+    Engine, Envelope, Identity, Message, Receipt, Report, ReportBody, TaskId, TelemetrySample,
+    sha3_256,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -209,24 +209,11 @@ impl LyingNode {
             )
             .await
             .unwrap();
-        let announce = Announce {
-            node,
-            public_key: identity.public_key(),
-            arch: "aarch64".try_into().unwrap(),
-            cores: 64,
-            mem_total_bytes: 64 << 30,
-            engine: Engine::Wasmtime,
-            agent_version: "0.1.0".try_into().unwrap(),
-            labels: Default::default(),
-            profile: None,
-            max_concurrency: 64,
-        };
-        let signature = sign_message(&identity, SignedAnnounce::TAG, &announce).unwrap();
-        let frame = Envelope::new(Message::Announce(SignedAnnounce {
-            announce,
-            signature,
-        }))
-        .to_vec();
+        let frame = signed_announce(&identity, |a| {
+            a.cores = 64;
+            a.mem_total_bytes = 64 << 30;
+            a.max_concurrency = 64;
+        });
         client
             .publish(
                 topics::node(&node, NodeTopic::Announce).as_str(),
@@ -248,19 +235,7 @@ impl LyingNode {
                     mem_free_bytes: Some(60 << 30),
                     ..TelemetrySample::default()
                 };
-                let telemetry = Telemetry {
-                    node,
-                    seq,
-                    boot_id: 1,
-                    sample,
-                };
-                let signature =
-                    sign_message(&tel_identity, SignedTelemetry::TAG, &telemetry).unwrap();
-                let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
-                    telemetry,
-                    signature,
-                }))
-                .to_vec();
+                let frame = signed_telemetry(&tel_identity, seq, sample);
                 if tel_client
                     .publish(
                         topics::node(&node, NodeTopic::Telemetry).as_str(),

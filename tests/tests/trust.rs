@@ -10,9 +10,8 @@ use ambient_coordinator::store::Store;
 use ambient_coordinator::{EventStatus, LimitsJson, Submission};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Announce, Engine, Envelope, Identity, Message, NodeId, Receipt, Refusal, Report, ReportBody,
-    SignedAnnounce, SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, sha3_256,
-    sign_message,
+    Engine, Envelope, Identity, Message, NodeId, Receipt, Refusal, Report, ReportBody,
+    SignedRefusal, TaskId, TelemetrySample, sha3_256,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -53,42 +52,6 @@ async fn stranger(
         subscribed.recv().await.expect("suback");
     }
     (client, rx)
-}
-
-fn signed_announce(identity: &Identity) -> Vec<u8> {
-    let announce = Announce {
-        node: identity.node_id(),
-        public_key: identity.public_key(),
-        arch: "aarch64".try_into().unwrap(),
-        cores: 4,
-        mem_total_bytes: 4 << 30,
-        engine: Engine::Wasmtime,
-        agent_version: "0.1.0".try_into().unwrap(),
-        labels: Default::default(),
-        profile: None,
-        max_concurrency: 2,
-    };
-    let signature = sign_message(identity, SignedAnnounce::TAG, &announce).unwrap();
-    Envelope::new(Message::Announce(SignedAnnounce {
-        announce,
-        signature,
-    }))
-    .to_vec()
-}
-
-fn signed_telemetry(identity: &Identity, seq: u64) -> Vec<u8> {
-    let telemetry = Telemetry {
-        node: identity.node_id(),
-        seq,
-        boot_id: 1,
-        sample: TelemetrySample::default(),
-    };
-    let signature = sign_message(identity, SignedTelemetry::TAG, &telemetry).unwrap();
-    Envelope::new(Message::Telemetry(SignedTelemetry {
-        telemetry,
-        signature,
-    }))
-    .to_vec()
 }
 
 /// Every node in the coordinator's registry snapshot, with its `NodeView` JSON.
@@ -322,7 +285,7 @@ async fn an_announce_on_another_nodes_topic_registers_nobody() {
             topic.as_str(),
             QoS::AtLeastOnce,
             false,
-            signed_announce(&attacker),
+            signed_announce(&attacker, |_| {}),
         )
         .await
         .unwrap();
@@ -349,7 +312,12 @@ async fn open_enrollment_stops_at_max_nodes_and_only_nodes_with_telemetry_get_wo
         let id = Identity::from_secret(&secret);
         let topic = topics::node(&id.node_id(), NodeTopic::Announce);
         client
-            .publish(topic.as_str(), QoS::AtMostOnce, false, signed_announce(&id))
+            .publish(
+                topic.as_str(),
+                QoS::AtMostOnce,
+                false,
+                signed_announce(&id, |_| {}),
+            )
             .await
             .unwrap();
     }
@@ -400,7 +368,7 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
             announce.as_str(),
             QoS::AtLeastOnce,
             false,
-            signed_announce(&node),
+            signed_announce(&node, |_| {}),
         )
         .await
         .unwrap();
@@ -429,7 +397,7 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
             topic.as_str(),
             QoS::AtLeastOnce,
             false,
-            signed_telemetry(&node, 1),
+            signed_telemetry(&node, 1, TelemetrySample::default()),
         )
         .await
         .unwrap();

@@ -9,6 +9,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ambient_coordinator::store::Store;
+use ambient_core::{
+    Announce, Engine, Envelope, Identity, Message, SignedAnnounce, SignedTelemetry, Telemetry,
+    TelemetrySample, sign_message,
+};
 
 /// The path of a workspace binary, built by the same `cargo test --workspace` (the README's
 /// test command). `cargo test -p ambient-e2e` alone runs whatever is in the target directory:
@@ -26,6 +30,46 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A signed announce frame for `identity`: an aarch64 board with 4 cores, 4 GiB and 2 slots,
+/// changed by `adjust`.
+pub fn signed_announce(identity: &Identity, adjust: impl FnOnce(&mut Announce)) -> Vec<u8> {
+    let mut announce = Announce {
+        node: identity.node_id(),
+        public_key: identity.public_key(),
+        arch: "aarch64".try_into().unwrap(),
+        cores: 4,
+        mem_total_bytes: 4 << 30,
+        engine: Engine::Wasmtime,
+        agent_version: "0.1.0".try_into().unwrap(),
+        labels: Default::default(),
+        profile: None,
+        max_concurrency: 2,
+    };
+    adjust(&mut announce);
+    let signature = sign_message(identity, SignedAnnounce::TAG, &announce).unwrap();
+    Envelope::new(Message::Announce(SignedAnnounce {
+        announce,
+        signature,
+    }))
+    .to_vec()
+}
+
+/// A signed telemetry frame for `identity` (agent run 1, sample number `seq`).
+pub fn signed_telemetry(identity: &Identity, seq: u64, sample: TelemetrySample) -> Vec<u8> {
+    let telemetry = Telemetry {
+        node: identity.node_id(),
+        seq,
+        boot_id: 1,
+        sample,
+    };
+    let signature = sign_message(identity, SignedTelemetry::TAG, &telemetry).unwrap();
+    Envelope::new(Message::Telemetry(SignedTelemetry {
+        telemetry,
+        signature,
+    }))
+    .to_vec()
 }
 
 /// A free TCP port on loopback (bound, then released).
