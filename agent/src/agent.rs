@@ -118,7 +118,12 @@ pub async fn run(
             path: state_dir.join("outbox"),
             source,
         })?;
-        let opts = connection::options(&config, &node)?;
+        let identity = Arc::new(identity);
+        let login = {
+            let identity = identity.clone();
+            Box::new(move || connection::login(&identity))
+        };
+        let opts = connection::options(&config, &node, login())?;
         let (publisher, eventloop, delivery) = connection::client(opts);
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
@@ -133,6 +138,7 @@ pub async fn run(
                 inbound: inbound_tx,
                 tasks_topic: topics::node(&node, topics::NodeTopic::Tasks).to_string(),
                 backoff: Backoff::new(min, max),
+                login,
                 dropped: dropped.clone(),
                 stop: stop.clone(),
             }
@@ -153,7 +159,7 @@ pub async fn run(
         );
         let agent = Agent::new(AgentParts {
             config,
-            identity: Arc::new(identity),
+            identity,
             sandbox,
             publisher,
             outbox_dir,

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ambient_core::{Digest, MAX_FRAME_BYTES, MAX_MODULE_BYTES, NodeId, topics};
+use ambient_core::{
+    ConnectToken, Digest, Identity, MAX_FRAME_BYTES, MAX_MODULE_BYTES, NodeId, topics,
+};
 use bytes::Bytes;
 use rand::Rng as _;
 use rumqttc::{
@@ -126,14 +128,32 @@ impl Backoff {
     }
 }
 
-/// Client options: persistent session, last will, packet sizes for 16 MiB modules, TLS.
-pub(crate) fn options(config: &AgentConfig, node: &NodeId) -> Result<MqttOptions, AgentError> {
+/// The username and password that prove the node's key to the coordinator's embedded broker:
+/// the node id and a fresh [`ConnectToken`], valid for minutes (see the coordinator's
+/// `access` module). Other brokers ignore them unless configured to check passwords.
+pub(crate) fn login(identity: &Identity) -> (String, String) {
+    let node = identity.node_id().to_hex();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let token = ConnectToken::sign(identity, &node, now_ms).to_hex();
+    (node.to_string(), token.to_string())
+}
+
+/// Client options: persistent session, last will, packet sizes for 16 MiB modules, TLS, and
+/// the node's `login`.
+pub(crate) fn options(
+    config: &AgentConfig,
+    node: &NodeId,
+    (username, password): (String, String),
+) -> Result<MqttOptions, AgentError> {
     let broker = config.broker();
     let mut opts = MqttOptions::new(
         format!("ambient-agent-{node}"),
         broker.host(),
         broker.port(),
     );
+    opts.set_credentials(username, password);
     opts.set_keep_alive(config.keep_alive())
         // Assignments queued while we were away arrive when we come back.
         .set_clean_session(false)
@@ -210,6 +230,8 @@ pub(crate) struct Driver {
     pub inbound: mpsc::Sender<Inbound>,
     pub tasks_topic: String,
     pub backoff: Backoff,
+    /// A fresh username and password for each connection attempt.
+    pub login: Box<dyn Fn() -> (String, String) + Send>,
     pub dropped: Arc<AtomicU64>,
     pub stop: CancellationToken,
 }
@@ -244,6 +266,9 @@ impl Driver {
                     });
                     let delay = self.backoff.next_delay();
                     failures += 1;
+                    if let rumqttc::ConnectionError::ConnectionRefused(code) = &e {
+                        tracing::warn!(?code, "the broker refused this node: on the coordinator's embedded broker, check that this device's clock is within 5 minutes of the gateway's (the sign-in token is timestamped)");
+                    }
                     // Loud on the first failure and then at 10, 100, 1000...: a broker that
                     // stays away is visible without flooding the log.
                     if is_power_of_ten(failures) {
@@ -255,6 +280,8 @@ impl Driver {
                         _ = self.stop.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
                     }
+                    let (username, password) = (self.login)();
+                    self.eventloop.mqtt_options.set_credentials(username, password);
                 }
             }
         }

@@ -6,12 +6,14 @@
 //! below without a socket.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rumqttc::{
     ConnAck, ConnectReturnCode, LastWill, Packet, Protocol, PubAck, PubComp, PubRec, Publish, QoS,
     SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 
+use crate::access::Grant;
 use crate::session::{ClientId, ConnId, Lifetime, Session};
 use crate::topic::{self, FilterSpec};
 use crate::topic_tree::FilterTree;
@@ -38,6 +40,8 @@ pub(crate) struct Effects {
     pub closes: Vec<ConnId>,
     /// QoS 1 messages dropped because a session's queue was full.
     pub dropped: u64,
+    /// PUBLISH and SUBSCRIBE requests refused by the client's grant.
+    pub denied: u64,
 }
 
 impl Effects {
@@ -161,8 +165,10 @@ impl Router {
         }
     }
 
-    /// Handles the CONNECT that opened `conn`: answers with CONNACK and binds `conn` to its
-    /// session, taking the session over from any connection that holds it.
+    /// Handles the CONNECT that opened `conn`, admitted with `grant`: answers with CONNACK and
+    /// binds `conn` to its session, taking the session over from any connection of the same
+    /// principal that holds it. A session that belongs to another principal, or a will the
+    /// grant does not allow, refuses the CONNECT (return code 5).
     ///
     /// # Errors
     ///
@@ -171,6 +177,7 @@ impl Router {
         &mut self,
         conn: ConnId,
         connect: rumqttc::Connect,
+        grant: Arc<Grant>,
     ) -> Result<Effects, ProtocolError> {
         let mut effects = Effects::default();
         if connect.protocol != Protocol::V4 {
@@ -180,6 +187,11 @@ impl Router {
             && !topic::is_valid_topic_name(&will.topic)
         {
             return Err(ProtocolError::InvalidTopic(will.topic.clone()));
+        }
+        if let Some(will) = &connect.last_will
+            && !grant.may_publish(&will.topic)
+        {
+            return Ok(refuse(conn, ConnectReturnCode::NotAuthorized));
         }
         let lifetime = Lifetime::from_clean_session(connect.clean_session);
         let client_id = if connect.client_id.is_empty() {
@@ -191,10 +203,17 @@ impl Router {
         } else {
             ClientId::from(connect.client_id.as_str())
         };
+        if self
+            .sessions
+            .get(&client_id)
+            .is_some_and(|session| session.grant.principal != grant.principal)
+        {
+            return Ok(refuse(conn, ConnectReturnCode::NotAuthorized));
+        }
 
         let mut orphaned_will = None;
         let (mut session, session_present) = match self.sessions.remove(&client_id) {
-            None => (Session::new(conn, lifetime), false),
+            None => (Session::new(conn, lifetime, grant.clone()), false),
             Some(mut previous) => {
                 // MQTT-3.1.4-2: the newer connection wins. The older one did not DISCONNECT,
                 // so its will is published.
@@ -205,7 +224,7 @@ impl Router {
                 }
                 if previous.lifetime == Lifetime::Connection || lifetime == Lifetime::Connection {
                     self.unindex_all(&client_id, &previous);
-                    (Session::new(conn, lifetime), false)
+                    (Session::new(conn, lifetime, grant.clone()), false)
                 } else {
                     previous.connection = Some(conn);
                     (previous, true)
@@ -214,6 +233,7 @@ impl Router {
         };
         session.lifetime = lifetime;
         session.will = connect.last_will;
+        session.grant = grant;
 
         effects.send(
             conn,
@@ -331,6 +351,20 @@ impl Router {
             return Err(ProtocolError::InvalidTopic(publish.topic));
         }
         let pkid = publish.pkid;
+        let allowed = self
+            .sessions
+            .get(client_id)
+            .is_some_and(|session| session.grant.may_publish(&publish.topic));
+        if !allowed {
+            // Acknowledged as if delivered, so the sender does not retransmit it forever.
+            effects.denied += 1;
+            match publish.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => effects.send(conn, Packet::PubAck(PubAck::new(pkid))),
+                QoS::ExactlyOnce => effects.send(conn, Packet::PubRec(PubRec::new(pkid))),
+            }
+            return Ok(());
+        }
         match publish.qos {
             QoS::AtMostOnce => self.route(publish, effects),
             QoS::AtLeastOnce => {
@@ -442,6 +476,15 @@ impl Router {
                 return_codes.push(SubscribeReasonCode::Failure);
                 continue;
             };
+            let allowed = self
+                .sessions
+                .get(client_id)
+                .is_some_and(|session| session.grant.may_subscribe(spec.filter));
+            if !allowed {
+                effects.denied += 1;
+                return_codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
             // QoS 2 is granted as QoS 1: outbound QoS 2 is not implemented.
             let granted = lower(request.qos, QoS::AtLeastOnce);
             self.index(client_id, spec, granted);
@@ -560,7 +603,7 @@ fn refuse(conn: ConnId, code: ConnectReturnCode) -> Effects {
     Effects {
         sends: vec![(conn, Packet::ConnAck(ConnAck::new(code, false)))],
         closes: vec![conn],
-        dropped: 0,
+        ..Effects::default()
     }
 }
 
@@ -612,8 +655,92 @@ mod tests {
 
     fn connect(router: &mut Router, conn: ConnId, client_id: &str, lifetime: Lifetime) -> Effects {
         router
-            .connect(conn, connect_packet(client_id, lifetime))
+            .connect(conn, connect_packet(client_id, lifetime), anyone())
             .expect("valid CONNECT")
+    }
+
+    fn anyone() -> Arc<Grant> {
+        Arc::new(Grant::everything("anonymous"))
+    }
+
+    /// A device that may publish only under `nodes/<name>/` and read only its tasks.
+    fn device(name: &str) -> Arc<Grant> {
+        Arc::new(Grant {
+            principal: format!("node:{name}"),
+            publish: vec![format!("nodes/{name}/+")],
+            subscribe: vec![format!("nodes/{name}/tasks")],
+        })
+    }
+
+    fn connect_as(router: &mut Router, conn: ConnId, client_id: &str, grant: Arc<Grant>) -> Effects {
+        router
+            .connect(conn, connect_packet(client_id, Lifetime::Persistent), grant)
+            .expect("valid CONNECT")
+    }
+
+    fn refused(conn: ConnId) -> Effects {
+        refuse(conn, ConnectReturnCode::NotAuthorized)
+    }
+
+    #[test]
+    fn a_client_id_owned_by_another_principal_is_refused_and_not_taken_over() {
+        let mut router = router();
+        connect_as(&mut router, ALICE, "agent-a", device("a"));
+        subscribe(&mut router, ALICE, "nodes/a/tasks", QoS::AtLeastOnce);
+        assert_eq!(connect_as(&mut router, BOB, "agent-a", anyone()), refused(BOB));
+        assert_eq!(
+            connect_as(&mut router, BOB, "agent-a", device("b")),
+            refused(BOB)
+        );
+        // Alice still holds the session and still gets her tasks.
+        connect(&mut router, CAROL, "coordinator", Lifetime::Connection);
+        let delivered = publish(&mut router, CAROL, "nodes/a/tasks", QoS::AtMostOnce, "job");
+        assert_eq!(delivered.sends.len(), 1);
+        assert_eq!(delivered.sends[0].0, ALICE);
+        // The same principal may take its own session over, as MQTT says.
+        let again = connect_as(&mut router, ALICE_AGAIN, "agent-a", device("a"));
+        assert_eq!(again.closes, vec![ALICE]);
+    }
+
+    #[test]
+    fn a_publish_outside_the_grant_is_acknowledged_but_reaches_nobody() {
+        let mut router = router();
+        connect(&mut router, CAROL, "coordinator", Lifetime::Connection);
+        subscribe(&mut router, CAROL, "nodes/#", QoS::AtLeastOnce);
+        connect_as(&mut router, ALICE, "agent-a", device("a"));
+        let forged = publish(&mut router, ALICE, "nodes/b/results", QoS::AtLeastOnce, "x");
+        assert_eq!(forged.sends, vec![(ALICE, Packet::PubAck(PubAck::new(7)))]);
+        assert_eq!(forged.denied, 1);
+        let own = publish(&mut router, ALICE, "nodes/a/results", QoS::AtLeastOnce, "x");
+        assert!(own.sends.iter().any(|(to, _)| *to == CAROL));
+        assert_eq!(own.denied, 0);
+    }
+
+    #[test]
+    fn a_subscription_outside_the_grant_fails_in_suback() {
+        let mut router = router();
+        connect_as(&mut router, ALICE, "agent-a", device("a"));
+        let effects = subscribe(&mut router, ALICE, "nodes/+/tasks", QoS::AtLeastOnce);
+        assert_eq!(
+            effects.sends,
+            vec![(
+                ALICE,
+                Packet::SubAck(SubAck::new(1, vec![SubscribeReasonCode::Failure]))
+            )]
+        );
+        assert_eq!(effects.denied, 1);
+        // Nothing was indexed: another node's tasks do not reach Alice.
+        connect(&mut router, CAROL, "coordinator", Lifetime::Connection);
+        let effects = publish(&mut router, CAROL, "nodes/b/tasks", QoS::AtMostOnce, "job");
+        assert!(effects.sends.is_empty());
+    }
+
+    #[test]
+    fn a_will_outside_the_grant_refuses_the_connect() {
+        let mut router = router();
+        let mut packet = connect_packet("agent-a", Lifetime::Persistent);
+        packet.last_will = Some(LastWill::new("nodes/b/status", "offline", QoS::AtLeastOnce, true));
+        assert_eq!(router.connect(ALICE, packet, device("a")), Ok(refused(ALICE)));
     }
 
     fn connect_with_will(router: &mut Router, conn: ConnId, client_id: &str) -> Effects {
@@ -624,7 +751,7 @@ mod tests {
             QoS::AtMostOnce,
             false,
         ));
-        router.connect(conn, packet).expect("valid CONNECT")
+        router.connect(conn, packet, anyone()).expect("valid CONNECT")
     }
 
     fn subscribe(router: &mut Router, conn: ConnId, filter: &str, qos: QoS) -> Effects {
@@ -1034,7 +1161,7 @@ mod tests {
         let mut router = router();
         let mut packet = connect_packet("five", Lifetime::Connection);
         packet.protocol = Protocol::V5;
-        let refused = router.connect(ALICE, packet).unwrap();
+        let refused = router.connect(ALICE, packet, anyone()).unwrap();
         assert_eq!(
             refused.sends,
             [(
@@ -1125,7 +1252,7 @@ mod tests {
         let mut bad_will = connect_packet("bob", Lifetime::Connection);
         bad_will.last_will = Some(LastWill::new("wills/#", "x", QoS::AtMostOnce, false));
         assert_eq!(
-            router.connect(BOB, bad_will),
+            router.connect(BOB, bad_will, anyone()),
             Err(ProtocolError::InvalidTopic("wills/#".to_owned()))
         );
     }

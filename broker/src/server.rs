@@ -19,8 +19,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::access::{Credentials, Gatekeeper, Open, Refusal};
 use crate::router::{Effects, INFLIGHT_WINDOW, Limits, ProtocolError, Router};
 use crate::session::ConnId;
 use crate::{BrokerConfig, BrokerError, BrokerStats};
@@ -41,12 +42,21 @@ const KEEP_ALIVE_GRACE_MS_PER_S: u64 = 1_500;
 /// [`bind`](Broker::bind) claims the address; [`run`](Broker::run) serves it until a shutdown
 /// future completes. Every accepted socket has `TCP_NODELAY` set, so small packets such as
 /// PUBACK leave at once instead of waiting up to 40 ms for Nagle's algorithm.
-#[derive(Debug)]
 pub struct Broker {
     listener: TcpListener,
     local_addr: SocketAddr,
     config: BrokerConfig,
     stats: BrokerStats,
+    gatekeeper: Arc<dyn Gatekeeper>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("local_addr", &self.local_addr)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Broker {
@@ -70,7 +80,16 @@ impl Broker {
             local_addr,
             config,
             stats: BrokerStats::default(),
+            gatekeeper: Arc::new(Open),
         })
+    }
+
+    /// Decides every CONNECT with `gatekeeper` and holds each connection to the grant it
+    /// returns (see [`Gatekeeper`]). Without one, everyone may do anything.
+    #[must_use]
+    pub fn with_gatekeeper(mut self, gatekeeper: impl Gatekeeper) -> Broker {
+        self.gatekeeper = Arc::new(gatekeeper);
+        self
     }
 
     /// The address the broker listens on, with the real port when it was bound to port 0.
@@ -97,8 +116,9 @@ impl Broker {
             local_addr,
             config,
             stats,
+            gatekeeper,
         } = self;
-        let shared = Arc::new(Shared::new(&config, stats));
+        let shared = Arc::new(Shared::new(&config, stats, gatekeeper));
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let result = tokio::select! {
@@ -192,10 +212,11 @@ struct Shared {
     connect_timeout: Duration,
     max_keep_alive_s: u16,
     stats: BrokerStats,
+    gatekeeper: Arc<dyn Gatekeeper>,
 }
 
 impl Shared {
-    fn new(config: &BrokerConfig, stats: BrokerStats) -> Self {
+    fn new(config: &BrokerConfig, stats: BrokerStats, gatekeeper: Arc<dyn Gatekeeper>) -> Self {
         let max_queued = config.max_queued_per_session.max(1);
         Shared {
             state: Mutex::new(State {
@@ -210,6 +231,7 @@ impl Shared {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             max_keep_alive_s: config.max_keep_alive_s.max(1),
             stats,
+            gatekeeper,
         }
     }
 
@@ -244,6 +266,7 @@ impl State {
         own: &mut Vec<Packet>,
     ) -> Flow {
         stats.add_dropped(effects.dropped);
+        stats.add_denied(effects.denied);
         for (to, packet) in effects.sends {
             if to == me {
                 own.push(packet);
@@ -340,6 +363,7 @@ async fn serve_connection(
     };
     let mut connection = Connection {
         conn,
+        peer,
         stream,
         read_buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
         write_buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
@@ -364,6 +388,7 @@ async fn serve_connection(
 /// One client's socket, its buffers and its inbound queues.
 struct Connection {
     conn: ConnId,
+    peer: SocketAddr,
     stream: TcpStream,
     read_buf: BytesMut,
     /// Encoded packets not yet written; each write offers all of it to the socket at once.
@@ -425,15 +450,44 @@ impl Connection {
         };
         let keep_alive = Duration::from_millis(u64::from(granted) * KEEP_ALIVE_GRACE_MS_PER_S);
 
+        let login = connect.login.as_ref();
+        let credentials = Credentials {
+            client_id: &connect.client_id,
+            username: login.map(|l| l.username.as_str()),
+            password: login
+                .map(|l| l.password.as_str())
+                .filter(|p| !p.is_empty()),
+            peer: self.peer,
+            now_ms: unix_ms(),
+        };
+        let grant = match self.shared.gatekeeper.admit(&credentials) {
+            Ok(grant) => Arc::new(grant),
+            Err(refusal) => {
+                let (code, why) = match refusal {
+                    Refusal::BadCredentials(why) => (ConnectReturnCode::BadUserNamePassword, why),
+                    Refusal::NotAuthorized(why) => (ConnectReturnCode::NotAuthorized, why),
+                };
+                info!(peer = %self.peer, client_id = %connect.client_id, reason = %why, "refused a connection");
+                self.shared.stats.connect_refused();
+                self.encode([Packet::ConnAck(ConnAck::new(code, false))]);
+                self.flush_before_close().await;
+                return Err(CloseReason::Refused);
+            }
+        };
+        let principal = grant.principal.clone();
+
         let mut own = Vec::new();
         let flow = {
             let mut state = self.shared.lock();
             state.outboxes.insert(self.conn, outbox);
-            let effects = state.router.connect(self.conn, connect)?;
+            let effects = state.router.connect(self.conn, connect, grant)?;
             state.carry_out(self.conn, effects, &self.shared.stats, &mut own)
         };
+        let is_refused = flow == Flow::Close;
         self.encode(own);
-        if flow == Flow::Close {
+        if is_refused {
+            info!(peer = %self.peer, %principal, "refused a connection by the session rules: its client id belongs to another principal, its will is outside its grant, or it is an unnamed persistent session");
+            self.shared.stats.connect_refused();
             self.flush_before_close().await;
             return Err(CloseReason::Refused);
         }
@@ -656,4 +710,11 @@ mod tests {
             None
         );
     }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch, for gatekeepers.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use rumqttc::{LastWill, Publish, QoS};
 
+use crate::access::Grant;
+
 /// One accepted TCP connection. Never reused, so a late event from a connection that was
 /// taken over cannot be mistaken for one from its successor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,10 +63,12 @@ pub(crate) struct Session {
     /// Packet ids of inbound QoS 2 messages already routed, until PUBREL. A retransmitted
     /// PUBLISH with one of these ids is acknowledged again but not routed twice.
     pub awaiting_pubrel: HashSet<u16>,
+    /// What the connection that last bound the session may do, and who it is.
+    pub grant: Arc<Grant>,
 }
 
 impl Session {
-    pub(crate) fn new(connection: ConnId, lifetime: Lifetime) -> Self {
+    pub(crate) fn new(connection: ConnId, lifetime: Lifetime, grant: Arc<Grant>) -> Self {
         Session {
             connection: Some(connection),
             lifetime,
@@ -72,6 +76,7 @@ impl Session {
             subscriptions: HashMap::new(),
             outbound: Outbound::default(),
             awaiting_pubrel: HashSet::new(),
+            grant,
         }
     }
 

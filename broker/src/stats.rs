@@ -17,6 +17,8 @@ struct Counters {
     publishes_received: AtomicU64,
     publishes_sent: AtomicU64,
     dropped: AtomicU64,
+    denied: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl BrokerStats {
@@ -39,6 +41,28 @@ impl BrokerStats {
     /// take, and the oldest QoS 1 messages pushed out of a full session queue.
     pub fn dropped(&self) -> u64 {
         self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// PUBLISH and SUBSCRIBE requests a client's grant did not allow (see
+    /// [`Gatekeeper`](crate::Gatekeeper)).
+    pub fn denied(&self) -> u64 {
+        self.counters.denied.load(Ordering::Relaxed)
+    }
+
+    /// CONNECTs refused: by the gatekeeper, or for a client id that belongs to another
+    /// principal. Protocol-level refusals (wrong protocol level) are not counted.
+    pub fn refused(&self) -> u64 {
+        self.counters.refused.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_denied(&self, count: u64) {
+        if count > 0 {
+            self.counters.denied.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn connect_refused(&self) {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn connection_opened(&self) {

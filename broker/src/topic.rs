@@ -79,6 +79,26 @@ pub(crate) fn matches(topic: &str, filter: &str) -> bool {
     topic_levels.next().is_none()
 }
 
+/// Whether every topic `requested` matches is also matched by `allowed`; both are assumed
+/// valid filters. Decides whether a grant allows a subscription.
+pub(crate) fn covers(allowed: &str, requested: &str) -> bool {
+    if requested.starts_with('$') && allowed.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut allowed_levels = allowed.split('/');
+    let mut requested_levels = requested.split('/');
+    loop {
+        match (allowed_levels.next(), requested_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(r)) if a == r => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +173,21 @@ mod tests {
         assert!(!matches("$SYS/broker", "+/broker"));
         assert!(matches("$SYS/broker/load", "$SYS/#"));
         assert!(matches("a/$b", "a/+"));
+    }
+
+    #[test]
+    fn a_filter_covers_another_only_when_it_matches_everything_the_other_does() {
+        assert!(covers("a/+", "a/b"));
+        assert!(covers("a/+", "a/+"));
+        assert!(covers("a/#", "a/b/c"));
+        assert!(covers("a/#", "a/#"));
+        assert!(covers("a/#", "a"));
+        assert!(covers("#", "x/+/y"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(!covers("a/+", "a/b/c"));
+        assert!(!covers("a/b", "a"));
+        assert!(!covers("#", "$SYS/#"));
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl Client {
     pub async fn connect(broker_url: &str) -> Result<Self, ClientError> {
         let (host, port) = parse_broker_url(broker_url).map_err(ClientError::BadUrl)?;
         let id = format!("ambient-client-{:016x}", rand::random::<u64>());
-        let (client, mut eventloop) = mqtt::connect(&host, port, &id, mqtt::Session::Clean);
+        let (client, mut eventloop) = mqtt::connect(&host, port, &id, mqtt::Session::Clean, None);
         let (tx, events) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
         let (resub_tx, resubscribed) = watch::channel(0u64);

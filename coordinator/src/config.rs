@@ -9,6 +9,7 @@ use std::time::Duration;
 use ambient_core::{SafetyPolicy, ScoreConfig, Tariff};
 use serde::{Deserialize, Serialize};
 
+use crate::access::Anonymous;
 use crate::dispatcher::DispatchConfig;
 use crate::{Enrollment, RegistryConfig, Strategy};
 
@@ -39,6 +40,8 @@ pub struct CoordinatorConfig {
     pub registry: RegistryConfig,
     /// How often the node registry is written to the store for `ambient nodes`.
     pub snapshot_interval: Duration,
+    /// Where the embedded broker admits clients without credentials from.
+    pub anonymous: Anonymous,
 }
 
 impl CoordinatorConfig {
@@ -74,6 +77,9 @@ pub struct RawBroker {
     pub listen: String,
     /// An external broker as `mqtt://host:port`; when set, no broker is embedded.
     pub url: Option<String>,
+    /// Where the embedded broker accepts clients without credentials (submitters, the CLI)
+    /// from: `loopback` (default) or `anywhere`. Devices always sign in with their key.
+    pub anonymous: String,
 }
 
 /// `[storage]`.
@@ -157,6 +163,7 @@ impl Default for RawBroker {
         Self {
             listen: "127.0.0.1:1883".into(),
             url: None,
+            anonymous: "loopback".into(),
         }
     }
 }
@@ -288,6 +295,11 @@ impl RawConfig {
                 )
             })?),
         };
+        let anonymous = match self.broker.anonymous.as_str() {
+            "loopback" => Anonymous::Loopback,
+            "anywhere" => Anonymous::Anywhere,
+            other => return Err(bad("broker.anonymous", other, "`loopback` or `anywhere`")),
+        };
         let strategy: Strategy = self.scheduling.strategy.parse().map_err(
             |e: <Strategy as std::str::FromStr>::Err| {
                 bad(
@@ -373,6 +385,7 @@ impl RawConfig {
                 forget_after: Duration::from_millis(self.enrollment.forget_after_ms),
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
+            anonymous,
         })
     }
 }

@@ -9,6 +9,7 @@
 //! - [`client`]: what `ambient submit` and any program use to submit tasks and await results.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod client;
 mod config;
 mod dispatcher;

@@ -26,8 +26,12 @@ pub fn connect(
     port: u16,
     client_id: &str,
     session: Session,
+    login: Option<(String, String)>,
 ) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, host, port);
+    if let Some((username, password)) = login {
+        opts.set_credentials(username, password);
+    }
     opts.set_keep_alive(Duration::from_secs(10))
         .set_clean_session(session == Session::Clean)
         .set_manual_acks(session == Session::Durable)

@@ -38,13 +38,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_broker::{Broker, BrokerConfig, BrokerError};
-use ambient_core::Identity;
+use ambient_core::{ConnectToken, Identity};
 use ambient_core::topics::{self, NodeTopic};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, COORDINATOR_USER};
 use crate::config::{BrokerMode, CoordinatorConfig};
 use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
 use crate::store::{Op, Store, StoreError};
@@ -136,7 +137,14 @@ impl Coordinator {
                         ..BrokerConfig::default()
                     },
                 )
-                .await?;
+                .await?
+                .with_gatekeeper(Access {
+                    coordinator: identity.public_key(),
+                    anonymous: config.anonymous,
+                });
+                if config.anonymous == Anonymous::Anywhere && !addr.ip().is_loopback() {
+                    warn!(listen = %addr, "[broker] anonymous = \"anywhere\": anyone who reaches this address may submit tasks");
+                }
                 let local = broker.local_addr();
                 (Some(broker), local.ip().to_string(), local.port())
             }
@@ -185,6 +193,8 @@ impl Coordinator {
             path: config.data_dir.display().to_string(),
             source,
         })?;
+        let embedded = broker.is_some();
+        let identity_login = Identity::from_secret(&identity.to_secret());
         let db = config.db_path();
         let store = Store::open(&db)?;
         let now = Now::read();
@@ -209,8 +219,16 @@ impl Coordinator {
             tokio::spawn(async move { b.run(c.cancelled_owned()).await })
         });
 
-        let (client, eventloop) =
-            mqtt::connect(&host, port, "ambient-coordinator", mqtt::Session::Durable);
+        // On the embedded broker the coordinator signs in with its key; an external broker
+        // has its own accounts.
+        let login = embedded.then(|| move || coordinator_login(&identity_login));
+        let (client, eventloop) = mqtt::connect(
+            &host,
+            port,
+            COORDINATOR_CLIENT_ID,
+            mqtt::Session::Durable,
+            login.as_ref().map(|l| l()),
+        );
         let (in_tx, in_rx) = flume::bounded::<Inbound>(INBOUND);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
         let generation = Arc::new(AtomicU64::new(0));
@@ -230,6 +248,7 @@ impl Coordinator {
         let mqtt = tokio::spawn(mqtt_loop(
             client.clone(),
             eventloop,
+            login,
             in_tx.clone(),
             generation,
             cancel.clone(),
@@ -280,9 +299,16 @@ fn subscriptions() -> Vec<String> {
     filters
 }
 
+/// Username and a fresh connect token for the coordinator's own client.
+fn coordinator_login(identity: &Identity) -> (String, String) {
+    let token = ConnectToken::sign(identity, COORDINATOR_USER, Now::read().unix_ms);
+    (COORDINATOR_USER.to_string(), token.to_hex().to_string())
+}
+
 async fn mqtt_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
+    login: Option<impl Fn() -> (String, String)>,
     in_tx: flume::Sender<Inbound>,
     generation: Arc<AtomicU64>,
     cancel: CancellationToken,
@@ -334,6 +360,11 @@ async fn mqtt_loop(
             Ok(_) => {}
             Err(e) => {
                 warn!(error = %e, "broker connection lost; reconnecting in {backoff:?}");
+                // A token is valid for minutes; the next attempt presents a fresh one.
+                if let Some(login) = &login {
+                    let (username, password) = login();
+                    eventloop.mqtt_options.set_credentials(username, password);
+                }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = cancel.cancelled() => break,

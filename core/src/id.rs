@@ -137,7 +137,7 @@ impl fmt::Debug for TaskId {
     }
 }
 
-fn hex_into<const N: usize>(bytes: &[u8]) -> heapless::String<N> {
+pub(crate) fn hex_into<const N: usize>(bytes: &[u8]) -> heapless::String<N> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = heapless::String::new();
     for b in bytes {
@@ -148,7 +148,7 @@ fn hex_into<const N: usize>(bytes: &[u8]) -> heapless::String<N> {
     s
 }
 
-fn hex_decode(s: &str, out: &mut [u8]) -> bool {
+pub(crate) fn hex_decode(s: &str, out: &mut [u8]) -> bool {
     fn nibble(c: u8) -> Option<u8> {
         match c {
             b'0'..=b'9' => Some(c - b'0'),

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod connect;
 mod error;
 mod health;
 mod id;
@@ -25,6 +26,7 @@ pub mod topics;
 mod verify;
 mod wire;
 
+pub use connect::{ConnectToken, TokenError};
 pub use error::{DecodeError, ProofError, VerifyError};
 pub use health::{HealthTerms, SCORE_SCALE, ScoreConfig, health_score};
 pub use id::{Digest, NodeId, TaskId, sha3_256};

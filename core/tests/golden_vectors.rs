@@ -356,3 +356,44 @@ fn encoding_into_a_too_small_buffer_is_an_error_not_a_panic() {
     let mut buf = [0u8; 16];
     assert!(envelope.encode_to_slice(&mut buf).is_err());
 }
+
+#[test]
+fn the_connect_token_is_pinned_and_verifies_only_for_its_node_and_time() {
+    use ambient_core::{ConnectToken, TokenError};
+    let node = identity().node_id();
+    let at_ms = 1_790_000_000_000;
+    let token = ConnectToken::sign(&identity(), &node.to_hex(), at_ms);
+    assert_eq!(
+        token.to_hex().as_str(),
+        concat!(
+            "000001a0c4506c00", // at_ms, big-endian
+            "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c", // public key
+            // ed25519 over sha3-256("ambient/connect/v1\0" ‖ postcard(username, at_ms)),
+            // cross-checked with `openssl pkeyutl -sign -rawin`
+            "3e32820ddb5c142aaa39002d71b20477508d6ea866aefe08681af38030982d66",
+            "766e40524cbc022c9266e46586cbbe8ac8047e1efb098f129bb28f230593880d",
+        )
+    );
+    let parsed = ConnectToken::from_hex(&token.to_hex()).unwrap();
+    assert_eq!(parsed, token);
+    assert_eq!(parsed.verify_node(&node, at_ms + 60_000, 300_000), Ok(()));
+    assert_eq!(
+        parsed.verify_node(&node, at_ms + 301_000, 300_000),
+        Err(TokenError::Stale { skew_ms: -301_000 })
+    );
+    let other = NodeId([1; 16]);
+    assert_eq!(
+        parsed.verify_node(&other, at_ms, 300_000),
+        Err(TokenError::WrongKey)
+    );
+    let mut forged = parsed;
+    forged.at_ms += 1;
+    assert_eq!(
+        forged.verify_node(&node, at_ms, 300_000),
+        Err(TokenError::BadSignature)
+    );
+    assert_eq!(
+        ConnectToken::from_hex("not a token"),
+        Err(TokenError::Malformed)
+    );
+}

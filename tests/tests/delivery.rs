@@ -51,10 +51,6 @@ fn in_background(
     })
 }
 
-fn mosquitto() -> Mosquitto {
-    Mosquitto::start().expect("mosquitto is needed for this test: apt-get install mosquitto")
-}
-
 /// How many tasks the journal holds, and how many of them have an outcome.
 fn journaled(db: &Path) -> (usize, usize) {
     let Ok(store) = Store::open_read_only(db) else {

@@ -184,8 +184,7 @@ impl LyingNode {
     async fn start(url: &str, secret: [u8; 32], forge: bool) -> LyingNode {
         let identity = Identity::from_secret(&secret);
         let node = identity.node_id();
-        let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
-        let mut opts = MqttOptions::new(format!("liar-{node}"), host, port);
+        let mut opts = device_options(url, &identity);
         opts.set_last_will(rumqttc::LastWill::new(
             topics::node(&node, NodeTopic::Status).as_str(),
             "offline",

@@ -148,8 +148,7 @@ async fn replicated_tasks_are_accepted_by_a_majority_of_distinct_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_flow_also_runs_on_mosquitto() {
-    let mosquitto =
-        Mosquitto::start().expect("mosquitto is needed for this test: apt-get install mosquitto");
+    let mosquitto = mosquitto();
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, Some(&mosquitto.url));
     assert_eq!(c.url, mosquitto.url);

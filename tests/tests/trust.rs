@@ -16,17 +16,33 @@ use ambient_core::{
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
+};
 use tokio::sync::mpsc;
 
-/// A raw MQTT client on `url` subscribed to `filters`: what anyone on the broker can do.
+/// A raw MQTT client on `url` subscribed to `filters`, without credentials: what anyone who
+/// reaches the broker can do.
 async fn stranger(
     url: &str,
     name: &str,
     filters: &[&str],
 ) -> (AsyncClient, mpsc::Receiver<rumqttc::Publish>) {
     let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
-    let mut opts = MqttOptions::new(name, host, port);
+    let (client, rx, _) = raw_client(MqttOptions::new(name, host, port), filters).await;
+    (client, rx)
+}
+
+/// A raw MQTT client with `opts`, subscribed to `filters`; also returns the broker's answer to
+/// each subscription.
+async fn raw_client(
+    mut opts: MqttOptions,
+    filters: &[&str],
+) -> (
+    AsyncClient,
+    mpsc::Receiver<rumqttc::Publish>,
+    Vec<SubscribeReasonCode>,
+) {
     opts.set_max_packet_size(
         ambient_core::MAX_PACKET_BYTES,
         ambient_core::MAX_PACKET_BYTES,
@@ -40,18 +56,35 @@ async fn stranger(
                 Event::Incoming(Packet::Publish(p)) => {
                     let _ = tx.send(p).await;
                 }
-                Event::Incoming(Packet::SubAck(_)) => {
-                    let _ = subscribed_tx.send(()).await;
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    let _ = subscribed_tx.send(ack.return_codes).await;
                 }
                 _ => {}
             }
         }
     });
+    let mut granted = Vec::new();
     for f in filters {
         client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
-        subscribed.recv().await.expect("suback");
+        granted.extend(subscribed.recv().await.expect("suback"));
     }
-    (client, rx)
+    (client, rx, granted)
+}
+
+/// How the broker at `url` answers a CONNECT with `opts`: `Ok` or the refusal's return code.
+async fn connack(opts: MqttOptions) -> Result<(), ConnectReturnCode> {
+    let (_client, mut el) = AsyncClient::new(opts, 10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll())
+            .await
+            .expect("an answer to CONNECT")
+        {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            Ok(_) => {}
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Err(code),
+            Err(e) => panic!("no CONNACK: {e}"),
+        }
+    }
 }
 
 /// Every node in the coordinator's registry snapshot, with its `NodeView` JSON.
@@ -130,9 +163,12 @@ async fn accepted(client: &mut Client, task: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_reports_refusals_and_a_spoofed_offline_in_a_nodes_name_change_nothing() {
+async fn on_a_broker_without_acls_forged_reports_refusals_and_a_spoofed_offline_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    // mosquitto as configured by default lets anyone publish anywhere: the coordinator's own
+    // checks are all that stands between the forger and the victim.
+    let m = mosquitto();
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
     let (attacker, mut assignments) = stranger(
@@ -270,9 +306,10 @@ async fn forged_reports_refusals_and_a_spoofed_offline_in_a_nodes_name_change_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_announce_on_another_nodes_topic_registers_nobody() {
+async fn on_a_broker_without_acls_an_announce_on_another_nodes_topic_registers_nobody() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let m = mosquitto();
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
     let (client, mut rejected) = stranger(&c.url, "misplaced", &[topics::REJECTED]).await;
     settle(&client, &mut rejected, &c.db()).await;
     let (attacker, victim) = (
@@ -296,10 +333,12 @@ async fn an_announce_on_another_nodes_topic_registers_nobody() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_enrollment_stops_at_max_nodes_and_only_nodes_with_telemetry_get_work() {
     let dir = tempfile::tempdir().unwrap();
+    // 2,000 keys from one client: on mosquitto, which does not check who speaks for a node.
+    let m = mosquitto();
     let c = Coordinator::start_with(
         &dir.path().join("c"),
         0,
-        None,
+        Some(&m.url),
         "[enrollment]\nmax_nodes = 50\njoins_per_s = 100000\n",
     );
     let (client, mut rejected) = stranger(&c.url, "flood", &[topics::REJECTED]).await;
@@ -352,16 +391,13 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     let node = Identity::from_secret(&[3; 32]);
-    let (client, mut tasks) = stranger(
-        &c.url,
-        "late-telemetry",
-        &[
-            topics::node(&node.node_id(), NodeTopic::Tasks).as_str(),
-            topics::REJECTED,
-        ],
+    let (client, mut tasks, _) = raw_client(
+        device_options(&c.url, &node),
+        &[topics::node(&node.node_id(), NodeTopic::Tasks).as_str()],
     )
     .await;
-    settle(&client, &mut tasks, &c.db()).await;
+    let (observer, mut rejected) = stranger(&c.url, "observer", &[topics::REJECTED]).await;
+    settle(&observer, &mut rejected, &c.db()).await;
     let announce = topics::node(&node.node_id(), NodeTopic::Announce);
     client
         .publish(
@@ -372,7 +408,7 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
         )
         .await
         .unwrap();
-    settle(&client, &mut tasks, &c.db()).await;
+    settle(&observer, &mut rejected, &c.db()).await;
     assert_eq!(snapshot(&c.db()).len(), 1, "registered");
     let mut submitter = Client::connect(&c.url).await.unwrap();
     let module = wat::parse_str(SPIN_WAT).unwrap();
@@ -478,4 +514,127 @@ fn ambient_submit_refuses_an_oversize_or_text_module_before_sending_anything() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(&expected), "{stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_takes_its_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
+    c.wait_for_nodes(1);
+    let victim = snapshot(&c.db())[0].0;
+    let (host, port) = ambient_coordinator::parse_broker_url(&c.url).unwrap();
+
+    // Its client id, without its key: refused, not a takeover.
+    let client_id = format!("ambient-agent-{victim}");
+    assert_eq!(
+        connack(MqttOptions::new(&client_id, &host, port)).await,
+        Err(ConnectReturnCode::NotAuthorized)
+    );
+    // With another node's valid sign-in: refused too.
+    let other = Identity::from_secret(&[0x0B; 32]);
+    let mut borrowed = device_options(&c.url, &other);
+    borrowed.set_client_id(client_id.clone());
+    assert_eq!(connack(borrowed).await, Err(ConnectReturnCode::NotAuthorized));
+    // Its node id as username with a password that is not its token.
+    let mut guessed = MqttOptions::new(&client_id, &host, port);
+    guessed.set_credentials(victim.to_hex().as_str(), "password");
+    assert_eq!(
+        connack(guessed).await,
+        Err(ConnectReturnCode::BadUserNamePassword)
+    );
+
+    // Anonymous and as another node: subscriptions to the node's tasks fail, and reports,
+    // refusals and presence published in its name reach nobody.
+    let tasks = topics::node(&victim, NodeTopic::Tasks);
+    let (anonymous, mut anonymous_rx, granted) = raw_client(
+        MqttOptions::new("stranger", &host, port),
+        &[tasks.as_str(), &topics::all_nodes(NodeTopic::Tasks), topics::REJECTED],
+    )
+    .await;
+    assert_eq!(
+        granted[..2],
+        [SubscribeReasonCode::Failure, SubscribeReasonCode::Failure]
+    );
+    let (neighbour, mut neighbour_rx, granted) =
+        raw_client(device_options(&c.url, &other), &[tasks.as_str()]).await;
+    assert_eq!(granted, [SubscribeReasonCode::Failure]);
+    settle(&anonymous, &mut anonymous_rx, &c.db()).await;
+    let forger = Identity::from_secret(&[0xEE; 32]);
+    let refusal = Envelope::new(Message::Report(Report {
+        task_id: TaskId::new("anything").unwrap(),
+        attempt: 1,
+        node: victim,
+        body: ReportBody::Refused(SignedRefusal::sign(
+            &forger,
+            &TaskId::new("anything").unwrap(),
+            1,
+            &victim,
+            Refusal::ModuleUnavailable,
+        )),
+    }))
+    .to_vec();
+    for client in [&anonymous, &neighbour] {
+        let results = topics::node(&victim, NodeTopic::Results);
+        client
+            .publish(results.as_str(), QoS::AtLeastOnce, false, refusal.clone())
+            .await
+            .unwrap();
+        let status = topics::node(&victim, NodeTopic::Status);
+        client
+            .publish(status.as_str(), QoS::AtLeastOnce, true, b"offline".to_vec())
+            .await
+            .unwrap();
+        let announce = topics::node(&victim, NodeTopic::Announce);
+        client
+            .publish(
+                announce.as_str(),
+                QoS::AtLeastOnce,
+                true,
+                signed_announce(&forger, |_| {}),
+            )
+            .await
+            .unwrap();
+    }
+    settle(&anonymous, &mut anonymous_rx, &c.db()).await;
+    let store = Store::open_read_only(&c.db()).unwrap();
+    let dropped = store.dropped().unwrap();
+    assert_eq!(
+        dropped.get("unauthenticated").copied().unwrap_or(0),
+        0,
+        "the forgeries never reached the coordinator: {dropped:?}"
+    );
+
+    // The victim is still connected and online, and runs work; nobody else saw its assignment.
+    let mut client = Client::connect(&c.url).await.unwrap();
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let sub = Submission {
+        task_id: Some("still-mine".into()),
+        module_b64: Some(B64.encode(&module)),
+        input_b64: Some(B64.encode(10u64.to_le_bytes())),
+        ..Submission::default()
+    };
+    let events = client
+        .run_batch(&[sub], Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(events["still-mine"].status, EventStatus::Completed);
+    let row = store
+        .task(&TaskId::new("still-mine").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.attempts, 1);
+    assert!(
+        neighbour_rx.try_recv().is_err(),
+        "another node received the victim's assignment"
+    );
+    while let Ok(p) = anonymous_rx.try_recv() {
+        assert!(
+            !p.topic.starts_with("ambient/v1/nodes/"),
+            "a stranger received {}",
+            p.topic
+        );
+    }
+    let view = &snapshot(&c.db())[0].1;
+    assert_eq!(view["reputation"]["failed"], 0, "{view}");
 }

@@ -455,7 +455,7 @@ impl RawClient {
         mut on_publish: impl FnMut(&rumqttc::AsyncClient, rumqttc::Publish) + Send + 'static,
     ) -> anyhow::Result<Self> {
         let (host, port) = parse_broker_url(url).map_err(anyhow::Error::msg)?;
-        let (client, mut eventloop) = mqtt::connect(&host, port, id, mqtt::Session::Clean);
+        let (client, mut eventloop) = mqtt::connect(&host, port, id, mqtt::Session::Clean, None);
         client
             .subscribe(filter, QoS::AtLeastOnce)
             .await

@@ -72,6 +72,21 @@ pub fn signed_telemetry(identity: &Identity, seq: u64, sample: TelemetrySample) 
     .to_vec()
 }
 
+/// MQTT options for a device that signs in as `identity` on `url`, as an agent does: client id
+/// `ambient-agent-<node id>`, the node id as username and a fresh connect token as password.
+pub fn device_options(url: &str, identity: &Identity) -> rumqttc::MqttOptions {
+    let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
+    let node = identity.node_id();
+    let mut opts = rumqttc::MqttOptions::new(format!("ambient-agent-{node}"), host, port);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let token = ambient_core::ConnectToken::sign(identity, &node.to_hex(), now_ms);
+    opts.set_credentials(node.to_hex().as_str(), token.to_hex().as_str());
+    opts
+}
+
 /// A free TCP port on loopback (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -164,6 +179,11 @@ impl Mosquitto {
             _dir: dir,
         })
     }
+}
+
+/// A mosquitto of our own; the test fails (never skips) where it is not installed.
+pub fn mosquitto() -> Mosquitto {
+    Mosquitto::start().expect("mosquitto is needed for this test: apt-get install mosquitto")
 }
 
 /// `ambient coordinator` as a child process.

@@ -1,0 +1,262 @@
+//! Who may use the embedded broker, and for what: the [`Gatekeeper`] the coordinator installs.
+//!
+//! | who | username | password | client id | may publish | may subscribe |
+//! |---|---|---|---|---|---|
+//! | a device | its node id | a [`ConnectToken`] for it | `ambient-agent-<node id>` | its own `nodes/<id>/{status,announce,telemetry,results}` | its own `nodes/<id>/tasks`, `modules/+` |
+//! | the coordinator | `coordinator` | a [`ConnectToken`] by its key | any | everything | everything |
+//! | a client (submitter, CLI) | none | none | not `ambient-agent-…` | `tasks/submit`, `modules/+` | `tasks/#` |
+//!
+//! A device proves it holds the key its node id derives from; nobody else can publish in its
+//! name, read its assignments, or take over its client id (see [`ambient_broker::Gatekeeper`]:
+//! a session belongs to the principal that made it). Anonymous clients are admitted from
+//! loopback only unless the configuration says otherwise, the mosquitto 2 model: a gateway
+//! that listens on the LAN does not accept submissions from the LAN by accident.
+
+use std::net::SocketAddr;
+
+use ambient_broker::{Credentials, Gatekeeper, Grant, Refusal};
+use ambient_core::topics::{self, NodeTopic};
+use ambient_core::{ConnectToken, NodeId};
+
+/// Username the coordinator's own client uses on its embedded broker.
+pub const COORDINATOR_USER: &str = "coordinator";
+/// The coordinator's own client id.
+pub const COORDINATOR_CLIENT_ID: &str = "ambient-coordinator";
+/// Client ids with this prefix belong to devices: `ambient-agent-<node id>`.
+pub const DEVICE_CLIENT_PREFIX: &str = "ambient-agent-";
+/// How far a connect token's time may be from the broker's clock, in ms: wide enough for a
+/// device whose clock is a few minutes off, narrow enough that a captured token soon expires.
+pub const TOKEN_WINDOW_MS: u64 = 5 * 60 * 1000;
+
+/// Where clients without credentials may connect from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Anonymous {
+    /// Only from this machine (the default).
+    #[default]
+    Loopback,
+    /// From any address: anyone who reaches the broker may submit tasks.
+    Anywhere,
+}
+
+/// The coordinator's rules for its embedded broker.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The coordinator's own public key.
+    pub coordinator: [u8; 32],
+    /// Where anonymous clients may connect from.
+    pub anonymous: Anonymous,
+}
+
+impl Access {
+    fn device(&self, node: NodeId, c: &Credentials<'_>) -> Result<Grant, Refusal> {
+        let token = c
+            .password
+            .ok_or_else(|| Refusal::BadCredentials("a device needs a connect token as password".into()))
+            .and_then(|p| ConnectToken::from_hex(p).map_err(|e| Refusal::BadCredentials(e.to_string())))?;
+        token
+            .verify_node(&node, c.now_ms, TOKEN_WINDOW_MS)
+            .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
+        let id = node.to_hex();
+        if c.client_id != format!("{DEVICE_CLIENT_PREFIX}{id}") {
+            return Err(Refusal::NotAuthorized(format!(
+                "node {id} must connect with client id {DEVICE_CLIENT_PREFIX}{id}"
+            )));
+        }
+        let own = |leaf| topics::node(&node, leaf).to_string();
+        Ok(Grant {
+            principal: format!("node {id}"),
+            publish: [
+                NodeTopic::Status,
+                NodeTopic::Announce,
+                NodeTopic::Telemetry,
+                NodeTopic::Results,
+            ]
+            .map(own)
+            .to_vec(),
+            subscribe: vec![own(NodeTopic::Tasks), topics::ALL_MODULES.into()],
+        })
+    }
+
+    fn coordinator(&self, c: &Credentials<'_>) -> Result<Grant, Refusal> {
+        let token = ConnectToken::from_hex(c.password.unwrap_or_default())
+            .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
+        if token.public_key != self.coordinator {
+            return Err(Refusal::BadCredentials(
+                "not the coordinator's key".into(),
+            ));
+        }
+        token
+            .verify(COORDINATOR_USER, c.now_ms, TOKEN_WINDOW_MS)
+            .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
+        Ok(Grant::everything(COORDINATOR_USER))
+    }
+
+    fn anonymous(&self, c: &Credentials<'_>) -> Result<Grant, Refusal> {
+        if self.anonymous == Anonymous::Loopback && !is_loopback(c.peer) {
+            return Err(Refusal::NotAuthorized(
+                "anonymous clients are accepted from loopback only ([broker] anonymous = \"anywhere\" allows them from any address)".into(),
+            ));
+        }
+        if c.client_id.starts_with(DEVICE_CLIENT_PREFIX) || c.client_id == COORDINATOR_CLIENT_ID {
+            return Err(Refusal::NotAuthorized(format!(
+                "client id {:?} is reserved: devices and the coordinator sign in with their keys",
+                c.client_id
+            )));
+        }
+        Ok(Grant {
+            principal: "anonymous".into(),
+            publish: vec![topics::SUBMIT.into(), topics::ALL_MODULES.into()],
+            subscribe: vec![format!("{}/tasks/#", topics::PREFIX)],
+        })
+    }
+}
+
+impl Gatekeeper for Access {
+    fn admit(&self, c: &Credentials<'_>) -> Result<Grant, Refusal> {
+        match c.username {
+            None => self.anonymous(c),
+            Some(COORDINATOR_USER) => self.coordinator(c),
+            Some(user) => match NodeId::from_hex(user) {
+                Some(node) => self.device(node, c),
+                None => Err(Refusal::BadCredentials(format!(
+                    "unknown user {user:?}: devices sign in with their node id"
+                ))),
+            },
+        }
+    }
+}
+
+/// Loopback, including an IPv4 address mapped into IPv6.
+fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ambient_core::Identity;
+
+    use super::*;
+
+    const NOW: u64 = 1_790_000_000_000;
+
+    fn access() -> Access {
+        Access {
+            coordinator: Identity::from_secret(&[9; 32]).public_key(),
+            anonymous: Anonymous::Loopback,
+        }
+    }
+
+    fn device_login(identity: &Identity, at_ms: u64) -> (String, String) {
+        let id = identity.node_id().to_hex();
+        let token = ConnectToken::sign(identity, &id, at_ms).to_hex();
+        (id.to_string(), token.to_string())
+    }
+
+    fn admit(
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        peer: &str,
+    ) -> Result<Grant, Refusal> {
+        access().admit(&Credentials {
+            client_id,
+            username: login.map(|l| l.0),
+            password: login.map(|l| l.1),
+            peer: peer.parse().unwrap(),
+            now_ms: NOW,
+        })
+    }
+
+    #[test]
+    fn a_device_with_a_fresh_token_may_use_only_its_own_topics() {
+        let node = Identity::from_secret(&[1; 32]);
+        let (user, pass) = device_login(&node, NOW - 1_000);
+        let client = format!("ambient-agent-{user}");
+        let grant = admit(&client, Some((&user, &pass)), "192.168.1.20:50000").unwrap();
+        let id = node.node_id();
+        assert!(grant.may_publish(&topics::node(&id, NodeTopic::Results)));
+        assert!(grant.may_publish(&topics::node(&id, NodeTopic::Status)));
+        assert!(!grant.may_publish(&topics::node(&id, NodeTopic::Tasks)));
+        assert!(!grant.may_publish(topics::SUBMIT));
+        let other = Identity::from_secret(&[2; 32]).node_id();
+        assert!(!grant.may_publish(&topics::node(&other, NodeTopic::Results)));
+        assert!(grant.may_subscribe(&topics::node(&id, NodeTopic::Tasks)));
+        assert!(grant.may_subscribe(topics::ALL_MODULES));
+        assert!(!grant.may_subscribe(&topics::node(&other, NodeTopic::Tasks)));
+        assert!(!grant.may_subscribe(&topics::all_nodes(NodeTopic::Tasks)));
+    }
+
+    #[test]
+    fn a_device_is_refused_with_a_stale_or_foreign_token_or_another_client_id() {
+        let node = Identity::from_secret(&[1; 32]);
+        let (user, pass) = device_login(&node, NOW - TOKEN_WINDOW_MS - 1);
+        let client = format!("ambient-agent-{user}");
+        assert!(matches!(
+            admit(&client, Some((&user, &pass)), "10.0.0.2:1"),
+            Err(Refusal::BadCredentials(why)) if why.contains("clock")
+        ));
+        // A stranger's own valid token, presented under the victim's node id.
+        let stranger = Identity::from_secret(&[3; 32]);
+        let (_, foreign) = device_login(&stranger, NOW);
+        assert!(matches!(
+            admit(&client, Some((&user, &foreign)), "10.0.0.2:1"),
+            Err(Refusal::BadCredentials(_))
+        ));
+        let (user, pass) = device_login(&node, NOW);
+        assert!(matches!(
+            admit("my-own-name", Some((&user, &pass)), "10.0.0.2:1"),
+            Err(Refusal::NotAuthorized(_))
+        ));
+        assert!(matches!(
+            admit(&client, Some((&user, "hunter2")), "10.0.0.2:1"),
+            Err(Refusal::BadCredentials(_))
+        ));
+    }
+
+    #[test]
+    fn anonymous_clients_submit_from_loopback_only_and_never_as_a_device() {
+        let grant = admit("cli", None, "127.0.0.1:5000").unwrap();
+        assert!(grant.may_publish(topics::SUBMIT));
+        assert!(grant.may_subscribe("ambient/v1/tasks/#"));
+        let node = Identity::from_secret(&[1; 32]).node_id();
+        assert!(!grant.may_publish(&topics::node(&node, NodeTopic::Results)));
+        assert!(!grant.may_subscribe(&topics::node(&node, NodeTopic::Tasks)));
+        assert!(admit("cli", None, "[::1]:5000").is_ok());
+        assert!(matches!(
+            admit("cli", None, "192.168.1.9:5000"),
+            Err(Refusal::NotAuthorized(_))
+        ));
+        assert!(matches!(
+            admit(&format!("ambient-agent-{node}"), None, "127.0.0.1:5000"),
+            Err(Refusal::NotAuthorized(_))
+        ));
+        let anywhere = Access {
+            anonymous: Anonymous::Anywhere,
+            ..access()
+        };
+        let lan = Credentials {
+            client_id: "cli",
+            username: None,
+            password: None,
+            peer: "192.168.1.9:5000".parse().unwrap(),
+            now_ms: NOW,
+        };
+        assert!(anywhere.admit(&lan).is_ok());
+    }
+
+    #[test]
+    fn only_the_coordinators_key_signs_in_as_coordinator() {
+        let me = Identity::from_secret(&[9; 32]);
+        let token = ConnectToken::sign(&me, COORDINATOR_USER, NOW).to_hex();
+        let grant = admit("ambient-coordinator", Some((COORDINATOR_USER, &token)), "127.0.0.1:1").unwrap();
+        assert!(grant.may_subscribe("#"));
+        let impostor = Identity::from_secret(&[8; 32]);
+        let token = ConnectToken::sign(&impostor, COORDINATOR_USER, NOW).to_hex();
+        assert!(admit("ambient-coordinator", Some((COORDINATOR_USER, &token)), "127.0.0.1:1").is_err());
+        assert!(admit("x", Some(("root", "toor")), "127.0.0.1:1").is_err());
+    }
+}
