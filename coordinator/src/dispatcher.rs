@@ -814,24 +814,7 @@ impl Dispatcher {
         let keys: Vec<_> = job.votes.iter().map(|v| v.key).collect();
         match quorum(&keys, job.replicas) {
             Quorum::Accepted { index, .. } => self.finish(now, task_id, Some(keys[index]), fx),
-            Quorum::Pending => {
-                self.pump(now, task_id, fx);
-                // A spot check is best effort: with no second eligible node, the verified
-                // receipt stands on its own rather than waiting for a node that may never come.
-                let Some(job) = self.jobs.get_mut(task_id) else {
-                    return;
-                };
-                if job.spot_check
-                    && job.votes.len() == 1
-                    && job.outstanding.is_empty()
-                    && job.queued_since.is_some()
-                {
-                    job.spot_check = false;
-                    job.replicas = 1;
-                    let key = job.votes[0].key;
-                    self.finish(now, task_id, Some(key), fx);
-                }
-            }
+            Quorum::Pending => self.pump(now, task_id, fx),
             Quorum::Split if job.replicas < MAX_REPLICAS => {
                 // Disagreement escalates to a larger quorum with an odd number of replicas.
                 job.replicas = (if job.replicas % 2 == 0 {
@@ -897,7 +880,17 @@ impl Dispatcher {
                     })?
                 });
             let Some(node) = chosen else {
-                self.enqueue(now.at, task_id);
+                // A spot check is best effort: with no second eligible node, a verified
+                // receipt stands on its own rather than waiting for a node that may never
+                // come, whether the check or the original run is the one that finished.
+                if job.spot_check && job.votes.len() == 1 && job.outstanding.is_empty() {
+                    job.spot_check = false;
+                    job.replicas = 1;
+                    let key = job.votes[0].key;
+                    self.finish(now, task_id, Some(key), fx);
+                } else {
+                    self.enqueue(now.at, task_id);
+                }
                 return;
             };
             let attempt = job.next_attempt;
@@ -1354,12 +1347,16 @@ mod tests {
     }
 
     fn fixture(n: u8) -> Fixture {
+        fixture_with(n, config())
+    }
+
+    fn fixture_with(n: u8, config: DispatchConfig) -> Fixture {
         let now = Now {
             at: Instant::now(),
             unix_ms: 1_700_000_000_000,
         };
         let d = Dispatcher::recover(
-            config(),
+            config,
             registry(),
             coordinator(),
             Recovered::default(),
@@ -1764,6 +1761,26 @@ mod tests {
             "silent for the offline grace: the task moves"
         );
         assert_ne!(next[0].0, first.0);
+    }
+
+    #[test]
+    fn a_spot_check_whose_original_run_is_lost_completes_on_the_checks_receipt_alone() {
+        let mut f = fixture_with(
+            2,
+            DispatchConfig {
+                spot_check_permille: 1000,
+                ..config()
+            },
+        );
+        let sent = assignments(&f.submit("spot", "receipt"));
+        assert_eq!(sent.len(), 2, "the run and its spot check");
+        assert!(finals(&f.answer("spot", sent[1], b"out")).is_empty());
+        // The other node dies mid-run; nothing else could take the check.
+        f.frame(sent[0].0, NodeTopic::Status, b"offline");
+        let done = finals(&f.advance(Duration::from_secs(10)));
+        assert_eq!(done.len(), 1, "not left waiting for a node that never comes");
+        assert_eq!(done[0].status, EventStatus::Completed);
+        assert_eq!(done[0].nodes, vec![sent[1].0.to_hex().to_string()]);
     }
 
     #[test]
