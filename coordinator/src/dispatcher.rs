@@ -159,6 +159,9 @@ pub struct Dropped {
     pub bad_receipts: u64,
     /// Module uploads whose bytes did not match their topic hash.
     pub bad_modules: u64,
+    /// Telemetry and announces in a registered node's name beyond `enrollment.frames_per_s`,
+    /// dropped before their signature was checked.
+    pub rate_limited: u64,
 }
 
 impl Dropped {
@@ -172,6 +175,7 @@ impl Dropped {
             ("unauthenticated", self.unauthenticated),
             ("bad_receipts", self.bad_receipts),
             ("bad_modules", self.bad_modules),
+            ("rate_limited", self.rate_limited),
         ]
     }
 }
@@ -646,6 +650,7 @@ impl Dispatcher {
                         self.dropped.refused_joins += 1;
                         debug!(%node, error = %e, "announce refused");
                     }
+                    Err(RegistryError::TooFast) => self.dropped.rate_limited += 1,
                     Err(e) => {
                         self.dropped.unknown_node += 1;
                         debug!(%node, error = %e, "announce refused");
@@ -655,6 +660,7 @@ impl Dispatcher {
             Message::Telemetry(t) if t.telemetry.node == node && leaf == NodeTopic::Telemetry => {
                 match self.registry.on_telemetry(now.at, &t) {
                     Ok(()) => self.pump_queue(now, fx),
+                    Err(RegistryError::TooFast) => self.dropped.rate_limited += 1,
                     Err(e) => {
                         self.dropped.unknown_node += 1;
                         debug!(%node, error = %e, "telemetry refused");

@@ -44,6 +44,11 @@ pub struct RegistryConfig {
     /// New nodes admitted per second on average (bursts up to 10 s worth); the excess is
     /// refused and comes back with the node's next announce. Default 20.
     pub joins_per_s: u32,
+    /// Signed frames (telemetry, announces) one registered node may send per second on
+    /// average, bursts up to 10 s worth; the excess is dropped before its signature is checked,
+    /// so a flood in one node's name costs a map lookup per frame, not a signature check.
+    /// Default 20 (an agent sends one sample every 5 s).
+    pub frames_per_s: u32,
     /// A node with no valid traffic and no task for this long is forgotten (the ledger keeps
     /// its history; it joins again with its next announce). Default 24 h.
     pub forget_after: Duration,
@@ -59,6 +64,7 @@ impl Default for RegistryConfig {
             offline_grace: Duration::from_secs(10),
             max_nodes: 10_000,
             joins_per_s: 20,
+            frames_per_s: 20,
             forget_after: Duration::from_secs(24 * 3600),
         }
     }
@@ -109,6 +115,10 @@ pub enum RegistryError {
         "too many new nodes at once (`enrollment.joins_per_s`); the node is admitted with a later announce"
     )]
     TooManyJoins,
+    /// Frames in this node's name arrive faster than `enrollment.frames_per_s`; dropped
+    /// unverified.
+    #[error("frames in this node's name arrive faster than `enrollment.frames_per_s`")]
+    TooFast,
 }
 
 /// What became of a task on a node, as the coordinator judged it.
@@ -241,6 +251,8 @@ struct Node {
     max_concurrency: u16,
     sample: Option<TelemetrySample>,
     freshness: Freshness,
+    /// Budget of signed frames, checked before their signature.
+    frames: TokenBucket,
     last_seen: Instant,
     /// `last_seen + liveness`; `None` if that is beyond what `Instant` can hold (never expires).
     deadline: Option<Instant>,
@@ -523,15 +535,24 @@ impl Registry {
         {
             return Err(RegistryError::KeyChanged);
         }
-        let new = !self.nodes.contains_key(&id);
-        if new && self.nodes.len() >= self.config.max_nodes {
-            return Err(RegistryError::Full(self.nodes.len()));
+        // Budgets before the signature check, so a flood of announces costs no signature
+        // checks beyond them: the node's own for a known node, the joins for a new one.
+        let count = self.nodes.len();
+        match self.nodes.get_mut(&id) {
+            Some(node) => {
+                if !node.frames.take(now) {
+                    return Err(RegistryError::TooFast);
+                }
+            }
+            None if count >= self.config.max_nodes => return Err(RegistryError::Full(count)),
+            None => {
+                if !self.joins.take(now) {
+                    return Err(RegistryError::TooManyJoins);
+                }
+            }
         }
         verify_message(&a.public_key, SignedAnnounce::TAG, a, &signed.signature)
             .map_err(|_| RegistryError::BadSignature)?;
-        if new && !self.joins.take(now) {
-            return Err(RegistryError::TooManyJoins);
-        }
 
         let now_ms = self.now_ms(now);
         let arch = a.arch.as_str().to_owned();
@@ -564,6 +585,7 @@ impl Registry {
                     max_concurrency: a.max_concurrency,
                     sample: None,
                     freshness: Freshness::default(),
+                    frames: TokenBucket::new(self.config.frames_per_s),
                     last_seen: now,
                     deadline: None,
                     live: false,
@@ -602,6 +624,9 @@ impl Registry {
         let now_ms = self.now_ms(now);
         let id = t.node;
         let node = self.nodes.get_mut(&id).ok_or(RegistryError::UnknownNode)?;
+        if !node.frames.take(now) {
+            return Err(RegistryError::TooFast);
+        }
         if !node.freshness.is_fresh(t.boot_id, t.seq) {
             return Err(RegistryError::Replay);
         }
@@ -1209,6 +1234,49 @@ mod tests {
             Err(RegistryError::Full(30))
         );
         assert_eq!(registry.len(), 30);
+    }
+
+    #[test]
+    fn frames_beyond_a_nodes_budget_are_dropped_unverified_and_the_budget_refills() {
+        let config = RegistryConfig {
+            frames_per_s: 2,
+            ..RegistryConfig::default()
+        };
+        let mut registry = Registry::new(config);
+        let me = identity(1);
+        let id = me.node_id();
+        registry
+            .on_announce(t0(), &sign_announce(&me, announce(&me)))
+            .unwrap();
+        let sample = |seq| Telemetry {
+            node: id,
+            seq,
+            boot_id: 1,
+            sample: healthy(),
+        };
+        // Twenty frames: 2/s, ten seconds deep.
+        for seq in 1..=20 {
+            registry
+                .on_telemetry(t0(), &sign_telemetry(&me, sample(seq)))
+                .unwrap();
+        }
+        // A forgery in its name now costs nothing but the lookup: not even a signature check.
+        let forged = sign_telemetry(&identity(2), sample(100));
+        assert_eq!(registry.on_telemetry(t0(), &forged), Err(RegistryError::TooFast));
+        assert_eq!(
+            registry.on_telemetry(t0(), &sign_telemetry(&me, sample(21))),
+            Err(RegistryError::TooFast)
+        );
+        assert_eq!(
+            registry.on_announce(t0(), &sign_announce(&me, announce(&me))),
+            Err(RegistryError::TooFast)
+        );
+        registry
+            .on_telemetry(
+                t0() + Duration::from_millis(500),
+                &sign_telemetry(&me, sample(22)),
+            )
+            .unwrap();
     }
 
     #[test]
