@@ -267,7 +267,10 @@ impl Driver {
                     let delay = self.backoff.next_delay();
                     failures += 1;
                     if let rumqttc::ConnectionError::ConnectionRefused(code) = &e {
-                        tracing::warn!(?code, "the broker refused this node: on the coordinator's embedded broker, check that this device's clock is within 5 minutes of the gateway's (the sign-in token is timestamped)");
+                        tracing::warn!(
+                            ?code,
+                            "the broker refused this node: on the coordinator's embedded broker, check that this device's clock is within 5 minutes of the gateway's (the sign-in token is timestamped)"
+                        );
                     }
                     // Loud on the first failure and then at 10, 100, 1000...: a broker that
                     // stays away is visible without flooding the log.
@@ -281,7 +284,9 @@ impl Driver {
                         _ = tokio::time::sleep(delay) => {}
                     }
                     let (username, password) = (self.login)();
-                    self.eventloop.mqtt_options.set_credentials(username, password);
+                    self.eventloop
+                        .mqtt_options
+                        .set_credentials(username, password);
                 }
             }
         }

@@ -27,6 +27,22 @@ pub struct BrokerConfig {
     /// held to this, so an idle connection cannot hold a slot forever: silent for 1.5 times
     /// it, the client is dropped and its will published. Defaults to 300; 0 is treated as 1.
     pub max_keep_alive_s: u16,
+    /// TCP connections served at once from one IP address, so one host cannot take every slot
+    /// of `max_connections`. Defaults to 100.
+    pub max_connections_per_address: usize,
+    /// Sessions held at once, online or not; a CONNECT that would create one more gets
+    /// CONNACK 3 (server unavailable). Defaults to 20,000.
+    pub max_sessions: usize,
+    /// A persistent session (`clean_session = 0`) whose client has been away this long ends,
+    /// with its subscriptions and queued messages, in seconds (checked once a minute).
+    /// Defaults to 7 days.
+    pub session_expiry_s: u64,
+    /// Retained messages kept at once. Beyond it a retained message on a new topic is
+    /// delivered but not kept, and counted in [`BrokerStats::dropped`](crate::BrokerStats::dropped).
+    /// Defaults to 10,000.
+    pub max_retained: usize,
+    /// Payload bytes of all retained messages together, with the same rule. Defaults to 512 MiB.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -37,6 +53,11 @@ impl Default for BrokerConfig {
             max_connections: 1_000,
             connect_timeout_ms: 5_000,
             max_keep_alive_s: 300,
+            max_connections_per_address: 100,
+            max_sessions: 20_000,
+            session_expiry_s: 7 * 24 * 3600,
+            max_retained: 10_000,
+            max_retained_bytes: 512 * 1024 * 1024,
         }
     }
 }

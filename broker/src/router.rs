@@ -28,6 +28,15 @@ pub(crate) struct Limits {
     pub max_queued_per_session: usize,
     /// At most 65,534, so a free packet id always exists.
     pub inflight_window: usize,
+    /// Sessions held at once, online or not; a CONNECT that would create one more is refused.
+    pub max_sessions: usize,
+    /// A persistent session whose client stayed away for this many consecutive
+    /// [`Router::sweep`]s ends.
+    pub session_expiry_sweeps: u32,
+    /// Retained messages held at once, and their payload bytes; beyond either, a new retained
+    /// topic is routed but not stored (replacing or clearing a stored one always works).
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
 }
 
 /// What the server must do after the router handled an input.
@@ -145,6 +154,8 @@ pub(crate) struct Router {
     tree: FilterTree,
     /// Last retained message per topic, stored with `retain` set and no packet id.
     retained: HashMap<String, Publish>,
+    /// Payload bytes of `retained`.
+    retained_bytes: usize,
     /// Counter behind ids assigned to clients that connect with an empty id.
     assigned_ids: u64,
 }
@@ -161,6 +172,7 @@ impl Router {
             filters: HashMap::new(),
             tree: FilterTree::default(),
             retained: HashMap::new(),
+            retained_bytes: 0,
             assigned_ids: 0,
         }
     }
@@ -211,6 +223,12 @@ impl Router {
             return Ok(refuse(conn, ConnectReturnCode::NotAuthorized));
         }
 
+        if !self.sessions.contains_key(&client_id)
+            && self.sessions.len() >= self.limits.max_sessions
+        {
+            return Ok(refuse(conn, ConnectReturnCode::ServiceUnavailable));
+        }
+
         let mut orphaned_will = None;
         let (mut session, session_present) = match self.sessions.remove(&client_id) {
             None => (Session::new(conn, lifetime, grant.clone()), false),
@@ -234,6 +252,7 @@ impl Router {
         session.lifetime = lifetime;
         session.will = connect.last_will;
         session.grant = grant;
+        session.idle_sweeps = 0;
 
         effects.send(
             conn,
@@ -308,6 +327,29 @@ impl Router {
             Packet::PingResp => return Err(ProtocolError::ServerOnlyPacket("PINGRESP")),
         }
         Ok(effects)
+    }
+
+    /// One tick of the session clock (the server calls it once a minute): ends persistent
+    /// sessions whose client has been away for `session_expiry_sweeps` ticks in a row, with
+    /// their subscriptions and queued messages. Returns how many ended.
+    pub(crate) fn sweep(&mut self) -> usize {
+        let expiry = self.limits.session_expiry_sweeps;
+        let mut expired = Vec::new();
+        for (client_id, session) in &mut self.sessions {
+            if session.is_online() {
+                continue;
+            }
+            session.idle_sweeps = session.idle_sweeps.saturating_add(1);
+            if session.idle_sweeps >= expiry {
+                expired.push(client_id.clone());
+            }
+        }
+        for client_id in &expired {
+            if let Some(session) = self.sessions.remove(client_id) {
+                self.unindex_all(client_id, &session);
+            }
+        }
+        expired.len()
     }
 
     /// The connection ended without DISCONNECT (EOF, I/O error, keep-alive expiry, protocol
@@ -390,14 +432,24 @@ impl Router {
     /// Stores a retained message and delivers `publish` to every matching subscription.
     fn route(&mut self, publish: Publish, effects: &mut Effects) {
         if publish.retain {
+            let replaced = self.retained.get(&publish.topic).map(|p| p.payload.len());
+            let bytes = self.retained_bytes - replaced.unwrap_or(0);
             if publish.payload.is_empty() {
                 self.retained.remove(&publish.topic);
+                self.retained_bytes = bytes;
+            } else if replaced.is_none()
+                && (self.retained.len() >= self.limits.max_retained
+                    || bytes + publish.payload.len() > self.limits.max_retained_bytes)
+            {
+                // Delivered below like any message, just not kept for later subscribers.
+                effects.dropped += 1;
             } else {
                 let stored = Publish {
                     dup: false,
                     pkid: 0,
                     ..publish.clone()
                 };
+                self.retained_bytes = bytes + publish.payload.len();
                 self.retained.insert(publish.topic.clone(), stored);
             }
         }
@@ -644,7 +696,97 @@ mod tests {
         Router::new(Limits {
             max_queued_per_session: 3,
             inflight_window: 2,
+            max_sessions: 100,
+            session_expiry_sweeps: 3,
+            max_retained: 100,
+            max_retained_bytes: 1 << 20,
         })
+    }
+
+    #[test]
+    fn a_persistent_session_whose_client_stays_away_ends_after_the_expiry_sweeps() {
+        let mut router = router();
+        connect(&mut router, ALICE, "alice", Lifetime::Persistent);
+        subscribe(&mut router, ALICE, "jobs", QoS::AtLeastOnce);
+        router.connection_lost(ALICE);
+        connect(&mut router, BOB, "bob", Lifetime::Connection);
+        assert_eq!(router.sweep(), 0);
+        assert_eq!(router.sweep(), 0);
+        assert_eq!(router.sweep(), 1, "away for three sweeps");
+        assert_eq!(router.sweep(), 0, "online clients never expire");
+        let back = connect(&mut router, ALICE_AGAIN, "alice", Lifetime::Persistent);
+        assert_eq!(
+            back.sends[0],
+            (
+                ALICE_AGAIN,
+                Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+            ),
+            "the session is gone"
+        );
+        assert!(
+            publish(&mut router, BOB, "jobs", QoS::AtLeastOnce, "x")
+                .sends
+                .iter()
+                .all(|(to, _)| *to == BOB)
+        );
+    }
+
+    #[test]
+    fn a_connect_that_would_exceed_max_sessions_is_refused_but_known_clients_come_back() {
+        let mut router = Router::new(Limits {
+            max_sessions: 2,
+            ..router().limits
+        });
+        connect(&mut router, ALICE, "alice", Lifetime::Persistent);
+        connect(&mut router, BOB, "bob", Lifetime::Persistent);
+        assert_eq!(
+            connect(&mut router, CAROL, "carol", Lifetime::Persistent),
+            refuse(CAROL, ConnectReturnCode::ServiceUnavailable)
+        );
+        router.connection_lost(ALICE);
+        let back = connect(&mut router, ALICE_AGAIN, "alice", Lifetime::Persistent);
+        assert_eq!(
+            back.sends[0].1,
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, true))
+        );
+    }
+
+    #[test]
+    fn retained_messages_beyond_the_caps_are_delivered_but_not_kept() {
+        let mut router = Router::new(Limits {
+            max_retained: 2,
+            max_retained_bytes: 8,
+            ..router().limits
+        });
+        connect(&mut router, ALICE, "alice", Lifetime::Connection);
+        let retain = |router: &mut Router, topic: &str, payload: &'static str| {
+            let mut p = publish_packet(topic, QoS::AtMostOnce, payload);
+            p.retain = true;
+            router.handle(ALICE, Packet::Publish(p)).unwrap()
+        };
+        assert_eq!(retain(&mut router, "a", "1234").dropped, 0);
+        assert_eq!(
+            retain(&mut router, "b", "56789").dropped,
+            1,
+            "over the bytes"
+        );
+        assert_eq!(retain(&mut router, "b", "5678").dropped, 0);
+        assert_eq!(retain(&mut router, "c", "9").dropped, 1, "over the count");
+        // Replacing and clearing always work, and clearing frees room.
+        assert_eq!(retain(&mut router, "a", "12").dropped, 0);
+        assert_eq!(retain(&mut router, "a", "").dropped, 0);
+        assert_eq!(retain(&mut router, "c", "9").dropped, 0);
+        connect(&mut router, BOB, "bob", Lifetime::Connection);
+        let replay = subscribe(&mut router, BOB, "#", QoS::AtMostOnce);
+        let topics: Vec<&str> = replay
+            .sends
+            .iter()
+            .filter_map(|(_, p)| match p {
+                Packet::Publish(p) => Some(p.topic.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(topics.len(), 2, "{topics:?}");
     }
 
     fn connect_packet(client_id: &str, lifetime: Lifetime) -> Connect {
@@ -672,7 +814,12 @@ mod tests {
         })
     }
 
-    fn connect_as(router: &mut Router, conn: ConnId, client_id: &str, grant: Arc<Grant>) -> Effects {
+    fn connect_as(
+        router: &mut Router,
+        conn: ConnId,
+        client_id: &str,
+        grant: Arc<Grant>,
+    ) -> Effects {
         router
             .connect(conn, connect_packet(client_id, Lifetime::Persistent), grant)
             .expect("valid CONNECT")
@@ -687,7 +834,10 @@ mod tests {
         let mut router = router();
         connect_as(&mut router, ALICE, "agent-a", device("a"));
         subscribe(&mut router, ALICE, "nodes/a/tasks", QoS::AtLeastOnce);
-        assert_eq!(connect_as(&mut router, BOB, "agent-a", anyone()), refused(BOB));
+        assert_eq!(
+            connect_as(&mut router, BOB, "agent-a", anyone()),
+            refused(BOB)
+        );
         assert_eq!(
             connect_as(&mut router, BOB, "agent-a", device("b")),
             refused(BOB)
@@ -739,8 +889,16 @@ mod tests {
     fn a_will_outside_the_grant_refuses_the_connect() {
         let mut router = router();
         let mut packet = connect_packet("agent-a", Lifetime::Persistent);
-        packet.last_will = Some(LastWill::new("nodes/b/status", "offline", QoS::AtLeastOnce, true));
-        assert_eq!(router.connect(ALICE, packet, device("a")), Ok(refused(ALICE)));
+        packet.last_will = Some(LastWill::new(
+            "nodes/b/status",
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        assert_eq!(
+            router.connect(ALICE, packet, device("a")),
+            Ok(refused(ALICE))
+        );
     }
 
     fn connect_with_will(router: &mut Router, conn: ConnId, client_id: &str) -> Effects {
@@ -751,7 +909,9 @@ mod tests {
             QoS::AtMostOnce,
             false,
         ));
-        router.connect(conn, packet, anyone()).expect("valid CONNECT")
+        router
+            .connect(conn, packet, anyone())
+            .expect("valid CONNECT")
     }
 
     fn subscribe(router: &mut Router, conn: ConnId, filter: &str, qos: QoS) -> Effects {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// Keep-alive is enforced at 1.5 times the interval the client announced (MQTT-3.1.2-24),
 /// expressed in milliseconds per second of keep-alive.
 const KEEP_ALIVE_GRACE_MS_PER_S: u64 = 1_500;
+/// How often offline persistent sessions age (see `BrokerConfig::session_expiry_s`).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// An MQTT 3.1.1 broker bound to a TCP address.
 ///
@@ -123,6 +125,7 @@ impl Broker {
         let tasks = TaskTracker::new();
         let result = tokio::select! {
             error = accept_loop(&listener, local_addr, &config, &shared, &stop, &tasks) => Err(error),
+            () = sweep_sessions(&shared) => unreachable!("the sweep never ends"),
             () = shutdown => Ok(()),
         };
         // Refuse new connections at once rather than leave them waiting in the backlog.
@@ -131,6 +134,50 @@ impl Broker {
         tasks.close();
         tasks.wait().await;
         result
+    }
+}
+
+/// Ages offline sessions once a [`SWEEP_INTERVAL`], forever.
+async fn sweep_sessions(shared: &Shared) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let expired = shared.lock().router.sweep();
+        if expired > 0 {
+            debug!(expired, "persistent sessions expired");
+        }
+    }
+}
+
+/// Open connections per peer address, bounded by `max_connections_per_address`.
+#[derive(Debug)]
+struct PerAddress {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// Counts a new connection from `ip`, unless `ip` already has `max` open.
+    fn open(&self, ip: IpAddr) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn close(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&ip);
+            }
+        }
     }
 }
 
@@ -146,6 +193,10 @@ async fn accept_loop(
     let permits = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),
     ));
+    let per_address = Arc::new(PerAddress {
+        max: config.max_connections_per_address.max(1),
+        open: Mutex::new(HashMap::new()),
+    });
     let mut backoff = Duration::from_millis(10);
     let mut next_conn = 0_u64;
     loop {
@@ -173,6 +224,11 @@ async fn accept_loop(
             warn!(%peer, max_connections = config.max_connections, "refusing a connection: max_connections are open");
             continue;
         };
+        if !per_address.open(peer.ip()) {
+            debug!(%peer, max = config.max_connections_per_address, "refusing a connection: max_connections_per_address are open from this address");
+            shared.stats.connect_refused();
+            continue;
+        }
         if let Err(error) = stream.set_nodelay(true) {
             warn!(%peer, %error, "could not set TCP_NODELAY; this connection will see delayed acks");
         }
@@ -180,8 +236,10 @@ async fn accept_loop(
         let conn = ConnId(next_conn);
         let shared = Arc::clone(shared);
         let close = stop.child_token();
+        let per_address = Arc::clone(&per_address);
         tasks.spawn(async move {
             serve_connection(stream, peer, conn, shared, close).await;
+            per_address.close(peer.ip());
             drop(permit);
         });
     }
@@ -223,6 +281,14 @@ impl Shared {
                 router: Router::new(Limits {
                     max_queued_per_session: max_queued,
                     inflight_window: INFLIGHT_WINDOW,
+                    max_sessions: config.max_sessions.max(1),
+                    session_expiry_sweeps: u32::try_from(
+                        config.session_expiry_s.div_ceil(SWEEP_INTERVAL.as_secs()),
+                    )
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                    max_retained: config.max_retained,
+                    max_retained_bytes: config.max_retained_bytes,
                 }),
                 outboxes: HashMap::new(),
             }),
@@ -454,9 +520,7 @@ impl Connection {
         let credentials = Credentials {
             client_id: &connect.client_id,
             username: login.map(|l| l.username.as_str()),
-            password: login
-                .map(|l| l.password.as_str())
-                .filter(|p| !p.is_empty()),
+            password: login.map(|l| l.password.as_str()).filter(|p| !p.is_empty()),
             peer: self.peer,
             now_ms: unix_ms(),
         };

@@ -65,6 +65,8 @@ pub(crate) struct Session {
     pub awaiting_pubrel: HashSet<u16>,
     /// What the connection that last bound the session may do, and who it is.
     pub grant: Arc<Grant>,
+    /// Consecutive [`Router::sweep`](crate::router::Router::sweep)s that found it offline.
+    pub idle_sweeps: u32,
 }
 
 impl Session {
@@ -77,6 +79,7 @@ impl Session {
             outbound: Outbound::default(),
             awaiting_pubrel: HashSet::new(),
             grant,
+            idle_sweeps: 0,
         }
     }
 

@@ -49,8 +49,9 @@ impl BrokerStats {
         self.counters.denied.load(Ordering::Relaxed)
     }
 
-    /// CONNECTs refused: by the gatekeeper, or for a client id that belongs to another
-    /// principal. Protocol-level refusals (wrong protocol level) are not counted.
+    /// Connections refused: beyond `max_connections_per_address`, by the gatekeeper, or by
+    /// the session rules (a client id that belongs to another principal, `max_sessions`).
+    /// Protocol-level refusals (wrong protocol level) are not counted.
     pub fn refused(&self) -> u64 {
         self.counters.refused.load(Ordering::Relaxed)
     }

@@ -161,6 +161,43 @@ async fn connections_beyond_max_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_per_address_cap_are_closed_and_the_slot_frees_on_close() {
+    let broker = RunningBroker::start_with(BrokerConfig {
+        max_connections_per_address: 2,
+        ..BrokerConfig::default()
+    })
+    .await;
+    let _first = broker.client("first").await;
+    let second = TcpStream::connect(broker.addr).await.unwrap();
+    let mut third = TcpStream::connect(broker.addr).await.unwrap();
+    third
+        .write_all(&raw_connect(b"MQTT", 4, 30, b"third"))
+        .await
+        .unwrap();
+    assert_eq!(read_until_closed(&mut third).await, b"");
+    assert_eq!(broker.stats.refused(), 1);
+    drop(second);
+    // The slot comes back once the broker has seen the close.
+    let mut fourth = loop {
+        let mut attempt = TcpStream::connect(broker.addr).await.unwrap();
+        attempt
+            .write_all(&raw_connect(b"MQTT", 4, 30, b"fourth"))
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        if attempt.read_exact(&mut connack).await.is_ok() {
+            assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+            break attempt;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    fourth.write_all(&[0xC0, 0x00]).await.unwrap();
+    let mut pingresp = [0u8; 2];
+    fourth.read_exact(&mut pingresp).await.unwrap();
+    assert_eq!(pingresp, [0xD0, 0x00]);
+}
+
+#[tokio::test]
 async fn binding_a_port_in_use_explains_what_to_do() {
     let first = Broker::bind("127.0.0.1:0".parse().unwrap(), BrokerConfig::default())
         .await

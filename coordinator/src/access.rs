@@ -51,8 +51,12 @@ impl Access {
     fn device(&self, node: NodeId, c: &Credentials<'_>) -> Result<Grant, Refusal> {
         let token = c
             .password
-            .ok_or_else(|| Refusal::BadCredentials("a device needs a connect token as password".into()))
-            .and_then(|p| ConnectToken::from_hex(p).map_err(|e| Refusal::BadCredentials(e.to_string())))?;
+            .ok_or_else(|| {
+                Refusal::BadCredentials("a device needs a connect token as password".into())
+            })
+            .and_then(|p| {
+                ConnectToken::from_hex(p).map_err(|e| Refusal::BadCredentials(e.to_string()))
+            })?;
         token
             .verify_node(&node, c.now_ms, TOKEN_WINDOW_MS)
             .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
@@ -81,9 +85,7 @@ impl Access {
         let token = ConnectToken::from_hex(c.password.unwrap_or_default())
             .map_err(|e| Refusal::BadCredentials(e.to_string()))?;
         if token.public_key != self.coordinator {
-            return Err(Refusal::BadCredentials(
-                "not the coordinator's key".into(),
-            ));
+            return Err(Refusal::BadCredentials("not the coordinator's key".into()));
         }
         token
             .verify(COORDINATOR_USER, c.now_ms, TOKEN_WINDOW_MS)
@@ -157,11 +159,7 @@ mod tests {
         (id.to_string(), token.to_string())
     }
 
-    fn admit(
-        client_id: &str,
-        login: Option<(&str, &str)>,
-        peer: &str,
-    ) -> Result<Grant, Refusal> {
+    fn admit(client_id: &str, login: Option<(&str, &str)>, peer: &str) -> Result<Grant, Refusal> {
         access().admit(&Credentials {
             client_id,
             username: login.map(|l| l.0),
@@ -252,11 +250,23 @@ mod tests {
     fn only_the_coordinators_key_signs_in_as_coordinator() {
         let me = Identity::from_secret(&[9; 32]);
         let token = ConnectToken::sign(&me, COORDINATOR_USER, NOW).to_hex();
-        let grant = admit("ambient-coordinator", Some((COORDINATOR_USER, &token)), "127.0.0.1:1").unwrap();
+        let grant = admit(
+            "ambient-coordinator",
+            Some((COORDINATOR_USER, &token)),
+            "127.0.0.1:1",
+        )
+        .unwrap();
         assert!(grant.may_subscribe("#"));
         let impostor = Identity::from_secret(&[8; 32]);
         let token = ConnectToken::sign(&impostor, COORDINATOR_USER, NOW).to_hex();
-        assert!(admit("ambient-coordinator", Some((COORDINATOR_USER, &token)), "127.0.0.1:1").is_err());
+        assert!(
+            admit(
+                "ambient-coordinator",
+                Some((COORDINATOR_USER, &token)),
+                "127.0.0.1:1"
+            )
+            .is_err()
+        );
         assert!(admit("x", Some(("root", "toor")), "127.0.0.1:1").is_err());
     }
 }

@@ -439,4 +439,12 @@ mod tests {
         let back: RawConfig = toml::from_str(&text).unwrap();
         assert_eq!(back.scheduling.strategy, "weighted");
     }
+
+    #[test]
+    fn the_example_config_in_targets_is_valid() {
+        let text = include_str!("../../targets/config/coordinator.toml");
+        let raw: RawConfig = toml::from_str(text).unwrap();
+        let config = raw.validate().unwrap();
+        assert_eq!(config.anonymous, Anonymous::Loopback);
+    }
 }

@@ -1784,7 +1784,11 @@ mod tests {
         // The other node dies mid-run; nothing else could take the check.
         f.frame(sent[0].0, NodeTopic::Status, b"offline");
         let done = finals(&f.advance(Duration::from_secs(10)));
-        assert_eq!(done.len(), 1, "not left waiting for a node that never comes");
+        assert_eq!(
+            done.len(),
+            1,
+            "not left waiting for a node that never comes"
+        );
         assert_eq!(done[0].status, EventStatus::Completed);
         assert_eq!(done[0].nodes, vec![sent[1].0.to_hex().to_string()]);
     }

@@ -1262,7 +1262,10 @@ mod tests {
         }
         // A forgery in its name now costs nothing but the lookup: not even a signature check.
         let forged = sign_telemetry(&identity(2), sample(100));
-        assert_eq!(registry.on_telemetry(t0(), &forged), Err(RegistryError::TooFast));
+        assert_eq!(
+            registry.on_telemetry(t0(), &forged),
+            Err(RegistryError::TooFast)
+        );
         assert_eq!(
             registry.on_telemetry(t0(), &sign_telemetry(&me, sample(21))),
             Err(RegistryError::TooFast)

@@ -38,8 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_broker::{Broker, BrokerConfig, BrokerError};
-use ambient_core::{ConnectToken, Identity};
 use ambient_core::topics::{self, NodeTopic};
+use ambient_core::{ConnectToken, Identity};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -221,7 +221,7 @@ impl Coordinator {
 
         // On the embedded broker the coordinator signs in with its key; an external broker
         // has its own accounts.
-        let login = embedded.then(|| move || coordinator_login(&identity_login));
+        let login = embedded.then_some(move || coordinator_login(&identity_login));
         let (client, eventloop) = mqtt::connect(
             &host,
             port,

@@ -134,7 +134,12 @@ impl ConnectToken {
     ///
     /// # Errors
     /// [`TokenError::WrongKey`], or those of [`ConnectToken::verify`].
-    pub fn verify_node(&self, node: &NodeId, now_ms: u64, window_ms: u64) -> Result<(), TokenError> {
+    pub fn verify_node(
+        &self,
+        node: &NodeId,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<(), TokenError> {
         if NodeId::from_public_key(&self.public_key) != *node {
             return Err(TokenError::WrongKey);
         }

@@ -535,7 +535,10 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
     let other = Identity::from_secret(&[0x0B; 32]);
     let mut borrowed = device_options(&c.url, &other);
     borrowed.set_client_id(client_id.clone());
-    assert_eq!(connack(borrowed).await, Err(ConnectReturnCode::NotAuthorized));
+    assert_eq!(
+        connack(borrowed).await,
+        Err(ConnectReturnCode::NotAuthorized)
+    );
     // Its node id as username with a password that is not its token.
     let mut guessed = MqttOptions::new(&client_id, &host, port);
     guessed.set_credentials(victim.to_hex().as_str(), "password");
@@ -549,7 +552,11 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
     let tasks = topics::node(&victim, NodeTopic::Tasks);
     let (anonymous, mut anonymous_rx, granted) = raw_client(
         MqttOptions::new("stranger", &host, port),
-        &[tasks.as_str(), &topics::all_nodes(NodeTopic::Tasks), topics::REJECTED],
+        &[
+            tasks.as_str(),
+            &topics::all_nodes(NodeTopic::Tasks),
+            topics::REJECTED,
+        ],
     )
     .await;
     assert_eq!(
