@@ -749,6 +749,13 @@ fn declared_protocol(frame: &[u8]) -> Option<(&[u8], u8)> {
     Some((name, level))
 }
 
+/// Wall-clock time in milliseconds since the Unix epoch, for gatekeepers.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -774,11 +781,4 @@ mod tests {
             None
         );
     }
-}
-
-/// Wall-clock time in milliseconds since the Unix epoch, for gatekeepers.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
