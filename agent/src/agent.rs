@@ -119,11 +119,12 @@ pub async fn run(
             source,
         })?;
         let identity = Arc::new(identity);
-        let login = {
+        // An account in the broker URL (an external broker) or else the node's own key.
+        let login = config.broker().username().is_none().then(|| {
             let identity = identity.clone();
-            Box::new(move || connection::login(&identity))
-        };
-        let opts = connection::options(&config, &node, login())?;
+            Box::new(move || connection::login(&identity)) as Box<dyn Fn() -> _ + Send>
+        });
+        let opts = connection::options(&config, &node, login.as_ref().map(|l| l()))?;
         let (publisher, eventloop, delivery) = connection::client(opts);
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);

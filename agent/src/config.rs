@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambient_core::{MAX_LABEL_LEN, MAX_LABELS, MAX_MODULE_BYTES, SafetyPolicy};
+pub use ambient_mqtt::BrokerUrl;
+use ambient_mqtt::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::SandboxConfig;
@@ -67,7 +69,9 @@ fn invalid(key: &str, value: impl fmt::Display, expected: impl Into<String>) -> 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
-    /// Broker URL, `mqtt://host:port` or `mqtts://host:port`. Default `mqtt://127.0.0.1:1883`.
+    /// Broker URL, `mqtt://[user[:password]@]host[:port]` or `mqtts://…`. Default
+    /// `mqtt://127.0.0.1:1883`. Without a user, the agent signs in with its key (the
+    /// coordinator's embedded broker); with one, it uses that account (an external broker).
     pub broker: String,
     /// Directory for the identity key, the outbox and the module cache. Default `/var/lib/ambient-agent`.
     pub state_dir: PathBuf,
@@ -97,10 +101,24 @@ pub struct RawConfig {
     pub shutdown_grace_ms: u64,
     /// How many (task, attempt) pairs are remembered to drop duplicates. Default 4,096.
     pub dedup_capacity: u32,
+    /// Certificates for `mqtts://`.
+    pub tls: RawTls,
     /// The sandbox.
     pub sandbox: RawSandbox,
     /// Overrides of the safety policy (the profile's, or the board's).
     pub safety: RawSafety,
+}
+
+/// `[tls]` keys, for `mqtts://` brokers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM file of the CA certificates to trust. Default: the system's root certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate, for brokers that require one. Default none.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of that certificate's private key. Default none.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[sandbox]` keys.
@@ -157,6 +175,7 @@ impl Default for RawConfig {
             module_fetch_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             dedup_capacity: 4_096,
+            tls: RawTls::default(),
             sandbox: RawSandbox::default(),
             safety: RawSafety::default(),
         }
@@ -236,7 +255,20 @@ impl RawConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key, its value and what it accepts.
     pub fn validate(&self) -> Result<AgentConfig, ConfigError> {
-        let broker: BrokerUrl = self.broker.parse()?;
+        let broker: BrokerUrl = self.broker.parse().map_err(|_| {
+            invalid(
+                "broker",
+                quoted(&ambient_mqtt::redact(&self.broker)),
+                ambient_mqtt::EXPECTED,
+            )
+        })?;
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "tls.cert_file",
+                quoted(&format!("{:?}", self.tls.cert_file)),
+                "cert_file and key_file together, or neither",
+            ));
+        }
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "\"\"", "a directory path"));
         }
@@ -332,6 +364,11 @@ impl RawConfig {
             module_fetch_timeout,
             shutdown_grace,
             dedup_capacity: self.dedup_capacity as usize,
+            tls: TlsFiles {
+                ca_file: self.tls.ca_file.clone(),
+                cert_file: self.tls.cert_file.clone(),
+                key_file: self.tls.key_file.clone(),
+            },
             sandbox: self.sandbox.validate()?,
             safety: self.safety.clone(),
         };
@@ -437,84 +474,6 @@ fn quoted(s: &str) -> String {
     format!("{s:?}")
 }
 
-/// How the agent reaches its broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    tls: bool,
-    host: String,
-    port: u16,
-}
-
-impl BrokerUrl {
-    /// Whether the connection uses TLS (`mqtts://`).
-    pub fn is_tls(&self) -> bool {
-        self.tls
-    }
-
-    /// Host name or address (without brackets for IPv6).
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// TCP port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-}
-
-impl std::str::FromStr for BrokerUrl {
-    type Err = ConfigError;
-
-    /// Accepts `mqtt://host[:port]` (also `tcp://`) and `mqtts://host[:port]` (also `ssl://`);
-    /// ports default to 1883 and 8883.
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let bad = || invalid("broker", quoted(s), "mqtt://host:port or mqtts://host:port");
-        let (scheme, rest) = s.split_once("://").ok_or_else(bad)?;
-        let tls = match scheme.to_ascii_lowercase().as_str() {
-            "mqtt" | "tcp" => false,
-            "mqtts" | "ssl" => true,
-            _ => return Err(bad()),
-        };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
-            return Err(bad());
-        }
-        let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
-            match after.strip_prefix(':') {
-                Some(p) => (host, p.parse().map_err(|_| bad())?),
-                None if after.is_empty() => (host, default_port),
-                None => return Err(bad()),
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, p.parse().map_err(|_| bad())?),
-                None => (authority, default_port),
-            }
-        };
-        if host.is_empty() || port == 0 {
-            return Err(bad());
-        }
-        Ok(Self {
-            tls,
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for BrokerUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-}
-
 /// Which sandbox runs tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -563,6 +522,7 @@ pub struct AgentConfig {
     module_fetch_timeout: Duration,
     shutdown_grace: Duration,
     dedup_capacity: usize,
+    tls: TlsFiles,
     sandbox: SandboxConfig,
     safety: RawSafety,
 }
@@ -585,6 +545,11 @@ impl AgentConfig {
     /// The broker.
     pub fn broker(&self) -> &BrokerUrl {
         &self.broker
+    }
+
+    /// Certificates for `mqtts://`.
+    pub fn tls(&self) -> &TlsFiles {
+        &self.tls
     }
 
     /// The state directory (identity key, outbox, module cache).
@@ -807,7 +772,7 @@ impl AgentConfig {
         let o = &mut out;
         entry(
             o,
-            "Broker URL: mqtt://host:port, or mqtts://host:port for TLS.",
+            "Broker URL: mqtt://[user[:password]@]host[:port], or mqtts://… for TLS (a password shows as ****).",
             "broker",
             s(&self.broker.to_string()),
         );
@@ -898,6 +863,28 @@ impl AgentConfig {
             "dedup_capacity",
             self.dedup_capacity,
         );
+        o.push_str("\n[tls]\n");
+        let files = [
+            (
+                "CA certificates to trust (PEM; default: the system's).",
+                "ca_file",
+                &self.tls.ca_file,
+            ),
+            (
+                "Client certificate (PEM), for brokers that require one.",
+                "cert_file",
+                &self.tls.cert_file,
+            ),
+            ("Its private key (PEM).", "key_file", &self.tls.key_file),
+        ];
+        for (comment, key, path) in files {
+            match path {
+                Some(path) => entry(o, comment, key, s(&path.display().to_string())),
+                None => o.push_str(&format!(
+                    "# {comment}\n# {key} = \"/etc/ambient/{key}.pem\"\n"
+                )),
+            }
+        }
         let sb = &self.sandbox;
         o.push_str("\n[sandbox]\n");
         entry(
@@ -1020,7 +1007,7 @@ mod tests {
         };
         assert_eq!(
             raw.validate().unwrap_err().to_string(),
-            "invalid value \"http://x\" for `broker`: expected mqtt://host:port or mqtts://host:port"
+            "invalid value \"http://x\" for `broker`: expected mqtt://[user[:password]@]host[:port] or mqtts://… for TLS"
         );
     }
 
@@ -1062,28 +1049,6 @@ mod tests {
         let err = RawConfig::load(None, env).unwrap_err().to_string();
         assert!(err.contains("telemtry_interval_ms"), "{err}");
         assert!(err.contains("AMBIENT_AGENT_TELEMTRY_INTERVAL_MS"), "{err}");
-    }
-
-    #[test]
-    fn broker_urls_parse_with_default_ports_and_ipv6() {
-        let u: BrokerUrl = "mqtt://gateway.local".parse().unwrap();
-        assert_eq!(
-            (u.host(), u.port(), u.is_tls()),
-            ("gateway.local", 1883, false)
-        );
-        let u: BrokerUrl = "mqtts://[::1]:9000".parse().unwrap();
-        assert_eq!((u.host(), u.port(), u.is_tls()), ("::1", 9000, true));
-        assert_eq!(u.to_string(), "mqtts://[::1]:9000");
-        for bad in [
-            "127.0.0.1:1883",
-            "mqtt://",
-            "mqtt://h:0",
-            "mqtt://h:x",
-            "mqtt://u@h",
-            "ws://h",
-        ] {
-            assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -141,19 +141,21 @@ pub(crate) fn login(identity: &Identity) -> (String, String) {
 }
 
 /// Client options: persistent session, last will, packet sizes for 16 MiB modules, TLS, and
-/// the node's `login`.
+/// the broker URL's account or else the node's `login`.
 pub(crate) fn options(
     config: &AgentConfig,
     node: &NodeId,
-    (username, password): (String, String),
+    login: Option<(String, String)>,
 ) -> Result<MqttOptions, AgentError> {
-    let broker = config.broker();
-    let mut opts = MqttOptions::new(
+    let mut opts = ambient_mqtt::client_options(
+        config.broker(),
         format!("ambient-agent-{node}"),
-        broker.host(),
-        broker.port(),
-    );
-    opts.set_credentials(username, password);
+        config.tls(),
+    )
+    .map_err(|e| AgentError::Tls(e.to_string()))?;
+    if let Some((username, password)) = login {
+        opts.set_credentials(username, password);
+    }
     opts.set_keep_alive(config.keep_alive())
         // Assignments queued while we were away arrive when we come back.
         .set_clean_session(false)
@@ -168,39 +170,7 @@ pub(crate) fn options(
         .set_max_packet_size(MAX_MODULE_BYTES + (1 << 20), MAX_FRAME_BYTES + (4 << 10))
         .set_inflight(MAX_INFLIGHT)
         .set_request_channel_capacity(REQUEST_CAPACITY);
-    if broker.is_tls() {
-        tls(&mut opts)?;
-    }
     Ok(opts)
-}
-
-#[cfg(feature = "tls")]
-fn tls(opts: &mut MqttOptions) -> Result<(), AgentError> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        return Err(AgentError::Tls(
-            "no usable system root certificates were found".into(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AgentError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    opts.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
-    ));
-    Ok(())
-}
-
-#[cfg(not(feature = "tls"))]
-fn tls(_: &mut MqttOptions) -> Result<(), AgentError> {
-    Err(AgentError::Tls(
-        "mqtts:// is not supported in this build (built without the `tls` feature)".into(),
-    ))
 }
 
 /// Creates the client and its event loop with TCP_NODELAY on.
@@ -230,8 +200,9 @@ pub(crate) struct Driver {
     pub inbound: mpsc::Sender<Inbound>,
     pub tasks_topic: String,
     pub backoff: Backoff,
-    /// A fresh username and password for each connection attempt.
-    pub login: Box<dyn Fn() -> (String, String) + Send>,
+    /// A fresh username and password for each connection attempt; `None` when the broker URL
+    /// names an account.
+    pub login: Option<Box<dyn Fn() -> (String, String) + Send>>,
     pub dropped: Arc<AtomicU64>,
     pub stop: CancellationToken,
 }
@@ -283,10 +254,12 @@ impl Driver {
                         _ = self.stop.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    let (username, password) = (self.login)();
-                    self.eventloop
-                        .mqtt_options
-                        .set_credentials(username, password);
+                    if let Some(login) = &self.login {
+                        let (username, password) = login();
+                        self.eventloop
+                            .mqtt_options
+                            .set_credentials(username, password);
+                    }
                 }
             }
         }

@@ -17,7 +17,7 @@ mod telemetry;
 pub use agent::{COORDINATOR_KEY_FILE, run};
 pub use config::{
     AgentConfig, BrokerUrl, ConfigError, DEFAULT_BROKER, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR,
-    ENV_PREFIX, EngineChoice, RawConfig, RawSafety, RawSandbox, env_vars,
+    ENV_PREFIX, EngineChoice, RawConfig, RawSafety, RawSandbox, RawTls, env_vars,
 };
 pub use error::AgentError;
 pub use identity::{IDENTITY_FILE, IdentityError, load_or_create as load_identity};

@@ -21,15 +21,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{Submission, TaskEvent, mqtt, parse_broker_url};
+use ambient_mqtt::{BrokerUrl, TlsFiles};
+
+use crate::{Submission, TaskEvent, mqtt};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The broker URL is malformed.
-    #[error("{0}")]
-    BadUrl(String),
+    /// The broker URL is malformed, or a TLS file is unusable.
+    #[error(transparent)]
+    BadUrl(#[from] ambient_mqtt::Error),
     /// The broker could not be reached.
     #[error(
         "cannot reach the MQTT broker at {url}: {reason} (is `ambient coordinator` or mosquitto running there?)"
@@ -70,9 +72,18 @@ impl Client {
     /// # Errors
     /// When the URL is malformed or the broker cannot be reached within 10 s.
     pub async fn connect(broker_url: &str) -> Result<Self, ClientError> {
-        let (host, port) = parse_broker_url(broker_url).map_err(ClientError::BadUrl)?;
+        Self::connect_with(broker_url, &TlsFiles::default()).await
+    }
+
+    /// As [`Client::connect`], with `tls` for an `mqtts://` broker.
+    ///
+    /// # Errors
+    /// When the URL is malformed, a TLS file is unusable, or the broker cannot be reached
+    /// within 10 s.
+    pub async fn connect_with(broker_url: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
+        let url: BrokerUrl = broker_url.parse()?;
         let id = format!("ambient-client-{:016x}", rand::random::<u64>());
-        let (client, mut eventloop) = mqtt::connect(&host, port, &id, mqtt::Session::Clean, None);
+        let (client, mut eventloop) = mqtt::connect(&url, tls, &id, mqtt::Session::Clean, None)?;
         let (tx, events) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
         let (resub_tx, resubscribed) = watch::channel(0u64);

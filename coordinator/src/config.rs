@@ -9,6 +9,8 @@ use std::time::Duration;
 use ambient_core::{SafetyPolicy, ScoreConfig, Tariff};
 use serde::{Deserialize, Serialize};
 
+use ambient_mqtt::{BrokerUrl, TlsFiles};
+
 use crate::access::Anonymous;
 use crate::dispatcher::DispatchConfig;
 use crate::{Enrollment, RegistryConfig, Strategy};
@@ -18,13 +20,9 @@ use crate::{Enrollment, RegistryConfig, Strategy};
 pub enum BrokerMode {
     /// A broker inside the coordinator process, listening here.
     Embedded(SocketAddr),
-    /// An external broker (mosquitto, EMQX, ...).
-    External {
-        /// Host name or address.
-        host: String,
-        /// TCP port.
-        port: u16,
-    },
+    /// An external broker (mosquitto, EMQX, ...), with the coordinator's account on it if it
+    /// needs one.
+    External(BrokerUrl),
 }
 
 /// The validated configuration.
@@ -42,6 +40,8 @@ pub struct CoordinatorConfig {
     pub snapshot_interval: Duration,
     /// Where the embedded broker admits clients without credentials from.
     pub anonymous: Anonymous,
+    /// Certificates for an `mqtts://` external broker.
+    pub tls: TlsFiles,
 }
 
 impl CoordinatorConfig {
@@ -75,8 +75,15 @@ pub struct RawConfig {
 pub struct RawBroker {
     /// Address of the embedded broker. Default `127.0.0.1:1883` (loopback only).
     pub listen: String,
-    /// An external broker as `mqtt://host:port`; when set, no broker is embedded.
+    /// An external broker as `mqtt://[user[:password]@]host[:port]` or `mqtts://…`; when set,
+    /// no broker is embedded.
     pub url: Option<String>,
+    /// For `mqtts://`: PEM file of the CA certificates to trust. Default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// For `mqtts://`: PEM file of a client certificate, for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    /// For `mqtts://`: PEM file of that certificate's private key.
+    pub key_file: Option<PathBuf>,
     /// Where the embedded broker accepts clients without credentials (submitters, the CLI)
     /// from: `loopback` (default) or `anywhere`. Devices always sign in with their key.
     pub anonymous: String,
@@ -167,6 +174,9 @@ impl Default for RawBroker {
             listen: "127.0.0.1:1883".into(),
             url: None,
             anonymous: "loopback".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -258,28 +268,6 @@ fn bad(
     }
 }
 
-/// Parses `mqtt://host:port` (port defaults to 1883).
-///
-/// # Errors
-/// When the scheme is not `mqtt` or the port is not a number.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| format!("broker URL {url:?} must look like mqtt://host:port"))?;
-    let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() => {
-            let port = port
-                .parse()
-                .map_err(|_| format!("broker URL {url:?} has an invalid port {port:?}"))?;
-            Ok((host.trim_matches(['[', ']']).to_string(), port))
-        }
-        _ if !rest.is_empty() => Ok((rest.to_string(), 1883)),
-        _ => Err(format!("broker URL {url:?} has no host")),
-    }
-}
-
 impl RawConfig {
     /// Validates every key once.
     ///
@@ -287,10 +275,13 @@ impl RawConfig {
     /// The first key whose value cannot be used.
     pub fn validate(&self) -> Result<CoordinatorConfig, ConfigError> {
         let broker = match &self.broker.url {
-            Some(url) => {
-                let (host, port) = parse_broker_url(url).map_err(|e| bad("broker.url", url, e))?;
-                BrokerMode::External { host, port }
-            }
+            Some(url) => BrokerMode::External(url.parse().map_err(|_| {
+                bad(
+                    "broker.url",
+                    ambient_mqtt::redact(url),
+                    ambient_mqtt::EXPECTED,
+                )
+            })?),
             None => BrokerMode::Embedded(self.broker.listen.parse().map_err(|_| {
                 bad(
                     "broker.listen",
@@ -394,6 +385,11 @@ impl RawConfig {
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
             anonymous,
+            tls: TlsFiles {
+                ca_file: self.broker.ca_file.clone(),
+                cert_file: self.broker.cert_file.clone(),
+                key_file: self.broker.key_file.clone(),
+            },
         })
     }
 }
@@ -421,16 +417,29 @@ mod tests {
     }
 
     #[test]
-    fn broker_urls_parse_with_a_default_port() {
+    fn an_external_broker_takes_an_account_and_tls_files() {
+        let mut raw = RawConfig::default();
+        raw.broker.url = Some("mqtts://coordinator:s3cret@gw.local".into());
+        raw.broker.ca_file = Some("/etc/ambient/ca.pem".into());
+        let c = raw.validate().unwrap();
+        let BrokerMode::External(url) = &c.broker else {
+            panic!("external")
+        };
         assert_eq!(
-            parse_broker_url("mqtt://gw.local").unwrap(),
-            ("gw.local".into(), 1883)
+            (url.host(), url.port(), url.is_tls()),
+            ("gw.local", 8883, true)
         );
+        assert_eq!(url.password(), Some("s3cret"));
         assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:2000").unwrap(),
-            ("127.0.0.1".into(), 2000)
+            c.tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ambient/ca.pem"))
         );
-        assert!(parse_broker_url("http://x").is_err());
+        raw.broker.url = Some("http://u:s3cret@x".into());
+        let err = raw.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("broker.url") && !err.contains("s3cret"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,7 +21,8 @@ mod scheduler;
 mod service;
 pub mod store;
 
-pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, parse_broker_url};
+pub use ambient_mqtt::{BrokerUrl, TlsFiles};
+pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig};
 pub use dispatcher::{
     DispatchConfig, Dispatcher, Dropped, Effects, Input, Journal, Now, Publish, Recovered, pong,
 };

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions};
+use ambient_mqtt::{BrokerUrl, TlsFiles};
+use rumqttc::{AsyncClient, EventLoop, NetworkOptions};
 
 /// Largest MQTT packet accepted or sent, in bytes: a submission with a module and an input at
 /// their limits (see [`ambient_core::MAX_PACKET_BYTES`]).
@@ -19,16 +20,20 @@ pub enum Session {
     Durable,
 }
 
-/// Options for a client: keep-alive 10 s, large packets, TCP_NODELAY (Nagle's algorithm
-/// costs 40+ ms per round trip on small request/response packets).
+/// A client for `url` (TLS with `tls` for `mqtts://`): keep-alive 10 s, large packets,
+/// TCP_NODELAY (Nagle's algorithm costs 40+ ms per round trip on small request/response
+/// packets). `login` replaces any account in the URL.
+///
+/// # Errors
+/// When a TLS file cannot be used.
 pub fn connect(
-    host: &str,
-    port: u16,
+    url: &BrokerUrl,
+    tls: &TlsFiles,
     client_id: &str,
     session: Session,
     login: Option<(String, String)>,
-) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(client_id, host, port);
+) -> Result<(AsyncClient, EventLoop), ambient_mqtt::Error> {
+    let mut opts = ambient_mqtt::client_options(url, client_id, tls)?;
     if let Some((username, password)) = login {
         opts.set_credentials(username, password);
     }
@@ -41,5 +46,5 @@ pub fn connect(
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    (client, eventloop)
+    Ok((client, eventloop))
 }

@@ -45,6 +45,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use ambient_mqtt::BrokerUrl;
+
 use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, COORDINATOR_USER};
 use crate::config::{BrokerMode, CoordinatorConfig};
 use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
@@ -76,6 +78,9 @@ pub enum CoordinatorError {
     /// The coordinator's signing key could not be loaded or created.
     #[error(transparent)]
     Identity(#[from] ambient_agent::IdentityError),
+    /// The broker connection could not be set up (a TLS file).
+    #[error(transparent)]
+    Connect(#[from] ambient_mqtt::Error),
 }
 
 /// Inputs waiting for the dispatcher thread, at most. Each is one MQTT publish.
@@ -113,8 +118,7 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     identity: Identity,
     broker: Option<Broker>,
-    host: String,
-    port: u16,
+    url: BrokerUrl,
 }
 
 impl Coordinator {
@@ -126,7 +130,7 @@ impl Coordinator {
         // The key that signs assignments: `identity.key` in the data directory, created on
         // first start. Agents pin its public half (see the README's Security section).
         let identity = ambient_agent::load_identity(&config.data_dir)?;
-        let (broker, host, port) = match &config.broker {
+        let (broker, url) = match &config.broker {
             BrokerMode::Embedded(addr) => {
                 let broker = Broker::bind(
                     *addr,
@@ -146,16 +150,18 @@ impl Coordinator {
                     warn!(listen = %addr, "[broker] anonymous = \"anywhere\": anyone who reaches this address may submit tasks");
                 }
                 let local = broker.local_addr();
-                (Some(broker), local.ip().to_string(), local.port())
+                let url = format!("mqtt://{local}")
+                    .parse()
+                    .expect("a socket address makes a broker URL");
+                (Some(broker), url)
             }
-            BrokerMode::External { host, port } => (None, host.clone(), *port),
+            BrokerMode::External(url) => (None, url.clone()),
         };
         Ok(Self {
             config,
             identity,
             broker,
-            host,
-            port,
+            url,
         })
     }
 
@@ -164,9 +170,10 @@ impl Coordinator {
         hex::encode(self.identity.public_key())
     }
 
-    /// The broker agents and clients connect to, as `mqtt://host:port`.
+    /// The broker agents and clients connect to, as `mqtt://host:port` (a password shows as
+    /// `****`).
     pub fn broker_url(&self) -> String {
-        format!("mqtt://{}:{}", self.host, self.port)
+        self.url.to_string()
     }
 
     /// The embedded broker's address, if there is one.
@@ -186,8 +193,7 @@ impl Coordinator {
             config,
             identity,
             broker,
-            host,
-            port,
+            url,
         } = self;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| CoordinatorError::DataDir {
             path: config.data_dir.display().to_string(),
@@ -211,7 +217,7 @@ impl Coordinator {
             now,
             rand::random(),
         );
-        info!(db = %db.display(), broker = %format!("mqtt://{host}:{port}"), "coordinator starting");
+        info!(db = %db.display(), broker = %url, "coordinator starting");
 
         let cancel = CancellationToken::new();
         let broker_task = broker.map(|b| {
@@ -223,12 +229,12 @@ impl Coordinator {
         // has its own accounts.
         let login = embedded.then_some(move || coordinator_login(&identity_login));
         let (client, eventloop) = mqtt::connect(
-            &host,
-            port,
+            &url,
+            &config.tls,
             COORDINATOR_CLIENT_ID,
             mqtt::Session::Durable,
             login.as_ref().map(|l| l()),
-        );
+        )?;
         let (in_tx, in_rx) = flume::bounded::<Inbound>(INBOUND);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
         let generation = Arc::new(AtomicU64::new(0));

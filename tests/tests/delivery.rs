@@ -281,7 +281,7 @@ async fn malformed_json_is_answered_on_the_rejected_topic() {
     // A node registered means the coordinator is subscribed.
     let _a = agent(&c.url, &dir.path().join("a0"), "pi4");
     c.wait_for_nodes(1);
-    let (host, port) = ambient_coordinator::parse_broker_url(&c.url).unwrap();
+    let (host, port) = host_port(&c.url);
     let (raw, mut el) = AsyncClient::new(MqttOptions::new("raw-rejected", host, port), 10);
     raw.subscribe(topics::REJECTED, QoS::AtLeastOnce)
         .await

@@ -99,7 +99,7 @@ async fn bad_submissions_get_clear_rejections_and_the_coordinator_keeps_working(
     let _a = agent(&c.url, &dir.path().join("a0"), "pi4");
     c.wait_for_nodes(1);
     let mut client = Client::connect(&c.url).await.unwrap();
-    let (host, port) = ambient_coordinator::parse_broker_url(&c.url).unwrap();
+    let (host, port) = host_port(&c.url);
     let (raw, mut el) = AsyncClient::new(MqttOptions::new("raw-e2e", host, port), 10);
     tokio::spawn(async move { while el.poll().await.is_ok() {} });
     raw.publish(

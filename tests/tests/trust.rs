@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
 use ambient_coordinator::{EventStatus, LimitsJson, Submission};
@@ -28,7 +30,7 @@ async fn stranger(
     name: &str,
     filters: &[&str],
 ) -> (AsyncClient, mpsc::Receiver<rumqttc::Publish>) {
-    let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
+    let (host, port) = host_port(url);
     let (client, rx, _) = raw_client(MqttOptions::new(name, host, port), filters).await;
     (client, rx)
 }
@@ -523,7 +525,7 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
     let victim = snapshot(&c.db())[0].0;
-    let (host, port) = ambient_coordinator::parse_broker_url(&c.url).unwrap();
+    let (host, port) = host_port(&c.url);
 
     // Its client id, without its key: refused, not a takeover.
     let client_id = format!("ambient-agent-{victim}");
@@ -644,4 +646,228 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
     }
     let view = &snapshot(&c.db())[0].1;
     assert_eq!(view["reputation"]["failed"], 0, "{view}");
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with the `openssl` CLI:
+/// returns the paths of the CA certificate, the server certificate and its key.
+fn make_certificates(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for this test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ambient test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// The mosquitto setup the README describes: TLS, a password file, and an ACL file whose
+/// `pattern` rules let each device write only its own topics.
+fn secured_mosquitto(dir: &std::path::Path, accounts: &[(&str, &str)]) -> (Mosquitto, PathBuf) {
+    let (ca, cert, key) = make_certificates(dir);
+    let passwd = dir.join("passwd");
+    std::fs::write(&passwd, "").unwrap();
+    for (user, password) in accounts {
+        let status = std::process::Command::new("mosquitto_passwd")
+            .args(["-b"])
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .expect("mosquitto_passwd comes with mosquitto");
+        assert!(status.success());
+    }
+    let acl = dir.join("acl");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../targets/mosquitto/acl");
+    std::fs::copy(shipped, &acl).unwrap();
+    // mosquitto started as root drops to its own user, which must be able to read these.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for file in [&ca, &cert, &key, &passwd, &acl] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let settings = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
+        ca.display(),
+        cert.display(),
+        key.display(),
+        passwd.display(),
+        acl.display()
+    );
+    let m = Mosquitto::start_configured(free_port(), &settings)
+        .expect("mosquitto is needed for this test: apt-get install mosquitto");
+    (m, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_with_tls_passwords_and_acls_runs_the_flow_and_keeps_each_device_to_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Identity::from_secret(&[0x51; 32]);
+    let neighbour = Identity::from_secret(&[0x52; 32]);
+    let (node_id, neighbour_id) = (node.node_id().to_string(), neighbour.node_id().to_string());
+    let (m, ca) = secured_mosquitto(
+        dir.path(),
+        &[
+            ("coordinator", "c-pass"),
+            ("submitter", "s-pass"),
+            (&node_id, "n-pass"),
+            (&neighbour_id, "b-pass"),
+        ],
+    );
+    let port = host_port(&m.url).1;
+    let url = |user: &str, password: &str| format!("mqtts://{user}:{password}@127.0.0.1:{port}");
+    let tls = ambient_coordinator::TlsFiles {
+        ca_file: Some(ca.clone()),
+        ..Default::default()
+    };
+
+    // Nobody gets in without an account, even over TLS.
+    let mut anonymous = MqttOptions::new("anonymous", "127.0.0.1", port);
+    anonymous.set_transport(tls.transport().unwrap());
+    assert!(connack(anonymous).await.is_err());
+
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        Some(&url("coordinator", "c-pass")),
+        &format!("[broker]\nca_file = {:?}\n", ca.display().to_string()),
+    );
+    let state = dir.path().join("a0");
+    std::fs::create_dir_all(&state).unwrap();
+    let key = state.join("identity.key");
+    std::fs::write(&key, [0x51; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let _agent = agent_with_env(
+        &url(&node_id, "n-pass"),
+        &state,
+        "pi5",
+        &[("AMBIENT_AGENT_TLS__CA_FILE", ca.to_str().unwrap())],
+    );
+    c.wait_for_nodes(1);
+
+    let mut client = Client::connect_with(&url("submitter", "s-pass"), &tls)
+        .await
+        .unwrap();
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let sub = Submission {
+        task_id: Some("over-tls".into()),
+        module_b64: Some(B64.encode(&module)),
+        input_b64: Some(B64.encode(10u64.to_le_bytes())),
+        ..Submission::default()
+    };
+    let events = client
+        .run_batch(&[sub], Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(events["over-tls"].status, EventStatus::Completed);
+    assert_eq!(events["over-tls"].nodes, vec![node_id.clone()]);
+
+    // The neighbour writes on the node's results topic, then on its own: the broker passes on
+    // only the second.
+    let watcher_url: ambient_coordinator::BrokerUrl = url("coordinator", "c-pass").parse().unwrap();
+    let watcher_opts = ambient_mqtt_options(&watcher_url, "watcher", &tls);
+    let (_watcher, mut seen, granted) =
+        raw_client(watcher_opts, &[&topics::all_nodes(NodeTopic::Results)]).await;
+    assert_eq!(granted, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let neighbour_url: ambient_coordinator::BrokerUrl =
+        url(&neighbour_id, "b-pass").parse().unwrap();
+    let neighbour_opts = ambient_mqtt_options(
+        &neighbour_url,
+        &format!("ambient-agent-{neighbour_id}"),
+        &tls,
+    );
+    let (forger, _, _) = raw_client(neighbour_opts, &[]).await;
+    for (victim, payload) in [(node.node_id(), "forged"), (neighbour.node_id(), "own")] {
+        let topic = topics::node(&victim, NodeTopic::Results);
+        forger
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let first = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+        .await
+        .expect("the neighbour's own publish arrives")
+        .unwrap();
+    assert_eq!(
+        (first.topic.as_str(), &first.payload[..]),
+        (
+            topics::node(&neighbour.node_id(), NodeTopic::Results).as_str(),
+            &b"own"[..]
+        ),
+        "mosquitto's ACL let the neighbour write on the node's topic"
+    );
+}
+
+/// rumqttc options for `url` through the same code the binaries use.
+fn ambient_mqtt_options(
+    url: &ambient_coordinator::BrokerUrl,
+    client_id: &str,
+    tls: &ambient_coordinator::TlsFiles,
+) -> MqttOptions {
+    ambient_mqtt::client_options(url, client_id, tls).unwrap()
 }

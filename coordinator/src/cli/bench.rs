@@ -26,7 +26,7 @@ use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
 use ambient_coordinator::{
     Coordinator, EventStatus, RawConfig, Registry, RegistryConfig, Requirements, Strategy,
-    Submission, mqtt, parse_broker_url,
+    Submission, mqtt,
 };
 use ambient_core::{
     Abi, Announce, Breaker, Engine, Exit, Identity, Limits, NodeId, Receipt, SafetyPolicy,
@@ -454,8 +454,14 @@ impl RawClient {
         filter: &str,
         mut on_publish: impl FnMut(&rumqttc::AsyncClient, rumqttc::Publish) + Send + 'static,
     ) -> anyhow::Result<Self> {
-        let (host, port) = parse_broker_url(url).map_err(anyhow::Error::msg)?;
-        let (client, mut eventloop) = mqtt::connect(&host, port, id, mqtt::Session::Clean, None);
+        let url: ambient_mqtt::BrokerUrl = url.parse()?;
+        let (client, mut eventloop) = mqtt::connect(
+            &url,
+            &ambient_mqtt::TlsFiles::default(),
+            id,
+            mqtt::Session::Clean,
+            None,
+        )?;
         client
             .subscribe(filter, QoS::AtLeastOnce)
             .await

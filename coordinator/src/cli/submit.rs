@@ -66,9 +66,18 @@ pub struct SubmitArgs {
     /// Print events as JSON, one per line.
     #[arg(long)]
     json: bool,
-    /// The coordinator's MQTT broker.
+    /// The coordinator's MQTT broker: mqtt://[user[:password]@]host[:port], or mqtts://… for TLS.
     #[arg(long, env = "AMBIENT_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// For mqtts://: PEM file of the CA certificates to trust (default: the system's).
+    #[arg(long, env = "AMBIENT_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// For mqtts:// brokers that require a client certificate: its PEM file (with --key-file).
+    #[arg(long, env = "AMBIENT_CERT_FILE", requires = "key_file")]
+    cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "AMBIENT_KEY_FILE", requires = "cert_file")]
+    key_file: Option<std::path::PathBuf>,
     /// Give up when no task makes progress (is accepted or ends) for this long, in seconds.
     /// Tasks without an `accepted` event are resubmitted every 3 s and after a reconnect.
     #[arg(long, default_value_t = 120)]
@@ -134,7 +143,12 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             big.len()
         );
     }
-    let mut client = Client::connect(&args.broker).await?;
+    let tls = ambient_mqtt::TlsFiles {
+        ca_file: args.ca_file.clone(),
+        cert_file: args.cert_file.clone(),
+        key_file: args.key_file.clone(),
+    };
+    let mut client = Client::connect_with(&args.broker, &tls).await?;
     let hash = client.publish_module(&module).await?;
     let run_id = format!("{:08x}", rand::random::<u32>());
     let submissions: Vec<Submission> = inputs

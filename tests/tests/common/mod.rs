@@ -72,10 +72,16 @@ pub fn signed_telemetry(identity: &Identity, seq: u64, sample: TelemetrySample) 
     .to_vec()
 }
 
+/// Host and port of a broker URL.
+pub fn host_port(url: &str) -> (String, u16) {
+    let url: ambient_coordinator::BrokerUrl = url.parse().unwrap();
+    (url.host().to_owned(), url.port())
+}
+
 /// MQTT options for a device that signs in as `identity` on `url`, as an agent does: client id
 /// `ambient-agent-<node id>`, the node id as username and a fresh connect token as password.
 pub fn device_options(url: &str, identity: &Identity) -> rumqttc::MqttOptions {
-    let (host, port) = ambient_coordinator::parse_broker_url(url).unwrap();
+    let (host, port) = host_port(url);
     let node = identity.node_id();
     let mut opts = rumqttc::MqttOptions::new(format!("ambient-agent-{node}"), host, port);
     let now_ms = std::time::SystemTime::now()
@@ -144,6 +150,11 @@ impl Mosquitto {
 
     /// Starts on `port` (to restart one in place). `None` if mosquitto is not installed.
     pub fn start_on(port: u16) -> Option<Mosquitto> {
+        Self::start_configured(port, "allow_anonymous true\n")
+    }
+
+    /// Starts on `port` with `settings` (mosquitto.conf lines) for its listener and broker.
+    pub fn start_configured(port: u16, settings: &str) -> Option<Mosquitto> {
         let binary = [
             "/usr/sbin/mosquitto",
             "/usr/bin/mosquitto",
@@ -153,23 +164,26 @@ impl Mosquitto {
         .find(|p| Path::new(p).exists())?;
         let dir = tempfile::tempdir().ok()?;
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 100000\n")).ok()?;
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{settings}set_tcp_nodelay true\npersistence false\nmax_queued_messages 100000\n")).ok()?;
+        let log = dir.path().join("mosquitto.log");
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).ok()?)
             .spawn()
             .ok()?;
-        let proc = Proc {
+        let mut proc = Proc {
             child,
             name: "mosquitto".into(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = proc.child.try_wait().ok().flatten().is_some();
             assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start on port {port}"
+                Instant::now() < deadline && !exited,
+                "mosquitto did not start on port {port}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -230,7 +244,7 @@ impl Coordinator {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && let Some(i) = line.find("mqtt://") {
+                if !sent && let Some(i) = line.find("mqtt://").or_else(|| line.find("mqtts://")) {
                     let url: String = line[i..]
                         .chars()
                         .take_while(|c| !c.is_whitespace() && *c != ',')
@@ -300,11 +314,17 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool, what: impl Fn
 
 /// `ambient-agent` as a child process with a simulated profile.
 pub fn agent(url: &str, state_dir: &Path, profile: &str) -> Proc {
+    agent_with_env(url, state_dir, profile, &[])
+}
+
+/// As [`agent`], with extra environment variables (configuration keys, see the agent README).
+pub fn agent_with_env(url: &str, state_dir: &Path, profile: &str, env: &[(&str, &str)]) -> Proc {
     let child = Command::new(bin("ambient-agent"))
         .args(["--broker", url, "--simulate", profile, "--name", profile])
         .arg("--state-dir")
         .arg(state_dir)
         .env("AMBIENT_AGENT_TELEMETRY_INTERVAL_MS", "300")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("AMBIENT_E2E_LOGS").is_some() {
             Stdio::inherit()
