@@ -42,7 +42,7 @@ pub enum Command {
     /// Run the gateway service: embedded MQTT broker, registry, dispatch, verification, ledger.
     Coordinator(coordinator::CoordinatorArgs),
     /// Submit a WASM task (or a batch) and optionally wait for verified results.
-    Submit(submit::SubmitArgs),
+    Submit(Box<submit::SubmitArgs>),
     /// Show registered nodes: health score and its terms, breaker, reputation, last seen.
     Nodes(read::ReadArgs),
     /// Show recent tasks and their outcomes.
@@ -86,7 +86,7 @@ pub fn init_tracing(log: &LogArgs) {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Coordinator(a) => coordinator::run(a).await,
-        Command::Submit(a) => submit::run(a).await,
+        Command::Submit(a) => submit::run(*a).await,
         Command::Nodes(a) => read::nodes(a),
         Command::Tasks(a) => read::tasks(a),
         Command::Ledger(a) => read::ledger(a),
