@@ -37,6 +37,9 @@ pub enum BrokerError {
         /// The address that was asked for.
         addr: SocketAddr,
     },
+    /// The TLS listener's certificate or key could not be used.
+    #[error("TLS listener: {0}")]
+    Tls(String),
     /// Binding failed for another reason.
     #[error("cannot listen on {addr}")]
     Bind {

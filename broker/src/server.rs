@@ -13,10 +13,12 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes;
 use rumqttc::{ConnAck, ConnectReturnCode, Packet, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, sleep, sleep_until};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -47,15 +49,24 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub struct Broker {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// A second listener whose connections speak TLS first.
+    tls: Option<TlsListener>,
     config: BrokerConfig,
     stats: BrokerStats,
     gatekeeper: Arc<dyn Gatekeeper>,
+}
+
+struct TlsListener {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    acceptor: TlsAcceptor,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("local_addr", &self.local_addr)
+            .field("tls_addr", &self.tls_addr())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -80,10 +91,43 @@ impl Broker {
         Ok(Broker {
             listener,
             local_addr,
+            tls: None,
             config,
             stats: BrokerStats::default(),
             gatekeeper: Arc::new(Open),
         })
+    }
+
+    /// Also listens on `addr` for MQTT over TLS (`mqtts://`), presenting the certificate
+    /// chain in `cert_file` with the private key in `key_file` (PEM). Both listeners serve the
+    /// same sessions and share `max_connections`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Tls`] naming a file that cannot be used, or those of [`Broker::bind`].
+    pub async fn with_tls_listener(
+        mut self,
+        addr: SocketAddr,
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> Result<Broker, BrokerError> {
+        let server = server_config(cert_file, key_file)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BrokerError::bind(addr, source))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BrokerError::bind(addr, source))?;
+        self.tls = Some(TlsListener {
+            listener,
+            local_addr,
+            acceptor: TlsAcceptor::from(server),
+        });
+        Ok(self)
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.local_addr)
     }
 
     /// Decides every CONNECT with `gatekeeper` and holds each connection to the grant it
@@ -116,6 +160,7 @@ impl Broker {
         let Broker {
             listener,
             local_addr,
+            tls,
             config,
             stats,
             gatekeeper,
@@ -123,18 +168,79 @@ impl Broker {
         let shared = Arc::new(Shared::new(&config, stats, gatekeeper));
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let admission = Admission {
+            permits: Arc::new(Semaphore::new(
+                config.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            per_address: Arc::new(PerAddress {
+                max: config.max_connections_per_address.max(1),
+                open: Mutex::new(HashMap::new()),
+            }),
+        };
+        let plain = accept_loop(
+            &listener, local_addr, None, &config, &admission, &shared, &stop, &tasks,
+        );
+        let secure = async {
+            match &tls {
+                Some(t) => {
+                    let acceptor = Some(&t.acceptor);
+                    accept_loop(
+                        &t.listener,
+                        t.local_addr,
+                        acceptor,
+                        &config,
+                        &admission,
+                        &shared,
+                        &stop,
+                        &tasks,
+                    )
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
-            error = accept_loop(&listener, local_addr, &config, &shared, &stop, &tasks) => Err(error),
+            error = plain => Err(error),
+            error = secure => Err(error),
             () = sweep_sessions(&shared) => unreachable!("the sweep never ends"),
             () = shutdown => Ok(()),
         };
         // Refuse new connections at once rather than leave them waiting in the backlog.
         drop(listener);
+        drop(tls);
         stop.cancel();
         tasks.close();
         tasks.wait().await;
         result
     }
+}
+
+/// A rustls server configuration (ring provider) from PEM files.
+fn server_config(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| BrokerError::Tls(format!("certificate file {}: {e}", cert_file.display())))?;
+    if chain.is_empty() {
+        return Err(BrokerError::Tls(format!(
+            "no certificate in {}",
+            cert_file.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| BrokerError::Tls(format!("key file {}: {e}", key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", cert_file.display())))?;
+    Ok(Arc::new(config))
 }
 
 /// Ages offline sessions once a [`SWEEP_INTERVAL`], forever.
@@ -181,24 +287,33 @@ impl PerAddress {
     }
 }
 
-/// Accepts connections until the listener fails for good; returns that failure.
+/// The connection limits every listener shares.
+struct Admission {
+    permits: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
+}
+
+/// Connection ids, unique across listeners.
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Accepts connections (TLS first when `tls` is set) until the listener fails for good;
+/// returns that failure.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: &TcpListener,
     local_addr: SocketAddr,
+    tls: Option<&TlsAcceptor>,
     config: &BrokerConfig,
+    admission: &Admission,
     shared: &Arc<Shared>,
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) -> BrokerError {
-    let permits = Arc::new(Semaphore::new(
-        config.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
-    let per_address = Arc::new(PerAddress {
-        max: config.max_connections_per_address.max(1),
-        open: Mutex::new(HashMap::new()),
-    });
+    let Admission {
+        permits,
+        per_address,
+    } = admission;
     let mut backoff = Duration::from_millis(10);
-    let mut next_conn = 0_u64;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => {
@@ -232,13 +347,26 @@ async fn accept_loop(
         if let Err(error) = stream.set_nodelay(true) {
             warn!(%peer, %error, "could not set TCP_NODELAY; this connection will see delayed acks");
         }
-        next_conn += 1;
-        let conn = ConnId(next_conn);
+        let conn = ConnId(NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
         let shared = Arc::clone(shared);
         let close = stop.child_token();
-        let per_address = Arc::clone(&per_address);
+        let per_address = Arc::clone(per_address);
+        let tls = tls.cloned();
         tasks.spawn(async move {
-            serve_connection(stream, peer, conn, shared, close).await;
+            match tls {
+                None => serve_connection(stream, peer, conn, shared, close).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(shared.connect_timeout, acceptor.accept(stream));
+                    tokio::select! {
+                        () = close.cancelled() => {}
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => serve_connection(stream, peer, conn, shared, close).await,
+                            Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+                            Err(_) => debug!(%peer, "no TLS handshake within the connect timeout"),
+                        },
+                    }
+                }
+            }
             per_address.close(peer.ip());
             drop(permit);
         });
@@ -384,6 +512,7 @@ enum Step {
     Close(CloseReason),
     Read(io::Result<usize>),
     Wrote(io::Result<usize>),
+    Flushed(io::Result<()>),
     Deliver(Packet),
 }
 
@@ -412,8 +541,40 @@ enum CloseReason {
     Cancelled,
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// A connection's byte stream: plain TCP, or TLS over it.
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Reader<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Writer<'a>: AsyncWrite + Unpin
+    where
+        Self: 'a;
+    /// Whether a write may leave bytes buffered until a flush (TLS records).
+    const BUFFERED: bool;
+    /// Halves that can read and write at the same time.
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+}
+
+impl Duplex for TcpStream {
+    type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
+    const BUFFERED: bool = false;
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        self.split()
+    }
+}
+
+impl Duplex for TlsStream<TcpStream> {
+    type Reader<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Writer<'a> = tokio::io::WriteHalf<&'a mut Self>;
+    const BUFFERED: bool = true;
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        tokio::io::split(self)
+    }
+}
+
+async fn serve_connection<S: Duplex>(
+    stream: S,
     peer: SocketAddr,
     conn: ConnId,
     shared: Arc<Shared>,
@@ -431,6 +592,7 @@ async fn serve_connection(
         conn,
         peer,
         stream,
+        unflushed: false,
         read_buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
         write_buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
         shared: Arc::clone(&shared),
@@ -452,10 +614,12 @@ async fn serve_connection(
 }
 
 /// One client's socket, its buffers and its inbound queues.
-struct Connection {
+struct Connection<S> {
     conn: ConnId,
     peer: SocketAddr,
-    stream: TcpStream,
+    stream: S,
+    /// Bytes were written since the last flush (TLS only).
+    unflushed: bool,
     read_buf: BytesMut,
     /// Encoded packets not yet written; each write offers all of it to the socket at once.
     write_buf: BytesMut,
@@ -465,7 +629,7 @@ struct Connection {
     reliable_rx: mpsc::UnboundedReceiver<Packet>,
 }
 
-impl Connection {
+impl<S: Duplex> Connection<S> {
     async fn run(&mut self, outbox: Outbox) -> CloseReason {
         match self.handshake(outbox).await {
             Ok(keep_alive) => self.serve(keep_alive).await,
@@ -584,14 +748,22 @@ impl Connection {
             let may_read = self.write_buf.len() < read_pause_bytes;
             let may_take = self.write_buf.len() < WRITE_BATCH_BYTES;
             let step = {
-                let (mut reader, mut writer) = self.stream.split();
+                let flush = self.unflushed && self.write_buf.is_empty();
+                let (mut reader, mut writer) = self.stream.halves();
                 tokio::select! {
                     () = self.close.cancelled() => Step::Close(CloseReason::Cancelled),
                     // Only reads reset this, so a client that stops reading while it keeps
                     // pinging is not dropped, but one that goes silent is.
                     () = &mut idle => Step::Close(CloseReason::KeepAliveExpired),
                     read = reader.read_buf(&mut self.read_buf), if may_read => Step::Read(read),
-                    written = writer.write(&self.write_buf), if !self.write_buf.is_empty() => Step::Wrote(written),
+                    // Write what is queued; once it is all out, flush what TLS buffered.
+                    step = async {
+                        if self.write_buf.is_empty() {
+                            Step::Flushed(writer.flush().await)
+                        } else {
+                            Step::Wrote(writer.write(&self.write_buf).await)
+                        }
+                    }, if !self.write_buf.is_empty() || flush => step,
                     Some(packet) = self.reliable_rx.recv(), if may_take => Step::Deliver(packet),
                     Some(packet) = self.at_most_once_rx.recv(), if may_take => Step::Deliver(packet),
                 }
@@ -610,8 +782,14 @@ impl Connection {
                     self.drain_outboxes();
                 }
                 Step::Wrote(Ok(0)) => return CloseReason::Io(io::ErrorKind::WriteZero.into()),
-                Step::Wrote(Ok(written)) => self.write_buf.advance(written),
-                Step::Read(Err(error)) | Step::Wrote(Err(error)) => return CloseReason::Io(error),
+                Step::Wrote(Ok(written)) => {
+                    self.write_buf.advance(written);
+                    self.unflushed = S::BUFFERED;
+                }
+                Step::Flushed(Ok(())) => self.unflushed = false,
+                Step::Read(Err(error)) | Step::Wrote(Err(error)) | Step::Flushed(Err(error)) => {
+                    return CloseReason::Io(error);
+                }
                 Step::Deliver(packet) => {
                     self.encode([packet]);
                     self.drain_outboxes();
@@ -722,7 +900,10 @@ impl Connection {
         tokio::select! {
             () = self.close.cancelled() => {}
             () = sleep(self.shared.connect_timeout) => {}
-            _ = self.stream.write_all(&self.write_buf) => {}
+            _ = async {
+                self.stream.write_all(&self.write_buf).await?;
+                self.stream.flush().await
+            } => {}
         }
         self.write_buf.clear();
     }

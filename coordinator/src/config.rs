@@ -42,6 +42,19 @@ pub struct CoordinatorConfig {
     pub anonymous: Anonymous,
     /// Certificates for an `mqtts://` external broker.
     pub tls: TlsFiles,
+    /// The embedded broker's TLS listener, if configured.
+    pub tls_listener: Option<TlsListener>,
+}
+
+/// A TLS listener of the embedded broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// PEM certificate chain it presents.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
 }
 
 impl CoordinatorConfig {
@@ -84,6 +97,13 @@ pub struct RawBroker {
     pub cert_file: Option<PathBuf>,
     /// For `mqtts://`: PEM file of that certificate's private key.
     pub key_file: Option<PathBuf>,
+    /// A second listener of the embedded broker, for MQTT over TLS (`mqtts://`), such as
+    /// `0.0.0.0:8883`. Default none. Needs `tls_cert_file` and `tls_key_file`.
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain the TLS listener presents.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key_file: Option<PathBuf>,
     /// Where the embedded broker accepts clients without credentials (submitters, the CLI)
     /// from: `loopback` (default) or `anywhere`. Devices always sign in with their key.
     pub anonymous: String,
@@ -177,6 +197,9 @@ impl Default for RawBroker {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            tls_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -290,6 +313,34 @@ impl RawConfig {
                 )
             })?),
         };
+        let tls_listener = match (
+            &self.broker.tls_listen,
+            &self.broker.tls_cert_file,
+            &self.broker.tls_key_file,
+        ) {
+            (None, None, None) => None,
+            (Some(_), _, _) if self.broker.url.is_some() => {
+                return Err(bad(
+                    "broker.tls_listen",
+                    "set",
+                    "no tls_listen with an external broker (`broker.url`): it is the embedded broker's",
+                ));
+            }
+            (Some(listen), Some(cert), Some(key)) => Some(TlsListener {
+                addr: listen.parse().map_err(|_| {
+                    bad("broker.tls_listen", listen, "an address like 0.0.0.0:8883")
+                })?,
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+            }),
+            _ => {
+                return Err(bad(
+                    "broker.tls_listen",
+                    format!("{:?}", self.broker.tls_listen),
+                    "tls_listen, tls_cert_file and tls_key_file together",
+                ));
+            }
+        };
         let anonymous = match self.broker.anonymous.as_str() {
             "loopback" => Anonymous::Loopback,
             "anywhere" => Anonymous::Anywhere,
@@ -390,6 +441,7 @@ impl RawConfig {
                 cert_file: self.broker.cert_file.clone(),
                 key_file: self.broker.key_file.clone(),
             },
+            tls_listener,
         })
     }
 }

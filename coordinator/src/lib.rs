@@ -22,7 +22,7 @@ mod service;
 pub mod store;
 
 pub use ambient_mqtt::{BrokerUrl, TlsFiles};
-pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig};
+pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, TlsListener};
 pub use dispatcher::{
     DispatchConfig, Dispatcher, Dropped, Effects, Input, Journal, Now, Publish, Recovered, pong,
 };

@@ -146,6 +146,14 @@ impl Coordinator {
                     coordinator: identity.public_key(),
                     anonymous: config.anonymous,
                 });
+                let broker = match &config.tls_listener {
+                    Some(t) => {
+                        broker
+                            .with_tls_listener(t.addr, &t.cert_file, &t.key_file)
+                            .await?
+                    }
+                    None => broker,
+                };
                 if config.anonymous == Anonymous::Anywhere && !addr.ip().is_loopback() {
                     warn!(listen = %addr, "[broker] anonymous = \"anywhere\": anyone who reaches this address may submit tasks");
                 }
@@ -174,6 +182,12 @@ impl Coordinator {
     /// `****`).
     pub fn broker_url(&self) -> String {
         self.url.to_string()
+    }
+
+    /// The embedded broker's TLS listener, as `mqtts://host:port`, if it has one.
+    pub fn tls_url(&self) -> Option<String> {
+        let addr = self.broker.as_ref()?.tls_addr()?;
+        Some(format!("mqtts://{addr}"))
     }
 
     /// The embedded broker's address, if there is one.

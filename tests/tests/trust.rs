@@ -863,6 +863,69 @@ async fn mosquitto_with_tls_passwords_and_acls_runs_the_flow_and_keeps_each_devi
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_serves_devices_and_clients_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certificates(dir.path());
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        &format!(
+            "[broker]\ntls_listen = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let tls_url = c
+        .tls_url
+        .clone()
+        .expect("the coordinator printed its TLS listener");
+    let _agent = agent_with_env(
+        &tls_url,
+        &dir.path().join("a0"),
+        "pi5",
+        &[("AMBIENT_AGENT_TLS__CA_FILE", ca.to_str().unwrap())],
+    );
+    c.wait_for_nodes(1);
+    let tls = ambient_coordinator::TlsFiles {
+        ca_file: Some(ca),
+        ..Default::default()
+    };
+    let mut client = Client::connect_with(&tls_url, &tls).await.unwrap();
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let subs: Vec<Submission> = (0..20u64)
+        .map(|i| Submission {
+            task_id: Some(format!("tls-{i}")),
+            module_b64: Some(B64.encode(&module)),
+            input_b64: Some(B64.encode((1000 + i).to_le_bytes())),
+            ..Submission::default()
+        })
+        .collect();
+    let events = client
+        .run_batch(&subs, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    for i in 0..20u64 {
+        let ev = &events[&format!("tls-{i}")];
+        assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+        assert_eq!(
+            B64.decode(ev.output_b64.as_ref().unwrap()).unwrap(),
+            (1000 + i).to_le_bytes()
+        );
+    }
+    // Plain MQTT on the TLS port gets no CONNACK.
+    let (host, port) = host_port(&tls_url);
+    let (_plain, mut el) = AsyncClient::new(MqttOptions::new("plain", host, port), 10);
+    let answer = tokio::time::timeout(Duration::from_secs(30), el.poll())
+        .await
+        .expect("the broker answers or closes");
+    assert!(
+        !matches!(answer, Ok(Event::Incoming(Packet::ConnAck(_)))),
+        "{answer:?}"
+    );
+}
+
 /// rumqttc options for `url` through the same code the binaries use.
 fn ambient_mqtt_options(
     url: &ambient_coordinator::BrokerUrl,

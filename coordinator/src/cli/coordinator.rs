@@ -60,6 +60,8 @@ pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let raw = load(&args)?;
     if args.print_config {
+        let mut raw = raw;
+        raw.broker.url = raw.broker.url.as_deref().map(ambient_mqtt::redact);
         print!(
             "# ambient coordinator configuration (effective values)\n{}",
             toml::to_string_pretty(&raw)?
@@ -68,7 +70,13 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     }
     let config = raw.validate()?;
     let coordinator = Coordinator::bind(config).await?;
-    eprintln!("ambient coordinator: broker {}", coordinator.broker_url());
+    match coordinator.tls_url() {
+        Some(tls) => eprintln!(
+            "ambient coordinator: broker {}, TLS {tls}",
+            coordinator.broker_url()
+        ),
+        None => eprintln!("ambient coordinator: broker {}", coordinator.broker_url()),
+    }
     eprintln!(
         "ambient coordinator: assignment key {} (agents pin it; see the README's Security section)",
         coordinator.public_key_hex()

@@ -204,6 +204,8 @@ pub fn mosquitto() -> Mosquitto {
 pub struct Coordinator {
     pub proc: Proc,
     pub url: String,
+    /// The embedded broker's TLS listener, when configured.
+    pub tls_url: Option<String>,
     pub data_dir: PathBuf,
 }
 
@@ -245,11 +247,16 @@ impl Coordinator {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent && let Some(i) = line.find("mqtt://").or_else(|| line.find("mqtts://")) {
-                    let url: String = line[i..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace() && *c != ',')
-                        .collect();
-                    let _ = tx.send(url);
+                    let url_at = |i: usize| -> String {
+                        line[i..]
+                            .chars()
+                            .take_while(|c| !c.is_whitespace() && *c != ',')
+                            .collect()
+                    };
+                    let tls = line
+                        .find(", TLS mqtts://")
+                        .map(|j| url_at(j + ", TLS ".len()));
+                    let _ = tx.send((url_at(i), tls));
                     sent = true;
                 }
                 if std::env::var_os("AMBIENT_E2E_LOGS").is_some() {
@@ -257,7 +264,7 @@ impl Coordinator {
                 }
             }
         });
-        let url = rx
+        let (url, tls_url) = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("coordinator printed its broker URL");
         Coordinator {
@@ -266,6 +273,7 @@ impl Coordinator {
                 name: "coordinator".into(),
             },
             url,
+            tls_url,
             data_dir: data_dir.to_path_buf(),
         }
     }
