@@ -335,7 +335,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
             warn!(%peer, max_connections = config.max_connections, "refusing a connection: max_connections are open");
             continue;
         };
