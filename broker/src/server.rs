@@ -680,15 +680,32 @@ impl<S: Duplex> Connection<S> {
         };
         let keep_alive = Duration::from_millis(u64::from(granted) * KEEP_ALIVE_GRACE_MS_PER_S);
 
-        let login = connect.login.as_ref();
-        let credentials = Credentials {
-            client_id: &connect.client_id,
-            username: login.map(|l| l.username.as_str()),
-            password: login.map(|l| l.password.as_str()).filter(|p| !p.is_empty()),
-            peer: self.peer,
-            now_ms: unix_ms(),
+        // Off the async workers: a gatekeeper may hash a password or check a signature.
+        let admitted = {
+            let gatekeeper = Arc::clone(&self.shared.gatekeeper);
+            let client_id = connect.client_id.clone();
+            let login = connect.login.clone();
+            let peer = self.peer;
+            tokio::task::spawn_blocking(move || {
+                gatekeeper.admit(&Credentials {
+                    client_id: &client_id,
+                    username: login.as_ref().map(|l| l.username.as_str()),
+                    password: login
+                        .as_ref()
+                        .map(|l| l.password.as_str())
+                        .filter(|p| !p.is_empty()),
+                    peer,
+                    now_ms: unix_ms(),
+                })
+            })
         };
-        let grant = match self.shared.gatekeeper.admit(&credentials) {
+        let admitted = tokio::select! {
+            () = self.close.cancelled() => return Err(CloseReason::Cancelled),
+            admitted = admitted => admitted.unwrap_or_else(|_| {
+                Err(Refusal::NotAuthorized("the gatekeeper failed".into()))
+            }),
+        };
+        let grant = match admitted {
             Ok(grant) => Arc::new(grant),
             Err(refusal) => {
                 let (code, why) = match refusal {

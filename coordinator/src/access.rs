@@ -4,7 +4,8 @@
 //! |---|---|---|---|---|---|
 //! | a device | its node id | a [`ConnectToken`] for it | `ambient-agent-<node id>` | its own `nodes/<id>/{status,announce,telemetry,results}` | its own `nodes/<id>/tasks`, `modules/+` |
 //! | the coordinator | `coordinator` | a [`ConnectToken`] by its key | any | everything | everything |
-//! | a client (submitter, CLI) | none | none | not `ambient-agent-…` | `tasks/submit`, `modules/+` | `tasks/#` |
+//! | a client with an account | a name from `[broker.users]` | its password (stored as an argon2 hash) | not `ambient-agent-…` | `tasks/submit`, `modules/+` | `tasks/#` |
+//! | a client without one | none | none | not `ambient-agent-…` | `tasks/submit`, `modules/+` | `tasks/#` |
 //!
 //! A device proves it holds the key its node id derives from; nobody else can publish in its
 //! name, read its assignments, or take over its client id (see [`ambient_broker::Gatekeeper`]:
@@ -12,6 +13,7 @@
 //! loopback only unless the configuration says otherwise, the mosquitto 2 model: a gateway
 //! that listens on the LAN does not accept submissions from the LAN by accident.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use ambient_broker::{Credentials, Gatekeeper, Grant, Refusal};
@@ -45,9 +47,61 @@ pub struct Access {
     pub coordinator: [u8; 32],
     /// Where anonymous clients may connect from.
     pub anonymous: Anonymous,
+    /// Client accounts: name and argon2 hash of the password (PHC string).
+    pub users: BTreeMap<String, String>,
+}
+
+/// The argon2 hash of `password` with a fresh random salt, as a PHC string: what
+/// `[broker.users]` stores and `ambient passwd` prints.
+pub fn hash_password(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let salt =
+        SaltString::encode_b64(&rand::random::<[u8; 16]>()).expect("16 bytes make a valid salt");
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("the default argon2 parameters hash any password")
+        .to_string()
+}
+
+/// Whether `name` can be an account: not a node id, not the coordinator, 1 to 64 visible
+/// ASCII characters.
+pub fn is_valid_user_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_graphic())
+        && name != COORDINATOR_USER
+        && NodeId::from_hex(name).is_none()
 }
 
 impl Access {
+    /// What every client may do, with or without an account.
+    fn client(principal: String) -> Grant {
+        Grant {
+            principal,
+            publish: vec![topics::SUBMIT.into(), topics::ALL_MODULES.into()],
+            subscribe: vec![format!("{}/tasks/#", topics::PREFIX)],
+        }
+    }
+
+    fn user(&self, name: &str, hash: &str, c: &Credentials<'_>) -> Result<Grant, Refusal> {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
+        let wrong = || Refusal::BadCredentials(format!("wrong password for user {name:?}"));
+        let hash = PasswordHash::new(hash).map_err(|_| wrong())?;
+        argon2::Argon2::default()
+            .verify_password(c.password.unwrap_or_default().as_bytes(), &hash)
+            .map_err(|_| wrong())?;
+        Self::check_client_id(c.client_id)?;
+        Ok(Self::client(format!("user {name}")))
+    }
+
+    fn check_client_id(client_id: &str) -> Result<(), Refusal> {
+        if client_id.starts_with(DEVICE_CLIENT_PREFIX) || client_id == COORDINATOR_CLIENT_ID {
+            return Err(Refusal::NotAuthorized(format!(
+                "client id {client_id:?} is reserved: devices and the coordinator sign in with their keys"
+            )));
+        }
+        Ok(())
+    }
+
     fn device(&self, node: NodeId, c: &Credentials<'_>) -> Result<Grant, Refusal> {
         let token = c
             .password
@@ -96,20 +150,11 @@ impl Access {
     fn anonymous(&self, c: &Credentials<'_>) -> Result<Grant, Refusal> {
         if self.anonymous == Anonymous::Loopback && !is_loopback(c.peer) {
             return Err(Refusal::NotAuthorized(
-                "anonymous clients are accepted from loopback only ([broker] anonymous = \"anywhere\" allows them from any address)".into(),
+                "anonymous clients are accepted from loopback only: give the client an account ([broker.users], `ambient passwd`), or allow them from anywhere ([broker] anonymous = \"anywhere\")".into(),
             ));
         }
-        if c.client_id.starts_with(DEVICE_CLIENT_PREFIX) || c.client_id == COORDINATOR_CLIENT_ID {
-            return Err(Refusal::NotAuthorized(format!(
-                "client id {:?} is reserved: devices and the coordinator sign in with their keys",
-                c.client_id
-            )));
-        }
-        Ok(Grant {
-            principal: "anonymous".into(),
-            publish: vec![topics::SUBMIT.into(), topics::ALL_MODULES.into()],
-            subscribe: vec![format!("{}/tasks/#", topics::PREFIX)],
-        })
+        Self::check_client_id(c.client_id)?;
+        Ok(Self::client("anonymous".into()))
     }
 }
 
@@ -118,6 +163,7 @@ impl Gatekeeper for Access {
         match c.username {
             None => self.anonymous(c),
             Some(COORDINATOR_USER) => self.coordinator(c),
+            Some(user) if self.users.contains_key(user) => self.user(user, &self.users[user], c),
             Some(user) => match NodeId::from_hex(user) {
                 Some(node) => self.device(node, c),
                 None => Err(Refusal::BadCredentials(format!(
@@ -150,6 +196,7 @@ mod tests {
         Access {
             coordinator: Identity::from_secret(&[9; 32]).public_key(),
             anonymous: Anonymous::Loopback,
+            users: BTreeMap::from([("alice".to_string(), hash_password("correct horse"))]),
         }
     }
 
@@ -244,6 +291,35 @@ mod tests {
             now_ms: NOW,
         };
         assert!(anywhere.admit(&lan).is_ok());
+    }
+
+    #[test]
+    fn a_client_with_an_account_submits_from_anywhere_with_its_password_only() {
+        let grant = admit(
+            "laptop",
+            Some(("alice", "correct horse")),
+            "192.168.1.9:5000",
+        )
+        .unwrap();
+        assert_eq!(grant.principal, "user alice");
+        assert!(grant.may_publish(topics::SUBMIT));
+        assert!(!grant.may_subscribe(&topics::all_nodes(NodeTopic::Tasks)));
+        assert!(matches!(
+            admit("laptop", Some(("alice", "wrong")), "192.168.1.9:5000"),
+            Err(Refusal::BadCredentials(_))
+        ));
+        assert!(matches!(
+            admit(
+                "laptop",
+                Some(("mallory", "correct horse")),
+                "127.0.0.1:5000"
+            ),
+            Err(Refusal::BadCredentials(_))
+        ));
+        assert!(is_valid_user_name("alice"));
+        assert!(!is_valid_user_name("coordinator"));
+        assert!(!is_valid_user_name(&"ab".repeat(16)), "a node id");
+        assert!(!is_valid_user_name("has space"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Coordinator configuration: a raw TOML shape with units in key names, validated once into
 //! [`CoordinatorConfig`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use ambient_mqtt::{BrokerUrl, TlsFiles};
 
-use crate::access::Anonymous;
+use crate::access::{Anonymous, is_valid_user_name};
 use crate::dispatcher::DispatchConfig;
 use crate::{Enrollment, RegistryConfig, Strategy};
 
@@ -44,6 +44,8 @@ pub struct CoordinatorConfig {
     pub tls: TlsFiles,
     /// The embedded broker's TLS listener, if configured.
     pub tls_listener: Option<TlsListener>,
+    /// Client accounts of the embedded broker: name and argon2 hash (PHC string).
+    pub users: BTreeMap<String, String>,
 }
 
 /// A TLS listener of the embedded broker.
@@ -104,6 +106,9 @@ pub struct RawBroker {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of that certificate.
     pub tls_key_file: Option<PathBuf>,
+    /// Client accounts of the embedded broker: name = argon2 hash of the password, as
+    /// `ambient passwd <name>` prints it. A client with an account may submit from any address.
+    pub users: BTreeMap<String, String>,
     /// Where the embedded broker accepts clients without credentials (submitters, the CLI)
     /// from: `loopback` (default) or `anywhere`. Devices always sign in with their key.
     pub anonymous: String,
@@ -200,6 +205,7 @@ impl Default for RawBroker {
             tls_listen: None,
             tls_cert_file: None,
             tls_key_file: None,
+            users: BTreeMap::new(),
         }
     }
 }
@@ -341,6 +347,22 @@ impl RawConfig {
                 ));
             }
         };
+        for (name, hash) in &self.broker.users {
+            if !is_valid_user_name(name) {
+                return Err(bad(
+                    "broker.users",
+                    name,
+                    "a name of 1 to 64 visible characters, not `coordinator` or a node id",
+                ));
+            }
+            if argon2::password_hash::PasswordHash::new(hash).is_err() {
+                return Err(bad(
+                    "broker.users",
+                    format!("{name} = {hash:?}"),
+                    "a password hash as `ambient passwd` prints it",
+                ));
+            }
+        }
         let anonymous = match self.broker.anonymous.as_str() {
             "loopback" => Anonymous::Loopback,
             "anywhere" => Anonymous::Anywhere,
@@ -442,6 +464,7 @@ impl RawConfig {
                 key_file: self.broker.key_file.clone(),
             },
             tls_listener,
+            users: self.broker.users.clone(),
         })
     }
 }

@@ -145,6 +145,7 @@ impl Coordinator {
                 .with_gatekeeper(Access {
                     coordinator: identity.public_key(),
                     anonymous: config.anonymous,
+                    users: config.users.clone(),
                 });
                 let broker = match &config.tls_listener {
                     Some(t) => {

@@ -864,15 +864,16 @@ async fn mosquitto_with_tls_passwords_and_acls_runs_the_flow_and_keeps_each_devi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_embedded_broker_serves_devices_and_clients_over_tls() {
+async fn the_embedded_broker_serves_devices_and_client_accounts_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_certificates(dir.path());
+    let hash = ambient_coordinator::access::hash_password("correct horse");
     let c = Coordinator::start_with(
         &dir.path().join("c"),
         0,
         None,
         &format!(
-            "[broker]\ntls_listen = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            "[broker]\ntls_listen = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n[broker.users]\nlaptop = {hash:?}\n",
             cert.display().to_string(),
             key.display().to_string()
         ),
@@ -892,7 +893,16 @@ async fn the_embedded_broker_serves_devices_and_clients_over_tls() {
         ca_file: Some(ca),
         ..Default::default()
     };
-    let mut client = Client::connect_with(&tls_url, &tls).await.unwrap();
+    let (host, port) = host_port(&tls_url);
+    let account = |password: &str| -> String { format!("mqtts://laptop:{password}@{host}:{port}") };
+    let wrong: ambient_coordinator::BrokerUrl = account("wrong").parse().unwrap();
+    assert_eq!(
+        connack(ambient_mqtt_options(&wrong, "laptop", &tls)).await,
+        Err(ConnectReturnCode::BadUserNamePassword)
+    );
+    let mut client = Client::connect_with(&account("correct%20horse"), &tls)
+        .await
+        .unwrap();
     let module = wat::parse_str(SPIN_WAT).unwrap();
     let subs: Vec<Submission> = (0..20u64)
         .map(|i| Submission {
@@ -915,7 +925,6 @@ async fn the_embedded_broker_serves_devices_and_clients_over_tls() {
         );
     }
     // Plain MQTT on the TLS port gets no CONNACK.
-    let (host, port) = host_port(&tls_url);
     let (_plain, mut el) = AsyncClient::new(MqttOptions::new("plain", host, port), 10);
     let answer = tokio::time::timeout(Duration::from_secs(30), el.poll())
         .await

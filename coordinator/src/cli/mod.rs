@@ -8,6 +8,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 mod bench;
 mod coordinator;
 mod demo;
+mod passwd;
 mod read;
 mod submit;
 
@@ -53,6 +54,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure latency, throughput, scheduling, execution and footprint beside this machine's limits.
     Bench(bench::BenchArgs),
+    /// Hash a password for a client account of the embedded broker ([broker.users]).
+    Passwd(passwd::PasswdArgs),
 }
 
 /// Where the coordinator keeps its database.
@@ -92,6 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Ledger(a) => read::ledger(a),
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::Passwd(a) => passwd::run(a),
     }
 }
 
