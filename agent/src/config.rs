@@ -1052,6 +1052,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_targets_is_valid() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets/config/agent.toml");
+        let config = RawConfig::load(Some(&path), Vec::<(String, String)>::new())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(config.broker().host(), "gateway.local");
+    }
+
+    #[test]
     fn labels_are_bounded_in_number_and_length() {
         let mut c = AgentConfig::new(DEFAULT_BROKER, "/tmp/x").unwrap();
         assert!(c.set_labels(["a"; 9]).is_err());

@@ -19,6 +19,13 @@ Examples:
   Show the effective configuration as commented TOML:
     ambient-agent --config /etc/ambient/agent.toml --print-config
 
+  Print this device's node id and public key (creating its identity if needed), for a broker
+  account named after the node or the coordinator's allowlist:
+    ambient-agent --print-node-id
+
+  Sign in to a mosquitto with accounts, over TLS with a private CA:
+    AMBIENT_AGENT_TLS__CA_FILE=/etc/ambient/ca.pem ambient-agent --broker 'mqtts://<node id>:<password>@gateway.local:8883'
+
   Any config key from the environment (a section's key after a double underscore):
     AMBIENT_AGENT_TELEMETRY_INTERVAL_MS=1000 AMBIENT_AGENT_SAFETY__MAX_TEMP_MILLIC=75000 ambient-agent -v
 
@@ -31,7 +38,7 @@ struct Args {
     /// TOML config file [default: /etc/ambient/agent.toml if it exists]
     #[arg(long, env = "AMBIENT_AGENT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Broker URL: mqtt://host:port, or mqtts://host:port for TLS [default: mqtt://127.0.0.1:1883]
+    /// Broker URL: mqtt://[user[:password]@]host[:port], or mqtts://… for TLS [default: mqtt://127.0.0.1:1883]
     #[arg(long, env = "AMBIENT_AGENT_BROKER", value_name = "URL")]
     broker: Option<String>,
     /// Directory for the identity key, outbox and module cache [default: /var/lib/ambient-agent]
@@ -54,6 +61,9 @@ struct Args {
     /// Print the effective configuration as commented TOML and exit
     #[arg(long)]
     print_config: bool,
+    /// Print the node id and public key (creating the identity if there is none) and exit
+    #[arg(long)]
+    print_node_id: bool,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -77,6 +87,12 @@ fn try_main() -> anyhow::Result<ExitCode> {
     let config = load_config(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.print_node_id {
+        let identity = ambient_agent::load_identity(config.state_dir())?;
+        println!("node id     {}", identity.node_id());
+        println!("public key  {}", hex::encode(identity.public_key()));
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(args.verbose, args.json_logs);
