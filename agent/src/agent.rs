@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ambient_core::{
-    Abi, Admission, Announce, Assignment, Breaker, Digest, Envelope, Exit, Identity, Limits,
-    MAX_LABELS, MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody,
-    SignedAnnounce, SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition,
-    sha3_256, sign_message, topics,
+    Abi, Admission, Announce, Breaker, Digest, Envelope, Exit, Identity, Limits, MAX_LABELS,
+    MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody, SignedAnnounce,
+    SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256,
+    sign_message, topics,
 };
 use bytes::Bytes;
 use rand::Rng as _;
@@ -791,27 +791,26 @@ impl Agent {
         );
     }
 
-    /// Runs only what the coordinator signed: the assignment's signature must verify for this
-    /// node, under the pinned key. The first valid key seen is pinned (trust on first use, like
-    /// SSH's `known_hosts`) unless the operator wrote one to `coordinator.pub` beforehand.
-    fn check_assigner(&mut self, a: &Assignment<'_>, input: &Digest) -> Result<(), String> {
-        a.verify(&self.node, input)
-            .map_err(|e| format!("assignment signature: {e}"))?;
+    /// Accepts only what the coordinator signed: the assignment's or pong's signature must
+    /// verify for this node (checked by the caller), under the pinned key. The first valid key
+    /// seen is pinned (trust on first use, like SSH's `known_hosts`) unless the operator wrote
+    /// one to `coordinator.pub` beforehand.
+    fn check_coordinator(&mut self, what: &str, key: [u8; 32]) -> Result<(), String> {
         match &self.coordinator_key {
-            Some(pinned) if *pinned == a.coordinator => Ok(()),
+            Some(pinned) if *pinned == key => Ok(()),
             Some(pinned) => Err(format!(
-                "assignment signed by coordinator key {}, not the pinned {}; to trust a new coordinator, stop the agent and delete {}",
-                hex::encode(a.coordinator),
+                "{what} signed by coordinator key {}, not the pinned {}; to trust a new coordinator, stop the agent and delete {}",
+                hex::encode(key),
                 hex::encode(pinned),
                 self.config.state_dir().join(COORDINATOR_KEY_FILE).display()
             )),
             None => {
                 let path = self.config.state_dir().join(COORDINATOR_KEY_FILE);
-                if let Err(e) = std::fs::write(&path, format!("{}\n", hex::encode(a.coordinator))) {
+                if let Err(e) = std::fs::write(&path, format!("{}\n", hex::encode(key))) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot store the coordinator's key; it is pinned until the agent stops");
                 }
-                tracing::info!(key = %hex::encode(a.coordinator), path = %path.display(), "pinned the coordinator's key");
-                self.coordinator_key = Some(a.coordinator);
+                tracing::info!(key = %hex::encode(key), path = %path.display(), "pinned the coordinator's key");
+                self.coordinator_key = Some(key);
                 Ok(())
             }
         }
@@ -825,7 +824,11 @@ impl Agent {
         match envelope.message {
             Message::Assign(a) => {
                 let input_hash = sha3_256(a.input);
-                if let Err(why) = self.check_assigner(&a, &input_hash) {
+                let checked = a
+                    .verify(&self.node, &input_hash)
+                    .map_err(|e| format!("assignment signature: {e}"))
+                    .and_then(|()| self.check_coordinator("assignment", a.coordinator));
+                if let Err(why) = checked {
                     return self.drop_frame(&why);
                 }
                 let job = Job {
@@ -842,6 +845,13 @@ impl Agent {
                 self.on_assign(job);
             }
             Message::Pong(p) => {
+                let checked = p
+                    .verify(&self.node)
+                    .map_err(|e| format!("pong signature: {e}"))
+                    .and_then(|()| self.check_coordinator("pong", p.coordinator));
+                if let Err(why) = checked {
+                    return self.drop_frame(&why);
+                }
                 let now = self.micros(at);
                 self.link.pong(p.nonce, now);
             }

@@ -366,7 +366,8 @@ async fn garbage_frames_on_the_tasks_topic_are_dropped_and_the_agent_keeps_worki
     let node = agent.node;
     announce_of(&mut coord, &node).await;
 
-    let mut wrong_version = Envelope::new(Message::Pong(ambient_core::Pong { nonce: 1 })).to_vec();
+    let pong = ambient_core::Pong::sign(&coordinator_identity(), &node, 1);
+    let mut wrong_version = Envelope::new(Message::Pong(pong)).to_vec();
     wrong_version[0] = 99;
     let mut truncated = Envelope::new(Message::Assign(assignment(
         "t",

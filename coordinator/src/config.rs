@@ -185,9 +185,9 @@ pub struct RawEnrollment {
     pub max_nodes: usize,
     /// New nodes admitted per second on average, bursts of ten seconds' worth. Default 20.
     pub joins_per_s: u32,
-    /// Telemetry and announces one node may send per second on average, bursts of ten
-    /// seconds' worth; the excess is dropped before its signature is checked. Default 20.
-    pub frames_per_s: u32,
+    /// Frames in one node's name whose signature may fail per second on average (bursts of ten
+    /// seconds' worth) before further frames in its name are dropped unchecked. Default 20.
+    pub bad_frames_per_s: u32,
     /// A node with no valid traffic and no task for this long is forgotten (the ledger keeps
     /// its history), in ms. Default 86400000 (24 h).
     pub forget_after_ms: u64,
@@ -267,7 +267,7 @@ impl Default for RawEnrollment {
             allow: Vec::new(),
             max_nodes: r.max_nodes,
             joins_per_s: r.joins_per_s,
-            frames_per_s: r.frames_per_s,
+            bad_frames_per_s: r.bad_frames_per_s,
             forget_after_ms: r.forget_after.as_millis() as u64,
         }
     }
@@ -397,8 +397,8 @@ impl RawConfig {
         if self.enrollment.joins_per_s == 0 {
             return Err(bad("enrollment.joins_per_s", 0, "at least 1"));
         }
-        if self.enrollment.frames_per_s == 0 {
-            return Err(bad("enrollment.frames_per_s", 0, "at least 1"));
+        if self.enrollment.bad_frames_per_s == 0 {
+            return Err(bad("enrollment.bad_frames_per_s", 0, "at least 1"));
         }
         let enrollment = match self.enrollment.mode.as_str() {
             "open" => Enrollment::Open,
@@ -453,7 +453,7 @@ impl RawConfig {
                 offline_grace: Duration::from_millis(self.scheduling.offline_grace_ms),
                 max_nodes: self.enrollment.max_nodes,
                 joins_per_s: self.enrollment.joins_per_s,
-                frames_per_s: self.enrollment.frames_per_s,
+                bad_frames_per_s: self.enrollment.bad_frames_per_s,
                 forget_after: Duration::from_millis(self.enrollment.forget_after_ms),
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),

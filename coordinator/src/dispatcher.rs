@@ -87,20 +87,25 @@ impl Publish {
     }
 }
 
-/// The answer to a node's latency probe, if `frame` on `node`'s telemetry topic is a
-/// [`Ping`](ambient_core::Ping) from that node.
+/// The answer to a node's latency probe, signed by `coordinator`, if `frame` on `node`'s
+/// telemetry topic is a [`Ping`](ambient_core::Ping) from that node.
 ///
 /// The service answers pings in its MQTT task, beside the socket, so what a node measures is
 /// its own round trip to the gateway and not the dispatcher's backlog: a busy coordinator must
 /// not open the breakers of healthy nodes.
-pub fn pong(node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Option<Publish> {
+pub fn pong(
+    coordinator: &Identity,
+    node: NodeId,
+    leaf: NodeTopic,
+    frame: &[u8],
+) -> Option<Publish> {
     if leaf != NodeTopic::Telemetry {
         return None;
     }
     match Envelope::decode(frame).ok()?.message {
         Message::Ping(p) if p.node == node => Some(Publish {
             topic: topics::node(&node, NodeTopic::Tasks).to_string(),
-            payload: Envelope::new(Message::Pong(Pong { nonce: p.nonce })).to_vec(),
+            payload: Envelope::new(Message::Pong(Pong::sign(coordinator, &node, p.nonce))).to_vec(),
             retain: false,
             reliable: false,
         }),
@@ -159,8 +164,8 @@ pub struct Dropped {
     pub bad_receipts: u64,
     /// Module uploads whose bytes did not match their topic hash.
     pub bad_modules: u64,
-    /// Telemetry and announces in a registered node's name beyond `enrollment.frames_per_s`,
-    /// dropped before their signature was checked.
+    /// Telemetry and announces in a registered node's name dropped unchecked because forgeries
+    /// in that name exceeded `enrollment.bad_frames_per_s`.
     pub rate_limited: u64,
 }
 
@@ -2075,7 +2080,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ping_is_answered_with_its_nonce_only_on_its_own_node_topic() {
+    fn a_ping_is_answered_with_its_nonce_signed_only_on_its_own_node_topic() {
         let node = Identity::from_secret(&[1; 32]).node_id();
         let other = Identity::from_secret(&[2; 32]).node_id();
         let frame = Envelope::new(Message::Ping(Ping {
@@ -2084,13 +2089,16 @@ mod tests {
             padding: &[0; 8],
         }))
         .to_vec();
-        let p = pong(node, NodeTopic::Telemetry, &frame).unwrap();
+        let me = coordinator();
+        let p = pong(&me, node, NodeTopic::Telemetry, &frame).unwrap();
         assert_eq!(p.topic, topics::node(&node, NodeTopic::Tasks).as_str());
-        assert!(matches!(
-            Envelope::decode(&p.payload).unwrap().message,
-            Message::Pong(Pong { nonce: 42 })
-        ));
-        assert_eq!(pong(other, NodeTopic::Telemetry, &frame), None);
-        assert_eq!(pong(node, NodeTopic::Results, &frame), None);
+        let Message::Pong(answer) = Envelope::decode(&p.payload).unwrap().message else {
+            panic!("not a pong");
+        };
+        assert_eq!(answer.nonce, 42);
+        assert_eq!(answer.coordinator, me.public_key());
+        assert_eq!(answer.verify(&node), Ok(()));
+        assert_eq!(pong(&me, other, NodeTopic::Telemetry, &frame), None);
+        assert_eq!(pong(&me, node, NodeTopic::Results, &frame), None);
     }
 }

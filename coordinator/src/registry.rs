@@ -44,11 +44,14 @@ pub struct RegistryConfig {
     /// New nodes admitted per second on average (bursts up to 10 s worth); the excess is
     /// refused and comes back with the node's next announce. Default 20.
     pub joins_per_s: u32,
-    /// Signed frames (telemetry, announces) one registered node may send per second on
-    /// average, bursts up to 10 s worth; the excess is dropped before its signature is checked,
-    /// so a flood in one node's name costs a map lookup per frame, not a signature check.
-    /// Default 20 (an agent sends one sample every 5 s).
-    pub frames_per_s: u32,
+    /// Frames in one registered node's name (telemetry, announces) whose signature may fail per
+    /// second on average, bursts up to 10 s worth. Beyond it, frames in that name are dropped
+    /// before their signature is checked, so a flood of forgeries costs a map lookup per frame,
+    /// not a signature check. Honest frames never use it up; while a forger does, the node's own
+    /// frames are dropped with the forgeries (which cannot be told apart unchecked) and the
+    /// node may go silent: only a broker that checks who publishes (the embedded one, or
+    /// mosquitto with the shipped ACL) prevents that. Default 20.
+    pub bad_frames_per_s: u32,
     /// A node with no valid traffic and no task for this long is forgotten (the ledger keeps
     /// its history; it joins again with its next announce). Default 24 h.
     pub forget_after: Duration,
@@ -64,7 +67,7 @@ impl Default for RegistryConfig {
             offline_grace: Duration::from_secs(10),
             max_nodes: 10_000,
             joins_per_s: 20,
-            frames_per_s: 20,
+            bad_frames_per_s: 20,
             forget_after: Duration::from_secs(24 * 3600),
         }
     }
@@ -115,9 +118,9 @@ pub enum RegistryError {
         "too many new nodes at once (`enrollment.joins_per_s`); the node is admitted with a later announce"
     )]
     TooManyJoins,
-    /// Frames in this node's name arrive faster than `enrollment.frames_per_s`; dropped
-    /// unverified.
-    #[error("frames in this node's name arrive faster than `enrollment.frames_per_s`")]
+    /// Frames with bad signatures in this node's name arrived faster than
+    /// `enrollment.bad_frames_per_s`; this one was dropped unverified.
+    #[error("forged frames in this node's name exceed `enrollment.bad_frames_per_s`")]
     TooFast,
 }
 
@@ -251,8 +254,8 @@ struct Node {
     max_concurrency: u16,
     sample: Option<TelemetrySample>,
     freshness: Freshness,
-    /// Budget of signed frames, checked before their signature.
-    frames: TokenBucket,
+    /// Budget of frames in this node's name that fail their signature check.
+    bad_frames: TokenBucket,
     last_seen: Instant,
     /// `last_seen + liveness`; `None` if that is beyond what `Instant` can hold (never expires).
     deadline: Option<Instant>,
@@ -451,15 +454,20 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token at `now`, if there is one.
-    fn take(&mut self, now: Instant) -> bool {
+    /// Whether a token is there at `now`, without taking it.
+    fn has(&mut self, now: Instant) -> bool {
         let rate = f64::from(self.rate);
         if let Some(at) = self.at {
             let refill = now.saturating_duration_since(at).as_secs_f64() * rate;
             self.tokens = (self.tokens + refill).min(rate * Self::DEPTH_S);
         }
         self.at = Some(now);
-        if self.tokens >= 1.0 {
+        self.tokens >= 1.0
+    }
+
+    /// Takes one token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        if self.has(now) {
             self.tokens -= 1.0;
             true
         } else {
@@ -540,7 +548,7 @@ impl Registry {
         let count = self.nodes.len();
         match self.nodes.get_mut(&id) {
             Some(node) => {
-                if !node.frames.take(now) {
+                if !node.bad_frames.has(now) {
                     return Err(RegistryError::TooFast);
                 }
             }
@@ -551,8 +559,12 @@ impl Registry {
                 }
             }
         }
-        verify_message(&a.public_key, SignedAnnounce::TAG, a, &signed.signature)
-            .map_err(|_| RegistryError::BadSignature)?;
+        if verify_message(&a.public_key, SignedAnnounce::TAG, a, &signed.signature).is_err() {
+            if let Some(node) = self.nodes.get_mut(&id) {
+                node.bad_frames.take(now);
+            }
+            return Err(RegistryError::BadSignature);
+        }
 
         let now_ms = self.now_ms(now);
         let arch = a.arch.as_str().to_owned();
@@ -585,7 +597,7 @@ impl Registry {
                     max_concurrency: a.max_concurrency,
                     sample: None,
                     freshness: Freshness::default(),
-                    frames: TokenBucket::new(self.config.frames_per_s),
+                    bad_frames: TokenBucket::new(self.config.bad_frames_per_s),
                     last_seen: now,
                     deadline: None,
                     live: false,
@@ -624,14 +636,16 @@ impl Registry {
         let now_ms = self.now_ms(now);
         let id = t.node;
         let node = self.nodes.get_mut(&id).ok_or(RegistryError::UnknownNode)?;
-        if !node.frames.take(now) {
+        if !node.bad_frames.has(now) {
             return Err(RegistryError::TooFast);
         }
         if !node.freshness.is_fresh(t.boot_id, t.seq) {
             return Err(RegistryError::Replay);
         }
-        verify_message(&node.public_key, SignedTelemetry::TAG, t, &signed.signature)
-            .map_err(|_| RegistryError::BadSignature)?;
+        if verify_message(&node.public_key, SignedTelemetry::TAG, t, &signed.signature).is_err() {
+            node.bad_frames.take(now);
+            return Err(RegistryError::BadSignature);
+        }
 
         node.freshness.accept(t.boot_id, t.seq);
         node.offline = false;
@@ -1237,9 +1251,9 @@ mod tests {
     }
 
     #[test]
-    fn frames_beyond_a_nodes_budget_are_dropped_unverified_and_the_budget_refills() {
+    fn forgeries_beyond_a_nodes_budget_are_dropped_unverified_and_honest_traffic_never_uses_it() {
         let config = RegistryConfig {
-            frames_per_s: 2,
+            bad_frames_per_s: 2,
             ..RegistryConfig::default()
         };
         let mut registry = Registry::new(config);
@@ -1254,20 +1268,28 @@ mod tests {
             boot_id: 1,
             sample: healthy(),
         };
-        // Twenty frames: 2/s, ten seconds deep.
-        for seq in 1..=20 {
+        // However fast an honest node sends, it is never limited.
+        for seq in 1..=100 {
             registry
                 .on_telemetry(t0(), &sign_telemetry(&me, sample(seq)))
                 .unwrap();
         }
-        // A forgery in its name now costs nothing but the lookup: not even a signature check.
-        let forged = sign_telemetry(&identity(2), sample(100));
+        // Twenty forgeries (2/s, ten seconds deep) are checked and refused...
+        let forger = identity(2);
+        for seq in 101..=120 {
+            assert_eq!(
+                registry.on_telemetry(t0(), &sign_telemetry(&forger, sample(seq))),
+                Err(RegistryError::BadSignature)
+            );
+        }
+        // ...then frames in its name are dropped unchecked, its own included, until the budget
+        // refills.
         assert_eq!(
-            registry.on_telemetry(t0(), &forged),
+            registry.on_telemetry(t0(), &sign_telemetry(&forger, sample(121))),
             Err(RegistryError::TooFast)
         );
         assert_eq!(
-            registry.on_telemetry(t0(), &sign_telemetry(&me, sample(21))),
+            registry.on_telemetry(t0(), &sign_telemetry(&me, sample(122))),
             Err(RegistryError::TooFast)
         );
         assert_eq!(
@@ -1277,7 +1299,7 @@ mod tests {
         registry
             .on_telemetry(
                 t0() + Duration::from_millis(500),
-                &sign_telemetry(&me, sample(22)),
+                &sign_telemetry(&me, sample(123)),
             )
             .unwrap();
     }

@@ -215,7 +215,8 @@ impl Coordinator {
             source,
         })?;
         let embedded = broker.is_some();
-        let identity_login = Identity::from_secret(&identity.to_secret());
+        // The MQTT task's copy of the key: it signs in with it and signs pongs.
+        let signer = Arc::new(Identity::from_secret(&identity.to_secret()));
         let db = config.db_path();
         let store = Store::open(&db)?;
         let now = Now::read();
@@ -242,7 +243,10 @@ impl Coordinator {
 
         // On the embedded broker the coordinator signs in with its key; an external broker
         // has its own accounts.
-        let login = embedded.then_some(move || coordinator_login(&identity_login));
+        let login = embedded.then_some({
+            let signer = signer.clone();
+            move || coordinator_login(&signer)
+        });
         let (client, eventloop) = mqtt::connect(
             &url,
             &config.tls,
@@ -270,6 +274,7 @@ impl Coordinator {
             client.clone(),
             eventloop,
             login,
+            signer,
             in_tx.clone(),
             generation,
             cancel.clone(),
@@ -330,6 +335,7 @@ async fn mqtt_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
     login: Option<impl Fn() -> (String, String)>,
+    signer: Arc<Identity>,
     in_tx: flume::Sender<Inbound>,
     generation: Arc<AtomicU64>,
     cancel: CancellationToken,
@@ -366,7 +372,7 @@ async fn mqtt_loop(
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some((node, leaf)) = topics::parse_node(&p.topic)
-                    && let Some(pong) = dispatcher::pong(node, leaf, &p.payload)
+                    && let Some(pong) = dispatcher::pong(&signer, node, leaf, &p.payload)
                 {
                     // QoS 0 both ways: a lost probe is just a missing sample.
                     let _ = client.try_publish(pong.topic, QoS::AtMostOnce, false, pong.payload);

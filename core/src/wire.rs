@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Protocol version carried in every envelope.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest task input, in bytes.
 pub const MAX_INPUT_BYTES: usize = 4 << 20;
 /// Largest task output, in bytes.
@@ -352,11 +352,52 @@ pub struct Ping<'a> {
     pub padding: &'a [u8],
 }
 
-/// The answer to a [`Ping`].
+/// The answer to a [`Ping`], signed by the coordinator, so that nobody else can make a node's
+/// link look faster or slower than it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {
     /// The ping's nonce.
     pub nonce: u64,
+    /// The coordinator's ed25519 public key (what agents pin).
+    pub coordinator: [u8; 32],
+    /// Signature over [`PongClaim`] (domain [`Pong::TAG`]).
+    #[serde(with = "serde_sig")]
+    pub signature: [u8; 64],
+}
+
+/// What a pong's signature covers: the node it answers and the nonce.
+#[derive(Debug, Serialize)]
+struct PongClaim<'a> {
+    node: &'a NodeId,
+    nonce: u64,
+}
+
+impl Pong {
+    /// Domain-separation tag of pong signatures.
+    pub const TAG: &'static [u8] = b"ambient/pong/v1\0";
+
+    /// `coordinator` answers `node`'s ping `nonce`.
+    pub fn sign(coordinator: &Identity, node: &NodeId, nonce: u64) -> Self {
+        Self {
+            nonce,
+            coordinator: coordinator.public_key(),
+            // A node id and a nonce always fit the signing buffer.
+            signature: sign_message(coordinator, Self::TAG, &PongClaim { node, nonce })
+                .unwrap_or([0; 64]),
+        }
+    }
+
+    /// Checks that [`Pong::coordinator`] signed this pong for `node`.
+    ///
+    /// # Errors
+    /// [`ProofError`] when the key or signature is bad.
+    pub fn verify(&self, node: &NodeId) -> Result<(), ProofError> {
+        let claim = PongClaim {
+            node,
+            nonce: self.nonce,
+        };
+        verify_message(&self.coordinator, Self::TAG, &claim, &self.signature)
+    }
 }
 
 impl<'a> Envelope<'a> {

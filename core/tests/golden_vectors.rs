@@ -194,7 +194,7 @@ fn an_announce_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Announce(announce()),
         concat!(
-            "02",                                                               // protocol version
+            "03",                                                               // protocol version
             "00",                                                               // Message::Announce
             "096fb3f142eff542bda546cce4472a5e",                                 // node
             "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c", // public key
@@ -213,7 +213,7 @@ fn a_telemetry_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Telemetry(telemetry()),
         concat!(
-            "0201",
+            "0301",
             "096fb3f142eff542bda546cce4472a5e", // node
             "2a",                               // seq 42
             "ef9bafcdf8acd19101",               // boot id 0x0123456789abcdef
@@ -235,7 +235,7 @@ fn an_assign_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Assign(assignment()),
         concat!(
-            "0202",
+            "0302",
             "087461736b2d30303101", // "task-001", attempt 1
             "76fcc948d12ff9ec24dcedd5e76c8fac29cfa916ecc2e1fd73e9d99cadb633ab", // module
             "00",                   // abi plain
@@ -257,7 +257,7 @@ fn an_executed_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         executed_report(),
         concat!(
-            "0203",
+            "0303",
             "087461736b2d30303101",             // "task-001", attempt 1
             "096fb3f142eff542bda546cce4472a5e", // node
             "00",                               // ReportBody::Executed
@@ -281,7 +281,7 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         refused_report(),
         concat!(
-            "0203",
+            "0303",
             "087461736b2d30303102",             // "task-001", attempt 2
             "096fb3f142eff542bda546cce4472a5e", // node
             "01",                               // ReportBody::Refused
@@ -299,8 +299,30 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
 
 #[test]
 fn ping_and_pong_envelopes_are_pinned_and_round_trip() {
-    assert_pinned(ping(), "0204096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
-    assert_pinned(Message::Pong(Pong { nonce: 7 }), "020507");
+    assert_pinned(ping(), "0304096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
+    let pong = Pong::sign(&coordinator(), &identity().node_id(), 7);
+    assert_pinned(
+        Message::Pong(pong),
+        concat!(
+            "030507",                                                           // Message::Pong, nonce 7
+            "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca", // coordinator key
+            // ed25519 over sha3-256("ambient/pong/v1\0" ‖ node ‖ nonce), cross-checked with
+            // `openssl pkeyutl -sign -rawin`
+            "f03815dff0119a1fa731cc71fc15cc303eba215c468f0a8ac05a4999c375408c",
+            "1efbd1bb59f80c71b5ce0cfd663361d1af0b9dd7338522e5c60f417a5c712701",
+        ),
+    );
+    assert_eq!(pong.verify(&identity().node_id()), Ok(()));
+    assert!(
+        pong.verify(&NodeId([1; 16])).is_err(),
+        "a pong for another node"
+    );
+    let mut replayed = pong;
+    replayed.nonce = 8;
+    assert!(
+        replayed.verify(&identity().node_id()).is_err(),
+        "another nonce"
+    );
 }
 
 #[test]

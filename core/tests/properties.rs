@@ -314,7 +314,11 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                 padding
             }
         )),
-        any::<u64>().prop_map(|nonce| Message::Pong(Pong { nonce })),
+        any::<u64>().prop_map(|nonce| Message::Pong(Pong {
+            nonce,
+            coordinator: [3; 32],
+            signature: [4; 64]
+        })),
     ]
 }
 
@@ -607,7 +611,12 @@ proptest! {
 fn an_oversize_frame_is_rejected_before_decoding() {
     // A valid Pong followed by padding: if the size check came after decoding this would be
     // `TrailingBytes` instead.
-    let mut frame = Envelope::new(Message::Pong(Pong { nonce: 1 })).to_vec();
+    let mut frame = Envelope::new(Message::Pong(Pong {
+        nonce: 1,
+        coordinator: [3; 32],
+        signature: [4; 64],
+    }))
+    .to_vec();
     frame.resize(MAX_FRAME_BYTES + 1, 0);
     assert_eq!(
         Envelope::decode(&frame),

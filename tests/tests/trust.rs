@@ -943,3 +943,88 @@ fn ambient_mqtt_options(
 ) -> MqttOptions {
     ambient_mqtt::client_options(url, client_id, tls).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_telemetry_is_cut_before_verification_and_the_other_nodes_work_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // mosquitto without ACLs carries the flood to the coordinator; the embedded broker would
+    // drop it at the door.
+    let m = mosquitto();
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
+    let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
+    c.wait_for_nodes(1);
+    let victim = snapshot(&c.db())[0].0;
+    let _bystander = agent(&c.url, &dir.path().join("a1"), "jetson-orin-nano");
+    c.wait_for_nodes(2);
+
+    // Validly framed telemetry in the victim's name, signed by another key, as fast as the
+    // connection takes it, until the work below is done.
+    let (flooder, _) = stranger(&c.url, "flooder", &[]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let forger = Identity::from_secret(&[0xF1; 32]);
+            let topic = topics::node(&victim, NodeTopic::Telemetry).to_string();
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let frame =
+                    telemetry_frame(&forger, victim, 1_000 + sent, TelemetrySample::default());
+                if flooder
+                    .publish(topic.as_str(), QoS::AtMostOnce, false, frame)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+
+    let mut client = Client::connect(&c.url).await.unwrap();
+    let module = wat::parse_str(SPIN_WAT).unwrap();
+    let started = std::time::Instant::now();
+    let mut latencies = Vec::new();
+    for i in 0..20u64 {
+        let sub = Submission {
+            task_id: Some(format!("probe-{i}")),
+            module_b64: Some(B64.encode(&module)),
+            input_b64: Some(B64.encode(i.to_le_bytes())),
+            ..Submission::default()
+        };
+        let t = std::time::Instant::now();
+        let events = client
+            .run_batch(&[sub], Duration::from_secs(60), |_| {})
+            .await
+            .unwrap();
+        latencies.push(t.elapsed());
+        let ev = &events[&format!("probe-{i}")];
+        assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.await.unwrap();
+    latencies.sort();
+    // Reported, not asserted: timing depends on the machine.
+    eprintln!(
+        "flood: {sent} forged frames in {:.1} s ({:.0}/s); probe p50 {:?}",
+        started.elapsed().as_secs_f64(),
+        sent as f64 / started.elapsed().as_secs_f64(),
+        latencies[latencies.len() / 2]
+    );
+    let (observer, mut rejected) = stranger(&c.url, "observer", &[topics::REJECTED]).await;
+    settle(&observer, &mut rejected, &c.db()).await;
+    let store = Store::open_read_only(&c.db()).unwrap();
+    let dropped = store.dropped().unwrap();
+    assert!(
+        dropped["rate_limited"] > 0,
+        "the flood reached the coordinator and was cut: {dropped:?}"
+    );
+    // The victim may have gone silent (its own frames were dropped with the forgeries); the
+    // bystander carried on.
+    let nodes = snapshot(&c.db());
+    let (_, bystander) = nodes.iter().find(|(id, _)| *id != victim).unwrap();
+    assert_eq!(bystander["breaker"], "Closed", "{bystander}");
+    assert_eq!(bystander["online"], true, "{bystander}");
+}

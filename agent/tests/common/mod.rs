@@ -163,8 +163,8 @@ impl Coordinator {
                             && let Ok(env) = Envelope::decode(&p.payload)
                             && let Message::Ping(ping) = env.message
                         {
-                            let pong =
-                                Envelope::new(Message::Pong(Pong { nonce: ping.nonce })).to_vec();
+                            let pong = Pong::sign(&coordinator_identity(), &node, ping.nonce);
+                            let pong = Envelope::new(Message::Pong(pong)).to_vec();
                             let _ = answer.try_publish(
                                 topics::node(&node, topics::NodeTopic::Tasks).as_str(),
                                 QoS::AtMostOnce,

@@ -58,13 +58,23 @@ pub fn signed_announce(identity: &Identity, adjust: impl FnOnce(&mut Announce)) 
 
 /// A signed telemetry frame for `identity` (agent run 1, sample number `seq`).
 pub fn signed_telemetry(identity: &Identity, seq: u64, sample: TelemetrySample) -> Vec<u8> {
+    telemetry_frame(identity, identity.node_id(), seq, sample)
+}
+
+/// A telemetry frame in `node`'s name, signed by `signer` (a forgery unless it is `node`'s key).
+pub fn telemetry_frame(
+    signer: &Identity,
+    node: ambient_core::NodeId,
+    seq: u64,
+    sample: TelemetrySample,
+) -> Vec<u8> {
     let telemetry = Telemetry {
-        node: identity.node_id(),
+        node,
         seq,
         boot_id: 1,
         sample,
     };
-    let signature = sign_message(identity, SignedTelemetry::TAG, &telemetry).unwrap();
+    let signature = sign_message(signer, SignedTelemetry::TAG, &telemetry).unwrap();
     Envelope::new(Message::Telemetry(SignedTelemetry {
         telemetry,
         signature,
