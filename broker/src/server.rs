@@ -82,12 +82,7 @@ impl Broker {
     /// to do about it), [`BrokerError::AddressNotAvailable`], [`BrokerError::PermissionDenied`],
     /// or [`BrokerError::Bind`] for anything else.
     pub async fn bind(addr: SocketAddr, config: BrokerConfig) -> Result<Broker, BrokerError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| BrokerError::bind(addr, source))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| BrokerError::bind(addr, source))?;
+        let (listener, local_addr) = listen(addr).await?;
         Ok(Broker {
             listener,
             local_addr,
@@ -111,12 +106,7 @@ impl Broker {
         key_file: &std::path::Path,
     ) -> Result<Broker, BrokerError> {
         let server = server_config(cert_file, key_file)?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| BrokerError::bind(addr, source))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| BrokerError::bind(addr, source))?;
+        let (listener, local_addr) = listen(addr).await?;
         self.tls = Some(TlsListener {
             listener,
             local_addr,
@@ -213,6 +203,17 @@ impl Broker {
         tasks.wait().await;
         result
     }
+}
+
+/// A listener on `addr` and the address it got (the real port for port 0).
+async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::bind(addr, source))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| BrokerError::bind(addr, source))?;
+    Ok((listener, local_addr))
 }
 
 /// A rustls server configuration (ring provider) from PEM files.

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 
 use ambient_broker::{Credentials, Gatekeeper, Grant, Refusal};
 use ambient_core::topics::{self, NodeTopic};
-use ambient_core::{ConnectToken, NodeId};
+use ambient_core::{ConnectToken, Identity, NodeId};
 
 /// Username the coordinator's own client uses on its embedded broker.
 pub const COORDINATOR_USER: &str = "coordinator";
@@ -61,6 +61,13 @@ pub fn hash_password(password: &str) -> String {
         .hash_password(password.as_bytes(), &salt)
         .expect("the default argon2 parameters hash any password")
         .to_string()
+}
+
+/// The coordinator's username and a connect token made at `now_ms`: how it, and tools
+/// holding its key, sign in to its embedded broker.
+pub fn coordinator_login(identity: &Identity, now_ms: u64) -> (String, String) {
+    let token = ConnectToken::sign(identity, COORDINATOR_USER, now_ms);
+    (COORDINATOR_USER.to_string(), token.to_hex().to_string())
 }
 
 /// Whether `name` can be an account: not a node id, not the coordinator, 1 to 64 visible
@@ -186,8 +193,6 @@ fn is_loopback(peer: SocketAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use ambient_core::Identity;
-
     use super::*;
 
     const NOW: u64 = 1_790_000_000_000;

@@ -38,8 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_broker::{Broker, BrokerConfig, BrokerError};
+use ambient_core::Identity;
 use ambient_core::topics::{self, NodeTopic};
-use ambient_core::{ConnectToken, Identity};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -47,7 +47,7 @@ use tracing::{debug, error, info, warn};
 
 use ambient_mqtt::BrokerUrl;
 
-use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, COORDINATOR_USER};
+use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, coordinator_login};
 use crate::config::{BrokerMode, CoordinatorConfig};
 use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
 use crate::store::{Op, Store, StoreError};
@@ -245,7 +245,7 @@ impl Coordinator {
         // has its own accounts.
         let login = embedded.then_some({
             let signer = signer.clone();
-            move || coordinator_login(&signer)
+            move || coordinator_login(&signer, Now::read().unix_ms)
         });
         let (client, eventloop) = mqtt::connect(
             &url,
@@ -323,12 +323,6 @@ fn subscriptions() -> Vec<String> {
         .map(|leaf| topics::all_nodes(leaf).to_string()),
     );
     filters
-}
-
-/// Username and a fresh connect token for the coordinator's own client.
-fn coordinator_login(identity: &Identity) -> (String, String) {
-    let token = ConnectToken::sign(identity, COORDINATOR_USER, Now::read().unix_ms);
-    (COORDINATOR_USER.to_string(), token.to_hex().to_string())
 }
 
 async fn mqtt_loop(

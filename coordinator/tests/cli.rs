@@ -81,3 +81,31 @@ fn the_embedded_broker_explains_a_taken_port() {
         "{err}"
     );
 }
+
+#[test]
+fn a_quick_end_to_end_bench_completes_every_section() {
+    // Both brokers: the embedded one with its access rules, and mosquitto (which must be
+    // installed, as for the end-to-end tests).
+    let out = ambient(&["bench", "--quick", "--only", "e2e", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bench printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let failed: Vec<&serde_json::Value> = report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter(|f| f["status"] == "failed")
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(
+        report["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["section"] == "1. end to end, embedded broker" && f["value"].is_number()),
+        "the embedded broker section measured something"
+    );
+}

@@ -18,21 +18,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-fn spin_task(id: &str, module: &[u8], iterations: u64) -> Submission {
-    Submission {
-        task_id: Some(id.into()),
-        client_id: Some("e2e".into()),
-        module_b64: Some(B64.encode(module)),
-        input_b64: Some(B64.encode(iterations.to_le_bytes())),
-        limits: Some(LimitsJson {
-            fuel: Some(1_000_000_000_000),
-            timeout_ms: Some(120_000),
-            memory_bytes: None,
-        }),
-        ..Submission::default()
-    }
-}
-
 fn task_row(db: &std::path::Path, id: &str) -> Option<ambient_coordinator::store::TaskRow> {
     Store::open_read_only(db)
         .ok()?
@@ -46,10 +31,9 @@ async fn a_task_on_a_killed_agent_completes_elsewhere_and_is_paid_once() {
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     let mut first = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
-    let module = wat::parse_str(SPIN_WAT).unwrap();
     let mut client = Client::connect(&c.url).await.unwrap();
     client
-        .submit(&spin_task("long", &module, 2_000_000_000))
+        .submit(&spin_task("long", 2_000_000_000))
         .await
         .unwrap();
     wait_until(

@@ -257,19 +257,8 @@ async fn on_a_broker_without_acls_forged_reports_refusals_and_a_spoofed_offline_
     };
 
     // Long enough that the forgeries usually arrive while the real run is going.
-    let module = wat::parse_str(SPIN_WAT).unwrap();
     let n: u64 = 300_000_000;
-    let sub = Submission {
-        task_id: Some("targeted".into()),
-        module_b64: Some(B64.encode(&module)),
-        input_b64: Some(B64.encode(n.to_le_bytes())),
-        limits: Some(LimitsJson {
-            fuel: Some(1_000_000_000_000),
-            timeout_ms: Some(120_000),
-            memory_bytes: None,
-        }),
-        ..Submission::default()
-    };
+    let sub = spin_task("targeted", n);
     let mut client = Client::connect(&c.url).await.unwrap();
     let events = client
         .run_batch(&[sub], Duration::from_secs(90), |_| {})
@@ -368,13 +357,7 @@ async fn open_enrollment_stops_at_max_nodes_and_only_nodes_with_telemetry_get_wo
 
     // A task submitted now finds no node with telemetry among the 50: it waits in the queue
     // (none of the announce-only nodes receives it, so nothing waits out a dispatch deadline).
-    let module = wat::parse_str(SPIN_WAT).unwrap();
-    let sub = Submission {
-        task_id: Some("after-flood".into()),
-        module_b64: Some(B64.encode(&module)),
-        input_b64: Some(B64.encode(10u64.to_le_bytes())),
-        ..Submission::default()
-    };
+    let sub = spin_task("after-flood", 10);
     let mut submitter = Client::connect(&c.url).await.unwrap();
     submitter.submit(&sub).await.unwrap();
     accepted(&mut submitter, "after-flood").await;
@@ -413,13 +396,7 @@ async fn a_node_gets_work_only_after_its_first_signed_telemetry() {
     settle(&observer, &mut rejected, &c.db()).await;
     assert_eq!(snapshot(&c.db()).len(), 1, "registered");
     let mut submitter = Client::connect(&c.url).await.unwrap();
-    let module = wat::parse_str(SPIN_WAT).unwrap();
-    let sub = Submission {
-        task_id: Some("waits".into()),
-        module_b64: Some(B64.encode(&module)),
-        input_b64: Some(B64.encode(10u64.to_le_bytes())),
-        ..Submission::default()
-    };
+    let sub = spin_task("waits", 10);
     submitter.submit(&sub).await.unwrap();
     accepted(&mut submitter, "waits").await;
     let store = Store::open_read_only(&c.db()).unwrap();
@@ -616,13 +593,7 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
 
     // The victim is still connected and online, and runs work; nobody else saw its assignment.
     let mut client = Client::connect(&c.url).await.unwrap();
-    let module = wat::parse_str(SPIN_WAT).unwrap();
-    let sub = Submission {
-        task_id: Some("still-mine".into()),
-        module_b64: Some(B64.encode(&module)),
-        input_b64: Some(B64.encode(10u64.to_le_bytes())),
-        ..Submission::default()
-    };
+    let sub = spin_task("still-mine", 10);
     let events = client
         .run_batch(&[sub], Duration::from_secs(60), |_| {})
         .await
@@ -813,13 +784,7 @@ async fn mosquitto_with_tls_passwords_and_acls_runs_the_flow_and_keeps_each_devi
     let mut client = Client::connect_with(&url("submitter", "s-pass"), &tls)
         .await
         .unwrap();
-    let module = wat::parse_str(SPIN_WAT).unwrap();
-    let sub = Submission {
-        task_id: Some("over-tls".into()),
-        module_b64: Some(B64.encode(&module)),
-        input_b64: Some(B64.encode(10u64.to_le_bytes())),
-        ..Submission::default()
-    };
+    let sub = spin_task("over-tls", 10);
     let events = client
         .run_batch(&[sub], Duration::from_secs(60), |_| {})
         .await
@@ -903,14 +868,8 @@ async fn the_embedded_broker_serves_devices_and_client_accounts_over_tls() {
     let mut client = Client::connect_with(&account("correct%20horse"), &tls)
         .await
         .unwrap();
-    let module = wat::parse_str(SPIN_WAT).unwrap();
     let subs: Vec<Submission> = (0..20u64)
-        .map(|i| Submission {
-            task_id: Some(format!("tls-{i}")),
-            module_b64: Some(B64.encode(&module)),
-            input_b64: Some(B64.encode((1000 + i).to_le_bytes())),
-            ..Submission::default()
-        })
+        .map(|i| spin_task(&format!("tls-{i}"), 1000 + i))
         .collect();
     let events = client
         .run_batch(&subs, Duration::from_secs(60), |_| {})
@@ -984,16 +943,10 @@ async fn a_flood_of_forged_telemetry_is_cut_before_verification_and_the_other_no
     };
 
     let mut client = Client::connect(&c.url).await.unwrap();
-    let module = wat::parse_str(SPIN_WAT).unwrap();
     let started = std::time::Instant::now();
     let mut latencies = Vec::new();
     for i in 0..20u64 {
-        let sub = Submission {
-            task_id: Some(format!("probe-{i}")),
-            module_b64: Some(B64.encode(&module)),
-            input_b64: Some(B64.encode(i.to_le_bytes())),
-            ..Submission::default()
-        };
+        let sub = spin_task(&format!("probe-{i}"), i);
         let t = std::time::Instant::now();
         let events = client
             .run_batch(&[sub], Duration::from_secs(60), |_| {})

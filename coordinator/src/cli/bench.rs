@@ -687,8 +687,22 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
     let (identity, receipt) = bench_receipt()?;
     let (sign, verify) = sign_and_verify(&plan, &identity, &receipt)?;
     let db = config.db_path();
+    let data_dir = config.data_dir.clone();
     let coordinator = Coordinator::bind(config).await?;
     let url = coordinator.broker_url();
+    // The raw floor runs on the same broker. On the embedded one, topics outside Ambient's are
+    // the coordinator's alone, so the raw clients sign in with its key.
+    let raw_url = match coordinator.embedded_addr() {
+        Some(addr) => {
+            let key = ambient_agent::load_identity(&data_dir)?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            let (user, token) = ambient_coordinator::access::coordinator_login(&key, now_ms);
+            format!("mqtt://{user}:{token}@{addr}")
+        }
+        None => url.clone(),
+    };
     // Agents stop first, so none of them sees its broker vanish under it.
     let stop = CancellationToken::new();
     let stop_agents = CancellationToken::new();
@@ -697,7 +711,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
 
     let measured = async {
         progress(&format!("  raw MQTT on {url}"));
-        let raw = raw_mqtt(&url, &plan).await?;
+        let raw = raw_mqtt(&raw_url, &plan).await?;
         for (i, profile) in PROFILES.iter().enumerate() {
             let mut cfg =
                 ambient_agent::AgentConfig::new(&url, temp.path().join(format!("agent-{i}")))?;

@@ -382,6 +382,25 @@ pub fn digits_batch(offset: usize, n: usize) -> (Vec<u8>, Vec<u8>) {
 pub const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
 
 /// A plain-ABI module that counts to the little-endian u64 in its input, then returns that count.
+/// A task running [`SPIN_WAT`] for `iterations` loops (it returns them), with room for long
+/// runs: a trillion fuel, two minutes.
+pub fn spin_task(id: &str, iterations: u64) -> ambient_coordinator::Submission {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    ambient_coordinator::Submission {
+        task_id: Some(id.into()),
+        client_id: Some("e2e".into()),
+        module_b64: Some(b64.encode(wat::parse_str(SPIN_WAT).expect("SPIN_WAT is valid"))),
+        input_b64: Some(b64.encode(iterations.to_le_bytes())),
+        limits: Some(ambient_coordinator::LimitsJson {
+            fuel: Some(1_000_000_000_000),
+            timeout_ms: Some(120_000),
+            memory_bytes: None,
+        }),
+        ..ambient_coordinator::Submission::default()
+    }
+}
+
 pub const SPIN_WAT: &str = r#"
 (module
   (memory (export "memory") 1)
