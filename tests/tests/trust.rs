@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
-use ambient_coordinator::{EventStatus, LimitsJson, Submission};
+use ambient_coordinator::{EventStatus, Submission};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
     Engine, Envelope, Identity, Message, NodeId, Receipt, Refusal, Report, ReportBody,
