@@ -141,7 +141,7 @@ async fn bad_submissions_get_clear_rejections_and_the_coordinator_keeps_working(
     let events = client
         .run_batch(
             &[
-                spin_task("ok", &wat::parse_str(SPIN_WAT).unwrap(), 10),
+                spin_task("ok", 10),
                 Submission {
                     task_id: Some("trap".into()),
                     module_b64: Some(B64.encode(trap)),
