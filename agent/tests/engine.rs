@@ -429,24 +429,16 @@ fn many_runs_at_once_share_one_prepared_module() {
     }
 }
 
-fn committed_module(name: &str) -> Option<Vec<u8>> {
+fn committed_module(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tasks/modules")
         .join(name);
-    match std::fs::read(&path) {
-        Ok(bytes) => Some(bytes),
-        Err(_) => {
-            eprintln!("note: {} is absent, skipping", path.display());
-            None
-        }
-    }
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{} is committed: {e}", path.display()))
 }
 
 #[test]
 fn the_digits_module_classifies_like_the_native_model() {
-    let Some(bytes) = committed_module("digits.wasm") else {
-        return;
-    };
+    let bytes = committed_module("digits.wasm");
     let s = sandbox();
     let m = s.prepare(sha3_256(&bytes), &bytes).unwrap();
     let images: Vec<u8> = ambient_digits::heldout()
@@ -468,9 +460,7 @@ fn the_digits_module_classifies_like_the_native_model() {
 
 #[test]
 fn the_committed_wasi_module_upper_cases_stdin() {
-    let Some(bytes) = committed_module("wasi-upper.wasm") else {
-        return;
-    };
+    let bytes = committed_module("wasi-upper.wasm");
     let s = sandbox();
     let m = s.prepare(sha3_256(&bytes), &bytes).unwrap();
     let run = s.execute(

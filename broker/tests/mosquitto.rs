@@ -1,4 +1,4 @@
-//! Interoperability with the mosquitto command-line clients, when they are installed.
+//! Interoperability with the mosquitto command-line clients (`apt-get install mosquitto-clients`).
 
 mod common;
 
@@ -9,8 +9,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::time::timeout;
 
-/// Whether `program` can be started; prints why the test is skipped when it cannot.
-async fn is_installed(program: &str) -> bool {
+/// Fails the test, never skips it, when `program` cannot be started.
+async fn require(program: &str) {
     let found = Command::new(program)
         .arg("--help")
         .stdout(Stdio::null())
@@ -18,10 +18,10 @@ async fn is_installed(program: &str) -> bool {
         .status()
         .await
         .is_ok();
-    if !found {
-        println!("skipping: {program} is not installed (apt install mosquitto-clients)");
-    }
-    found
+    assert!(
+        found,
+        "{program} is needed for this test: apt-get install mosquitto-clients"
+    );
 }
 
 async fn mosquitto_pub(broker: &RunningBroker, args: &[&str]) -> std::process::Output {
@@ -38,9 +38,8 @@ async fn mosquitto_pub(broker: &RunningBroker, args: &[&str]) -> std::process::O
 
 #[tokio::test]
 async fn mosquitto_sub_receives_what_mosquitto_pub_publishes_at_every_qos() {
-    if !is_installed("mosquitto_sub").await || !is_installed("mosquitto_pub").await {
-        return;
-    }
+    require("mosquitto_sub").await;
+    require("mosquitto_pub").await;
     let broker = RunningBroker::start().await;
     let port = broker.addr.port().to_string();
 
@@ -83,9 +82,7 @@ async fn mosquitto_sub_receives_what_mosquitto_pub_publishes_at_every_qos() {
 
 #[tokio::test]
 async fn mosquitto_pub_speaking_mqtt_3_1_is_told_the_version_is_unacceptable() {
-    if !is_installed("mosquitto_pub").await {
-        return;
-    }
+    require("mosquitto_pub").await;
     let broker = RunningBroker::start().await;
     let refused = mosquitto_pub(&broker, &["-V", "mqttv31", "-t", "old", "-m", "x"]).await;
     assert!(!refused.status.success());

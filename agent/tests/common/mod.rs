@@ -34,16 +34,17 @@ pub struct Broker {
 
 impl Broker {
     /// Starts mosquitto, or returns `None` (after a note) when it is not installed.
-    pub fn start(dir: &Path) -> Option<Self> {
+    pub fn start(dir: &Path) -> Self {
         Self::start_with(dir, "")
     }
 
-    /// Starts mosquitto with `extra` appended to its config (e.g. a second listener).
-    pub fn start_with(dir: &Path, extra: &str) -> Option<Self> {
-        if !Path::new(MOSQUITTO).exists() {
-            eprintln!("note: {MOSQUITTO} is absent; skipping a test that needs a broker");
-            return None;
-        }
+    /// Starts mosquitto with `extra` appended to its config (e.g. a second listener). Fails
+    /// the test, never skips it, where mosquitto is not installed.
+    pub fn start_with(dir: &Path, extra: &str) -> Self {
+        assert!(
+            Path::new(MOSQUITTO).exists(),
+            "{MOSQUITTO} is needed for this test: apt-get install mosquitto"
+        );
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -66,7 +67,7 @@ impl Broker {
             dir,
         };
         broker.spawn();
-        Some(broker)
+        broker
     }
 
     fn spawn(&mut self) {
