@@ -42,6 +42,14 @@ pub enum ClientError {
         /// The underlying error.
         reason: String,
     },
+    /// The broker answered, and refused this client.
+    #[error("the MQTT broker at {url} refused this client: {reason}")]
+    Refused {
+        /// The broker URL (password hidden).
+        url: String,
+        /// What it said, and what to do.
+        reason: String,
+    },
     /// The connection closed.
     #[error("the broker connection closed")]
     Closed,
@@ -51,6 +59,21 @@ pub enum ClientError {
         /// Its size.
         len: usize,
     },
+}
+
+/// What a CONNACK refusal means for a client of Ambient, and what to do about it.
+fn refusal(code: rumqttc::ConnectReturnCode) -> String {
+    use rumqttc::ConnectReturnCode as Code;
+    match code {
+        Code::BadUserNamePassword => {
+            "wrong user or password (the account goes in the URL: mqtt://user:password@host)".into()
+        }
+        Code::NotAuthorized => "not authorized: the coordinator's embedded broker accepts clients \
+            without an account only from the gateway itself; give this client an account \
+            ([broker.users] in coordinator.toml, `ambient passwd`) and put it in the URL"
+            .into(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// How long [`Client::run_batch`] waits for a task's `accepted` event before submitting it again.
@@ -85,7 +108,7 @@ impl Client {
         let id = format!("ambient-client-{:016x}", rand::random::<u64>());
         let (client, mut eventloop) = mqtt::connect(&url, tls, &id, mqtt::Session::Clean, None)?;
         let (tx, events) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), rumqttc::ConnectionError>>();
         let (resub_tx, resubscribed) = watch::channel(0u64);
         let sub = client.clone();
         let eventloop = tokio::spawn(async move {
@@ -119,7 +142,7 @@ impl Client {
                     Ok(_) => {}
                     Err(e) => {
                         if let Some(r) = ready.take() {
-                            let _ = r.send(Err(e.to_string()));
+                            let _ = r.send(Err(e));
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -128,7 +151,7 @@ impl Client {
             }
         });
         let unreachable = |reason: String| ClientError::Unreachable {
-            url: broker_url.to_string(),
+            url: url.to_string(),
             reason,
         };
         match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
@@ -138,9 +161,16 @@ impl Client {
                 resubscribed,
                 eventloop,
             }),
-            Ok(Ok(Err(reason))) => {
+            Ok(Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code)))) => {
                 eventloop.abort();
-                Err(unreachable(reason))
+                Err(ClientError::Refused {
+                    url: url.to_string(),
+                    reason: refusal(code),
+                })
+            }
+            Ok(Ok(Err(e))) => {
+                eventloop.abort();
+                Err(unreachable(e.to_string()))
             }
             _ => {
                 eventloop.abort();

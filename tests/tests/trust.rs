@@ -865,6 +865,16 @@ async fn the_embedded_broker_serves_devices_and_client_accounts_over_tls() {
         connack(ambient_mqtt_options(&wrong, "laptop", &tls)).await,
         Err(ConnectReturnCode::BadUserNamePassword)
     );
+    // What a user of `ambient submit` reads, without the password in it.
+    let refused = Client::connect_with(&account("hunter2"), &tls)
+        .await
+        .err()
+        .expect("a wrong password is refused")
+        .to_string();
+    assert!(
+        refused.contains("wrong user or password") && !refused.contains("hunter2"),
+        "{refused}"
+    );
     let mut client = Client::connect_with(&account("correct%20horse"), &tls)
         .await
         .unwrap();
