@@ -853,7 +853,9 @@ impl Dispatcher {
         job.failures += 1;
         job.errors.push(why);
         if job.failures > self.config.max_failures {
-            self.finish(now, task_id, None, fx);
+            // A failed spot check does not undo the verified receipt it was checking.
+            let verified = (job.spot_check && job.votes.len() == 1).then(|| job.votes[0].key);
+            self.finish(now, task_id, verified, fx);
         } else {
             self.pump(now, task_id, fx);
         }
@@ -881,11 +883,14 @@ impl Dispatcher {
             let strict_len = exclude.len();
             exclude.extend_from_slice(&job.avoided);
             let requires = &job.spec.requires;
+            // A spot check of a verified receipt never goes back to a node that failed the
+            // task: it would only fail again, and the receipt already stands.
+            let checking_only = job.spot_check && job.votes.len() == 1;
             let chosen = self
                 .registry
                 .select(now.at, requires, strategy, &exclude)
                 .or_else(|| {
-                    (exclude.len() > strict_len).then(|| {
+                    (!checking_only && exclude.len() > strict_len).then(|| {
                         self.registry
                             .select(now.at, requires, strategy, &exclude[..strict_len])
                     })?
@@ -894,7 +899,7 @@ impl Dispatcher {
                 // A spot check is best effort: with no second eligible node, a verified
                 // receipt stands on its own rather than waiting for a node that may never
                 // come, whether the check or the original run is the one that finished.
-                if job.spot_check && job.votes.len() == 1 && job.outstanding.is_empty() {
+                if checking_only && job.outstanding.is_empty() {
                     job.spot_check = false;
                     job.replicas = 1;
                     let key = job.votes[0].key;
@@ -1794,6 +1799,32 @@ mod tests {
             1,
             "not left waiting for a node that never comes"
         );
+        assert_eq!(done[0].status, EventStatus::Completed);
+        assert_eq!(done[0].nodes, vec![sent[1].0.to_hex().to_string()]);
+    }
+
+    #[test]
+    fn a_spot_check_never_returns_to_a_node_that_timed_out_and_the_receipt_stands() {
+        let mut f = fixture_with(
+            2,
+            DispatchConfig {
+                spot_check_permille: 1000,
+                ..config()
+            },
+        );
+        let sent = assignments(&f.submit("check", "receipt"));
+        assert_eq!(sent.len(), 2);
+        assert!(finals(&f.answer("check", sent[1], b"out")).is_empty());
+        // The other node never answers: its attempt times out.
+        let wait = Duration::from_millis(ambient_core::Limits::default().timeout_ms)
+            + Duration::from_secs(16);
+        let fx = f.advance(wait);
+        assert!(
+            assignments(&fx).is_empty(),
+            "the check is not sent back to the node that timed out"
+        );
+        let done = finals(&fx);
+        assert_eq!(done.len(), 1);
         assert_eq!(done[0].status, EventStatus::Completed);
         assert_eq!(done[0].nodes, vec![sent[1].0.to_hex().to_string()]);
     }
