@@ -177,7 +177,8 @@ pub struct RawSettlement {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawEnrollment {
-    /// `open` (trust a node's key on first use) or `allowlist`. Default `open`.
+    /// `open` (trust a node's key on first use) or `allowlist` (the keys in `allow` and those
+    /// approved with `ambient nodes approve`). Default `open`.
     pub mode: String,
     /// Hex ed25519 public keys admitted in `allowlist` mode.
     pub allow: Vec<String>,

@@ -154,6 +154,8 @@ pub struct Dropped {
     pub unknown_node: u64,
     /// Announces from new nodes refused by the enrollment bounds (`max_nodes`, `joins_per_s`).
     pub refused_joins: u64,
+    /// Announces from keys waiting for approval (allowlist mode) or revoked.
+    pub not_enrolled: u64,
     /// Reports for tasks already finished, or attempts not outstanding (replays, duplicates).
     pub stale_reports: u64,
     /// Reports whose signature does not prove they come from the node they name, for the
@@ -176,6 +178,7 @@ impl Dropped {
             ("malformed", self.malformed),
             ("unknown_node", self.unknown_node),
             ("refused_joins", self.refused_joins),
+            ("not_enrolled", self.not_enrolled),
             ("stale_reports", self.stale_reports),
             ("unauthenticated", self.unauthenticated),
             ("bad_receipts", self.bad_receipts),
@@ -226,6 +229,17 @@ pub enum Input<'a> {
         hash: Digest,
         /// The payload.
         bytes: &'a [u8],
+    },
+    /// The operator's verdict on a node's key (`ambient nodes approve`/`revoke`), read from
+    /// the store.
+    Verdict {
+        /// The node's ed25519 public key.
+        public_key: [u8; 32],
+        /// Approved (`true`) or revoked.
+        admit: bool,
+        /// The node's stored announce frame, if it sent one: an approved node joins with it at
+        /// once instead of waiting for its next connection.
+        announce: Option<&'a [u8]>,
     },
     /// The broker connection came up (first time, or again after a loss).
     Connected,
@@ -473,8 +487,46 @@ impl Dispatcher {
             Input::Submit(json) => self.on_submission(now, json, journal, fx),
             Input::Frame { node, leaf, frame } => self.on_node_frame(now, node, leaf, frame, fx),
             Input::Module { hash, bytes } => self.on_module(hash, bytes, fx),
+            Input::Verdict {
+                public_key,
+                admit,
+                announce,
+            } => self.on_verdict(now, public_key, admit, announce, fx),
             Input::Connected => self.on_connected(fx),
             Input::Tick => self.on_tick(now, fx),
+        }
+    }
+
+    /// Applies an operator's verdict. A revoked node leaves the pool at once and its
+    /// outstanding dispatches move to other nodes; an approved one joins with its stored
+    /// announce, and gets work once its next telemetry arrives.
+    fn on_verdict(
+        &mut self,
+        now: Now,
+        public_key: [u8; 32],
+        admit: bool,
+        announce: Option<&[u8]>,
+        fx: &mut Effects,
+    ) {
+        let node = NodeId::from_public_key(&public_key);
+        if !admit {
+            info!(%node, "node revoked by the operator");
+            if self.registry.revoke(public_key).is_some() {
+                self.reassign_from(now, node, "revoked by the operator", fx);
+            }
+            return;
+        }
+        info!(%node, "node approved by the operator");
+        self.registry.approve(public_key);
+        let stored = announce.and_then(|frame| match Envelope::decode(frame).ok()?.message {
+            Message::Announce(a) if a.announce.public_key == public_key => Some(a),
+            _ => None,
+        });
+        if let Some(a) = stored {
+            match self.registry.on_announce(now.at, &a) {
+                Ok(_) => self.pump_queue(now, fx),
+                Err(e) => debug!(%node, error = %e, "stored announce of an approved node refused"),
+            }
         }
     }
 
@@ -656,6 +708,16 @@ impl Dispatcher {
                         debug!(%node, error = %e, "announce refused");
                     }
                     Err(RegistryError::TooFast) => self.dropped.rate_limited += 1,
+                    Err(RegistryError::NotAllowed) => {
+                        // Signed by the key it names: keep it for the operator's verdict.
+                        self.dropped.not_enrolled += 1;
+                        fx.journal.push(Op::Pending {
+                            public_key: a.announce.public_key,
+                            frame: frame.to_vec(),
+                            at_ms: now.unix_ms,
+                        });
+                    }
+                    Err(RegistryError::Revoked) => self.dropped.not_enrolled += 1,
                     Err(e) => {
                         self.dropped.unknown_node += 1;
                         debug!(%node, error = %e, "announce refused");
@@ -1247,6 +1309,7 @@ mod tests {
         tasks: RefCell<HashMap<TaskId, Known>>,
         paid: RefCell<HashMap<TaskId, Vec<(NodeId, u64)>>>,
         dispatches: RefCell<Vec<(TaskId, u16, NodeId)>>,
+        pending: RefCell<Vec<([u8; 32], Vec<u8>)>>,
     }
 
     impl Journal for Mem {
@@ -1294,6 +1357,9 @@ mod tests {
                         assert!(known.result_json.is_none(), "{task_id} finished twice");
                         known.result_json = Some(result_json.clone());
                     }
+                    Op::Pending {
+                        public_key, frame, ..
+                    } => self.pending.borrow_mut().push((*public_key, frame.clone())),
                     Op::PutModule { .. } | Op::SaveNodes { .. } => {}
                 }
             }
@@ -1367,13 +1433,17 @@ mod tests {
     }
 
     fn fixture_with(n: u8, config: DispatchConfig) -> Fixture {
+        fixture_in(registry(), n, config)
+    }
+
+    fn fixture_in(registry: Registry, n: u8, config: DispatchConfig) -> Fixture {
         let now = Now {
             at: Instant::now(),
             unix_ms: 1_700_000_000_000,
         };
         let d = Dispatcher::recover(
             config,
-            registry(),
+            registry,
             coordinator(),
             Recovered::default(),
             now,
@@ -1757,6 +1827,62 @@ mod tests {
         assert_eq!(
             f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(),
             2
+        );
+    }
+
+    #[test]
+    fn an_unlisted_node_waits_for_approval_and_joins_with_its_stored_announce() {
+        let listed = Identity::from_secret(&[1; 32]);
+        let registry = Registry::new(RegistryConfig {
+            enrollment: Enrollment::Allowlist(HashSet::from([listed.public_key()])),
+            ..RegistryConfig::default()
+        });
+        let mut f = fixture_in(registry, 2, config());
+        assert_eq!(f.d.registry().len(), 1);
+        let pending = f.journal.pending.borrow().clone();
+        let stranger = f.nodes[1].public_key();
+        assert_eq!(pending.len(), 1, "the unlisted key waits for a verdict");
+        assert_eq!(pending[0].0, stranger);
+
+        f.step(Input::Verdict {
+            public_key: stranger,
+            admit: true,
+            announce: Some(&pending[0].1),
+        });
+        assert_eq!(f.d.registry().len(), 2, "admitted with its stored announce");
+        assert!(
+            f.d.registry()
+                .view(f.now.at, &NodeId::from_public_key(&stranger))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_revoked_node_leaves_at_once_and_its_task_completes_elsewhere() {
+        let mut f = fixture(2);
+        let first = assignments(&f.submit("t-rev", "receipt"))[0];
+        let key = f.identity(first.0).public_key();
+        let fx = f.step(Input::Verdict {
+            public_key: key,
+            admit: false,
+            announce: None,
+        });
+        let next = assignments(&fx);
+        assert_eq!(next.len(), 1, "the task moves at once");
+        assert_ne!(next[0].0, first.0);
+        assert_eq!(f.d.registry().len(), 1);
+
+        assert!(
+            finals(&f.answer("t-rev", first, b"out")).is_empty(),
+            "the revoked node's answer counts for nothing"
+        );
+        let done = finals(&f.answer("t-rev", next[0], b"out"));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, EventStatus::Completed);
+        assert_eq!(
+            f.journal.paid.borrow()[&TaskId::new("t-rev").unwrap()],
+            [(next[0].0, 1_000)],
+            "only the node that ran it is paid"
         );
     }
 

@@ -81,7 +81,9 @@ pub enum Enrollment {
     /// private broker.
     #[default]
     Open,
-    /// Only nodes whose ed25519 public key is listed may join. Use it on a shared broker.
+    /// Only nodes whose ed25519 public key is listed, or approved with `ambient nodes approve`,
+    /// may join. Use it on a shared broker. A node that is not listed and proves its key with a
+    /// signed announce waits for the operator ([`RegistryError::NotAllowed`]).
     Allowlist(HashSet<[u8; 32]>),
 }
 
@@ -89,9 +91,15 @@ pub enum Enrollment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
-    /// The announced public key is not on the enrollment allowlist.
-    #[error("public key is not on the enrollment allowlist; add it to admit the node")]
+    /// The announced public key is not on the enrollment allowlist. The announce's signature
+    /// was checked: the node holds the key and waits for `ambient nodes approve`.
+    #[error(
+        "public key is not on the enrollment allowlist; approve it with `ambient nodes approve`"
+    )]
     NotAllowed,
+    /// The operator revoked the key (`ambient nodes revoke`).
+    #[error("the node's key was revoked by the operator")]
+    Revoked,
     /// The signature does not verify under the node's key (or the key is not a valid point).
     #[error("signature does not verify under the node's public key")]
     BadSignature,
@@ -229,6 +237,10 @@ pub struct Registry {
     silent: Vec<NodeId>,
     /// Admissions of new nodes: a token bucket of `joins_per_s`, ten seconds deep.
     joins: TokenBucket,
+    /// Keys the operator approved, admitted in addition to [`Enrollment::Allowlist`]'s.
+    approved: HashSet<[u8; 32]>,
+    /// Keys the operator revoked: refused whatever the enrollment says.
+    revoked: HashSet<[u8; 32]>,
     /// When idle nodes are next looked for (see [`RegistryConfig::forget_after`]).
     next_sweep: Option<Instant>,
     /// The first instant the registry was given: breakers count milliseconds from it.
@@ -485,6 +497,8 @@ impl Registry {
     pub fn new(config: RegistryConfig) -> Self {
         Self {
             joins: TokenBucket::new(config.joins_per_s),
+            approved: HashSet::new(),
+            revoked: HashSet::new(),
             config,
             nodes: HashMap::new(),
             placement: Placement::default(),
@@ -511,14 +525,21 @@ impl Registry {
     /// announces carry no sequence number, so a replayed one counts too, but it cannot lift a
     /// last will (only fresh telemetry or an `online` presence does).
     ///
-    /// Checks, cheapest first: the node id derives from the key, the key is enrolled, the key
-    /// matches the one registered for this id, and the signature (domain
-    /// [`SignedAnnounce::TAG`]) verifies. A known node keeps its breaker, reputation and tasks in
+    /// Checks, cheapest first: the node id derives from the key, the key is not revoked, the key
+    /// matches the one registered for this id, the budgets, and the signature (domain
+    /// [`SignedAnnounce::TAG`]). A known node keeps its breaker, reputation and tasks in
     /// flight: re-announcing does not wipe its record.
     ///
+    /// A new node takes a join ([`RegistryConfig::joins_per_s`]) unless the operator listed or
+    /// approved its key. Under [`Enrollment::Allowlist`], a key that is neither is checked too
+    /// (taking a join) and then refused with [`RegistryError::NotAllowed`]: the node proved it
+    /// holds the key, and its announce may be kept for the operator's verdict.
+    ///
     /// # Errors
-    /// [`RegistryError::IdMismatch`], [`RegistryError::NotAllowed`],
-    /// [`RegistryError::KeyChanged`] or [`RegistryError::BadSignature`]; the registry is unchanged.
+    /// [`RegistryError::IdMismatch`], [`RegistryError::Revoked`], [`RegistryError::KeyChanged`],
+    /// [`RegistryError::TooFast`], [`RegistryError::Full`], [`RegistryError::TooManyJoins`],
+    /// [`RegistryError::BadSignature`] or [`RegistryError::NotAllowed`]; the registry is
+    /// unchanged.
     pub fn on_announce(
         &mut self,
         now: Instant,
@@ -529,11 +550,12 @@ impl Registry {
         if a.node != id {
             return Err(RegistryError::IdMismatch);
         }
-        if let Enrollment::Allowlist(keys) = &self.config.enrollment
-            && !keys.contains(&a.public_key)
-        {
-            return Err(RegistryError::NotAllowed);
+        if self.revoked.contains(&a.public_key) {
+            return Err(RegistryError::Revoked);
         }
+        let listed = self.approved.contains(&a.public_key)
+            || matches!(&self.config.enrollment, Enrollment::Allowlist(keys) if keys.contains(&a.public_key));
+        let allowed = listed || self.config.enrollment == Enrollment::Open;
         // The id derives from the key, so this only fires on a collision of the 128-bit id;
         // checked anyway so that trust on first use never depends on that argument.
         if self
@@ -546,24 +568,24 @@ impl Registry {
         // Budgets before the signature check, so a flood of announces costs no signature
         // checks beyond them: the node's own for a known node, the joins for a new one.
         let count = self.nodes.len();
-        match self.nodes.get_mut(&id) {
-            Some(node) => {
-                if !node.bad_frames.has(now) {
-                    return Err(RegistryError::TooFast);
-                }
+        let within_budget = self.nodes.get_mut(&id).map(|n| n.bad_frames.has(now));
+        match within_budget {
+            Some(false) => return Err(RegistryError::TooFast),
+            Some(true) => {}
+            None if allowed && count >= self.config.max_nodes => {
+                return Err(RegistryError::Full(count));
             }
-            None if count >= self.config.max_nodes => return Err(RegistryError::Full(count)),
-            None => {
-                if !self.joins.take(now) {
-                    return Err(RegistryError::TooManyJoins);
-                }
-            }
+            None if !listed && !self.joins.take(now) => return Err(RegistryError::TooManyJoins),
+            None => {}
         }
         if verify_message(&a.public_key, SignedAnnounce::TAG, a, &signed.signature).is_err() {
             if let Some(node) = self.nodes.get_mut(&id) {
                 node.bad_frames.take(now);
             }
             return Err(RegistryError::BadSignature);
+        }
+        if !allowed {
+            return Err(RegistryError::NotAllowed);
         }
 
         let now_ms = self.now_ms(now);
@@ -722,11 +744,40 @@ impl Registry {
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
-            if let Some(mut node) = self.nodes.remove(&id) {
-                unindex(&mut self.placement, id, &mut node);
+            if self.remove(id) {
                 tracing::info!(node = %id, "forgot a node idle since long ago");
             }
         }
+    }
+
+    /// Takes a node out of the registry and its indexes; true if it was there.
+    fn remove(&mut self, id: NodeId) -> bool {
+        let Some(mut node) = self.nodes.remove(&id) else {
+            return false;
+        };
+        unindex(&mut self.placement, id, &mut node);
+        if let Some(deadline) = node.deadline {
+            self.deadlines.remove(&(deadline, id));
+        }
+        true
+    }
+
+    /// Admits `public_key` from now on, whatever the enrollment mode, and lifts a revocation:
+    /// the operator's `ambient nodes approve`. The node joins with its next (or its stored)
+    /// announce, without taking a join.
+    pub fn approve(&mut self, public_key: [u8; 32]) {
+        self.revoked.remove(&public_key);
+        self.approved.insert(public_key);
+    }
+
+    /// Refuses `public_key` from now on, whatever the enrollment mode or the allowlist says,
+    /// and removes its node: the operator's `ambient nodes revoke`. Returns the node if it was
+    /// registered; the caller moves its tasks.
+    pub fn revoke(&mut self, public_key: [u8; 32]) -> Option<NodeId> {
+        self.approved.remove(&public_key);
+        self.revoked.insert(public_key);
+        let id = NodeId::from_public_key(&public_key);
+        self.remove(id).then_some(id)
     }
 
     /// Counts valid traffic from the node (a verified report, say) towards its liveness.
@@ -1387,6 +1438,64 @@ mod tests {
         let admitted = registry.on_announce(t0(), &sign_announce(&friend, announce(&friend)));
         assert_eq!(admitted, Ok(friend.node_id()));
         assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn an_unlisted_key_must_prove_itself_and_joins_once_approved_until_revoked() {
+        let (friend, stranger) = (identity(1), identity(2));
+        let config = RegistryConfig {
+            enrollment: Enrollment::Allowlist(HashSet::from([friend.public_key()])),
+            ..Default::default()
+        };
+        let mut registry = Registry::new(config);
+        let mut forged = sign_announce(&stranger, announce(&stranger));
+        forged.signature[0] ^= 1;
+        assert_eq!(
+            registry.on_announce(t0(), &forged),
+            Err(RegistryError::BadSignature),
+            "only a key holder waits for approval"
+        );
+
+        registry.approve(stranger.public_key());
+        let signed = sign_announce(&stranger, announce(&stranger));
+        assert_eq!(registry.on_announce(t0(), &signed), Ok(stranger.node_id()));
+
+        // Revoked: gone at once, refused from then on, even a key the configuration lists.
+        assert_eq!(
+            registry.revoke(stranger.public_key()),
+            Some(stranger.node_id())
+        );
+        assert_eq!(
+            registry.revoke(friend.public_key()),
+            None,
+            "never registered"
+        );
+        assert_eq!(registry.len(), 0);
+        assert_eq!(
+            registry.on_announce(t0(), &signed),
+            Err(RegistryError::Revoked)
+        );
+        let friendly = sign_announce(&friend, announce(&friend));
+        assert_eq!(
+            registry.on_announce(t0(), &friendly),
+            Err(RegistryError::Revoked)
+        );
+        registry.approve(friend.public_key());
+        assert_eq!(registry.on_announce(t0(), &friendly), Ok(friend.node_id()));
+    }
+
+    #[test]
+    fn a_revoked_node_is_never_placed_again_in_open_enrollment() {
+        let mut fleet = Fleet::new(2);
+        let key = *fleet.registry.public_key(&fleet.id(0)).unwrap();
+        assert_eq!(fleet.registry.revoke(key), Some(fleet.id(0)));
+        for _ in 0..4 {
+            let chosen =
+                fleet
+                    .registry
+                    .select(t0(), &Requirements::default(), Strategy::RoundRobin, &[]);
+            assert_eq!(chosen, Some(fleet.id(1)));
+        }
     }
 
     #[test]

@@ -50,7 +50,7 @@ use ambient_mqtt::BrokerUrl;
 use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, coordinator_login};
 use crate::config::{BrokerMode, CoordinatorConfig};
 use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
-use crate::store::{Op, Store, StoreError};
+use crate::store::{Op, Standing, Store, StoreError};
 use crate::{Registry, mqtt};
 
 /// Why the coordinator stopped.
@@ -435,6 +435,8 @@ fn dispatch_loop(
     let mut next_tick = Instant::now() + TICK;
     let mut next_snapshot = Instant::now() + snapshot_every;
     let mut drops_logged = (d.dropped(), Instant::now() + DROPS_LOG_EVERY);
+    let mut verdicts = Verdicts::default();
+    verdicts.poll(&mut d, &store, Now::read(), &mut fx);
     let send = |o: Outbound| {
         let _ = tx.send(o);
     };
@@ -460,6 +462,7 @@ fn dispatch_loop(
             }
         }
         if now.at >= next_tick {
+            verdicts.poll(&mut d, &store, now, &mut fx);
             d.handle(now, Input::Tick, &store, &mut fx);
             next_tick = now.at + TICK;
         }
@@ -509,6 +512,46 @@ fn dispatch_loop(
         }
     }
     Ok(())
+}
+
+/// Picks up the verdicts of `ambient nodes approve`/`revoke`, which another process writes to
+/// the store: its commits change the file's data version, and each verdict takes a higher
+/// `seq` than the last one applied.
+#[derive(Debug, Default)]
+struct Verdicts {
+    version: Option<i64>,
+    seq: i64,
+}
+
+impl Verdicts {
+    /// Feeds the dispatcher every verdict recorded since the last poll. Costs one pragma when
+    /// nothing changed. A failed read is retried at the next poll.
+    fn poll(&mut self, d: &mut Dispatcher, store: &Store, now: Now, fx: &mut Effects) {
+        let rows = store.data_version().and_then(|version| {
+            if self.version == Some(version) {
+                return Ok(Vec::new());
+            }
+            let rows = store.decisions_since(self.seq)?;
+            self.version = Some(version);
+            Ok(rows)
+        });
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "cannot read enrollment verdicts; trying again");
+                return;
+            }
+        };
+        for row in rows {
+            self.seq = row.seq;
+            let input = Input::Verdict {
+                public_key: row.public_key,
+                admit: row.standing == Standing::Approved,
+                announce: row.announce.as_deref(),
+            };
+            d.handle(now, input, store, fx);
+        }
+    }
 }
 
 /// Decodes a topic into the dispatcher's input.

@@ -991,3 +991,139 @@ async fn a_flood_of_forged_telemetry_is_cut_before_verification_and_the_other_no
     assert_eq!(bystander["breaker"], "Closed", "{bystander}");
     assert_eq!(bystander["online"], true, "{bystander}");
 }
+
+/// Runs `ambient <args> --data-dir <data_dir>` and returns its standard output; panics with
+/// its standard error if it fails.
+fn ambient(data_dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("ambient"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run ambient");
+    assert!(
+        out.status.success(),
+        "ambient {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_allowlist_mode_a_new_device_waits_for_approval_and_a_revoked_one_leaves_with_its_work()
+{
+    let dir = tempfile::tempdir().unwrap();
+    // The listed device's key, made and printed on the device before the gateway knows it.
+    let listed_dir = dir.path().join("listed");
+    let printed = std::process::Command::new(bin("ambient-agent"))
+        .arg("--print-node-id")
+        .arg("--state-dir")
+        .arg(&listed_dir)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8(printed.stdout).unwrap();
+    let field = |name: &str| {
+        printed
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {printed:?}"))
+    };
+    let (listed_id, listed_key) = (field("node id"), field("public key"));
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        &format!("[enrollment]\nmode = \"allowlist\"\nallow = [\"{listed_key}\"]\n"),
+    );
+    let listed = agent(&c.url, &listed_dir, "pi5");
+    c.wait_for_nodes(1);
+    let _newcomer = agent(&c.url, &dir.path().join("newcomer"), "pi4");
+
+    // The newcomer proves its key and waits: listed for the operator, given no work.
+    let pending = || {
+        let out = ambient(&c.data_dir, &["nodes", "enrollment", "--json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        rows.iter()
+            .find(|r| r["standing"] == "pending")
+            .and_then(|r| r["node"].as_str().map(str::to_owned))
+    };
+    wait_until(
+        Duration::from_secs(60),
+        || pending().is_some(),
+        || "the newcomer listed as pending".into(),
+    );
+    let newcomer = pending().unwrap();
+    assert_eq!(
+        snapshot(&c.db()).len(),
+        1,
+        "a pending node is not registered"
+    );
+
+    // The listed node is stopped, so the task given to it stays outstanding there.
+    std::process::Command::new("kill")
+        .args(["-STOP", &listed.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut client = Client::connect(&c.url).await.unwrap();
+    client.submit(&spin_task("moves", 10)).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            Store::open_read_only(&c.db())
+                .ok()
+                .and_then(|s| s.task(&TaskId::new("moves").unwrap()).ok().flatten())
+                .is_some_and(|r| r.attempts >= 1)
+        },
+        || "the task dispatched to the listed node".into(),
+    );
+
+    let approved = ambient(&c.data_dir, &["nodes", "approve", &newcomer]);
+    assert!(
+        approved.contains(&format!("approved node {newcomer}")),
+        "{approved}"
+    );
+    // Revoking wins over the configuration's allowlist, and the task moves at once.
+    let revoked = ambient(&c.data_dir, &["nodes", "revoke", &listed_key]);
+    assert!(
+        revoked.contains(&format!("revoked node {listed_id}")),
+        "{revoked}"
+    );
+    let ev = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), client.next_event())
+            .await
+            .expect("a result in time")
+            .expect("event");
+        if ev.task_id == "moves" && ev.status.is_final() {
+            break ev;
+        }
+    };
+    assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+    assert_eq!(
+        ev.nodes,
+        std::slice::from_ref(&newcomer),
+        "completed by the approved node"
+    );
+    // A node that merely went silent would stay listed; a revoked one is gone.
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            let nodes = snapshot(&c.db());
+            nodes.len() == 1 && nodes[0].0.to_hex().as_str() == newcomer
+        },
+        || format!("only {newcomer} in the snapshot: {:?}", snapshot(&c.db())),
+    );
+    let listing = ambient(&c.data_dir, &["nodes", "enrollment"]);
+    assert!(
+        listing.contains(&format!("{listed_id} revoked")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("{newcomer} approved")),
+        "{listing}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &listed.child.id().to_string()])
+        .status();
+    client.disconnect().await;
+}

@@ -8,6 +8,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 mod bench;
 mod coordinator;
 mod demo;
+mod enrollment;
 mod passwd;
 mod read;
 mod submit;
@@ -44,8 +45,9 @@ pub enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Submit a WASM task (or a batch) and optionally wait for verified results.
     Submit(Box<submit::SubmitArgs>),
-    /// Show registered nodes: health score and its terms, breaker, reputation, last seen.
-    Nodes(read::ReadArgs),
+    /// Show registered nodes (health score and its terms, breaker, reputation, last seen), or
+    /// approve and revoke them.
+    Nodes(read::NodesArgs),
     /// Show recent tasks and their outcomes.
     Tasks(read::TasksArgs),
     /// Show account balances, or `verify` the hash chain and the books.

@@ -19,6 +19,28 @@ pub struct ReadArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Columns: SCORE is the health score and BW, LAT, CPU, REP its terms (0 to 1); VERIF counts verified results, RUN the tasks running now.\n\nExamples:\n  ambient nodes --data-dir ./data\n  ambient nodes enrollment --data-dir ./data        # keys waiting for approval (allowlist mode)\n  ambient nodes approve 3f9a0c1d2e4b5a697887766554433221 --data-dir ./data\n  ambient nodes revoke 3f9a0c1d2e4b5a697887766554433221 --data-dir ./data"
+)]
+pub struct NodesArgs {
+    #[command(subcommand)]
+    command: Option<NodesCommand>,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List keys waiting for approval ([enrollment] mode = "allowlist") and the verdicts given.
+    Enrollment(ReadArgs),
+    /// Admit a node from now on, in any enrollment mode; lifts a revocation.
+    Approve(super::enrollment::VerdictArgs),
+    /// Remove a node from the pool, move its tasks to other nodes, and refuse its key from now on.
+    Revoke(super::enrollment::VerdictArgs),
+}
+
+#[derive(Debug, Args)]
 pub struct TasksArgs {
     #[command(flatten)]
     read: ReadArgs,
@@ -49,7 +71,14 @@ fn open(data: &DataDir) -> anyhow::Result<Store> {
     Ok(Store::open_read_only(&data.data_dir.join("ambient.db"))?)
 }
 
-pub fn nodes(args: ReadArgs) -> anyhow::Result<ExitCode> {
+pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
+    use super::enrollment;
+    let args = match args.command {
+        None => args.read,
+        Some(NodesCommand::Enrollment(read)) => return enrollment::list(&read.data, read.json),
+        Some(NodesCommand::Approve(v)) => return enrollment::decide(v, true),
+        Some(NodesCommand::Revoke(v)) => return enrollment::decide(v, false),
+    };
     let store = open(&args.data)?;
     let nodes: Vec<Value> = store
         .nodes()?

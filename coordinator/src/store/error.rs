@@ -93,6 +93,14 @@ pub enum StoreError {
         /// The repeated node.
         node: NodeId,
     },
+    /// A verdict names a node id that never announced itself, so its key is unknown.
+    #[error(
+        "node {node} has not announced itself to this coordinator: approve or revoke its public key instead (`ambient-agent --print-node-id` prints it)"
+    )]
+    NotEnrolled {
+        /// The node.
+        node: NodeId,
+    },
     /// An unsigned value does not fit SQLite's signed 64-bit integers.
     #[error(
         "{what} = {value} is larger than the largest storable value {}",

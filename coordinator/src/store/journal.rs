@@ -50,6 +50,15 @@ pub enum Op {
         /// The module.
         bytes: Vec<u8>,
     },
+    /// Journal a key that waits for the operator's verdict, with the node's signed announce.
+    Pending {
+        /// The node's public key.
+        public_key: [u8; 32],
+        /// Its announce, as the envelope frame it arrived in.
+        frame: Vec<u8>,
+        /// When, in Unix milliseconds.
+        at_ms: u64,
+    },
     /// Replace the registry snapshot `ambient nodes` reads: `(node, JSON view)`.
     SaveNodes {
         /// Every node's view.
@@ -113,6 +122,11 @@ impl Store {
                     Op::PutModule { hash, bytes } => {
                         b.put_module(hash, bytes)?;
                     }
+                    Op::Pending {
+                        public_key,
+                        frame,
+                        at_ms,
+                    } => b.record_pending(public_key, frame, *at_ms)?,
                     Op::SaveNodes {
                         rows,
                         dropped,

@@ -8,7 +8,8 @@
 //!   [`Store::unfinished_tasks`] for recovery);
 //! - the ledger: append-only, double-entry, hash-chained with [`ambient_core::chain_hash`],
 //!   credited once per task ([`Store::settle`], [`Store::verify_ledger`]);
-//! - a snapshot of the node registry for `ambient nodes` ([`Store::save_nodes`]).
+//! - a snapshot of the node registry for `ambient nodes` ([`Store::save_nodes`]);
+//! - enrollment: keys waiting for approval and the operator's verdicts ([`Store::decide`]).
 //!
 //! The coordinator's dispatcher does not call these methods: it returns its writes as [`Op`]s,
 //! and the service applies each loop turn's operations with [`Store::apply`] (group commit).
@@ -25,11 +26,13 @@
 //!
 //! # Sharing the file
 //!
-//! The coordinator holds the only writing [`Store`]; CLI commands open the same file with
-//! [`Store::open_read_only`] while it runs. WAL mode lets readers proceed during a write, and both
+//! The coordinator holds the writing [`Store`]; CLI commands open the same file with
+//! [`Store::open_read_only`] while it runs, except `ambient nodes approve`/`revoke`, which
+//! write one verdict each ([`Store::decide`]). WAL mode lets readers proceed during a write, and both
 //! sides wait up to [`BUSY_TIMEOUT`] for a lock rather than failing at once.
 
 mod batch;
+mod enrollment;
 mod error;
 mod journal;
 mod ledger;
@@ -48,6 +51,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use error::Fail;
 
 pub use batch::Batch;
+pub use enrollment::{Enrolled, MAX_PENDING, Standing, Subject};
 pub use error::{StoreError, UnknownStatus};
 pub use journal::{Known, Op};
 pub use ledger::{

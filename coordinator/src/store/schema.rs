@@ -14,7 +14,7 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`. Append only: a released
 /// migration is never edited, because databases in the field have already run it.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Version 1.
 ///
@@ -96,6 +96,23 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Version 2: the enrollment table (see `enrollment.rs`).
+const V2: &str = "
+-- Node keys waiting for the operator, and the operator's verdicts on keys. seq orders the
+-- changes so the coordinator reads only what is new; announce is the node's last signed
+-- announce frame, kept so an approval can admit the node at once.
+CREATE TABLE enrollment (
+    public_key BLOB PRIMARY KEY CHECK (length(public_key) = 32),
+    node       BLOB NOT NULL CHECK (length(node) = 16),
+    standing   TEXT NOT NULL CHECK (standing IN ('pending', 'approved', 'revoked')),
+    announce   BLOB,
+    changed_ms INTEGER NOT NULL,
+    seq        INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX enrollment_by_seq ON enrollment (seq);
+CREATE INDEX enrollment_by_node ON enrollment (node);
 ";
 
 fn user_version(conn: &Connection) -> Result<i64, Fail> {
