@@ -17,6 +17,11 @@ pub struct BrokerConfig {
     /// and counted. Does not cover retained messages, which are one per topic. Defaults to
     /// 10,000; 0 is treated as 1.
     pub max_queued_per_session: usize,
+    /// Topic and payload bytes of the QoS 1 messages kept for one session, with the same rule
+    /// as `max_queued_per_session`: the oldest are dropped to make room. Never less than
+    /// `max_packet_bytes`, so any message the broker accepts can be queued. Defaults to
+    /// 256 MiB.
+    pub max_queued_bytes_per_session: usize,
     /// TCP connections served at once. Connections beyond it are closed as soon as they are
     /// accepted. Keep it below the process's open-file limit. Defaults to 1,000.
     pub max_connections: usize,
@@ -50,6 +55,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             max_packet_bytes: 16 * 1024 * 1024,
             max_queued_per_session: 10_000,
+            max_queued_bytes_per_session: 256 * 1024 * 1024,
             max_connections: 1_000,
             connect_timeout_ms: 5_000,
             max_keep_alive_s: 300,

@@ -14,7 +14,7 @@ use rumqttc::{
 };
 
 use crate::access::Grant;
-use crate::session::{ClientId, ConnId, Lifetime, Session};
+use crate::session::{ClientId, ConnId, Lifetime, QueueBound, Session};
 use crate::topic::{self, FilterSpec};
 use crate::topic_tree::FilterTree;
 
@@ -25,7 +25,8 @@ pub(crate) const INFLIGHT_WINDOW: usize = 100;
 /// The bounds the router enforces.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    pub max_queued_per_session: usize,
+    /// What one session's queue holds at most.
+    pub queue: QueueBound,
     /// At most 65,534, so a free packet id always exists.
     pub inflight_window: usize,
     /// Sessions held at once, online or not; a CONNECT that would create one more is refused.
@@ -504,9 +505,7 @@ impl Router {
             }
             return;
         }
-        effects.dropped += session
-            .outbound
-            .enqueue(message, self.limits.max_queued_per_session);
+        effects.dropped += session.outbound.enqueue(message, self.limits.queue);
         if let Some(conn) = session.connection {
             for publish in session.outbound.release(self.limits.inflight_window) {
                 effects.send(conn, Packet::Publish(publish));
@@ -694,7 +693,10 @@ mod tests {
     /// Small limits so that windows and queues fill within a test.
     fn router() -> Router {
         Router::new(Limits {
-            max_queued_per_session: 3,
+            queue: QueueBound {
+                messages: 3,
+                bytes: 1 << 20,
+            },
             inflight_window: 2,
             max_sessions: 100,
             session_expiry_sweeps: 3,

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::access::{Credentials, Gatekeeper, Open, Refusal};
 use crate::router::{Effects, INFLIGHT_WINDOW, Limits, ProtocolError, Router};
-use crate::session::ConnId;
+use crate::session::{ConnId, QueueBound};
 use crate::{BrokerConfig, BrokerError, BrokerStats};
 
 /// Smallest spare room ensured in a connection's read buffer before each read, in bytes.
@@ -408,7 +408,13 @@ impl Shared {
         Shared {
             state: Mutex::new(State {
                 router: Router::new(Limits {
-                    max_queued_per_session: max_queued,
+                    queue: QueueBound {
+                        messages: max_queued,
+                        // A packet the broker accepts always fits an empty queue.
+                        bytes: config
+                            .max_queued_bytes_per_session
+                            .max(config.max_packet_bytes),
+                    },
                     inflight_window: INFLIGHT_WINDOW,
                     max_sessions: config.max_sessions.max(1),
                     session_expiry_sweeps: u32::try_from(

@@ -99,23 +99,47 @@ pub(crate) struct Outbound {
     inflight: VecDeque<Publish>,
     /// Not yet sent because the client is offline or `inflight` is full.
     queued: VecDeque<Publish>,
+    /// Topic and payload bytes of `queued`.
+    queued_bytes: usize,
+}
+
+/// How much one session may hold in its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueBound {
+    /// Messages.
+    pub messages: usize,
+    /// Topic and payload bytes.
+    pub bytes: usize,
+}
+
+/// What a queued message weighs against [`QueueBound::bytes`].
+fn weight(publish: &Publish) -> usize {
+    publish.topic.len() + publish.payload.len()
 }
 
 impl Outbound {
-    /// Queues a QoS 1 message. When `max_queued` messages are already waiting, the oldest is
-    /// dropped to make room (the newest carries the most current state). Returns how many
-    /// messages were dropped.
-    pub(crate) fn enqueue(&mut self, publish: Publish, max_queued: usize) -> u64 {
-        if max_queued == 0 {
+    /// Queues a QoS 1 message. When the queue would exceed `bound`, the oldest messages are
+    /// dropped to make room (the newest carries the most current state); a message heavier
+    /// than the whole byte bound is dropped itself. Returns how many messages were dropped.
+    pub(crate) fn enqueue(&mut self, publish: Publish, bound: QueueBound) -> u64 {
+        let w = weight(&publish);
+        if bound.messages == 0 || w > bound.bytes {
             return 1;
         }
         let mut dropped = 0;
-        while self.queued.len() >= max_queued {
-            self.queued.pop_front();
+        while self.queued.len() >= bound.messages || self.queued_bytes + w > bound.bytes {
+            self.pop();
             dropped += 1;
         }
+        self.queued_bytes += w;
         self.queued.push_back(publish);
         dropped
+    }
+
+    fn pop(&mut self) -> Option<Publish> {
+        let publish = self.queued.pop_front()?;
+        self.queued_bytes -= weight(&publish);
+        Some(publish)
     }
 
     /// Moves queued messages into flight until `window` are unacknowledged, giving each a
@@ -123,7 +147,7 @@ impl Outbound {
     pub(crate) fn release(&mut self, window: usize) -> Vec<Publish> {
         let mut released = Vec::new();
         while self.inflight.len() < window {
-            let Some(mut publish) = self.queued.pop_front() else {
+            let Some(mut publish) = self.pop() else {
                 break;
             };
             publish.pkid = self.allocate_pkid();
@@ -183,12 +207,19 @@ mod tests {
         Publish::new("t", QoS::AtLeastOnce, payload)
     }
 
+    fn at_most(messages: usize) -> QueueBound {
+        QueueBound {
+            messages,
+            bytes: usize::MAX,
+        }
+    }
+
     #[test]
     fn a_full_queue_drops_its_oldest_message() {
         let mut outbound = Outbound::default();
-        assert_eq!(outbound.enqueue(message("1"), 2), 0);
-        assert_eq!(outbound.enqueue(message("2"), 2), 0);
-        assert_eq!(outbound.enqueue(message("3"), 2), 1);
+        assert_eq!(outbound.enqueue(message("1"), at_most(2)), 0);
+        assert_eq!(outbound.enqueue(message("2"), at_most(2)), 0);
+        assert_eq!(outbound.enqueue(message("3"), at_most(2)), 1);
         let sent: Vec<_> = outbound
             .release(10)
             .into_iter()
@@ -198,21 +229,46 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_over_its_byte_bound_drops_its_oldest_messages_and_refuses_a_giant() {
+        let mut outbound = Outbound::default();
+        let bound = QueueBound {
+            messages: 100,
+            bytes: 10,
+        };
+        // Each weighs 4 bytes: the topic "t" and three of payload.
+        assert_eq!(outbound.enqueue(message("aaa"), bound), 0);
+        assert_eq!(outbound.enqueue(message("bbb"), bound), 0);
+        assert_eq!(outbound.enqueue(message("ccc"), bound), 1);
+        assert_eq!(
+            outbound.enqueue(message(&"x".repeat(10)), bound),
+            1,
+            "heavier than the bound"
+        );
+        let sent: Vec<_> = outbound
+            .release(10)
+            .into_iter()
+            .map(|p| p.payload)
+            .collect();
+        assert_eq!(sent, ["bbb", "ccc"]);
+        assert_eq!(outbound.queued_bytes, 0);
+    }
+
+    #[test]
     fn packet_ids_skip_zero_and_ids_still_in_flight() {
         let mut outbound = Outbound {
             next_pkid: u16::MAX - 1,
             ..Outbound::default()
         };
         for payload in ["a", "b", "c"] {
-            outbound.enqueue(message(payload), 10);
+            outbound.enqueue(message(payload), at_most(10));
         }
         let ids: Vec<u16> = outbound.release(10).iter().map(|p| p.pkid).collect();
         assert_eq!(ids, [u16::MAX, 1, 2]);
 
         outbound.acknowledge(1);
         outbound.next_pkid = u16::MAX - 1;
-        outbound.enqueue(message("d"), 10);
-        outbound.enqueue(message("e"), 10);
+        outbound.enqueue(message("d"), at_most(10));
+        outbound.enqueue(message("e"), at_most(10));
         let ids: Vec<u16> = outbound.release(10).iter().map(|p| p.pkid).collect();
         assert_eq!(ids, [1, 3], "65535 and 2 are still in flight");
     }
@@ -221,7 +277,7 @@ mod tests {
     fn the_window_holds_back_messages_until_an_acknowledgement() {
         let mut outbound = Outbound::default();
         for payload in ["a", "b", "c"] {
-            outbound.enqueue(message(payload), 10);
+            outbound.enqueue(message(payload), at_most(10));
         }
         let first = outbound.release(2);
         assert_eq!(first.len(), 2);
@@ -235,7 +291,7 @@ mod tests {
     #[test]
     fn redelivered_messages_are_marked_as_duplicates() {
         let mut outbound = Outbound::default();
-        outbound.enqueue(message("a"), 10);
+        outbound.enqueue(message("a"), at_most(10));
         let sent = outbound.release(10);
         assert!(!sent[0].dup);
         let again = outbound.redeliver();

@@ -33,6 +33,35 @@ async fn a_persistent_session_receives_messages_published_while_it_was_offline()
 }
 
 #[tokio::test]
+async fn an_offline_sessions_queue_keeps_the_newest_messages_within_its_byte_bound() {
+    let broker = RunningBroker::start_with(ambient_broker::BrokerConfig {
+        max_packet_bytes: 2_000,
+        max_queued_bytes_per_session: 2_500,
+        ..ambient_broker::BrokerConfig::default()
+    })
+    .await;
+    let mut options = broker.options("device-8");
+    options.set_clean_session(false);
+    let (mut device, _) = Client::connect(options.clone()).await;
+    device.subscribe("big", QoS::AtLeastOnce).await;
+    device.disconnect().await;
+    broker.wait_for_connections(0).await;
+
+    // Three messages of about 1 kB each: only two fit in 2,500 bytes.
+    let mut coordinator = broker.client("coordinator").await;
+    for n in ["1", "2", "3"] {
+        coordinator
+            .publish_acked("big", false, n.repeat(1_000).as_str())
+            .await;
+    }
+    assert_eq!(broker.stats.dropped(), 1, "the oldest was dropped");
+    let (mut device, _) = Client::connect(options).await;
+    for n in ["2", "3"] {
+        assert_eq!(device.next_publish().await.payload, n.repeat(1_000));
+    }
+}
+
+#[tokio::test]
 async fn an_unacknowledged_message_is_redelivered_as_a_duplicate_on_reconnect() {
     let broker = RunningBroker::start().await;
     let mut options = broker.options("forgetful");
