@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_agent::engine::{Call, ExecError, Prepared, Sandbox, SandboxConfig, Wasmtime};
-use ambient_core::{Abi, Exit, Limits, sha3_256};
+use ambient_core::{Abi, Exit, Limits, ModuleError, sha3_256};
 
 fn sandbox() -> Wasmtime {
     Wasmtime::new(SandboxConfig {
@@ -159,11 +159,68 @@ fn a_forbidden_import_is_rejected_with_a_message_naming_it() {
     let s = sandbox();
     let wat = r#"(module (import "env" "socket" (func (param i32) (result i32))) (memory (export "memory") 1))"#;
     let err = prepare(&s, wat).unwrap_err();
-    assert!(matches!(err, ExecError::ForbiddenImport { .. }));
+    assert!(matches!(
+        err,
+        ExecError::Module(ModuleError::ForbiddenImport { .. })
+    ));
     assert_eq!(
         err.to_string(),
-        "module imports env.socket which the sandbox does not offer"
+        "module imports env.socket, which the sandbox does not offer (it links wasi_snapshot_preview1 functions only)"
     );
+}
+
+/// Appends `v` in LEB128.
+fn leb(mut v: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A module of about `mb` MiB: one function of `i32.const 1; drop` pairs that imports
+/// `env.x`. Built as bytes, since the text would be ten times larger.
+fn big_module_importing_env(mb: usize) -> Vec<u8> {
+    let mut body = vec![0u8]; // no locals
+    for _ in 0..(mb << 20) / 3 {
+        body.extend_from_slice(&[0x41, 0x01, 0x1a]);
+    }
+    body.push(0x0b);
+    let section = |id: u8, content: &[u8], out: &mut Vec<u8>| {
+        out.push(id);
+        leb(content.len(), out);
+        out.extend_from_slice(content);
+    };
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut m); // type 0: () -> ()
+    section(2, &[1, 3, b'e', b'n', b'v', 1, b'x', 0, 0], &mut m); // env.x: func type 0
+    section(3, &[1, 0], &mut m); // one function of type 0
+    let mut code = vec![1];
+    leb(body.len(), &mut code);
+    code.extend_from_slice(&body);
+    section(10, &code, &mut m);
+    m
+}
+
+#[test]
+fn a_large_module_with_a_forbidden_import_is_refused_before_any_compile_and_remembered() {
+    // No compile can finish in zero time: a refusal naming the import proves it came first.
+    let s = Wasmtime::new(SandboxConfig {
+        compile_timeout: Duration::ZERO,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let bytes = big_module_importing_env(4);
+    assert!(bytes.len() > 4_000_000);
+    let hash = sha3_256(&bytes);
+    for _ in 0..2 {
+        let err = s.prepare(hash, &bytes).unwrap_err();
+        assert!(err.to_string().contains("env.x"), "{err}");
+    }
 }
 
 #[test]
@@ -213,7 +270,10 @@ fn bytes_that_are_not_wasm_are_rejected() {
     let s = sandbox();
     let bytes = b"definitely not a module";
     let err = s.prepare(sha3_256(bytes), bytes).unwrap_err();
-    assert!(matches!(err, ExecError::Invalid(_)), "{err}");
+    assert!(
+        matches!(err, ExecError::Module(ModuleError::NotWasm { text: false })),
+        "{err}"
+    );
 }
 
 #[test]

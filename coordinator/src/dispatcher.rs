@@ -44,15 +44,15 @@
 //! restart are not journaled; the agents' stored reports bring them back.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Assignment, Digest, Envelope, Exit, Expected, Identity, Message, NodeId, Pong, Quorum, Refusal,
-    Report, ReportBody, SignedReceipt, SignedRefusal, Tariff, TaskId, quorum, sha3_256,
-    verify_receipt,
+    Assignment, Digest, Envelope, Exit, Expected, Identity, Message, ModuleError, ModuleInfo,
+    NodeId, Pong, Quorum, Refusal, Refusals, Report, ReportBody, SignedReceipt, SignedRefusal,
+    Tariff, TaskId, quorum, sha3_256, verify_receipt,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -113,6 +113,9 @@ pub fn pong(
     }
 }
 
+/// How many refused modules the dispatcher remembers by hash.
+const REMEMBERED_REFUSALS: usize = 256;
+
 /// Tunables of the dispatcher.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -164,7 +167,8 @@ pub struct Dropped {
     pub unauthenticated: u64,
     /// Receipts the node signed for the attempt whose claims are false (a dispute).
     pub bad_receipts: u64,
-    /// Module uploads whose bytes did not match their topic hash.
+    /// Module uploads whose bytes did not match their topic hash, or that cannot run
+    /// (not WASM, invalid, importing what the sandbox does not offer).
     pub bad_modules: u64,
     /// Telemetry and announces in a registered node's name dropped unchecked because forgeries
     /// in that name exceeded `enrollment.bad_frames_per_s`.
@@ -379,7 +383,11 @@ pub struct Dispatcher {
     next_ticket: u64,
     /// Dispatch deadlines, earliest first; entries for settled attempts are skipped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, TaskId, u16)>>,
-    modules: HashSet<Digest>,
+    /// Stored modules, with what inspecting them found when this run saw their bytes (`None`
+    /// for modules recovered from the journal: the agents inspect those).
+    modules: HashMap<Digest, Option<ModuleInfo>>,
+    /// Modules refused at intake or upload, so a resubmission is refused at once.
+    refused_modules: Refusals,
     dropped: Dropped,
     next_id: u64,
     rng: rand::rngs::StdRng,
@@ -410,7 +418,8 @@ impl Dispatcher {
             queue: VecDeque::new(),
             next_ticket: 0,
             deadlines: BinaryHeap::new(),
-            modules: recovered.modules.into_iter().collect(),
+            modules: recovered.modules.into_iter().map(|m| (m, None)).collect(),
+            refused_modules: Refusals::new(REMEMBERED_REFUSALS),
             dropped: Dropped::default(),
             next_id: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
@@ -537,7 +546,7 @@ impl Dispatcher {
         for (id, json) in self.unsent.drain(..) {
             fx.event(&id, json.into_bytes());
         }
-        fx.modules.extend(self.modules.iter().copied());
+        fx.modules.extend(self.modules.keys().copied());
         let resent = self.resend(None, fx);
         if resent > 0 {
             info!(
@@ -566,10 +575,10 @@ impl Dispatcher {
 
     fn on_submission(&mut self, now: Now, json: &[u8], journal: &impl Journal, fx: &mut Effects) {
         let next = &mut self.next_id;
-        let modules = &self.modules;
+        let (modules, refused) = (&self.modules, &self.refused_modules);
         let parsed = intake::parse(
             json,
-            |h| modules.contains(h),
+            |h| modules.contains_key(h) || refused.get(h).is_some(),
             || {
                 *next += 1;
                 generated_id(now.unix_ms, *next)
@@ -580,6 +589,16 @@ impl Dispatcher {
             Err(r) => {
                 debug!(code = r.code, "submission rejected: {}", r.message);
                 reject(submission_id(json), r.code, r.message, fx);
+                return;
+            }
+        };
+        // A module that cannot run this call is refused here, free of charge.
+        let inspected = match self.check_module(&p.spec, p.inline_module.as_deref()) {
+            Ok(info) => info,
+            Err(e) => {
+                let id = p.spec.task_id.as_str().to_owned();
+                debug!(task = %id, error = %e, "submission rejected: module cannot run");
+                reject(Some(id), "bad_module", e.to_string(), fx);
                 return;
             }
         };
@@ -627,7 +646,7 @@ impl Dispatcher {
             return;
         }
         if let Some(bytes) = p.inline_module
-            && self.modules.insert(p.spec.module)
+            && self.modules.insert(p.spec.module, inspected).is_none()
         {
             fx.dispatch.push(Publish {
                 topic: topics::module(&p.spec.module).to_string(),
@@ -655,8 +674,39 @@ impl Dispatcher {
         self.pump(now, &id, fx);
     }
 
+    /// Whether the call `spec` asks for can run its module, by the module's inspection:
+    /// remembered, or made now from `inline` bytes not seen before (returned, to be kept with
+    /// the module). A module recovered from the journal is not inspected here; the agent does.
+    fn check_module(
+        &mut self,
+        spec: &TaskSpec,
+        inline: Option<&[u8]>,
+    ) -> Result<Option<ModuleInfo>, ModuleError> {
+        if let Some(e) = self.refused_modules.get(&spec.module) {
+            return Err(e.clone());
+        }
+        let (info, fresh) = match (self.modules.get(&spec.module), inline) {
+            (Some(info), _) => (info.clone(), false),
+            (None, Some(bytes)) => match ambient_core::inspect(bytes) {
+                Ok(info) => (Some(info), true),
+                Err(e) => {
+                    self.refused_modules.remember(spec.module, e.clone());
+                    return Err(e);
+                }
+            },
+            (None, None) => (None, false),
+        };
+        if let Some(info) = &info {
+            info.check_call(spec.abi, &spec.entry)?;
+        }
+        Ok(if fresh { info } else { None })
+    }
+
     fn on_module(&mut self, hash: Digest, bytes: &[u8], fx: &mut Effects) {
-        if bytes.is_empty() || self.modules.contains(&hash) {
+        if bytes.is_empty()
+            || self.modules.contains_key(&hash)
+            || self.refused_modules.get(&hash).is_some()
+        {
             return;
         }
         if sha3_256(bytes) != hash {
@@ -664,7 +714,17 @@ impl Dispatcher {
             warn!(module = %hash, "module upload does not match its topic's hash; ignored");
             return;
         }
-        self.modules.insert(hash);
+        match ambient_core::inspect(bytes) {
+            Ok(info) => {
+                self.modules.insert(hash, Some(info));
+            }
+            Err(e) => {
+                self.dropped.bad_modules += 1;
+                warn!(module = %hash, error = %e, "module upload refused");
+                self.refused_modules.remember(hash, e);
+                return;
+            }
+        }
         fx.journal.push(Op::PutModule {
             hash,
             bytes: bytes.to_vec(),
@@ -1300,8 +1360,10 @@ mod tests {
         SignedTelemetry, Telemetry, TelemetrySample, sign_message,
     };
     use std::cell::RefCell;
+    use std::collections::HashSet;
 
-    const MODULE: &[u8] = b"\0asm\x01\0\0\0";
+    /// The smallest plain-ABI module: `memory`, `alloc` and `run`, which returns nothing.
+    const MODULE: &[u8] = b"\0asm\x01\0\0\0\x01\x0c\x02\x60\x01\x7f\x01\x7f\x60\x02\x7f\x7f\x01\x7e\x03\x03\x02\x00\x01\x05\x03\x01\x00\x01\x07\x18\x03\x06memory\x02\x00\x05alloc\x00\x00\x03run\x00\x01\x0a\x0b\x02\x04\x00\x41\x00\x0b\x04\x00\x42\x00\x0b";
 
     /// The journal in memory: what `Store::apply` would have committed.
     #[derive(Default)]
@@ -1828,6 +1890,55 @@ mod tests {
             f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(),
             2
         );
+    }
+
+    #[test]
+    fn a_module_that_cannot_run_the_call_is_rejected_at_intake_and_never_journaled() {
+        let mut f = fixture(1);
+        let cases = [
+            (
+                B64.encode(MODULE),
+                "classify",
+                "module does not export a function `classify`",
+            ),
+            (B64.encode(b"(module)"), "run", "compile it first (wat2wasm"),
+            (B64.encode(b"hello"), "run", "not WebAssembly"),
+        ];
+        for (i, (module, entry, why)) in cases.into_iter().enumerate() {
+            let id = format!("bad-{i}");
+            let fx = f.submit_json(
+                serde_json::json!({"task_id": id, "module_b64": module, "entry": entry}),
+            );
+            let ev: Vec<_> = events(&fx);
+            assert!(
+                ev.iter().all(|(_, e)| e.status == EventStatus::Rejected),
+                "{ev:?}"
+            );
+            let error = ev[0].1.error.as_ref().unwrap();
+            assert_eq!(error.code, "bad_module");
+            assert!(error.message.contains(why), "{}", error.message);
+            assert!(
+                fx.journal.is_empty() && fx.dispatch.is_empty(),
+                "nothing kept, nothing run"
+            );
+        }
+    }
+
+    #[test]
+    fn an_uploaded_module_that_cannot_run_is_not_stored_and_a_task_naming_it_hears_why() {
+        let mut f = fixture(1);
+        let bytes = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x02\x0d\x01\x03env\x05abort\0\0";
+        let hash = sha3_256(bytes);
+        let fx = f.step(Input::Module { hash, bytes });
+        assert!(fx.journal.is_empty());
+        assert_eq!(f.d.dropped().bad_modules, 1);
+        let fx = f.submit_json(
+            serde_json::json!({"task_id": "uses-it", "module": hash.to_hex().as_str()}),
+        );
+        let ev = events(&fx);
+        let error = ev[0].1.error.as_ref().unwrap();
+        assert_eq!(error.code, "bad_module");
+        assert!(error.message.contains("env.abort"), "{}", error.message);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`SafetyPolicy`] and [`Breaker`]: the circuit breaker that takes a device out of the pool.
 //! - [`Receipt`] and [`SignedReceipt`]: what a node signs for every task; [`chain_hash`] for the ledger.
 //! - [`Envelope`] and [`Message`]: the versioned wire protocol; [`topics`] builds every MQTT topic.
+//! - `inspect` (feature `inspect`, with `std`): what a WASM module imports and exports, and
+//!   whether a call can run it, read without compiling it.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -18,6 +20,8 @@ mod connect;
 mod error;
 mod health;
 mod id;
+#[cfg(feature = "inspect")]
+mod inspect;
 mod proof;
 mod reputation;
 mod safety;
@@ -30,6 +34,8 @@ pub use connect::{ConnectToken, TokenError};
 pub use error::{DecodeError, ProofError, VerifyError};
 pub use health::{HealthTerms, SCORE_SCALE, ScoreConfig, health_score};
 pub use id::{Digest, NodeId, TaskId, sha3_256};
+#[cfg(feature = "inspect")]
+pub use inspect::{ModuleError, ModuleInfo, Refusals, WASI_MODULE, WASI_OFFERED, inspect};
 pub use proof::{
     Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
     verify_message,

@@ -25,7 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_core::{Abi, Digest, Engine, Exit, Limits, MAX_MODULE_BYTES, TaskId, sha3_256};
+use ambient_core::{
+    Abi, Digest, Engine, Exit, Limits, MAX_MODULE_BYTES, ModuleError, TaskId, sha3_256,
+};
 
 mod wasi;
 mod wasmtime_sandbox;
@@ -186,17 +188,13 @@ pub enum ExecError {
         /// The hash of the bytes.
         actual: Digest,
     },
-    /// The bytes are not a valid module for this engine.
-    #[error("module is invalid: {0}")]
+    /// The module is refused before compiling: not WASM, invalid, or it imports something
+    /// the sandbox does not offer ([`ambient_core::inspect`]).
+    #[error(transparent)]
+    Module(#[from] ModuleError),
+    /// The engine refused the module or the call (it does not compile, lacks an export).
+    #[error("{0}")]
     Invalid(String),
-    /// The module imports something the sandbox does not offer.
-    #[error("module imports {module}.{name} which the sandbox does not offer")]
-    ForbiddenImport {
-        /// Import module name.
-        module: String,
-        /// Import field name.
-        name: String,
-    },
     /// Compilation took longer than the cap.
     #[error("module took longer than {limit_ms} ms to compile")]
     CompileTimeout {

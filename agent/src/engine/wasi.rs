@@ -11,28 +11,9 @@ use wasmtime::{Caller, Linker, Memory};
 
 use super::wasmtime_sandbox::Ctx;
 
-/// The import module every offered function lives in.
-pub(super) const MODULE: &str = "wasi_snapshot_preview1";
-
-/// Every function offered, by name.
-pub(super) const OFFERED: &[&str] = &[
-    "fd_read",
-    "fd_write",
-    "fd_close",
-    "fd_fdstat_get",
-    "fd_seek",
-    "fd_prestat_get",
-    "fd_prestat_dir_name",
-    "proc_exit",
-    "args_sizes_get",
-    "args_get",
-    "environ_sizes_get",
-    "environ_get",
-    "clock_time_get",
-    "clock_res_get",
-    "random_get",
-    "sched_yield",
-];
+/// The import module every offered function lives in; `ambient_core::WASI_OFFERED` lists
+/// them, and `ambient_core::inspect` refuses modules that import anything else.
+use ambient_core::WASI_MODULE as MODULE;
 
 /// Bytes of stderr kept for the report message; the rest is counted as written and dropped.
 const STDERR_KEEP: usize = 1024;

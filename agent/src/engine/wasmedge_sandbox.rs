@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ambient_core::{Abi, Digest, Engine, Exit, MAX_OUTPUT_BYTES, sha3_256};
+use ambient_core::{Abi, Digest, Engine, Exit, MAX_OUTPUT_BYTES, ModuleError, sha3_256};
 use wasmedge_sdk::config::{CommonConfigOptions, ConfigBuilder, RuntimeConfigOptions};
 use wasmedge_sdk::vm::SyncInst;
 use wasmedge_sdk::{AsInstance as _, Module, Store, Vm, WasmValue};
@@ -147,10 +147,10 @@ impl Sandbox for WasmEdge {
         let module = Module::from_bytes(Some(&config), bytes)
             .map_err(|e| ExecError::Invalid(e.to_string()))?;
         if let Some(import) = module.imports().first() {
-            return Err(ExecError::ForbiddenImport {
+            return Err(ExecError::Module(ModuleError::ForbiddenImport {
                 module: import.module_name().into_owned(),
                 name: import.name().into_owned(),
-            });
+            }));
         }
         let prepared = Arc::new(Prepared::new(
             hash,

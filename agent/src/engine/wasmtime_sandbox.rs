@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use ambient_core::{Abi, Digest, Engine, Exit, MAX_OUTPUT_BYTES, sha3_256};
+use ambient_core::{Abi, Digest, Engine, Exit, MAX_OUTPUT_BYTES, Refusals, sha3_256};
 use wasmtime::{
     Extern, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module, ModuleExport,
     PoolingAllocationConfig, ResourceLimiter, Store, Trap, ValType,
@@ -45,8 +45,14 @@ pub struct Wasmtime {
     compat: Digest,
     pooling: bool,
     modules: Mutex<ModuleMap>,
+    /// Modules refused before compiling, newest last, at most [`REMEMBERED_REFUSALS`]: a
+    /// resubmission is refused without parsing again.
+    refused: Mutex<Refusals>,
     ticker: Ticker,
 }
+
+/// How many refused modules a sandbox remembers.
+const REMEMBERED_REFUSALS: usize = 256;
 
 impl Wasmtime {
     /// Builds the engine, the linkers and the epoch ticker, and creates the cache directory.
@@ -87,6 +93,7 @@ impl Wasmtime {
             compat,
             pooling,
             modules: Mutex::new(ModuleMap::default()),
+            refused: Mutex::new(Refusals::new(REMEMBERED_REFUSALS)),
             ticker,
         })
     }
@@ -99,6 +106,23 @@ impl Wasmtime {
     /// The settings this sandbox was built with.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// The earlier refusal of the module `hash`, if it was refused.
+    fn refusal(&self, hash: &Digest) -> Option<ExecError> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.get(hash).cloned().map(ExecError::Module)
+    }
+
+    /// Validates the module and checks its imports before anything is compiled; a refusal is
+    /// remembered by hash.
+    fn inspect(&self, hash: Digest, bytes: &[u8]) -> Result<(), ExecError> {
+        let Err(e) = ambient_core::inspect(bytes) else {
+            return Ok(());
+        };
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.remember(hash, e.clone());
+        Err(ExecError::Module(e))
     }
 
     fn compile(&self, bytes: &[u8]) -> Result<Module, ExecError> {
@@ -115,7 +139,10 @@ impl Wasmtime {
             .map_err(|e| ExecError::Setup(format!("cannot start a compile thread: {e}")))?;
         match rx.recv_timeout(self.config.compile_timeout) {
             Ok(Ok(module)) => Ok(module),
-            Ok(Err(e)) => Err(ExecError::Invalid(one_line(&e))),
+            Ok(Err(e)) => Err(ExecError::Invalid(format!(
+                "module does not compile: {}",
+                one_line(&e)
+            ))),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ExecError::CompileTimeout {
                 limit_ms: self.config.compile_timeout.as_millis() as u64,
             }),
@@ -303,6 +330,10 @@ impl Sandbox for Wasmtime {
         if let Some(p) = self.cached(&hash) {
             return Ok(p);
         }
+        // Refused before: whatever bytes come with the hash, the module it names is refused.
+        if let Some(e) = self.refusal(&hash) {
+            return Err(e);
+        }
         let max = self.config.max_module_bytes;
         if bytes.len() > max {
             return Err(ExecError::TooLarge {
@@ -317,8 +348,8 @@ impl Sandbox for Wasmtime {
                 actual,
             });
         }
+        self.inspect(hash, bytes)?;
         let module = self.compile(bytes)?;
-        check_imports(&module)?;
         if let Some(dir) = &self.config.cache_dir {
             self.store(dir, &hash, bytes, &module);
         }
@@ -529,22 +560,6 @@ fn build_engine(config: &SandboxConfig, pooling: bool) -> wasmtime::Result<wasmt
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     wasmtime::Engine::new(&c)
-}
-
-/// Rejects any import outside the WASI subset, naming it.
-fn check_imports(module: &Module) -> Result<(), ExecError> {
-    for import in module.imports() {
-        let offered = import.module() == wasi::MODULE
-            && wasi::OFFERED.contains(&import.name())
-            && matches!(import.ty(), ExternType::Func(_));
-        if !offered {
-            return Err(ExecError::ForbiddenImport {
-                module: import.module().to_owned(),
-                name: import.name().to_owned(),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn plain_pre(linker: &Linker<Ctx>, module: &Module) -> Result<PlainPre, String> {

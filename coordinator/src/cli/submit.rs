@@ -8,7 +8,7 @@ use std::time::Duration;
 use ambient_coordinator::client::{Client, Until};
 use ambient_coordinator::{EventStatus, TaskEvent};
 use ambient_coordinator::{LimitsJson, Submission};
-use ambient_core::{MAX_INPUT_BYTES, MAX_MODULE_BYTES};
+use ambient_core::{Abi, MAX_INPUT_BYTES, MAX_MODULE_BYTES};
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -85,8 +85,14 @@ pub struct SubmitArgs {
 }
 
 /// Refuses, before anything is sent, a module the coordinator would refuse: over the size limit,
-/// or not binary WebAssembly.
-fn check_module(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// not binary WebAssembly, importing what the sandbox does not offer, or without what `abi`
+/// and `entry` need (with a hint where the flags look wrong).
+fn check_module(
+    path: &std::path::Path,
+    bytes: &[u8],
+    abi: &str,
+    entry: &str,
+) -> anyhow::Result<()> {
     if bytes.len() > MAX_MODULE_BYTES {
         anyhow::bail!(
             "module {} is {} bytes, over the {MAX_MODULE_BYTES} byte limit",
@@ -94,28 +100,20 @@ fn check_module(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
             bytes.len()
         );
     }
-    if !bytes.starts_with(b"\0asm") {
-        let text = bytes.trim_ascii_start().starts_with(b"(module")
-            || path.extension().is_some_and(|e| e == "wat");
-        if text {
-            anyhow::bail!(
-                "module {} is WebAssembly text: compile it to a binary .wasm first (for example `wat2wasm {}`)",
-                path.display(),
-                path.display()
-            );
-        }
-        anyhow::bail!(
-            "module {} is not a WebAssembly binary (it does not start with \\0asm)",
-            path.display()
-        );
-    }
-    Ok(())
+    let abi = match abi {
+        "plain" => Abi::Plain,
+        "wasi" => Abi::Wasi,
+        other => anyhow::bail!("--abi {other:?} is not `plain` or `wasi`"),
+    };
+    ambient_core::inspect(bytes)
+        .and_then(|module| module.check_call(abi, entry))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let module = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
-    check_module(&args.module, &module)?;
+    check_module(&args.module, &module, &args.abi, &args.entry)?;
     let inputs: Vec<Vec<u8>> = if let Some(dir) = &args.inputs {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read input directory {}", dir.display()))?
