@@ -33,25 +33,56 @@ use crate::{Abi, Digest};
 /// The import module every function the sandbox offers lives in.
 pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 
-/// Every [`WASI_MODULE`] function the sandbox links, by name. A module importing anything
-/// else is refused.
+/// Every [`WASI_MODULE`] function, all of WASI preview 1: the sandbox links each (those for
+/// capabilities it does not grant answer with an errno). A module importing anything else is
+/// refused.
 pub const WASI_OFFERED: &[&str] = &[
-    "fd_read",
-    "fd_write",
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_advise",
+    "fd_allocate",
     "fd_close",
+    "fd_datasync",
     "fd_fdstat_get",
-    "fd_seek",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
     "fd_prestat_get",
     "fd_prestat_dir_name",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
     "proc_exit",
-    "args_sizes_get",
-    "args_get",
-    "environ_sizes_get",
-    "environ_get",
-    "clock_time_get",
-    "clock_res_get",
-    "random_get",
+    "proc_raise",
     "sched_yield",
+    "random_get",
+    "sock_accept",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
 ];
 
 /// Why a module cannot run. The messages are whole sentences for the task's `rejected` event.
@@ -384,7 +415,11 @@ mod tests {
 
     #[test]
     fn an_import_the_sandbox_does_not_offer_is_named() {
-        for (module, name) in [("env", "memcpy"), (WASI_MODULE, "path_open")] {
+        for (module, name) in [
+            ("env", "memcpy"),
+            (WASI_MODULE, "fd_open"),
+            ("wasi_unstable", "fd_read"),
+        ] {
             let bytes = wat(&format!(
                 r#"(module (import "{module}" "{name}" (func)) (func (export "_start")))"#
             ));

@@ -1,10 +1,18 @@
-//! The WASI preview 1 subset a task may import, written by hand with `Linker::func_wrap`.
+//! WASI preview 1, written by hand with `Linker::func_wrap`: every `wasi_snapshot_preview1`
+//! function is linked, and each behaves the same on every node.
 //!
-//! Offered: stdin (fd 0) reads the task input, stdout (fd 1) is the task output, stderr (fd 2)
+//! Granted: stdin (fd 0) reads the task input, stdout (fd 1) is the task output, stderr (fd 2)
 //! is captured (bounded) for the report message, `proc_exit`, empty args and environment, a
 //! frozen clock (always 0) and a random stream seeded from the task, so every node produces the
-//! same bytes. No filesystem, no environment, no sockets: anything else is not linked, and a
-//! module importing it is rejected before it runs.
+//! same bytes. `poll_oneoff` answers every subscription at once (the clock never moves, so a
+//! sleep ends immediately) and `sched_yield` returns.
+//!
+//! Not granted: files, directories, sockets, signals. There are no preopened directories, so
+//! the functions for them answer what a program expects from a descriptor it does not have:
+//! `EBADF` for any descriptor but 0 to 2, and for the standard streams the errno of a
+//! character device (`ESPIPE` for seeks and positioned I/O, `ENOTDIR` for path operations,
+//! `ENOTSOCK` for sockets, `ENOTSUP` otherwise); `proc_raise` is `ENOSYS`. A program that
+//! merely links `fopen` runs, and one that calls it sees the call fail.
 
 use ambient_core::{MAX_OUTPUT_BYTES, sha3_256};
 use wasmtime::{Caller, Linker, Memory};
@@ -29,7 +37,13 @@ const SUCCESS: i32 = 0;
 const BADF: i32 = 8;
 const FAULT: i32 = 21;
 const INVAL: i32 = 28;
+const NOSYS: i32 = 52;
+const NOTDIR: i32 = 54;
+const NOTSOCK: i32 = 57;
+const NOTSUP: i32 = 58;
 const SPIPE: i32 = 70;
+/// Most subscriptions `poll_oneoff` takes in one call; the host work is not metered by fuel.
+const MAX_SUBSCRIPTIONS: u32 = 1024;
 
 /// A `proc_exit` call, carried out of the guest as the trap error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +191,207 @@ pub(super) fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
     linker.func_wrap(MODULE, "sched_yield", |_: Caller<'_, Ctx>| -> i32 {
         SUCCESS
     })?;
+    linker.func_wrap(MODULE, "poll_oneoff", poll_oneoff)?;
+    add_denied(linker)
+}
+
+/// What a call on `fd` answers when the sandbox does not grant the capability: `on_std` for
+/// the standard streams, `EBADF` for any other descriptor (none is open).
+fn denied(fd: i32, on_std: i32) -> i32 {
+    if is_std(fd) { on_std } else { BADF }
+}
+
+/// Links the functions for capabilities the sandbox does not grant (see the module docs).
+/// None of them reads or writes guest memory.
+fn add_denied(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
+    type C<'a> = Caller<'a, Ctx>;
+    // Descriptors.
+    linker.func_wrap(
+        MODULE,
+        "fd_advise",
+        |_: C<'_>, fd: i32, _: i64, _: i64, _: i32| denied(fd, SPIPE),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_allocate",
+        |_: C<'_>, fd: i32, _: i64, _: i64| denied(fd, SPIPE),
+    )?;
+    linker.func_wrap(MODULE, "fd_datasync", |_: C<'_>, fd: i32| denied(fd, INVAL))?;
+    linker.func_wrap(MODULE, "fd_sync", |_: C<'_>, fd: i32| denied(fd, INVAL))?;
+    linker.func_wrap(
+        MODULE,
+        "fd_fdstat_set_flags",
+        |_: C<'_>, fd: i32, _: i32| denied(fd, NOTSUP),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_fdstat_set_rights",
+        |_: C<'_>, fd: i32, _: i64, _: i64| denied(fd, NOTSUP),
+    )?;
+    linker.func_wrap(MODULE, "fd_filestat_get", |_: C<'_>, fd: i32, _: i32| {
+        denied(fd, NOTSUP)
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "fd_filestat_set_size",
+        |_: C<'_>, fd: i32, _: i64| denied(fd, INVAL),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_filestat_set_times",
+        |_: C<'_>, fd: i32, _: i64, _: i64, _: i32| denied(fd, INVAL),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_pread",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i64, _: i32| denied(fd, SPIPE),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_pwrite",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i64, _: i32| denied(fd, SPIPE),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_readdir",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i64, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(MODULE, "fd_renumber", |_: C<'_>, fd: i32, to: i32| {
+        if is_std(fd) && is_std(to) {
+            NOTSUP
+        } else {
+            BADF
+        }
+    })?;
+    linker.func_wrap(MODULE, "fd_tell", |_: C<'_>, fd: i32, _: i32| {
+        denied(fd, SPIPE)
+    })?;
+    // Paths: relative to a directory descriptor, and there is none.
+    linker.func_wrap(
+        MODULE,
+        "path_create_directory",
+        |_: C<'_>, fd: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_filestat_get",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_filestat_set_times",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i64, _: i64, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_link",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_open",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32, _: i64, _: i64, _: i32, _: i32| {
+            denied(fd, NOTDIR)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_readlink",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_remove_directory",
+        |_: C<'_>, fd: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_rename",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_symlink",
+        |_: C<'_>, _: i32, _: i32, fd: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_unlink_file",
+        |_: C<'_>, fd: i32, _: i32, _: i32| denied(fd, NOTDIR),
+    )?;
+    // Sockets and signals.
+    linker.func_wrap(
+        MODULE,
+        "sock_accept",
+        |_: C<'_>, fd: i32, _: i32, _: i32| denied(fd, NOTSOCK),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "sock_recv",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32, _: i32| denied(fd, NOTSOCK),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "sock_send",
+        |_: C<'_>, fd: i32, _: i32, _: i32, _: i32, _: i32| denied(fd, NOTSOCK),
+    )?;
+    linker.func_wrap(MODULE, "sock_shutdown", |_: C<'_>, fd: i32, _: i32| {
+        denied(fd, NOTSOCK)
+    })?;
+    linker.func_wrap(MODULE, "proc_raise", |_: C<'_>, _: i32| NOSYS)?;
     Ok(())
+}
+
+/// `poll_oneoff(in, out, nsubscriptions, nevents)`: every subscription is answered at once.
+/// The clock never moves, so a clock subscription has expired by definition; the standard
+/// streams never block (stdin is all there, stdout and stderr take everything); any other
+/// descriptor answers `EBADF` in its event.
+fn poll_oneoff(mut caller: Caller<'_, Ctx>, subs: i32, events: i32, n: i32, nevents: i32) -> i32 {
+    // subscription: userdata u64 @0, tag u8 @8, then for fd_read/fd_write the fd u32 @16; 48 bytes.
+    // event: userdata u64 @0, error u16 @8, type u8 @10, nbytes u64 @16, flags u16 @24; 32 bytes.
+    const SUBSCRIPTION: u32 = 48;
+    const EVENT: u32 = 32;
+    const CLOCK: u8 = 0;
+    let Ok(n) = u32::try_from(n) else {
+        return INVAL;
+    };
+    if n == 0 || n > MAX_SUBSCRIPTIONS {
+        return INVAL;
+    }
+    let Some(memory) = memory(&mut caller) else {
+        return FAULT;
+    };
+    let mem = memory.data_mut(&mut caller);
+    let (Some(input), Some(output)) = (
+        range(mem.len(), subs as u32, n * SUBSCRIPTION),
+        range(mem.len(), events as u32, n * EVENT),
+    ) else {
+        return FAULT;
+    };
+    let input = mem[input].to_vec();
+    let output = &mut mem[output];
+    for (sub, event) in input
+        .chunks_exact(SUBSCRIPTION as usize)
+        .zip(output.chunks_exact_mut(EVENT as usize))
+    {
+        let tag = sub[8];
+        let fd = i32::from_le_bytes(sub[16..20].try_into().unwrap_or_default());
+        let error = if tag == CLOCK || (tag <= 2 && is_std(fd)) {
+            SUCCESS
+        } else if tag <= 2 {
+            BADF
+        } else {
+            INVAL
+        };
+        event.fill(0);
+        event[..8].copy_from_slice(&sub[..8]);
+        event[8..10].copy_from_slice(&(error as u16).to_le_bytes());
+        event[10] = tag;
+    }
+    match write_bytes(mem, nevents as u32, &n.to_le_bytes()) {
+        Some(()) => SUCCESS,
+        None => FAULT,
+    }
 }
 
 fn is_std(fd: i32) -> bool {

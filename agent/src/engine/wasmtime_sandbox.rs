@@ -825,3 +825,29 @@ impl Drop for Ticker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use ambient_core::{Limits, WASI_MODULE, WASI_OFFERED};
+
+    use super::*;
+
+    #[test]
+    fn every_wasi_function_inspection_lets_through_is_linked_and_nothing_else() {
+        let s = Wasmtime::new(SandboxConfig::default()).unwrap();
+        let call = Call::new(Abi::Wasi, "_start", b"", Limits::default(), 0);
+        let mut store = s.new_store(&call, WasiState::default());
+        let linked: BTreeSet<String> = s
+            .wasi
+            .iter(&mut store)
+            .map(|(module, name, _)| {
+                assert_eq!(module, WASI_MODULE);
+                name.to_owned()
+            })
+            .collect();
+        let offered: BTreeSet<String> = WASI_OFFERED.iter().map(|n| n.to_string()).collect();
+        assert_eq!(linked, offered);
+    }
+}
