@@ -129,7 +129,7 @@ fn a_non_zero_exit_status_ends_the_run_with_the_status_and_stderr() {
     let (wasm, native) = build(dir.path(), "exit3");
     assert_eq!(run_native(&native, b"").1, Some(3));
     let run = run_sandboxed(&wasm, b"");
-    assert_ne!(run.exit, Exit::Ok);
+    assert_eq!(run.exit, Exit::ExitStatus(3));
     assert!(run.message.contains("status 3"), "{}", run.message);
     assert!(run.message.contains("giving up"), "{}", run.message);
 }

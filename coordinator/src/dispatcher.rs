@@ -1233,6 +1233,7 @@ impl Dispatcher {
                     ev = ev.with_error(key.2.as_str(), first.message.clone());
                 }
                 ev.exit = Some(key.2.as_str().into());
+                ev.exit_status = key.2.status();
                 ev.receipts = winners
                     .iter()
                     .map(|v| ReceiptJson::from(&v.receipt))
@@ -1889,6 +1890,25 @@ mod tests {
         assert_eq!(
             f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(),
             2
+        );
+    }
+
+    #[test]
+    fn a_program_that_exits_with_a_status_fails_with_that_status_and_is_paid_for() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("exits", "receipt"))[0];
+        let done = finals(&f.answer_with("exits", sent, b"", Exit::ExitStatus(3)));
+        assert_eq!(done[0].status, EventStatus::Failed);
+        assert_eq!(done[0].exit.as_deref(), Some("exit_status"));
+        assert_eq!(done[0].exit_status, Some(3));
+        assert_eq!(done[0].receipts[0].exit_status, Some(3));
+        assert_eq!(done[0].error.as_ref().unwrap().code, "exit_status");
+        assert!(
+            f.journal
+                .paid
+                .borrow()
+                .contains_key(&TaskId::new("exits").unwrap()),
+            "the node did the work"
         );
     }
 

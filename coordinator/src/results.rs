@@ -34,9 +34,14 @@ pub struct TaskEvent {
     /// The verified output, base64 (completed tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_b64: Option<String>,
-    /// How the accepted run ended (`ok`, `trapped`, `out_of_fuel`, ...).
+    /// How the accepted run ended (`ok`, `trapped`, `out_of_fuel`, `timed_out`,
+    /// `out_of_memory`, `exit_status`, `rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<String>,
+    /// The program's status, when `exit` is `exit_status` (a WASI `proc_exit` with a non-zero
+    /// status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
     /// The verification outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
@@ -65,6 +70,7 @@ impl TaskEvent {
             status,
             output_b64: None,
             exit: None,
+            exit_status: None,
             verdict: None,
             receipts: Vec::new(),
             nodes: Vec::new(),
@@ -132,6 +138,9 @@ pub struct ReceiptJson {
     pub fuel_used: u64,
     /// How the run ended.
     pub exit: String,
+    /// The program's status, when `exit` is `exit_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
     /// Engine.
     pub engine: String,
     /// The signed commitment (sha3-256 over the receipt's canonical encoding).
@@ -151,6 +160,7 @@ impl From<&SignedReceipt> for ReceiptJson {
             output: r.output.to_hex().to_string(),
             fuel_used: r.fuel_used,
             exit: r.exit.as_str().into(),
+            exit_status: r.exit.status(),
             engine: r.engine.as_str().into(),
             commitment: r.commitment().to_hex().to_string(),
             signature: hex::encode(s.signature),

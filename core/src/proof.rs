@@ -51,7 +51,7 @@ impl Engine {
 pub enum Exit {
     /// Returned normally; the output is the task's result.
     Ok,
-    /// Trapped (unreachable, out-of-bounds access, division by zero, non-zero WASI exit, ...).
+    /// Trapped (unreachable, out-of-bounds access, division by zero, ...).
     Trapped,
     /// Ran out of fuel.
     OutOfFuel,
@@ -61,6 +61,8 @@ pub enum Exit {
     OutOfMemory,
     /// The module was refused before running: invalid, too large, forbidden imports, no such entry.
     Rejected,
+    /// A WASI program ended with `proc_exit` and this non-zero status (status 0 is [`Exit::Ok`]).
+    ExitStatus(i32),
 }
 
 impl Exit {
@@ -73,6 +75,15 @@ impl Exit {
             Self::TimedOut => "timed_out",
             Self::OutOfMemory => "out_of_memory",
             Self::Rejected => "rejected",
+            Self::ExitStatus(_) => "exit_status",
+        }
+    }
+
+    /// The program's exit status, for [`Exit::ExitStatus`].
+    pub fn status(self) -> Option<i32> {
+        match self {
+            Self::ExitStatus(status) => Some(status),
+            _ => None,
         }
     }
 }

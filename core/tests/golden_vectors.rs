@@ -419,3 +419,24 @@ fn the_connect_token_is_pinned_and_verifies_only_for_its_node_and_time() {
         Err(TokenError::Malformed)
     );
 }
+
+#[test]
+fn exits_keep_their_wire_indices_and_a_status_follows_its_index() {
+    use ambient_core::Exit;
+    let encoded: Vec<Vec<u8>> = [
+        Exit::Ok,
+        Exit::Trapped,
+        Exit::OutOfFuel,
+        Exit::TimedOut,
+        Exit::OutOfMemory,
+        Exit::Rejected,
+        Exit::ExitStatus(3),
+        Exit::ExitStatus(-1),
+    ]
+    .iter()
+    .map(|e| postcard::to_stdvec(e).unwrap())
+    .collect();
+    // The status is a zigzag varint: 3 is 6, -1 is 1.
+    let expected: [&[u8]; 8] = [&[0], &[1], &[2], &[3], &[4], &[5], &[6, 6], &[6, 1]];
+    assert_eq!(encoded, expected);
+}

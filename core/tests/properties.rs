@@ -67,6 +67,7 @@ fn exit() -> impl Strategy<Value = Exit> {
         Just(Exit::TimedOut),
         Just(Exit::OutOfMemory),
         Just(Exit::Rejected),
+        any::<i32>().prop_map(Exit::ExitStatus),
     ]
 }
 

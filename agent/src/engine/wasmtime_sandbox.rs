@@ -667,7 +667,7 @@ fn classify(e: &wasmtime::Error) -> (Exit, String) {
         return (Exit::OutOfMemory, denied.to_string());
     }
     if let Some(exit) = e.downcast_ref::<ProcExit>() {
-        return (Exit::Trapped, exit.to_string());
+        return (Exit::ExitStatus(exit.0), exit.to_string());
     }
     (Exit::Trapped, one_line(e))
 }
