@@ -1206,7 +1206,12 @@ impl Dispatcher {
                     self.registry.record(now.at, &v.node, Outcome::Disputed);
                 }
                 let n = winners.len() as u64;
-                let each = self.config.tariff.reward(key.1);
+                // A module the nodes refused before running it cost no work: nothing is paid.
+                let each = if key.2 == Exit::Rejected {
+                    0
+                } else {
+                    self.config.tariff.reward(key.1)
+                };
                 let each = match job.spec.max_fee {
                     Some(max) if each.saturating_mul(n) > max => max / n,
                     _ => each,
@@ -1909,6 +1914,21 @@ mod tests {
                 .borrow()
                 .contains_key(&TaskId::new("exits").unwrap()),
             "the node did the work"
+        );
+    }
+
+    #[test]
+    fn a_module_the_node_refused_before_running_costs_the_client_nothing() {
+        let mut f = fixture(1);
+        let sent = assignments(&f.submit("refused", "receipt"))[0];
+        let done = finals(&f.answer_with("refused", sent, b"", Exit::Rejected));
+        assert_eq!(done[0].status, EventStatus::Failed);
+        assert_eq!(done[0].reward, Some(0));
+        assert!(
+            !f.journal
+                .paid
+                .borrow()
+                .contains_key(&TaskId::new("refused").unwrap())
         );
     }
 
