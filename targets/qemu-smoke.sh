@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Proves the Raspberry Pi 4/5 / Jetson path: cross-builds ambient-agent for aarch64, runs it
-# under qemu-aarch64 against a coordinator on this host, and has it classify a real digit.
+# under qemu-aarch64 against a coordinator on this host, and has it classify a real digit; then
+# an x86_64 agent of this host runs the same task and must report the same output and fuel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,4 +65,23 @@ archs = {n["node"]: n["arch"] for n in nodes}
 ran_on = event["nodes"][0]
 assert archs.get(ran_on) == "aarch64", f"ran on {ran_on} with arch {archs.get(ran_on)}"
 print(f"aarch64 agent under qemu classified the digit as {label}; receipt verified, ledger credited")
+PY
+
+# The same task on an x86_64 agent of this host: the same output and the same fuel, which is
+# what replicas on different boards vote on (digits.wasm uses 128-bit SIMD).
+kill "${pids[1]}" 2>/dev/null || true
+cargo build -q -p ambient-agent --bin ambient-agent
+target/debug/ambient-agent --broker "$url" --state-dir "$work/agent-x86" --name host-x86_64 \
+  >"$work/agent-x86.log" 2>&1 &
+pids+=($!)
+native=$("$ambient" submit tasks/modules/digits.wasm --entry classify --input "$work/digit.bin" \
+  --broker "$url" --wait --json --wait-secs 120) || { cat "$work/agent-x86.log"; echo "$native"; exit 1; }
+python3 - "$result" "$native" <<'PY'
+import json, sys
+arm, x86 = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert x86["status"] == "completed", x86
+assert x86["output_b64"] == arm["output_b64"], (arm, x86)
+fuel = [e["receipts"][0]["fuel_used"] for e in (arm, x86)]
+assert fuel[0] == fuel[1], f"fuel differs: aarch64 {fuel[0]}, x86_64 {fuel[1]}"
+print(f"x86_64 agent: same output and the same fuel ({fuel[0]}) as aarch64 under qemu")
 PY

@@ -19,8 +19,10 @@ RUSTC_WASM="${RUSTC_WASM:-/usr/bin/rustc}"
 CARGO_WASM="${CARGO_WASM:-/usr/bin/cargo}"
 TARGET=wasm32-unknown-unknown
 
-# name of the committed module : crate directory under tasks/ : file cargo writes
-MODULES=("digits:digits-wasm:digits_wasm" "wasi-upper:wasi-upper:wasi_upper")
+# name of the committed module : crate directory under tasks/ : file cargo writes : features
+# digits uses 128-bit SIMD (integer SIMD is deterministic: same output and fuel everywhere);
+# wasi-upper stays WebAssembly 1.0.
+MODULES=("digits:digits-wasm:digits_wasm:+simd128" "wasi-upper:wasi-upper:wasi_upper:")
 
 usage() {
     echo "usage: tasks/build.sh [--check]" >&2
@@ -47,14 +49,15 @@ done
 build_modules() {
     local src_root="$1" target_dir="$2" out_dir="$3"
     shift 3
-    # mvp: WebAssembly 1.0 only, so small interpreters on devices run the modules too.
+    # mvp: WebAssembly 1.0 plus the module's listed features, nothing the host CPU has.
     # stack-size: 64 KiB instead of 1 MiB; both modules use a few KiB, and a smaller
     # initial memory means a cheaper instance per task.
-    local rustflags="--remap-path-prefix=$src_root=/ambient -Ctarget-cpu=mvp -Clink-arg=-zstack-size=65536"
-    local entry name crate artifact
+    local base="--remap-path-prefix=$src_root=/ambient -Ctarget-cpu=mvp -Clink-arg=-zstack-size=65536"
+    local entry name crate artifact features rustflags
     mkdir -p "$out_dir"
     for entry in "${MODULES[@]}"; do
-        IFS=: read -r name crate artifact <<<"$entry"
+        IFS=: read -r name crate artifact features <<<"$entry"
+        rustflags="$base${features:+ -Ctarget-feature=$features}"
         echo "build.sh: building $name.wasm" >&2
         (
             cd "$src_root/tasks/$crate"
@@ -128,7 +131,7 @@ if [[ $mode == build ]]; then
     build_modules "$ROOT" "$ROOT/target/wasm-tasks" "$TASKS/modules"
     write_hashes "$TASKS" "$TASKS/modules"
     for entry in "${MODULES[@]}"; do
-        IFS=: read -r name _ _ <<<"$entry"
+        IFS=: read -r name _ _ _ <<<"$entry"
         echo "build.sh: tasks/modules/$name.wasm $(wc -c <"$TASKS/modules/$name.wasm") bytes" >&2
     done
     exit 0
