@@ -133,6 +133,10 @@ pub struct RawSandbox {
     pub compile_timeout_ms: u64,
     /// Compiled modules kept in memory. Default 64.
     pub max_cached_modules: u32,
+    /// Bytes of compiled code kept in memory. Default 128 MiB.
+    pub max_cached_bytes: u64,
+    /// Bytes of modules kept in the state directory's module cache. Default 1 GiB.
+    pub max_cache_dir_bytes: u64,
     /// Resolution of task wall-clock limits, in milliseconds. Default 10.
     pub epoch_tick_ms: u64,
 }
@@ -190,6 +194,8 @@ impl Default for RawSandbox {
             max_memory_bytes: d.max_memory_bytes,
             compile_timeout_ms: d.compile_timeout.as_millis() as u64,
             max_cached_modules: d.max_cached_modules as u32,
+            max_cached_bytes: d.max_cached_bytes as u64,
+            max_cache_dir_bytes: d.max_cache_dir_bytes,
             epoch_tick_ms: d.epoch_tick.as_millis() as u64,
         }
     }
@@ -411,6 +417,20 @@ impl RawSandbox {
                 "1 or more modules",
             ));
         }
+        if self.max_cached_bytes < 1 << 20 {
+            return Err(invalid(
+                "sandbox.max_cached_bytes",
+                self.max_cached_bytes,
+                "1048576 bytes (1 MiB) or more",
+            ));
+        }
+        if self.max_cache_dir_bytes < self.max_module_bytes {
+            return Err(invalid(
+                "sandbox.max_cache_dir_bytes",
+                self.max_cache_dir_bytes,
+                "at least sandbox.max_module_bytes",
+            ));
+        }
         if !(1..=1_000).contains(&self.epoch_tick_ms) {
             return Err(invalid(
                 "sandbox.epoch_tick_ms",
@@ -423,6 +443,8 @@ impl RawSandbox {
             max_memory_bytes: self.max_memory_bytes,
             compile_timeout: Duration::from_millis(self.compile_timeout_ms),
             max_cached_modules: self.max_cached_modules as usize,
+            max_cached_bytes: usize::try_from(self.max_cached_bytes).unwrap_or(usize::MAX),
+            max_cache_dir_bytes: self.max_cache_dir_bytes,
             epoch_tick: Duration::from_millis(self.epoch_tick_ms),
             ..SandboxConfig::default()
         })
@@ -910,6 +932,18 @@ impl AgentConfig {
             "Compiled modules kept in memory.",
             "max_cached_modules",
             sb.max_cached_modules,
+        );
+        entry(
+            o,
+            "Bytes of compiled code kept in memory (the newest module stays whatever its size).",
+            "max_cached_bytes",
+            sb.max_cached_bytes,
+        );
+        entry(
+            o,
+            "Bytes of modules kept in the state directory; the least recently stored go first.",
+            "max_cache_dir_bytes",
+            sb.max_cache_dir_bytes,
         );
         entry(
             o,

@@ -540,3 +540,49 @@ fn the_committed_wasi_module_upper_cases_stdin() {
     assert_eq!(run.exit, Exit::Ok, "{}", run.message);
     assert_eq!(run.output, b"HELLO, EDGE");
 }
+
+#[test]
+fn the_compiled_module_cache_keeps_the_newest_within_its_byte_bound() {
+    let s = Wasmtime::new(SandboxConfig {
+        max_cached_bytes: 1,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let first = wat::parse_str(REVERSE).unwrap();
+    let second = wat::parse_str(&plain_module("(i64.const 0)")).unwrap();
+    s.prepare(sha3_256(&first), &first).unwrap();
+    s.prepare(sha3_256(&second), &second).unwrap();
+    assert!(
+        s.cached(&sha3_256(&first)).is_none(),
+        "over the bound: dropped"
+    );
+    assert!(
+        s.cached(&sha3_256(&second)).is_some(),
+        "the newest stays whatever its size"
+    );
+}
+
+#[test]
+fn the_module_cache_directory_drops_the_oldest_modules_past_its_byte_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Wasmtime::new(SandboxConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        max_cache_dir_bytes: 1,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let modules: Vec<Vec<u8>> = ["(i64.const 0)", "(i64.const 1)", "(i64.const 2)"]
+        .iter()
+        .map(|body| wat::parse_str(&plain_module(body)).unwrap())
+        .collect();
+    for m in &modules {
+        s.prepare(sha3_256(m), m).unwrap();
+    }
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    let last = sha3_256(&modules[2]).to_hex();
+    assert_eq!(files, [format!("{last}.cwasm"), format!("{last}.wasm")]);
+}

@@ -225,6 +225,12 @@ pub struct SandboxConfig {
     /// Most modules kept compiled in memory; older ones are dropped (and reloaded from disk).
     /// Defaults to 64.
     pub max_cached_modules: usize,
+    /// Most bytes of compiled code kept in memory, with the same rule; the newest module is
+    /// kept whatever its size. Defaults to 128 MiB.
+    pub max_cached_bytes: usize,
+    /// Most bytes of raw and compiled modules kept in `cache_dir`; the least recently stored
+    /// go first. Defaults to 1 GiB.
+    pub max_cache_dir_bytes: u64,
 }
 
 impl Default for SandboxConfig {
@@ -237,6 +243,8 @@ impl Default for SandboxConfig {
             cache_dir: None,
             epoch_tick: Duration::from_millis(10),
             max_cached_modules: 64,
+            max_cached_bytes: 128 << 20,
+            max_cache_dir_bytes: 1 << 30,
         }
     }
 }
