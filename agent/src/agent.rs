@@ -147,8 +147,8 @@ pub async fn run(
             .in_current_span(),
         );
         let sampler = {
-            let simulate = config.simulate();
-            blocking(move || Sampler::new(simulate)).await
+            let (simulate, zones) = (config.simulate(), config.thermal_zones());
+            blocking(move || Sampler::new(simulate, zones)).await
         };
         tracing::info!(
             broker = %config.broker(),

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::SandboxConfig;
 use crate::profile::Profile;
+use crate::telemetry::ThermalZones;
 
 /// Where the agent looks for its config file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ambient/agent.toml";
@@ -159,6 +160,12 @@ pub struct RawSafety {
     pub cooldown_ms: Option<u64>,
     /// Longest cool-down, in milliseconds (600,000).
     pub max_cooldown_ms: Option<u64>,
+    /// Thermal zones (by their `type`) left out of the temperature (`["PMIC-Die"]`, none on a
+    /// Pi).
+    pub thermal_ignore: Option<Vec<String>>,
+    /// Thermal zones that alone count when any of them reads (`["cpu-thermal"]` on a Pi,
+    /// none elsewhere: the hottest zone counts).
+    pub thermal_prefer: Option<Vec<String>>,
 }
 
 impl Default for RawConfig {
@@ -739,6 +746,7 @@ impl AgentConfig {
             trip_on_throttle: Some(policy.trip_on_throttle),
             cooldown_ms: Some(policy.cooldown_ms),
             max_cooldown_ms: Some(policy.max_cooldown_ms),
+            ..self.safety.clone()
         };
         self
     }
@@ -760,6 +768,17 @@ impl AgentConfig {
             trip_on_throttle: s.trip_on_throttle.unwrap_or(base.trip_on_throttle),
             cooldown_ms: s.cooldown_ms.unwrap_or(base.cooldown_ms),
             max_cooldown_ms: s.max_cooldown_ms.unwrap_or(base.max_cooldown_ms),
+        }
+    }
+
+    /// The thermal zones the temperature is read from: the board's built-in choice (by its
+    /// device-tree model), with `[safety] thermal_ignore` / `thermal_prefer` replacing it.
+    pub(crate) fn thermal_zones(&self) -> ThermalZones {
+        let model = crate::telemetry::board_model(Path::new("/sys"));
+        let base = ThermalZones::for_model(model.as_deref());
+        ThermalZones {
+            ignore: self.safety.thermal_ignore.clone().unwrap_or(base.ignore),
+            prefer: self.safety.thermal_prefer.clone().unwrap_or(base.prefer),
         }
     }
 
@@ -994,6 +1013,22 @@ impl AgentConfig {
             "Longest cool-down, in milliseconds.",
             "max_cooldown_ms",
             p.max_cooldown_ms,
+        );
+        let zones = self.thermal_zones();
+        let list = |v: &[String]| {
+            toml::Value::Array(v.iter().map(|s| toml::Value::String(s.clone())).collect())
+        };
+        entry(
+            o,
+            "Thermal zones (by their type) left out of the temperature.",
+            "thermal_ignore",
+            list(&zones.ignore),
+        );
+        entry(
+            o,
+            "Thermal zones that alone count when any of them reads (empty: the hottest counts).",
+            "thermal_prefer",
+            list(&zones.prefer),
         );
         out
     }

@@ -1,6 +1,15 @@
 //! Readings of the machine (or of a simulated board): CPU load, free memory, temperature,
 //! firmware throttling. A reading the machine cannot give is `None`, never invented.
+//!
+//! The temperature is the hottest thermal zone under `/sys/class/thermal` that counts: zones
+//! whose `type` is in [`ThermalZones::ignore`] are left out (a Jetson's `PMIC-Die` reads a fixed
+//! 100 °C placeholder), readings outside −40 °C to 150 °C are sensors that are off (a Jetson
+//! Orin's idle CV clusters read −256 °C), and when any zone in [`ThermalZones::prefer`] reads,
+//! only those count. A Raspberry Pi's throttle word comes from
+//! `/sys/devices/platform/soc/soc:firmware/get_throttled` where the kernel has it, else from
+//! `vcgencmd get_throttled`.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,10 +33,11 @@ pub(crate) enum Sampler {
 }
 
 impl Sampler {
-    pub fn new(simulate: Option<Profile>) -> Self {
+    /// A simulated board, or the real machine read through `zones`.
+    pub fn new(simulate: Option<Profile>, zones: ThermalZones) -> Self {
         match simulate {
             Some(p) => Self::Simulated(SimSampler::new(p)),
-            None => Self::Real(Box::new(RealSampler::new())),
+            None => Self::Real(Box::new(RealSampler::new(Path::new("/sys"), zones))),
         }
     }
 
@@ -65,17 +75,62 @@ impl Sampler {
     }
 }
 
-/// The real machine, through sysinfo, `/sys/class/thermal` and `vcgencmd`.
+/// Which thermal zones count, by the sensor name in each zone's `type` file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ThermalZones {
+    /// Zones left out.
+    pub ignore: Vec<String>,
+    /// Zones that alone count when any of them reads.
+    pub prefer: Vec<String>,
+}
+
+impl ThermalZones {
+    /// The built-in choice for a board, by its device-tree model: a Jetson leaves out
+    /// `PMIC-Die` (a fixed placeholder), a Raspberry Pi reads `cpu-thermal`; any other machine
+    /// leaves out `PMIC-Die` too and takes the hottest zone.
+    pub fn for_model(model: Option<&str>) -> Self {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        match model {
+            Some(m) if m.contains("Raspberry Pi") => Self {
+                ignore: Vec::new(),
+                prefer: names(&["cpu-thermal"]),
+            },
+            _ => Self {
+                ignore: names(&["PMIC-Die"]),
+                prefer: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Zone readings outside this range, in millidegrees, come from sensors that are off.
+const PLAUSIBLE_MILLIC: RangeInclusive<i32> = -40_000..=150_000;
+
+/// The device-tree model under a sysfs root (`/sys/firmware/devicetree/base/model`, which
+/// `/proc/device-tree/model` links to), without its trailing NUL.
+pub(crate) fn board_model(sys: &Path) -> Option<String> {
+    let raw = std::fs::read(sys.join("firmware/devicetree/base/model")).ok()?;
+    Some(
+        String::from_utf8_lossy(&raw)
+            .trim_end_matches(['\0', '\n'])
+            .to_owned(),
+    )
+}
+
+/// The real machine, through sysinfo, sysfs and `vcgencmd`.
 pub(crate) struct RealSampler {
     system: Option<sysinfo::System>,
     cores: u16,
     mem_total: u64,
     thermal_root: PathBuf,
+    zones: ThermalZones,
+    throttled_file: PathBuf,
     vcgencmd: Option<PathBuf>,
 }
 
 impl RealSampler {
-    fn new() -> Self {
+    /// Reads the machine whose sysfs is mounted at `sys` (`/sys`; tests pass recorded trees).
+    fn new(sys: &Path, zones: ThermalZones) -> Self {
         let mut system = sysinfo::System::new().ok();
         if let Some(s) = system.as_mut() {
             // CPU usage is a difference between two refreshes: take the first one now.
@@ -89,9 +144,21 @@ impl RealSampler {
             system,
             cores,
             mem_total,
-            thermal_root: PathBuf::from("/sys/class/thermal"),
+            thermal_root: sys.join("class/thermal"),
+            zones,
+            throttled_file: sys.join("devices/platform/soc/soc:firmware/get_throttled"),
             vcgencmd: find_in_path("vcgencmd"),
         }
+    }
+
+    /// The temperature and throttle flags, the readings that depend on the board.
+    fn board_readings(&self) -> (Option<i32>, ThrottleFlags) {
+        let throttle = std::fs::read_to_string(&self.throttled_file)
+            .ok()
+            .and_then(|word| parse_throttle_word(&word))
+            .or_else(|| self.vcgencmd.as_deref().and_then(pi_throttle))
+            .unwrap_or_default();
+        (board_temperature(&self.thermal_root, &self.zones), throttle)
     }
 
     fn sample(&mut self) -> Reading {
@@ -108,28 +175,38 @@ impl RealSampler {
             }
             None => (None, None),
         };
+        let (temp_millic, throttle) = self.board_readings();
         Reading {
             cpu_load_permille: cpu,
             mem_free_bytes: mem,
-            temp_millic: hottest_zone(&self.thermal_root),
-            throttle: self
-                .vcgencmd
-                .as_deref()
-                .and_then(pi_throttle)
-                .unwrap_or_default(),
+            temp_millic,
+            throttle,
         }
     }
 }
 
-/// The hottest of `<root>/thermal_zone*/temp`, in millidegrees; `None` without any zone.
-pub(crate) fn hottest_zone(root: &Path) -> Option<i32> {
+/// The hottest zone under `root` (`/sys/class/thermal`) that counts by `zones` (see the
+/// module docs), in millidegrees; `None` when none does.
+pub(crate) fn board_temperature(root: &Path, zones: &ThermalZones) -> Option<i32> {
     let entries = std::fs::read_dir(root).ok()?;
-    entries
+    let readings: Vec<(String, i32)> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("thermal_zone"))
-        .filter_map(|e| std::fs::read_to_string(e.path().join("temp")).ok())
-        .filter_map(|s| s.trim().parse::<i32>().ok())
-        .max()
+        .filter_map(|e| {
+            let temp = std::fs::read_to_string(e.path().join("temp")).ok()?;
+            let kind = std::fs::read_to_string(e.path().join("type")).unwrap_or_default();
+            Some((kind.trim().to_owned(), temp.trim().parse::<i32>().ok()?))
+        })
+        .filter(|(kind, temp)| PLAUSIBLE_MILLIC.contains(temp) && !zones.ignore.contains(kind))
+        .collect();
+    let hottest = |preferred_only: bool| {
+        readings
+            .iter()
+            .filter(|(kind, _)| !preferred_only || zones.prefer.contains(kind))
+            .map(|(_, temp)| *temp)
+            .max()
+    };
+    hottest(true).or_else(|| hottest(false))
 }
 
 /// Runs `vcgencmd get_throttled` and maps the answer (`throttled=0x50005`) to flags.
@@ -142,11 +219,12 @@ fn pi_throttle(vcgencmd: &Path) -> Option<ThrottleFlags> {
 }
 
 pub(crate) fn parse_throttled(text: &str) -> Option<ThrottleFlags> {
-    let hex = text
-        .trim()
-        .strip_prefix("throttled=")?
-        .trim_start_matches("0x");
-    u32::from_str_radix(hex, 16)
+    parse_throttle_word(text.trim().strip_prefix("throttled=")?)
+}
+
+/// The firmware's throttle word in hex, with or without `0x`, as sysfs and vcgencmd give it.
+fn parse_throttle_word(word: &str) -> Option<ThrottleFlags> {
+    u32::from_str_radix(word.trim().trim_start_matches("0x"), 16)
         .ok()
         .map(ThrottleFlags::from_pi_firmware)
 }
@@ -161,9 +239,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// Whether the device tree names a Raspberry Pi.
 pub(crate) fn is_raspberry_pi() -> bool {
-    std::fs::read("/proc/device-tree/model")
-        .map(|m| String::from_utf8_lossy(&m).contains("Raspberry Pi"))
-        .unwrap_or(false)
+    board_model(Path::new("/sys")).is_some_and(|m| m.contains("Raspberry Pi"))
 }
 
 /// A simulated board: load follows the tasks running, temperature follows load, and each
@@ -222,7 +298,8 @@ mod tests {
     #[test]
     fn the_hottest_thermal_zone_wins_and_no_zone_means_no_reading() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(hottest_zone(dir.path()), None);
+        let zones = ThermalZones::default();
+        assert_eq!(board_temperature(dir.path(), &zones), None);
         for (zone, temp) in [
             ("thermal_zone0", "41000\n"),
             ("thermal_zone1", "63500\n"),
@@ -231,7 +308,66 @@ mod tests {
             std::fs::create_dir(dir.path().join(zone)).unwrap();
             std::fs::write(dir.path().join(zone).join("temp"), temp).unwrap();
         }
-        assert_eq!(hottest_zone(dir.path()), Some(63_500));
+        assert_eq!(board_temperature(dir.path(), &zones), Some(63_500));
+    }
+
+    /// The readings of a board whose sysfs was recorded under `tests/fixtures/sys/<board>`,
+    /// with the zones chosen for its model.
+    fn recorded(board: &str) -> (Option<String>, Option<i32>, ThrottleFlags) {
+        let sys = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/sys")
+            .join(board);
+        assert!(sys.is_dir(), "{} is committed", sys.display());
+        let model = board_model(&sys);
+        let sampler = RealSampler::new(&sys, ThermalZones::for_model(model.as_deref()));
+        let (temp, throttle) = sampler.board_readings();
+        (model, temp, throttle)
+    }
+
+    #[test]
+    fn a_pi_4_reads_its_cpu_zone_and_the_firmware_throttle_word_from_sysfs() {
+        let (model, temp, throttle) = recorded("pi4");
+        assert!(model.unwrap().starts_with("Raspberry Pi 4 Model B"));
+        assert_eq!(temp, Some(48_686));
+        // 0x50005: under-voltage and throttling now (and both since boot, not reported).
+        assert_eq!(
+            throttle,
+            ThrottleFlags(ThrottleFlags::UNDER_VOLTAGE | ThrottleFlags::THROTTLED)
+        );
+    }
+
+    #[test]
+    fn a_pi_5_reads_its_cpu_zone_and_is_not_throttled() {
+        let (model, temp, throttle) = recorded("pi5");
+        assert!(model.unwrap().starts_with("Raspberry Pi 5"));
+        assert_eq!(temp, Some(52_150));
+        assert_eq!(throttle, ThrottleFlags(0));
+    }
+
+    #[test]
+    fn a_jetson_orin_ignores_the_pmic_placeholder_and_its_powered_down_cv_sensors() {
+        let (model, temp, throttle) = recorded("jetson-orin-nano");
+        assert!(model.unwrap().contains("Jetson"));
+        // PMIC-Die reads 100 °C and the CV clusters -256 °C; the hottest real zone is tj.
+        assert_eq!(temp, Some(47_906));
+        assert_eq!(throttle, ThrottleFlags(0), "no Pi firmware, no vcgencmd");
+    }
+
+    #[test]
+    fn configured_zones_override_the_boards_choice() {
+        let sys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sys/jetson-orin-nano");
+        let gpu_only = ThermalZones {
+            ignore: Vec::new(),
+            prefer: vec!["gpu-thermal".into()],
+        };
+        let sampler = RealSampler::new(&sys, gpu_only);
+        assert_eq!(sampler.board_readings().0, Some(46_187));
+        let everything = RealSampler::new(&sys, ThermalZones::default());
+        assert_eq!(
+            everything.board_readings().0,
+            Some(100_000),
+            "the placeholder, if asked"
+        );
     }
 
     #[test]
@@ -247,8 +383,8 @@ mod tests {
     #[test]
     fn simulated_readings_are_plausible_and_rise_with_load() {
         for p in Profile::ALL {
-            let mut idle = Sampler::new(Some(p));
-            let mut busy = Sampler::new(Some(p));
+            let mut idle = Sampler::new(Some(p), ThermalZones::default());
+            let mut busy = Sampler::new(Some(p), ThermalZones::default());
             let a = idle.sample(0);
             let b = busy.sample(p.spec().cores);
             assert!(a.cpu_load_permille < b.cpu_load_permille, "{p}");
@@ -261,8 +397,8 @@ mod tests {
 
     #[test]
     fn simulated_jitter_is_reproducible() {
-        let mut a = Sampler::new(Some(Profile::Pi4));
-        let mut b = Sampler::new(Some(Profile::Pi4));
+        let mut a = Sampler::new(Some(Profile::Pi4), ThermalZones::default());
+        let mut b = Sampler::new(Some(Profile::Pi4), ThermalZones::default());
         for _ in 0..5 {
             assert_eq!(a.sample(1), b.sample(1));
         }
@@ -270,7 +406,7 @@ mod tests {
 
     #[test]
     fn the_real_machine_reports_what_it_can() {
-        let mut s = Sampler::new(None);
+        let mut s = Sampler::new(None, ThermalZones::default());
         let r = s.sample(0);
         assert!(s.cores() >= 1);
         if let Some(load) = r.cpu_load_permille {

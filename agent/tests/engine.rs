@@ -549,7 +549,7 @@ fn the_compiled_module_cache_keeps_the_newest_within_its_byte_bound() {
     })
     .unwrap();
     let first = wat::parse_str(REVERSE).unwrap();
-    let second = wat::parse_str(&plain_module("(i64.const 0)")).unwrap();
+    let second = wat::parse_str(plain_module("(i64.const 0)")).unwrap();
     s.prepare(sha3_256(&first), &first).unwrap();
     s.prepare(sha3_256(&second), &second).unwrap();
     assert!(
@@ -573,7 +573,7 @@ fn the_module_cache_directory_drops_the_oldest_modules_past_its_byte_bound() {
     .unwrap();
     let modules: Vec<Vec<u8>> = ["(i64.const 0)", "(i64.const 1)", "(i64.const 2)"]
         .iter()
-        .map(|body| wat::parse_str(&plain_module(body)).unwrap())
+        .map(|body| wat::parse_str(plain_module(body)).unwrap())
         .collect();
     for m in &modules {
         s.prepare(sha3_256(m), m).unwrap();
