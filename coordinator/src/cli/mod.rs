@@ -92,12 +92,33 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Coordinator(a) => coordinator::run(a).await,
         Command::Submit(a) => submit::run(*a).await,
-        Command::Nodes(a) => read::nodes(a),
-        Command::Tasks(a) => read::tasks(a),
-        Command::Ledger(a) => read::ledger(a),
+        Command::Nodes(a) => {
+            quiet_when_output_closes();
+            read::nodes(a)
+        }
+        Command::Tasks(a) => {
+            quiet_when_output_closes();
+            read::tasks(a)
+        }
+        Command::Ledger(a) => {
+            quiet_when_output_closes();
+            read::ledger(a)
+        }
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
         Command::Passwd(a) => passwd::run(a),
+    }
+}
+
+/// A read command whose output is closed early (`ambient nodes --json | head`) ends quietly,
+/// as Unix tools do, instead of panicking on a failed write: SIGPIPE gets its default action.
+/// Only for commands that write nothing but standard output; the services keep ignoring it.
+fn quiet_when_output_closes() {
+    #[cfg(unix)]
+    // SAFETY: signal(2) is thread-safe, and the read commands install no handler of their own
+    // that this could replace.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

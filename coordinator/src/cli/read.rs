@@ -135,10 +135,15 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
             .as_u64()
             .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
             .unwrap_or_else(|| "never".into());
-        let breaker = match n["breaker_reason"].as_str() {
+        let mut breaker = match n["breaker_reason"].as_str() {
             Some(r) => format!("{} ({r})", n["breaker"].as_str().unwrap_or("?")),
             None => n["breaker"].as_str().unwrap_or("?").to_string(),
         };
+        // The device's own breaker (its temperature, throttling or errors by its own limits)
+        // takes it out of the pool too.
+        if let Some(own) = n["sample"]["breaker"].as_str().filter(|b| *b != "Closed") {
+            breaker.push_str(&format!("; device's own breaker {own}"));
+        }
         println!(
             "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  {}",
             n["node"]

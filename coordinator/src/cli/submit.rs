@@ -114,6 +114,8 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let module = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
     check_module(&args.module, &module, &args.abi, &args.entry)?;
+    // Each input with what names it in the output: its file in a directory batch.
+    let mut names: Vec<Option<String>> = Vec::new();
     let inputs: Vec<Vec<u8>> = if let Some(dir) = &args.inputs {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read input directory {}", dir.display()))?
@@ -122,6 +124,10 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             .filter(|p| p.is_file())
             .collect();
         files.sort();
+        names = files
+            .iter()
+            .map(|f| Some(f.display().to_string()))
+            .collect();
         files
             .iter()
             .map(std::fs::read)
@@ -199,18 +205,20 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     client.disconnect().await;
     let mut failures = 0;
     let mut out = std::io::stdout().lock();
-    for s in &submissions {
+    for (i, s) in submissions.iter().enumerate() {
         let id = s.task_id.as_deref().unwrap_or_default();
+        let name = names.get(i).cloned().flatten();
+        let label = name.as_deref().unwrap_or(id);
         match events.get(id) {
             Some(ev) => {
                 if matches!(ev.status, EventStatus::Failed | EventStatus::Rejected) {
                     failures += 1;
                 }
-                print_event(&mut out, ev, args.json, n == 1)?;
+                print_event(&mut out, ev, args.json, n == 1, label)?;
             }
             None => {
                 failures += 1;
-                writeln!(out, "{id}: no answer within {} s", args.wait_secs)?;
+                writeln!(out, "{label}: no answer within {} s", args.wait_secs)?;
             }
         }
     }
@@ -221,22 +229,30 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Output bytes for people: text as it is, a few bytes as numbers (`[8]`, a digit's label),
+/// anything longer in hex with its length.
+fn shown(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.is_empty() && s.chars().all(|c| !c.is_control() || c == '\n') => s.to_string(),
+        _ if bytes.len() <= 16 => format!("{bytes:?}"),
+        _ => format!("{} bytes: {}", bytes.len(), hex::encode(bytes)),
+    }
+}
+
+/// Prints one final event; `label` names the task in batch lines (its input file, or its id).
 fn print_event(
     out: &mut impl std::io::Write,
     ev: &TaskEvent,
     json: bool,
     single: bool,
+    label: &str,
 ) -> std::io::Result<()> {
     if json {
         return writeln!(out, "{}", serde_json::to_string(ev).unwrap_or_default());
     }
     match (&ev.status, &ev.output_b64, &ev.error) {
         (EventStatus::Completed, Some(b64), _) => {
-            let bytes = B64.decode(b64).unwrap_or_default();
-            let shown = match std::str::from_utf8(&bytes) {
-                Ok(s) if s.chars().all(|c| !c.is_control() || c == '\n') => s.to_string(),
-                _ => format!("0x{}", hex::encode(&bytes)),
-            };
+            let shown = shown(&B64.decode(b64).unwrap_or_default());
             if single {
                 writeln!(out, "{shown}")?;
                 writeln!(
@@ -251,14 +267,23 @@ fn print_event(
                     ev.reward.unwrap_or(0)
                 )
             } else {
-                writeln!(out, "{}: {shown}", ev.task_id)
+                writeln!(out, "{label}: {shown}")
             }
         }
-        (status, _, Some(e)) => writeln!(
-            out,
-            "{}: {:?}: {} ({})",
-            ev.task_id, status, e.message, e.code
-        ),
-        (status, _, None) => writeln!(out, "{}: {:?}", ev.task_id, status),
+        (status, _, Some(e)) => writeln!(out, "{label}: {status:?}: {} ({})", e.message, e.code),
+        (status, _, None) => writeln!(out, "{label}: {status:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn outputs_are_shown_as_text_as_small_numbers_or_as_hex_with_their_length() {
+        assert_eq!(shown(b"HELLO\n"), "HELLO\n");
+        assert_eq!(shown(&[8]), "[8]");
+        assert_eq!(shown(&[]), "[]");
+        assert_eq!(shown(&[0xff; 17]), format!("17 bytes: {}", "ff".repeat(17)));
     }
 }

@@ -132,8 +132,22 @@ pub struct TaskRow {
     pub submitted_ms: u64,
     /// When it got its outcome, in Unix milliseconds; `None` while unfinished.
     pub finished_ms: Option<u64>,
-    /// The result delivered to the client, as JSON; `None` while unfinished.
+    /// The result delivered to the client, as JSON; `None` while unfinished. Serialized as
+    /// the object itself, under `result`, not as a string.
+    #[serde(rename = "result", serialize_with = "embedded_json")]
     pub result_json: Option<String>,
+}
+
+/// Writes stored JSON text as the JSON value it is (a string if it does not parse).
+fn embedded_json<S: serde::Serializer>(json: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize as _;
+    match json {
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value) => value.serialize(s),
+            Err(_) => text.serialize(s),
+        },
+        None => s.serialize_none(),
+    }
 }
 
 impl Batch<'_> {
@@ -707,5 +721,21 @@ pub(super) mod tests {
             "done".parse::<TaskStatus>(),
             Err(UnknownStatus("done".into()))
         );
+    }
+
+    #[test]
+    fn a_task_row_shows_its_result_as_json_not_as_a_string() {
+        let row = TaskRow {
+            task_id: TaskId::new("t").unwrap(),
+            client: "c".into(),
+            status: TaskStatus::Completed,
+            attempts: 1,
+            submitted_ms: 1,
+            finished_ms: Some(2),
+            result_json: Some(r#"{"status":"completed","reward":7}"#.into()),
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["result"]["reward"], 7);
+        assert!(json.get("result_json").is_none());
     }
 }
