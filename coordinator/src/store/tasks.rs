@@ -703,7 +703,7 @@ pub(super) mod tests {
         };
         assert_eq!(
             serde_json::to_string(&row).unwrap(),
-            r#"{"task_id":"t-1","client":"alice","status":"completed","attempts":1,"submitted_ms":5,"finished_ms":6,"result_json":"{}"}"#
+            r#"{"task_id":"t-1","client":"alice","status":"completed","attempts":1,"submitted_ms":5,"finished_ms":6,"result":{}}"#
         );
     }
 
