@@ -306,7 +306,7 @@ impl Reporter {
         Finished {
             key: job.key(),
             admitted: true,
-            outcome: Some(run.exit == Exit::Ok),
+            outcome: device_outcome(run.exit),
             payload: payload.into(),
             exit: Some(run.exit),
             fuel_used: run.fuel_used,
@@ -1200,5 +1200,37 @@ fn log_transition(t: Transition) {
             tracing::warn!(from = ?t.from, to = ?t.to, %reason, "breaker opened: not taking tasks")
         }
         None => tracing::info!(from = ?t.from, to = ?t.to, "breaker changed state"),
+    }
+}
+
+/// What a run says about this device's health, for its own breaker. A task that traps, runs
+/// out of fuel or memory, exits with a status or is refused did what its program does, the
+/// same on every node: counting it as a device error would let any client open healthy
+/// nodes' breakers by submitting failing tasks. A run stopped by the wall clock says nothing
+/// either way (a slow board, or a task that asked for more than its time allows).
+fn device_outcome(exit: Exit) -> Option<bool> {
+    match exit {
+        Exit::TimedOut => None,
+        _ => Some(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_program_is_no_device_error_and_a_timeout_counts_neither_way() {
+        for exit in [
+            Exit::Ok,
+            Exit::Trapped,
+            Exit::OutOfFuel,
+            Exit::OutOfMemory,
+            Exit::ExitStatus(1),
+            Exit::Rejected,
+        ] {
+            assert_eq!(device_outcome(exit), Some(true), "{exit:?}");
+        }
+        assert_eq!(device_outcome(Exit::TimedOut), None);
     }
 }
