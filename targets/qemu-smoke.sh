@@ -18,7 +18,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$ambient" coordinator --listen 127.0.0.1:0 --data-dir "$work/coordinator" 2>"$work/coordinator.log" &
+"$ambient" coordinator --listen 127.0.0.1:0 --http off --data-dir "$work/coordinator" 2>"$work/coordinator.log" &
 pids+=($!)
 url=""
 for _ in $(seq 1 100); do

@@ -46,6 +46,8 @@ pub struct CoordinatorConfig {
     pub tls_listener: Option<TlsListener>,
     /// Client accounts of the embedded broker: name and argon2 hash (PHC string).
     pub users: BTreeMap<String, String>,
+    /// Where the HTTP API listens, if it does.
+    pub http: Option<SocketAddr>,
 }
 
 /// A TLS listener of the embedded broker.
@@ -82,6 +84,25 @@ pub struct RawConfig {
     pub settlement: RawSettlement,
     /// Enrollment settings.
     pub enrollment: RawEnrollment,
+    /// HTTP API settings.
+    pub http: RawHttp,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp {
+    /// Address of the HTTP API (JSON views, health, submission), or `off`. Default
+    /// `127.0.0.1:8080` (loopback only: it has no authentication).
+    pub listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
 }
 
 /// `[broker]`.
@@ -466,6 +487,16 @@ impl RawConfig {
             },
             tls_listener,
             users: self.broker.users.clone(),
+            http: match self.http.listen.as_str() {
+                "off" => None,
+                listen => Some(listen.parse().map_err(|_| {
+                    bad(
+                        "http.listen",
+                        listen,
+                        "an address like 127.0.0.1:8080, or `off`",
+                    )
+                })?),
+            },
         })
     }
 }

@@ -7,12 +7,14 @@
 //! - [`Registry`] and [`Strategy`]: who is out there and where a task goes.
 //! - [`store::Store`]: the SQLite journal, module store and ledger.
 //! - [`client`]: what `ambient submit` and any program use to submit tasks and await results.
+//! - [`http`]: the HTTP API (typed JSON views, health, submission).
 #![deny(missing_docs)]
 
 pub mod access;
 pub mod client;
 mod config;
 mod dispatcher;
+pub mod http;
 mod intake;
 pub mod mqtt;
 mod registry;

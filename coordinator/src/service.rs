@@ -34,7 +34,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_broker::{Broker, BrokerConfig, BrokerError};
@@ -81,6 +81,16 @@ pub enum CoordinatorError {
     /// The broker connection could not be set up (a TLS file).
     #[error(transparent)]
     Connect(#[from] ambient_mqtt::Error),
+    /// The HTTP API's address could not be bound.
+    #[error(
+        "cannot listen for the HTTP API on {addr}: {source} (is another coordinator running? choose another address with --http, or --http off)"
+    )]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Inputs waiting for the dispatcher thread, at most. Each is one MQTT publish.
@@ -119,6 +129,7 @@ pub struct Coordinator {
     identity: Identity,
     broker: Option<Broker>,
     url: BrokerUrl,
+    http: Option<tokio::net::TcpListener>,
 }
 
 impl Coordinator {
@@ -166,12 +177,27 @@ impl Coordinator {
             }
             BrokerMode::External(url) => (None, url.clone()),
         };
+        let http = match config.http {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| CoordinatorError::Http { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             identity,
             broker,
             url,
+            http,
         })
+    }
+
+    /// The HTTP API, as `http://host:port`, if it is on.
+    pub fn http_url(&self) -> Option<String> {
+        let addr = self.http.as_ref()?.local_addr().ok()?;
+        Some(format!("http://{addr}"))
     }
 
     /// The public key that signs assignments, in hex: what agents pin.
@@ -209,6 +235,7 @@ impl Coordinator {
             identity,
             broker,
             url,
+            http,
         } = self;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| CoordinatorError::DataDir {
             path: config.data_dir.display().to_string(),
@@ -254,6 +281,22 @@ impl Coordinator {
             mqtt::Session::Durable,
             login.as_ref().map(|l| l()),
         )?;
+        let connected = Arc::new(AtomicBool::new(false));
+        let http_task = http.map(|listener| {
+            let api = crate::http::Api {
+                db: db.clone(),
+                client: client.clone(),
+                connected: connected.clone(),
+            };
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, crate::http::router(api))
+                    .with_graceful_shutdown(c.cancelled_owned());
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "the HTTP API stopped");
+                }
+            })
+        });
         let (in_tx, in_rx) = flume::bounded::<Inbound>(INBOUND);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
         let generation = Arc::new(AtomicU64::new(0));
@@ -277,6 +320,7 @@ impl Coordinator {
             signer,
             in_tx.clone(),
             generation,
+            connected,
             cancel.clone(),
         ));
 
@@ -301,6 +345,9 @@ impl Coordinator {
         tokio::time::sleep(Duration::from_millis(50)).await;
         cancel.cancel();
         let _ = mqtt.await;
+        if let Some(t) = http_task {
+            let _ = t.await;
+        }
         if let Some(t) = broker_task
             && let Ok(Err(e)) = t.await
         {
@@ -332,6 +379,7 @@ async fn mqtt_loop(
     signer: Arc<Identity>,
     in_tx: flume::Sender<Inbound>,
     generation: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -344,6 +392,7 @@ async fn mqtt_loop(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(100);
                 generation.fetch_add(1, Ordering::SeqCst);
+                connected.store(true, Ordering::Relaxed);
                 info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -380,6 +429,7 @@ async fn mqtt_loop(
             }
             Ok(_) => {}
             Err(e) => {
+                connected.store(false, Ordering::Relaxed);
                 warn!(error = %e, "broker connection lost; reconnecting in {backoff:?}");
                 // A token is valid for minutes; the next attempt presents a fresh one.
                 if let Some(login) = &login {

@@ -83,6 +83,28 @@ fn the_embedded_broker_explains_a_taken_port() {
 }
 
 #[test]
+fn a_taken_http_port_is_explained_with_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = ambient(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        &addr,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP API") && err.contains("--http off"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_quick_end_to_end_bench_completes_every_section() {
     // Both brokers: the embedded one with its access rules, and mosquitto (which must be
     // installed, as for the end-to-end tests).

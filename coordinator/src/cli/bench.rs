@@ -678,6 +678,7 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
     let temp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut raw = RawConfig::default();
     raw.broker.listen = "127.0.0.1:0".into();
+    raw.http.listen = "off".into();
     raw.broker.url = external;
     raw.storage.data_dir = temp.path().join("coordinator");
     raw.storage.snapshot_interval_ms = 200;

@@ -9,7 +9,7 @@ use clap::Args;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ambient coordinator --data-dir ./data\n  ambient coordinator --broker mqtt://127.0.0.1:1883     # use a running mosquitto\n  ambient coordinator --print-config > /etc/ambient/coordinator.toml"
+    after_help = "Examples:\n  ambient coordinator --data-dir ./data\n  ambient coordinator --broker mqtt://127.0.0.1:1883     # use a running mosquitto\n  ambient coordinator --print-config > /etc/ambient/coordinator.toml\n  curl -s 127.0.0.1:8080/api/nodes              # the HTTP API, on loopback by default"
 )]
 pub struct CoordinatorArgs {
     /// TOML configuration file (see --print-config); flags override it.
@@ -24,6 +24,10 @@ pub struct CoordinatorArgs {
     /// Directory of the SQLite database [default: /var/lib/ambient].
     #[arg(long, env = "AMBIENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Address of the HTTP API (JSON views, /healthz, POST /api/tasks), or `off`
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = "AMBIENT_HTTP")]
+    http: Option<String>,
     /// Default strategy: weighted, round-robin, least-loaded, latency-aware.
     #[arg(long, env = "AMBIENT_STRATEGY")]
     strategy: Option<String>,
@@ -51,6 +55,9 @@ pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
     if let Some(d) = &args.data_dir {
         raw.storage.data_dir = d.clone();
     }
+    if let Some(h) = &args.http {
+        raw.http.listen = h.clone();
+    }
     if let Some(s) = &args.strategy {
         raw.scheduling.strategy = s.clone();
     }
@@ -76,6 +83,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             coordinator.broker_url()
         ),
         None => eprintln!("ambient coordinator: broker {}", coordinator.broker_url()),
+    }
+    if let Some(http) = coordinator.http_url() {
+        eprintln!("ambient coordinator: HTTP API {http} (try {http}/healthz)");
     }
     eprintln!(
         "ambient coordinator: assignment key {} (agents pin it; see the README's Security section)",

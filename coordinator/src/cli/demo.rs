@@ -98,6 +98,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let mut raw = RawConfig::default();
     raw.broker.listen = "127.0.0.1:0".into();
+    raw.http.listen = "off".into();
     raw.broker.url = args.broker.clone();
     raw.storage.data_dir = root.join("coordinator");
     raw.storage.snapshot_interval_ms = 200;

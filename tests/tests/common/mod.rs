@@ -216,6 +216,8 @@ pub struct Coordinator {
     pub url: String,
     /// The embedded broker's TLS listener, when configured.
     pub tls_url: Option<String>,
+    /// The HTTP API, `http://127.0.0.1:<port>`.
+    pub http_url: String,
     pub data_dir: PathBuf,
 }
 
@@ -241,6 +243,7 @@ impl Coordinator {
             .arg(&config_path)
             .arg("--data-dir")
             .arg(data_dir)
+            .args(["--http", "127.0.0.1:0"])
             .arg("-v");
         match external {
             Some(url) => cmd.args(["--broker", url]),
@@ -253,9 +256,17 @@ impl Coordinator {
             .expect("start ambient coordinator");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        let (http_tx, http_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("HTTP API http://") {
+                    let url: String = line[i + "HTTP API ".len()..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    let _ = http_tx.send(url);
+                }
                 if !sent && let Some(i) = line.find("mqtt://").or_else(|| line.find("mqtts://")) {
                     let url_at = |i: usize| -> String {
                         line[i..]
@@ -277,6 +288,9 @@ impl Coordinator {
         let (url, tls_url) = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("coordinator printed its broker URL");
+        let http_url = http_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("coordinator printed its HTTP API's URL");
         Coordinator {
             proc: Proc {
                 child,
@@ -284,6 +298,7 @@ impl Coordinator {
             },
             url,
             tls_url,
+            http_url,
             data_dir: data_dir.to_path_buf(),
         }
     }
@@ -415,3 +430,30 @@ pub const SPIN_WAT: &str = r#"
     (i64.store (i32.const 64) (local.get $i))
     (i64.or (i64.shl (i64.const 64) (i64.const 32)) (i64.const 8))))
 "#;
+
+/// One HTTP/1.1 request to `url` (`http://host:port`) over a plain socket; returns the status
+/// code and the body.
+pub fn http(url: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let addr = url.strip_prefix("http://").expect("an http:// URL");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, response[split + 4..].to_vec())
+}

@@ -1,0 +1,96 @@
+//! The coordinator's HTTP API with real processes: a task submitted over HTTP runs on a real
+//! agent, and every view shows it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn get(c: &Coordinator, path: &str) -> (u16, Value) {
+    let (status, body) = http(&c.http_url, "GET", path, b"");
+    let json = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("GET {path}: {e}: {}", String::from_utf8_lossy(&body)));
+    (status, json)
+}
+
+fn post(c: &Coordinator, body: &[u8]) -> (u16, Value) {
+    let (status, body) = http(&c.http_url, "POST", "/api/tasks", body);
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[test]
+fn a_task_posted_over_http_runs_and_every_view_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    wait_until(
+        Duration::from_secs(30),
+        || get(&c, "/healthz").0 == 200,
+        || format!("a healthy coordinator: {:?}", get(&c, "/healthz")),
+    );
+    let _agent = agent(&c.url, &dir.path().join("a"), "pi5");
+    c.wait_for_nodes(1);
+
+    // Refused at once, with the intake's codes.
+    let (status, bad) = post(&c, b"{\"task_id\": ");
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("bad_json"))
+    );
+    let mut zero_fuel = spin_task("no-fuel", 10);
+    zero_fuel.limits.as_mut().unwrap().fuel = Some(0);
+    let (status, bad) = post(&c, &serde_json::to_vec(&zero_fuel).unwrap());
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("bad_limits"))
+    );
+
+    let (status, accepted) = post(
+        &c,
+        &serde_json::to_vec(&spin_task("over-http", 10)).unwrap(),
+    );
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["task_id"], "over-http");
+    assert_eq!(accepted["events"], "ambient/v1/tasks/over-http/result");
+    wait_until(
+        Duration::from_secs(60),
+        || get(&c, "/api/tasks/over-http").1["result"]["status"] == "completed",
+        || format!("the task completed: {}", get(&c, "/api/tasks/over-http").1),
+    );
+    let (_, task) = get(&c, "/api/tasks/over-http");
+    assert_eq!(task["status"], "completed");
+    let node = task["result"]["nodes"][0].as_str().unwrap().to_owned();
+
+    let (_, recent) = get(&c, "/api/tasks?status=completed&limit=5");
+    assert!(
+        recent
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["task_id"] == "over-http")
+    );
+    assert_eq!(get(&c, "/api/tasks?status=lost").0, 400);
+    assert_eq!(get(&c, "/api/tasks/never-submitted").0, 404);
+
+    let (_, nodes) = get(&c, "/api/nodes");
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 1);
+    assert!(nodes["dropped"].is_object());
+    let (status, view) = get(&c, &format!("/api/nodes/{node}"));
+    assert_eq!((status, view["node"].as_str()), (200, Some(node.as_str())));
+    assert_eq!(get(&c, "/api/nodes/not-hex").0, 400);
+    assert_eq!(get(&c, &format!("/api/nodes/{}", "0".repeat(32))).0, 404);
+
+    let (_, balances) = get(&c, "/api/ledger");
+    assert!(
+        balances
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["account"].as_str().is_some_and(|a| a.contains(&node))),
+        "{balances}"
+    );
+    let (status, check) = get(&c, "/api/ledger/verify");
+    assert_eq!(status, 200, "{check}");
+    assert_eq!(check["entries"], 1, "one transfer: the client pays the node");
+}
