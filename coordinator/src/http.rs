@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use ambient_core::{NodeId, TaskId, topics};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -48,7 +48,7 @@ pub const MAX_TASKS: usize = 1_000;
 pub(crate) struct Api {
     pub db: PathBuf,
     pub client: AsyncClient,
-    pub connected: Arc<AtomicBool>,
+    pub link: Arc<crate::service::Link>,
 }
 
 /// The routes of the module docs.
@@ -110,7 +110,7 @@ struct Health {
 
 async fn health(State(api): State<Api>) -> (StatusCode, Json<Health>) {
     let journal = read(&api, |store| Ok(store.nodes_saved_ms()?)).await;
-    let connected = api.connected.load(Ordering::Relaxed);
+    let connected = api.link.connected.load(Ordering::Relaxed);
     let body = Health {
         journal: match &journal {
             Ok(_) => "ok".into(),
@@ -259,7 +259,7 @@ async fn submit(
     let parsed = crate::intake::parse(&json, |_| true, unreachable_id)
         .map_err(|r| bad(r.code, r.message))?;
     let events = topics::task_result(&parsed.spec.task_id).to_string();
-    if !api.connected.load(Ordering::Relaxed) {
+    if !api.link.connected.load(Ordering::Relaxed) {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker_unavailable",

@@ -106,6 +106,15 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often the drop counters are logged (at info, when they changed).
 const DROPS_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// The broker connection as the other tasks see it.
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    /// Counts connections; an acknowledgement is valid only on the one its publish came on.
+    pub generation: AtomicU64,
+    /// Whether the client is connected now (the HTTP API's health and submissions).
+    pub connected: AtomicBool,
+}
+
 /// What the MQTT task hands the dispatcher thread.
 enum Inbound {
     /// The broker connection came up.
@@ -281,12 +290,12 @@ impl Coordinator {
             mqtt::Session::Durable,
             login.as_ref().map(|l| l()),
         )?;
-        let connected = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(Link::default());
         let http_task = http.map(|listener| {
             let api = crate::http::Api {
                 db: db.clone(),
                 client: client.clone(),
-                connected: connected.clone(),
+                link: link.clone(),
             };
             let c = cancel.clone();
             tokio::spawn(async move {
@@ -299,7 +308,6 @@ impl Coordinator {
         });
         let (in_tx, in_rx) = flume::bounded::<Inbound>(INBOUND);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
-        let generation = Arc::new(AtomicU64::new(0));
 
         let snapshot_every = config.snapshot_interval;
         let (done_tx, mut done_rx) = oneshot::channel();
@@ -312,15 +320,14 @@ impl Coordinator {
             })
             .map_err(CoordinatorError::Thread)?;
 
-        let publisher = tokio::spawn(publish_loop(client.clone(), out_rx, generation.clone()));
+        let publisher = tokio::spawn(publish_loop(client.clone(), out_rx, link.clone()));
         let mqtt = tokio::spawn(mqtt_loop(
             client.clone(),
             eventloop,
             login,
             signer,
             in_tx.clone(),
-            generation,
-            connected,
+            link,
             cancel.clone(),
         ));
 
@@ -378,8 +385,7 @@ async fn mqtt_loop(
     login: Option<impl Fn() -> (String, String)>,
     signer: Arc<Identity>,
     in_tx: flume::Sender<Inbound>,
-    generation: Arc<AtomicU64>,
-    connected: Arc<AtomicBool>,
+    link: Arc<Link>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -391,8 +397,8 @@ async fn mqtt_loop(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(100);
-                generation.fetch_add(1, Ordering::SeqCst);
-                connected.store(true, Ordering::Relaxed);
+                link.generation.fetch_add(1, Ordering::SeqCst);
+                link.connected.store(true, Ordering::Relaxed);
                 info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -422,14 +428,14 @@ async fn mqtt_loop(
                     let _ = client.try_ack(&p);
                     continue;
                 }
-                let at = generation.load(Ordering::SeqCst);
+                let at = link.generation.load(Ordering::SeqCst);
                 if in_tx.send_async(Inbound::Publish(p, at)).await.is_err() {
                     break;
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                connected.store(false, Ordering::Relaxed);
+                link.connected.store(false, Ordering::Relaxed);
                 warn!(error = %e, "broker connection lost; reconnecting in {backoff:?}");
                 // A token is valid for minutes; the next attempt presents a fresh one.
                 if let Some(login) = &login {
@@ -449,7 +455,7 @@ async fn mqtt_loop(
 async fn publish_loop(
     client: AsyncClient,
     mut out_rx: mpsc::UnboundedReceiver<Outbound>,
-    generation: Arc<AtomicU64>,
+    link: Arc<Link>,
 ) {
     while let Some(out) = out_rx.recv().await {
         let sent = match out {
@@ -463,7 +469,9 @@ async fn publish_loop(
             }
             // An acknowledgement belongs to the connection its publish arrived on; after a
             // reconnect the broker sends the publish again and that copy is acknowledged.
-            Outbound::Ack(p, at) if at == generation.load(Ordering::SeqCst) => client.ack(&p).await,
+            Outbound::Ack(p, at) if at == link.generation.load(Ordering::SeqCst) => {
+                client.ack(&p).await
+            }
             Outbound::Ack(..) => Ok(()),
         };
         if let Err(e) = sent {

@@ -92,5 +92,8 @@ fn a_task_posted_over_http_runs_and_every_view_shows_it() {
     );
     let (status, check) = get(&c, "/api/ledger/verify");
     assert_eq!(status, 200, "{check}");
-    assert_eq!(check["entries"], 1, "one transfer: the client pays the node");
+    assert_eq!(
+        check["entries"], 1,
+        "one transfer: the client pays the node"
+    );
 }
