@@ -279,6 +279,8 @@ pub struct Effects {
     pub journal: Vec<Op>,
     /// Task events, published only after the commit.
     pub events: Vec<Publish>,
+    /// Tasks that ended in this turn: how, and milliseconds from submission (for metrics).
+    pub outcomes: Vec<(TaskStatus, f64)>,
     /// Tasks finished in this turn: id → (fingerprint, index of the `Op::Finish` in `journal`),
     /// so a resubmission in the same turn is answered before the journal holds the outcome.
     finished: HashMap<TaskId, (Digest, usize)>,
@@ -291,6 +293,7 @@ impl Effects {
         self.dispatch.clear();
         self.journal.clear();
         self.events.clear();
+        self.outcomes.clear();
         self.finished.clear();
     }
 
@@ -1264,6 +1267,7 @@ impl Dispatcher {
         } else {
             TaskStatus::Failed
         };
+        fx.outcomes.push((status, latency_ms));
         let json = event.to_json();
         fx.finished
             .insert(task_id.clone(), (job.fingerprint, fx.journal.len()));

@@ -3,6 +3,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
+//! | `GET /metrics` | Prometheus text (OpenMetrics); see [`crate::metrics`] |
 //! | `GET /healthz` | 200 when the journal is readable and the broker connected, else 503; both named |
 //! | `GET /api/nodes` | `{"nodes": [NodeView], "dropped": {reason: count}}`, as `ambient nodes --json` |
 //! | `GET /api/nodes/{id}` | one `NodeView`, or 404 |
@@ -49,12 +50,14 @@ pub(crate) struct Api {
     pub db: PathBuf,
     pub client: AsyncClient,
     pub link: Arc<crate::service::Link>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The routes of the module docs.
 pub(crate) fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{id}", get(node))
         .route("/api/tasks", get(tasks).post(submit))
@@ -100,6 +103,16 @@ async fn read<T: Send + 'static>(
     tokio::task::spawn_blocking(move || read(&Store::open_read_only(&db)?))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+async fn metrics(State(api): State<Api>) -> Result<Response, ApiError> {
+    let (metrics, connected) = (
+        api.metrics.clone(),
+        api.link.connected.load(Ordering::Relaxed),
+    );
+    let text = read(&api, move |store| Ok(metrics.render(store, connected)?)).await?;
+    let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(axum::http::header::CONTENT_TYPE, kind)], text).into_response())
 }
 
 #[derive(Serialize)]

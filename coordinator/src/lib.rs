@@ -16,6 +16,7 @@ mod config;
 mod dispatcher;
 pub mod http;
 mod intake;
+pub mod metrics;
 pub mod mqtt;
 mod registry;
 mod results;

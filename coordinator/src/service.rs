@@ -291,11 +291,13 @@ impl Coordinator {
             login.as_ref().map(|l| l()),
         )?;
         let link = Arc::new(Link::default());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let http_task = http.map(|listener| {
             let api = crate::http::Api {
                 db: db.clone(),
                 client: client.clone(),
                 link: link.clone(),
+                metrics: metrics.clone(),
             };
             let c = cancel.clone();
             tokio::spawn(async move {
@@ -314,7 +316,8 @@ impl Coordinator {
         let state = std::thread::Builder::new()
             .name("ambient-dispatch".into())
             .spawn(move || {
-                let result = dispatch_loop(dispatcher, store, in_rx, out_tx, snapshot_every);
+                let result =
+                    dispatch_loop(dispatcher, store, in_rx, out_tx, snapshot_every, &metrics);
                 let _ = done_tx.send(());
                 result
             })
@@ -487,6 +490,7 @@ fn dispatch_loop(
     rx: flume::Receiver<Inbound>,
     tx: mpsc::UnboundedSender<Outbound>,
     snapshot_every: Duration,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), StoreError> {
     let mut fx = Effects::default();
     let mut acks: Vec<(rumqttc::Publish, u64)> = Vec::new();
@@ -523,6 +527,7 @@ fn dispatch_loop(
             verdicts.poll(&mut d, &store, now, &mut fx);
             d.handle(now, Input::Tick, &store, &mut fx);
             next_tick = now.at + TICK;
+            metrics.tasks(d.unfinished(), d.queued());
         }
         if stop || now.at >= next_snapshot {
             fx.journal.push(Op::SaveNodes {
@@ -556,7 +561,14 @@ fn dispatch_loop(
             send(Outbound::Publish(p));
         }
         // 2. One transaction, one fsync, for the whole turn.
-        store.apply(&fx.journal)?;
+        if !fx.journal.is_empty() {
+            let started = Instant::now();
+            store.apply(&fx.journal)?;
+            metrics.committed(fx.journal.len(), started.elapsed().as_secs_f64());
+        }
+        for (status, latency_ms) in fx.outcomes.drain(..) {
+            metrics.task_ended(status, latency_ms);
+        }
         // 3. What depends on the commit.
         for p in fx.events.drain(..) {
             send(Outbound::Publish(p));

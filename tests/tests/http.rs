@@ -21,7 +21,7 @@ fn post(c: &Coordinator, body: &[u8]) -> (u16, Value) {
 }
 
 #[test]
-fn a_task_posted_over_http_runs_and_every_view_shows_it() {
+fn a_task_posted_over_http_runs_and_every_view_and_metric_shows_it() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     wait_until(
@@ -90,6 +90,19 @@ fn a_task_posted_over_http_runs_and_every_view_shows_it() {
             .any(|b| b["account"].as_str().is_some_and(|a| a.contains(&node))),
         "{balances}"
     );
+    let (status, text) = http(&c.http_url, "GET", "/metrics", b"");
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "ambient_tasks_ended_total{status=\"completed\"} 1",
+        "ambient_journal_tasks{status=\"completed\"} 1",
+        "ambient_nodes{online=\"true\",breaker=\"closed\"} 1",
+        "ambient_broker_connected 1",
+        "ambient_task_latency_seconds_count 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+
     let (status, check) = get(&c, "/api/ledger/verify");
     assert_eq!(status, 200, "{check}");
     assert_eq!(

@@ -407,6 +407,28 @@ impl Store {
         })
     }
 
+    /// How many journaled tasks are in each status.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`]; [`StoreError::Corrupt`] for a status this build does not know.
+    pub fn task_counts(&self) -> Result<Vec<(TaskStatus, u64)>, StoreError> {
+        self.read("count tasks", |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT status, COUNT(*) FROM tasks GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (status, n) = row?;
+                let status = status
+                    .parse::<TaskStatus>()
+                    .map_err(|e| super::Fail::Corrupt(e.to_string()))?;
+                out.push((status, super::from_sql_int(n, "count")?));
+            }
+            Ok(out)
+        })
+    }
+
     /// One task, or `None` if it was never journaled.
     ///
     /// # Errors

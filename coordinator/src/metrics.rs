@@ -1,0 +1,184 @@
+//! Prometheus metrics, served as text by the HTTP API at `GET /metrics`.
+//!
+//! Two kinds:
+//!
+//! - measured by the service as it runs (since this start): tasks ended by status, submission
+//!   to final event latency, journal commit time and operations per commit, tasks unfinished
+//!   and waiting for a node;
+//! - read at each scrape: tasks in the journal by status, nodes in the registry snapshot by
+//!   presence and breaker state, inputs dropped by reason (as `ambient nodes` shows them), and
+//!   whether the broker is connected.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::NodeView;
+use crate::store::{Store, StoreError, TaskStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Status {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeState {
+    online: String,
+    breaker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    ended: Family<Status, Counter>,
+    latency: Histogram,
+    commit_seconds: Histogram,
+    commit_ops: Histogram,
+    unfinished: Gauge,
+    queued: Gauge,
+    journal: Family<Status, Gauge>,
+    nodes: Family<NodeState, Gauge>,
+    dropped: Family<Reason, Gauge>,
+    broker_connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            registry: Registry::with_prefix("ambient"),
+            ended: Family::default(),
+            // 0.5 ms to about 65 s.
+            latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 18)),
+            // 50 µs to about 1.6 s: an fsync on an SD card takes milliseconds.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commit_ops: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            unfinished: Gauge::default(),
+            queued: Gauge::default(),
+            journal: Family::default(),
+            nodes: Family::default(),
+            dropped: Family::default(),
+            broker_connected: Gauge::default(),
+        };
+        let mut r = m.registry;
+        r.register(
+            "tasks_ended",
+            "Tasks that ended since this start, by final status",
+            m.ended.clone(),
+        );
+        r.register(
+            "task_latency_seconds",
+            "Submission to final event at the coordinator",
+            m.latency.clone(),
+        );
+        r.register(
+            "journal_commit_seconds",
+            "Time of one journal commit (one fsync)",
+            m.commit_seconds.clone(),
+        );
+        r.register(
+            "journal_commit_operations",
+            "Journal operations in one commit",
+            m.commit_ops.clone(),
+        );
+        r.register(
+            "tasks_unfinished",
+            "Tasks accepted and not yet ended",
+            m.unfinished.clone(),
+        );
+        r.register(
+            "tasks_queued",
+            "Tasks waiting for an eligible node",
+            m.queued.clone(),
+        );
+        r.register(
+            "journal_tasks",
+            "Tasks in the journal, by status",
+            m.journal.clone(),
+        );
+        r.register(
+            "nodes",
+            "Registered nodes by presence and the coordinator's breaker state",
+            m.nodes.clone(),
+        );
+        r.register(
+            "inputs_dropped",
+            "Inputs dropped since this start, by reason (as of the last registry snapshot)",
+            m.dropped.clone(),
+        );
+        r.register(
+            "broker_connected",
+            "1 while the coordinator is connected to its broker",
+            m.broker_connected.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+}
+
+impl Metrics {
+    /// A task ended with `status`, `latency_ms` after it was submitted.
+    pub fn task_ended(&self, status: TaskStatus, latency_ms: f64) {
+        self.ended
+            .get_or_create(&Status {
+                status: status.as_str().into(),
+            })
+            .inc();
+        self.latency.observe(latency_ms / 1e3);
+    }
+
+    /// A journal commit of `ops` operations took `seconds`.
+    pub fn committed(&self, ops: usize, seconds: f64) {
+        self.commit_ops.observe(ops as f64);
+        self.commit_seconds.observe(seconds);
+    }
+
+    /// The dispatcher's task counts.
+    pub fn tasks(&self, unfinished: usize, queued: usize) {
+        self.unfinished.set(unfinished as i64);
+        self.queued.set(queued as i64);
+    }
+
+    /// Reads the values kept in the store, then the whole exposition as Prometheus text.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn render(&self, store: &Store, broker_connected: bool) -> Result<String, StoreError> {
+        self.journal.clear();
+        for (status, n) in store.task_counts()? {
+            self.journal
+                .get_or_create(&Status {
+                    status: status.as_str().into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.nodes.clear();
+        for (_, json) in store.nodes()? {
+            let Ok(view) = serde_json::from_str::<NodeView>(&json) else {
+                continue;
+            };
+            let state = NodeState {
+                online: view.online.to_string(),
+                breaker: format!("{:?}", view.breaker).to_lowercase(),
+            };
+            self.nodes.get_or_create(&state).inc();
+        }
+        for (reason, n) in store.dropped()? {
+            self.dropped
+                .get_or_create(&Reason { reason })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.broker_connected.set(i64::from(broker_connected));
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        Ok(text)
+    }
+}
