@@ -147,8 +147,12 @@ pub async fn run(
             .in_current_span(),
         );
         let sampler = {
-            let (simulate, zones) = (config.simulate(), config.thermal_zones());
-            blocking(move || Sampler::new(simulate, zones)).await
+            let (simulate, zones, heater) = (
+                config.simulate(),
+                config.thermal_zones(),
+                config.heater().clone(),
+            );
+            blocking(move || Sampler::new(simulate, zones, heater)).await
         };
         tracing::info!(
             broker = %config.broker(),

@@ -11,7 +11,7 @@ use ambient_mqtt::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::SandboxConfig;
-use crate::profile::Profile;
+use crate::profile::{Heater, Profile};
 use crate::telemetry::ThermalZones;
 
 /// Where the agent looks for its config file when `--config` is not given.
@@ -367,6 +367,7 @@ impl RawConfig {
             name: None,
             labels: Vec::new(),
             simulate,
+            heater: Heater::default(),
             engine,
             max_concurrency,
             telemetry_interval,
@@ -541,6 +542,7 @@ pub struct AgentConfig {
     name: Option<String>,
     labels: Vec<String>,
     simulate: Option<Profile>,
+    heater: Heater,
     engine: EngineChoice,
     max_concurrency: Option<u16>,
     telemetry_interval: Duration,
@@ -644,6 +646,18 @@ impl AgentConfig {
     /// Simulates `profile` (a [`Profile`] or `None` for the real machine).
     pub fn set_simulate(&mut self, profile: impl Into<Option<Profile>>) -> &mut Self {
         self.simulate = profile.into();
+        self
+    }
+
+    /// The extra heat a simulated device reports (see [`Heater`]).
+    pub fn heater(&self) -> &Heater {
+        &self.heater
+    }
+
+    /// Shares `heater` with the agent, so its holder can heat the simulated device while it
+    /// runs. Real readings ignore it.
+    pub fn set_heater(&mut self, heater: Heater) -> &mut Self {
+        self.heater = heater;
         self
     }
 

@@ -21,4 +21,4 @@ pub use config::{
 };
 pub use error::AgentError;
 pub use identity::{IDENTITY_FILE, IdentityError, load_or_create as load_identity};
-pub use profile::{Profile, UnknownProfile};
+pub use profile::{Heater, Profile, UnknownProfile};

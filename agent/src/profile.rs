@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use ambient_core::SafetyPolicy;
 
@@ -24,6 +26,32 @@ pub enum Profile {
     JetsonOrinNano,
     /// StarFive VisionFive 2 (RISC-V), 8 GiB.
     VisionFive2,
+}
+
+/// Heat a simulated device reports on top of what its profile and load give, changeable while
+/// the agent runs: `ambient demo --dashboard` turns it up on one node to show a node
+/// overheating, and its breakers opening with the reason. Clones share one value; it starts
+/// at 0 and real readings ignore it.
+#[derive(Debug, Clone, Default)]
+pub struct Heater(Arc<AtomicI32>);
+
+impl Heater {
+    /// Sets the extra heat, in millidegrees Celsius.
+    pub fn set_millic(&self, extra: i32) {
+        self.0.store(extra, Ordering::Relaxed);
+    }
+
+    /// The extra heat, in millidegrees Celsius.
+    pub fn millic(&self) -> i32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Two configs are equal when they share one heater.
+impl PartialEq for Heater {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// The numbers a simulated board is built from.

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use ambient_core::{ThrottleFlags, sha3_256};
 
-use crate::profile::{Profile, SimSpec};
+use crate::profile::{Heater, Profile, SimSpec};
 
 /// One reading of the host; link quality and the breaker are added by the agent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,9 +34,9 @@ pub(crate) enum Sampler {
 
 impl Sampler {
     /// A simulated board, or the real machine read through `zones`.
-    pub fn new(simulate: Option<Profile>, zones: ThermalZones) -> Self {
+    pub fn new(simulate: Option<Profile>, zones: ThermalZones, heater: Heater) -> Self {
         match simulate {
-            Some(p) => Self::Simulated(SimSampler::new(p)),
+            Some(p) => Self::Simulated(SimSampler::new(p, heater)),
             None => Self::Real(Box::new(RealSampler::new(Path::new("/sys"), zones))),
         }
     }
@@ -247,14 +247,16 @@ pub(crate) fn is_raspberry_pi() -> bool {
 pub(crate) struct SimSampler {
     profile: Profile,
     spec: SimSpec,
+    heater: Heater,
     n: u64,
 }
 
 impl SimSampler {
-    fn new(profile: Profile) -> Self {
+    fn new(profile: Profile, heater: Heater) -> Self {
         Self {
             profile,
             spec: profile.spec(),
+            heater,
             n: 0,
         }
     }
@@ -278,7 +280,8 @@ impl SimSampler {
             (i64::from(s.idle_load_permille) + busy as i64 + self.jitter(1, 25)).clamp(0, 1000);
         let temp = i64::from(s.idle_temp_millic)
             + i64::from(s.load_temp_millic) * load / 1000
-            + self.jitter(2, 600);
+            + self.jitter(2, 600)
+            + i64::from(self.heater.millic());
         let used =
             s.os_bytes as i64 + i64::from(tasks_running) * (48 << 20) + self.jitter(3, 8 << 20);
         let free = (s.mem_total_bytes as i64 - used).max(0);
@@ -383,8 +386,8 @@ mod tests {
     #[test]
     fn simulated_readings_are_plausible_and_rise_with_load() {
         for p in Profile::ALL {
-            let mut idle = Sampler::new(Some(p), ThermalZones::default());
-            let mut busy = Sampler::new(Some(p), ThermalZones::default());
+            let mut idle = Sampler::new(Some(p), ThermalZones::default(), Heater::default());
+            let mut busy = Sampler::new(Some(p), ThermalZones::default(), Heater::default());
             let a = idle.sample(0);
             let b = busy.sample(p.spec().cores);
             assert!(a.cpu_load_permille < b.cpu_load_permille, "{p}");
@@ -397,16 +400,40 @@ mod tests {
 
     #[test]
     fn simulated_jitter_is_reproducible() {
-        let mut a = Sampler::new(Some(Profile::Pi4), ThermalZones::default());
-        let mut b = Sampler::new(Some(Profile::Pi4), ThermalZones::default());
+        let mut a = Sampler::new(
+            Some(Profile::Pi4),
+            ThermalZones::default(),
+            Heater::default(),
+        );
+        let mut b = Sampler::new(
+            Some(Profile::Pi4),
+            ThermalZones::default(),
+            Heater::default(),
+        );
         for _ in 0..5 {
             assert_eq!(a.sample(1), b.sample(1));
         }
     }
 
     #[test]
+    fn a_heated_simulated_device_reports_the_extra_heat_while_it_lasts() {
+        let heater = Heater::default();
+        let mut plain = Sampler::new(
+            Some(Profile::Pi4),
+            ThermalZones::default(),
+            Heater::default(),
+        );
+        let mut heated = Sampler::new(Some(Profile::Pi4), ThermalZones::default(), heater.clone());
+        heater.set_millic(40_000);
+        let (a, b) = (plain.sample(0).temp_millic, heated.sample(0).temp_millic);
+        assert_eq!(b.unwrap() - a.unwrap(), 40_000);
+        heater.set_millic(0);
+        assert_eq!(plain.sample(0).temp_millic, heated.sample(0).temp_millic);
+    }
+
+    #[test]
     fn the_real_machine_reports_what_it_can() {
-        let mut s = Sampler::new(None, ThermalZones::default());
+        let mut s = Sampler::new(None, ThermalZones::default(), Heater::default());
         let r = s.sample(0);
         assert!(s.cores() >= 1);
         if let Some(load) = r.cpu_load_permille {

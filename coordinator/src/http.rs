@@ -3,6 +3,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
+//! | `GET /` | the dashboard; with `GET /api/dashboard` and `GET /api/stream`, see [`crate::dashboard`] |
 //! | `GET /metrics` | Prometheus text (OpenMetrics); see [`crate::metrics`] |
 //! | `GET /healthz` | 200 when the journal is readable and the broker connected, else 503; both named |
 //! | `GET /api/nodes` | `{"nodes": [NodeView], "dropped": {reason: count}}`, as `ambient nodes --json` |
@@ -56,6 +57,9 @@ pub(crate) struct Api {
 /// The routes of the module docs.
 pub(crate) fn router(api: Api) -> Router {
     Router::new()
+        .route("/", get(crate::dashboard::page))
+        .route("/api/dashboard", get(crate::dashboard::frame))
+        .route("/api/stream", get(crate::dashboard::stream))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
@@ -69,7 +73,7 @@ pub(crate) fn router(api: Api) -> Router {
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with its status.
-struct ApiError(StatusCode, &'static str, String);
+pub(crate) struct ApiError(StatusCode, &'static str, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -95,7 +99,7 @@ fn not_found(what: String) -> ApiError {
 }
 
 /// Runs `read` on a read-only store, on a blocking thread.
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     api: &Api,
     read: impl FnOnce(&Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -145,7 +149,7 @@ async fn health(State(api): State<Api>) -> (StatusCode, Json<Health>) {
 
 /// The node snapshot's rows as views; a row another version wrote that does not parse is
 /// left out.
-fn views(store: &Store) -> Result<Vec<NodeView>, ApiError> {
+pub(crate) fn views(store: &Store) -> Result<Vec<NodeView>, ApiError> {
     Ok(store
         .nodes()?
         .into_iter()

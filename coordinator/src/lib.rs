@@ -7,13 +7,17 @@
 //! - [`Registry`] and [`Strategy`]: who is out there and where a task goes.
 //! - [`store::Store`]: the SQLite journal, module store and ledger.
 //! - [`client`]: what `ambient submit` and any program use to submit tasks and await results.
-//! - [`http`]: the HTTP API (typed JSON views, health, submission).
+//! - [`http`]: the HTTP API (typed JSON views, health, submission); [`metrics`]: its
+//!   Prometheus text; [`dashboard`]: its live page.
+//! - [`ha`]: Home Assistant MQTT discovery (each node one device, with its sensors).
 #![deny(missing_docs)]
 
 pub mod access;
 pub mod client;
 mod config;
+pub mod dashboard;
 mod dispatcher;
+pub mod ha;
 pub mod http;
 mod intake;
 pub mod metrics;

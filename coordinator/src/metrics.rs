@@ -8,6 +8,13 @@
 //! - read at each scrape: tasks in the journal by status, nodes in the registry snapshot by
 //!   presence and breaker state, inputs dropped by reason (as `ambient nodes` shows them), and
 //!   whether the broker is connected.
+//!
+//! Beside them, [`Series`] keeps tasks ended and their latency per second over the last five
+//! minutes, for the dashboard's chart ([`crate::dashboard`]).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -16,6 +23,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use serde::Serialize;
 
 use crate::NodeView;
 use crate::store::{Store, StoreError, TaskStatus};
@@ -49,6 +58,7 @@ pub struct Metrics {
     nodes: Family<NodeState, Gauge>,
     dropped: Family<Reason, Gauge>,
     broker_connected: Gauge,
+    series: Mutex<Series>,
 }
 
 impl Default for Metrics {
@@ -67,6 +77,7 @@ impl Default for Metrics {
             nodes: Family::default(),
             dropped: Family::default(),
             broker_connected: Gauge::default(),
+            series: Mutex::default(),
         };
         let mut r = m.registry;
         r.register(
@@ -132,6 +143,20 @@ impl Metrics {
             })
             .inc();
         self.latency.observe(latency_ms / 1e3);
+        let now_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Ok(mut series) = self.series.lock() {
+            series.record(now_s, status == TaskStatus::Completed, latency_ms);
+        }
+    }
+
+    /// The per-second series up to the second `now_s` (Unix seconds).
+    pub fn series(&self, now_s: u64) -> Vec<Point> {
+        self.series
+            .lock()
+            .map(|mut s| s.points(now_s))
+            .unwrap_or_default()
     }
 
     /// A journal commit of `ops` operations took `seconds`.
@@ -180,5 +205,111 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         Ok(text)
+    }
+}
+
+/// Tasks ended per second, with their mean and highest latency, over the last
+/// [`Series::SECONDS`] seconds. Seconds in which no task ended hold no point.
+#[derive(Debug, Default)]
+pub struct Series {
+    points: VecDeque<Point>,
+}
+
+/// One second of [`Series`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Point {
+    /// The second, in Unix seconds.
+    pub t_s: u64,
+    /// Tasks that completed in it.
+    pub completed: u32,
+    /// Tasks that failed in it.
+    pub failed: u32,
+    /// Mean submission to final event latency of those tasks, in milliseconds.
+    pub mean_latency_ms: f64,
+    /// The highest of those latencies, in milliseconds.
+    pub max_latency_ms: f64,
+}
+
+impl Series {
+    /// How far back the series reaches, in seconds.
+    pub const SECONDS: u64 = 300;
+
+    /// A task ended at `now_s` (Unix seconds), completed or not, `latency_ms` after it was
+    /// submitted. A clock that steps back adds to the newest second.
+    pub fn record(&mut self, now_s: u64, completed: bool, latency_ms: f64) {
+        let newest = self.points.back().map_or(0, |p| p.t_s);
+        if self.points.is_empty() || now_s > newest {
+            self.points.push_back(Point {
+                t_s: now_s,
+                completed: 0,
+                failed: 0,
+                mean_latency_ms: 0.0,
+                max_latency_ms: 0.0,
+            });
+        }
+        if let Some(p) = self.points.back_mut() {
+            let n = f64::from(p.completed + p.failed);
+            p.mean_latency_ms = (p.mean_latency_ms * n + latency_ms) / (n + 1.0);
+            p.max_latency_ms = p.max_latency_ms.max(latency_ms);
+            if completed {
+                p.completed += 1;
+            } else {
+                p.failed += 1;
+            }
+        }
+        self.forget_before(now_s);
+    }
+
+    /// The points of the window that ends at `now_s`, oldest first.
+    pub fn points(&mut self, now_s: u64) -> Vec<Point> {
+        self.forget_before(now_s);
+        self.points.iter().copied().collect()
+    }
+
+    fn forget_before(&mut self, now_s: u64) {
+        let oldest = now_s.saturating_sub(Self::SECONDS - 1);
+        while self.points.front().is_some_and(|p| p.t_s < oldest) {
+            self.points.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_series_counts_each_second_and_averages_its_latencies() {
+        let mut s = Series::default();
+        s.record(1_000, true, 2.0);
+        s.record(1_000, false, 4.0);
+        s.record(1_002, true, 1.0);
+        let points = s.points(1_002);
+        assert_eq!(points.len(), 2, "a second without tasks holds no point");
+        assert_eq!((points[0].completed, points[0].failed), (1, 1));
+        assert_eq!(points[0].mean_latency_ms, 3.0);
+        assert_eq!(points[0].max_latency_ms, 4.0);
+        assert_eq!((points[1].t_s, points[1].completed), (1_002, 1));
+    }
+
+    #[test]
+    fn the_series_forgets_seconds_older_than_its_window() {
+        let mut s = Series::default();
+        s.record(1_000, true, 1.0);
+        s.record(1_100, true, 1.0);
+        assert_eq!(s.points(1_000 + Series::SECONDS - 1).len(), 2);
+        let points = s.points(1_000 + Series::SECONDS);
+        assert_eq!(points.len(), 1);
+        assert_eq!(points[0].t_s, 1_100);
+    }
+
+    #[test]
+    fn a_clock_stepping_back_adds_to_the_newest_second() {
+        let mut s = Series::default();
+        s.record(1_000, true, 1.0);
+        s.record(999, true, 3.0);
+        let points = s.points(1_000);
+        assert_eq!(points.len(), 1);
+        assert_eq!(points[0].completed, 2);
     }
 }

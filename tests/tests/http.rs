@@ -1,5 +1,5 @@
 //! The coordinator's HTTP API with real processes: a task submitted over HTTP runs on a real
-//! agent, and every view shows it.
+//! agent, and every view, the metrics and the dashboard's frames show it.
 
 mod common;
 
@@ -15,13 +15,39 @@ fn get(c: &Coordinator, path: &str) -> (u16, Value) {
     (status, json)
 }
 
+/// The first `frame` event of `GET /api/stream`, read off the open stream.
+fn first_streamed_frame(c: &Coordinator) -> Value {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let addr = c.http_url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "GET /api/stream HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let status = lines.next().unwrap().unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    let mut event = None;
+    for line in lines {
+        let line = line.expect("a frame within 30 s");
+        if let Some(name) = line.strip_prefix("event: ") {
+            event = Some(name.to_owned());
+        } else if let Some(data) = line.strip_prefix("data: ")
+            && event.as_deref() == Some("frame")
+        {
+            return serde_json::from_str(data).unwrap();
+        }
+    }
+    panic!("the stream ended without a frame");
+}
+
 fn post(c: &Coordinator, body: &[u8]) -> (u16, Value) {
     let (status, body) = http(&c.http_url, "POST", "/api/tasks", body);
     (status, serde_json::from_slice(&body).unwrap())
 }
 
 #[test]
-fn a_task_posted_over_http_runs_and_every_view_and_metric_shows_it() {
+fn a_task_posted_over_http_runs_and_every_view_metric_and_dashboard_frame_shows_it() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     wait_until(
@@ -109,4 +135,47 @@ fn a_task_posted_over_http_runs_and_every_view_and_metric_shows_it() {
         check["entries"], 1,
         "one transfer: the client pays the node"
     );
+
+    // The dashboard: the page, one frame as JSON, and the same frame over the live stream.
+    let (status, page) = http(&c.http_url, "GET", "/", b"");
+    let page = String::from_utf8(page).unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("new EventSource(\"api/stream\")"), "{page}");
+    assert!(
+        !page.contains("://cdn"),
+        "the page fetches nothing from elsewhere"
+    );
+    let (status, frame) = get(&c, "/api/dashboard");
+    assert_eq!(status, 200, "{frame}");
+    let streamed = first_streamed_frame(&c);
+    for frame in [frame, streamed] {
+        assert_eq!(frame["nodes"][0]["node"], node.as_str(), "{frame}");
+        assert_eq!(frame["tasks_by_status"]["completed"], 1);
+        let item = &frame["feed"][0];
+        assert_eq!(
+            (
+                &item["task_id"],
+                &item["status"],
+                &item["nodes"][0],
+                &item["verdict"]
+            ),
+            (
+                &Value::from("over-http"),
+                &Value::from("completed"),
+                &Value::from(node.as_str()),
+                &Value::from("receipt")
+            ),
+            "{frame}"
+        );
+        let completed: u64 = frame["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["completed"].as_u64().unwrap())
+            .sum();
+        assert_eq!(completed, 1, "the chart counts the task once: {frame}");
+        assert_eq!(frame["ledger"]["balanced"], true);
+        assert_eq!(frame["ledger"]["first_bad_entry"], Value::Null);
+        assert!(frame["balances"].as_array().unwrap().len() >= 2);
+    }
 }

@@ -23,7 +23,7 @@ const PROFILES: [&str; 4] = ["pi4", "pi5", "jetson-orin-nano", "visionfive2"];
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ambient demo\n  ambient demo --agents 6 --tasks 500 --strategy least-loaded\n  ambient demo --verify replicate:3 --json"
+    after_help = "Examples:\n  ambient demo\n  ambient demo --dashboard                # then open http://127.0.0.1:8080/\n  ambient demo --agents 6 --tasks 500 --strategy least-loaded\n  ambient demo --verify replicate:3 --json"
 )]
 pub struct DemoArgs {
     /// Agents to start, each with its own identity and a simulated device profile.
@@ -50,6 +50,11 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// After the batch, keep running with the dashboard served at ADDR (default
+    /// 127.0.0.1:8080): a few tasks a second keep flowing, and the first device overheats for
+    /// 20 s of every minute, so its breakers open with the reason. Ctrl-C stops.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    dashboard: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -98,7 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let mut raw = RawConfig::default();
     raw.broker.listen = "127.0.0.1:0".into();
-    raw.http.listen = "off".into();
+    raw.http.listen = args.dashboard.clone().unwrap_or_else(|| "off".into());
     raw.broker.url = args.broker.clone();
     raw.storage.data_dir = root.join("coordinator");
     raw.storage.snapshot_interval_ms = 200;
@@ -107,17 +112,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let db = config.db_path();
     let coordinator = Coordinator::bind(config).await?;
     let url = coordinator.broker_url();
+    let dashboard = coordinator.http_url();
     // Agents stop before the coordinator, so they say goodbye to a broker that is still there.
     let stop_agents = CancellationToken::new();
     let stop = CancellationToken::new();
     let coordinator_task = tokio::spawn(coordinator.run(stop.clone().cancelled_owned()));
 
     let mut agents = Vec::new();
+    let heater = ambient_agent::Heater::default();
     for i in 0..args.agents {
         let profile = PROFILES[i % PROFILES.len()];
         let mut cfg = ambient_agent::AgentConfig::new(&url, root.join(format!("agent-{i}")))?;
         cfg.set_name(format!("{profile}-{i}"));
         cfg.set_simulate(profile.parse::<ambient_agent::Profile>()?);
+        if i == 0 {
+            cfg.set_heater(heater.clone());
+        }
         cfg.set_telemetry_interval(Duration::from_millis(500));
         agents.push(tokio::spawn(ambient_agent::run(
             cfg,
@@ -149,15 +159,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
             let id = format!("demo-{t}");
             expected.insert(id.clone(), (labels, native));
-            Submission {
-                task_id: Some(id),
-                client_id: Some("demo".into()),
-                module: Some(hash.to_hex().to_string()),
-                entry: Some("classify".into()),
-                input_b64: Some(B64.encode(&input)),
-                verify: Some(args.verify.clone()),
-                ..Submission::default()
-            }
+            digits_task(id, &input, &hash, &args.verify)
         })
         .collect();
 
@@ -181,11 +183,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    client.disconnect().await;
     // Let the final snapshot and settlements land before reading the database.
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     let summary = summarise(&args, &events, &expected, elapsed, &db)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    if let Some(page) = dashboard {
+        let profile = PROFILES[0];
+        eprintln!(
+            "\ndashboard: {page}/  ({profile}-0 overheats for 20 s of every minute; Ctrl-C stops)"
+        );
+        keep_running(&client, &hash, &args.verify, &heater).await?;
+    }
+    client.disconnect().await;
     stop_agents.cancel();
     for a in agents {
         let _ = a.await;
@@ -197,16 +211,64 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         && summary.completed == args.tasks
         && summary.ledger_verified
         && summary.matches_native_reference;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&summary);
-    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One digit classification task over `input` (64-byte images) with the module `hash`.
+fn digits_task(id: String, input: &[u8], hash: &ambient_core::Digest, verify: &str) -> Submission {
+    Submission {
+        task_id: Some(id),
+        client_id: Some("demo".into()),
+        module: Some(hash.to_hex().to_string()),
+        entry: Some("classify".into()),
+        input_b64: Some(B64.encode(input)),
+        verify: Some(verify.into()),
+        ..Submission::default()
+    }
+}
+
+/// `--dashboard`: four tasks a second, and the first device heated by 45 °C for the first 20 s
+/// of every minute, until Ctrl-C.
+async fn keep_running(
+    client: &Client,
+    hash: &ambient_core::Digest,
+    verify: &str,
+    heater: &ambient_agent::Heater,
+) -> anyhow::Result<()> {
+    let images: Vec<&[u8; 64]> = ambient_digits::heldout().map(|(image, _)| image).collect();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut hot = false;
+    for n in 0_usize.. {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {}
+        }
+        let heat = started.elapsed().as_secs() % 60 < 20;
+        if heat != hot {
+            hot = heat;
+            heater.set_millic(if heat { 45_000 } else { 0 });
+            eprintln!(
+                "{}-0 {}",
+                PROFILES[0],
+                if heat {
+                    "overheats (simulated, +45 °C)"
+                } else {
+                    "cools down"
+                }
+            );
+        }
+        let image = images[n % images.len()];
+        client
+            .submit(&digits_task(format!("live-{n}"), image, hash, verify))
+            .await?;
+    }
+    heater.set_millic(0);
+    Ok(())
 }
 
 /// Waits until `n` nodes are online in the coordinator's registry snapshot (shared with `bench`).
