@@ -12,6 +12,7 @@ mod identity;
 mod link;
 mod outbox;
 mod profile;
+mod systemd;
 mod telemetry;
 
 pub use agent::{COORDINATOR_KEY_FILE, run};
@@ -22,3 +23,4 @@ pub use config::{
 pub use error::AgentError;
 pub use identity::{IDENTITY_FILE, IdentityError, load_or_create as load_identity};
 pub use profile::{Heater, Profile, UnknownProfile};
+pub use systemd::notify_systemd;

@@ -102,7 +102,12 @@ fn try_main() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(ambient_agent::run(config, shutdown_signal()))?;
+    // systemd hears READY=1 once `run` awaits the shutdown future: config and identity loaded,
+    // the broker still being tried.
+    runtime.block_on(ambient_agent::run(
+        config,
+        ambient_agent::notify_systemd(shutdown_signal()),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

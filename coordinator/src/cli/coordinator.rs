@@ -91,6 +91,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         "ambient coordinator: assignment key {} (agents pin it; see the README's Security section)",
         coordinator.public_key_hex()
     );
-    coordinator.run(super::shutdown_signal()).await?;
+    // systemd hears READY=1 once `run` awaits the shutdown future, which it does when it serves.
+    coordinator
+        .run(ambient_agent::notify_systemd(super::shutdown_signal()))
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
