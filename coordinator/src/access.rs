@@ -7,6 +7,12 @@
 //! | a client with an account | a name from `[broker.users]` | its password (stored as an argon2 hash) | not `ambient-agent-…` | `tasks/submit`, `modules/+` | `tasks/#` |
 //! | a client without one | none | none | not `ambient-agent-…` | `tasks/submit`, `modules/+` | `tasks/#` |
 //!
+//! With Home Assistant discovery on ([`crate::ha`]), every client may also subscribe to the
+//! discovery prefix (`homeassistant/#`), the states (`ha/+/state`) and the nodes' presence
+//! (`nodes/+/status`), and publish Home Assistant's own birth message and last will
+//! (`homeassistant/status`, which it sets by default: a will the grant does not cover would
+//! refuse its CONNECT). Only the coordinator publishes configs and states.
+//!
 //! A device proves it holds the key its node id derives from; nobody else can publish in its
 //! name, read its assignments, or take over its client id (see [`ambient_broker::Gatekeeper`]:
 //! a session belongs to the principal that made it). Anonymous clients are admitted from
@@ -19,6 +25,8 @@ use std::net::SocketAddr;
 use ambient_broker::{Credentials, Gatekeeper, Grant, Refusal};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{ConnectToken, Identity, NodeId};
+
+use crate::ha;
 
 /// Username the coordinator's own client uses on its embedded broker.
 pub const COORDINATOR_USER: &str = "coordinator";
@@ -49,6 +57,9 @@ pub struct Access {
     pub anonymous: Anonymous,
     /// Client accounts: name and argon2 hash of the password (PHC string).
     pub users: BTreeMap<String, String>,
+    /// Home Assistant's discovery prefix, when discovery is on: clients may then read the
+    /// discovery configs, the states and the nodes' presence.
+    pub home_assistant: Option<ha::Prefix>,
 }
 
 /// The argon2 hash of `password` with a fresh random salt, as a PHC string: what
@@ -81,12 +92,21 @@ pub fn is_valid_user_name(name: &str) -> bool {
 
 impl Access {
     /// What every client may do, with or without an account.
-    fn client(principal: String) -> Grant {
-        Grant {
+    fn client(&self, principal: String) -> Grant {
+        let mut grant = Grant {
             principal,
             publish: vec![topics::SUBMIT.into(), topics::ALL_MODULES.into()],
             subscribe: vec![format!("{}/tasks/#", topics::PREFIX)],
+        };
+        if let Some(prefix) = &self.home_assistant {
+            grant.publish.push(format!("{prefix}/status"));
+            grant.subscribe.extend([
+                format!("{prefix}/#"),
+                topics::ALL_HA_STATES.into(),
+                topics::all_nodes(NodeTopic::Status).to_string(),
+            ]);
         }
+        grant
     }
 
     fn user(&self, name: &str, hash: &str, c: &Credentials<'_>) -> Result<Grant, Refusal> {
@@ -97,7 +117,7 @@ impl Access {
             .verify_password(c.password.unwrap_or_default().as_bytes(), &hash)
             .map_err(|_| wrong())?;
         Self::check_client_id(c.client_id)?;
-        Ok(Self::client(format!("user {name}")))
+        Ok(self.client(format!("user {name}")))
     }
 
     fn check_client_id(client_id: &str) -> Result<(), Refusal> {
@@ -161,7 +181,7 @@ impl Access {
             ));
         }
         Self::check_client_id(c.client_id)?;
-        Ok(Self::client("anonymous".into()))
+        Ok(self.client("anonymous".into()))
     }
 }
 
@@ -202,6 +222,7 @@ mod tests {
             coordinator: Identity::from_secret(&[9; 32]).public_key(),
             anonymous: Anonymous::Loopback,
             users: BTreeMap::from([("alice".to_string(), hash_password("correct horse"))]),
+            home_assistant: None,
         }
     }
 
@@ -325,6 +346,89 @@ mod tests {
         assert!(!is_valid_user_name("coordinator"));
         assert!(!is_valid_user_name(&"ab".repeat(16)), "a node id");
         assert!(!is_valid_user_name("has space"));
+    }
+
+    fn with_home_assistant() -> Access {
+        Access {
+            home_assistant: Some(ha::Prefix::default()),
+            ..access()
+        }
+    }
+
+    fn credentials<'a>(
+        client_id: &'a str,
+        login: Option<(&'a str, &'a str)>,
+        peer: &str,
+    ) -> Credentials<'a> {
+        Credentials {
+            client_id,
+            username: login.map(|l| l.0),
+            password: login.map(|l| l.1),
+            peer: peer.parse().unwrap(),
+            now_ms: NOW,
+        }
+    }
+
+    #[test]
+    fn with_home_assistant_on_clients_read_discovery_states_and_presence_but_publish_none() {
+        let ha = with_home_assistant();
+        let node = Identity::from_secret(&[1; 32]).node_id();
+        let anonymous = ha
+            .admit(&credentials("home-assistant", None, "127.0.0.1:5000"))
+            .unwrap();
+        let account = ha
+            .admit(&credentials(
+                "home-assistant",
+                Some(("alice", "correct horse")),
+                "192.168.1.9:5000",
+            ))
+            .unwrap();
+        for grant in [&anonymous, &account] {
+            assert!(grant.may_subscribe("homeassistant/#"));
+            assert!(grant.may_subscribe("homeassistant/+/+/config"));
+            assert!(grant.may_subscribe(&topics::ha_state(&node)));
+            assert!(grant.may_subscribe(topics::ALL_HA_STATES));
+            assert!(grant.may_subscribe(&topics::node(&node, NodeTopic::Status)));
+            // Home Assistant's birth message and last will.
+            assert!(grant.may_publish("homeassistant/status"));
+            // Configs and states come from the coordinator only.
+            assert!(!grant.may_publish(&format!(
+                "homeassistant/sensor/ambient_{node}/temperature/config"
+            )));
+            assert!(!grant.may_publish(&topics::ha_state(&node)));
+            // Presence, yes; the rest of a node's traffic, no.
+            assert!(!grant.may_subscribe(&topics::node(&node, NodeTopic::Tasks)));
+            assert!(!grant.may_subscribe(&topics::all_nodes(NodeTopic::Telemetry)));
+            assert!(!grant.may_subscribe("#"));
+        }
+    }
+
+    #[test]
+    fn with_home_assistant_on_a_device_still_publishes_only_its_own_topics() {
+        let identity = Identity::from_secret(&[1; 32]);
+        let (user, pass) = device_login(&identity, NOW);
+        let client = format!("ambient-agent-{user}");
+        let grant = with_home_assistant()
+            .admit(&credentials(&client, Some((&user, &pass)), "10.0.0.2:1"))
+            .unwrap();
+        let node = identity.node_id();
+        assert!(!grant.may_publish(&topics::ha_state(&node)));
+        assert!(!grant.may_publish(&format!(
+            "homeassistant/sensor/ambient_{node}/temperature/config"
+        )));
+        assert!(!grant.may_publish("homeassistant/status"));
+        assert!(!grant.may_subscribe("homeassistant/#"));
+        assert!(grant.may_publish(&topics::node(&node, NodeTopic::Status)));
+    }
+
+    #[test]
+    fn with_home_assistant_off_clients_read_neither_discovery_nor_presence() {
+        let grant = admit("home-assistant", None, "127.0.0.1:5000").unwrap();
+        let node = Identity::from_secret(&[1; 32]).node_id();
+        assert!(!grant.may_subscribe("homeassistant/#"));
+        assert!(!grant.may_subscribe(topics::ALL_HA_STATES));
+        assert!(!grant.may_subscribe(&topics::node(&node, NodeTopic::Status)));
+        assert!(!grant.may_publish("homeassistant/status"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use ambient_mqtt::{BrokerUrl, TlsFiles};
 
 use crate::access::{Anonymous, is_valid_user_name};
 use crate::dispatcher::DispatchConfig;
+use crate::ha;
 use crate::{Enrollment, RegistryConfig, Strategy};
 
 /// Where MQTT traffic flows.
@@ -48,6 +49,8 @@ pub struct CoordinatorConfig {
     pub users: BTreeMap<String, String>,
     /// Where the HTTP API listens, if it does.
     pub http: Option<SocketAddr>,
+    /// Home Assistant's discovery prefix, when discovery is on (see [`crate::ha`]).
+    pub home_assistant: Option<ha::Prefix>,
 }
 
 /// A TLS listener of the embedded broker.
@@ -86,6 +89,30 @@ pub struct RawConfig {
     pub enrollment: RawEnrollment,
     /// HTTP API settings.
     pub http: RawHttp,
+    /// Home Assistant MQTT discovery settings.
+    pub home_assistant: RawHomeAssistant,
+}
+
+/// `[home_assistant]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHomeAssistant {
+    /// Publish Home Assistant MQTT discovery configs and a JSON state per node, so each device
+    /// appears in Home Assistant with its temperature, health score, breaker and tasks run.
+    /// Default `false`.
+    pub discovery: bool,
+    /// The discovery prefix Home Assistant watches. Default `homeassistant`, as in Home
+    /// Assistant.
+    pub prefix: String,
+}
+
+impl Default for RawHomeAssistant {
+    fn default() -> Self {
+        Self {
+            discovery: false,
+            prefix: ha::DEFAULT_PREFIX.into(),
+        }
+    }
 }
 
 /// `[http]`.
@@ -497,6 +524,20 @@ impl RawConfig {
                     )
                 })?),
             },
+            home_assistant: {
+                let prefix: ha::Prefix =
+                    self.home_assistant
+                        .prefix
+                        .parse()
+                        .map_err(|e: ha::InvalidPrefix| {
+                            bad(
+                                "home_assistant.prefix",
+                                &self.home_assistant.prefix,
+                                e.to_string(),
+                            )
+                        })?;
+                self.home_assistant.discovery.then_some(prefix)
+            },
         })
     }
 }
@@ -554,6 +595,23 @@ mod tests {
         let text = toml::to_string(&RawConfig::default()).unwrap();
         let back: RawConfig = toml::from_str(&text).unwrap();
         assert_eq!(back.scheduling.strategy, "weighted");
+    }
+
+    #[test]
+    fn home_assistant_discovery_is_off_by_default_and_takes_a_checked_prefix() {
+        assert_eq!(
+            RawConfig::default().validate().unwrap().home_assistant,
+            None
+        );
+        let mut raw: RawConfig = toml::from_str("[home_assistant]\ndiscovery = true\n").unwrap();
+        assert_eq!(
+            raw.validate().unwrap().home_assistant.unwrap().as_str(),
+            "homeassistant"
+        );
+        raw.home_assistant.prefix = "ha/#".into();
+        let e = raw.validate().unwrap_err();
+        assert_eq!(e.key, "home_assistant.prefix");
+        assert!(e.to_string().contains("ha/#"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,7 @@ use ambient_mqtt::BrokerUrl;
 use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, coordinator_login};
 use crate::config::{BrokerMode, CoordinatorConfig};
 use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
+use crate::ha::Discovery;
 use crate::store::{Op, Standing, Store, StoreError};
 use crate::{Registry, mqtt};
 
@@ -166,6 +167,7 @@ impl Coordinator {
                     coordinator: identity.public_key(),
                     anonymous: config.anonymous,
                     users: config.users.clone(),
+                    home_assistant: config.home_assistant.clone(),
                 });
                 let broker = match &config.tls_listener {
                     Some(t) => {
@@ -312,12 +314,23 @@ impl Coordinator {
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Outbound>();
 
         let snapshot_every = config.snapshot_interval;
+        let discovery = config.home_assistant.clone().map(|prefix| {
+            info!(%prefix, "Home Assistant discovery on");
+            Discovery::new(prefix)
+        });
         let (done_tx, mut done_rx) = oneshot::channel();
         let state = std::thread::Builder::new()
             .name("ambient-dispatch".into())
             .spawn(move || {
-                let result =
-                    dispatch_loop(dispatcher, store, in_rx, out_tx, snapshot_every, &metrics);
+                let result = dispatch_loop(
+                    dispatcher,
+                    store,
+                    in_rx,
+                    out_tx,
+                    snapshot_every,
+                    discovery,
+                    &metrics,
+                );
                 let _ = done_tx.send(());
                 result
             })
@@ -484,12 +497,14 @@ async fn publish_loop(
 }
 
 /// Runs loop turns until told to stop or the inbound queue closes; see the module docs.
+/// `discovery`, when Home Assistant discovery is on, is fed each registry snapshot.
 fn dispatch_loop(
     mut d: Dispatcher,
     mut store: Store,
     rx: flume::Receiver<Inbound>,
     tx: mpsc::UnboundedSender<Outbound>,
     snapshot_every: Duration,
+    mut discovery: Option<Discovery>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<(), StoreError> {
     let mut fx = Effects::default();
@@ -513,7 +528,12 @@ fn dispatch_loop(
         let mut stop = false;
         for input in first.into_iter().chain(rx.try_iter().take(MAX_TURN - 1)) {
             match input {
-                Inbound::Connected => d.handle(now, Input::Connected, &store, &mut fx),
+                Inbound::Connected => {
+                    d.handle(now, Input::Connected, &store, &mut fx);
+                    if let Some(ha) = &mut discovery {
+                        ha.reconnected();
+                    }
+                }
                 Inbound::Publish(p, at) => {
                     route(&mut d, now, &p.topic, &p.payload, &store, &mut fx);
                     if p.qos != QoS::AtMostOnce {
@@ -535,6 +555,12 @@ fn dispatch_loop(
                 dropped: d.dropped().counts(),
                 at_ms: now.unix_ms,
             });
+            // Nothing journaled depends on these, so they leave at once.
+            if let Some(ha) = &mut discovery {
+                for p in ha.snapshot(&d.registry().views(now.at)) {
+                    send(Outbound::Publish(p));
+                }
+            }
             next_snapshot = now.at + snapshot_every;
         }
         if now.at >= drops_logged.1 {

@@ -18,6 +18,8 @@ pub const REJECTED: &str = "ambient/v1/tasks/rejected";
 pub const ALL_NODES: &str = "ambient/v1/nodes/+/+";
 /// Filter matching every module upload.
 pub const ALL_MODULES: &str = "ambient/v1/modules/+";
+/// Filter matching every node's Home Assistant state (`ambient/v1/ha/{id}/state`).
+pub const ALL_HA_STATES: &str = "ambient/v1/ha/+/state";
 
 /// The leaf of a node topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +78,14 @@ pub fn parse_node(topic: &str) -> Option<(NodeId, NodeTopic)> {
     let (id, leaf) = rest.split_once('/')?;
     let leaf = NodeTopic::ALL.into_iter().find(|l| l.as_str() == leaf)?;
     Some((NodeId::from_hex(id)?, leaf))
+}
+
+/// `ambient/v1/ha/{node}/state`: the coordinator's view of a node as JSON, retained, for Home
+/// Assistant (which cannot read the signed binary telemetry).
+pub fn ha_state(node: &NodeId) -> Topic {
+    let mut t = Topic::new();
+    let _ = write!(t, "{PREFIX}/ha/{node}/state");
+    t
 }
 
 /// `ambient/v1/tasks/{task_id}/result`: where the outcome of a task is delivered (JSON).

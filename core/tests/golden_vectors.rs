@@ -178,6 +178,11 @@ fn topic_strings_are_pinned() {
         );
     }
     assert_eq!(
+        topics::ha_state(&node).as_str(),
+        "ambient/v1/ha/096fb3f142eff542bda546cce4472a5e/state"
+    );
+    assert_eq!(topics::ALL_HA_STATES, "ambient/v1/ha/+/state");
+    assert_eq!(
         topics::task_result(&task_id()).as_str(),
         "ambient/v1/tasks/task-001/result"
     );

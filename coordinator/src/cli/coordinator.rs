@@ -31,6 +31,12 @@ pub struct CoordinatorArgs {
     /// Default strategy: weighted, round-robin, least-loaded, latency-aware.
     #[arg(long, env = "AMBIENT_STRATEGY")]
     strategy: Option<String>,
+    /// Publish Home Assistant MQTT discovery configs, so each device appears in Home Assistant.
+    #[arg(long, env = "AMBIENT_HA_DISCOVERY")]
+    ha_discovery: bool,
+    /// Home Assistant's discovery prefix [default: homeassistant].
+    #[arg(long, env = "AMBIENT_HA_PREFIX")]
+    ha_prefix: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -60,6 +66,12 @@ pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
     }
     if let Some(s) = &args.strategy {
         raw.scheduling.strategy = s.clone();
+    }
+    if args.ha_discovery {
+        raw.home_assistant.discovery = true;
+    }
+    if let Some(p) = &args.ha_prefix {
+        raw.home_assistant.prefix = p.clone();
     }
     Ok(raw)
 }
