@@ -32,6 +32,7 @@ use crate::connection::{self, Backoff, ConnEvent, Driver, Inbound, Publisher};
 use crate::dedup::{Dedup, Seen, TaskKey};
 use crate::engine::{Call, ExecError, Execution, Prepared, Sandbox, Wasmtime, task_seed};
 use crate::link::{LARGE_PADDING, LinkProbe};
+use crate::metrics::Metrics;
 use crate::outbox::{self, OutboxDir, Writer};
 use crate::telemetry::{Reading, Sampler};
 
@@ -146,6 +147,19 @@ pub async fn run(
             .run()
             .in_current_span(),
         );
+        let metrics = Arc::new(Metrics::default());
+        if let Some(addr) = config.metrics() {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Metrics { addr, source })?;
+            let at = listener.local_addr().unwrap_or(addr);
+            tracing::info!("metrics at http://{at}/metrics");
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
         let sampler = {
             let (simulate, zones, heater) = (
                 config.simulate(),
@@ -175,6 +189,7 @@ pub async fn run(
             conn_rx,
             inbound_rx,
             dropped,
+            metrics,
             stop,
             driver,
         });
@@ -406,6 +421,7 @@ struct AgentParts {
     conn_rx: mpsc::UnboundedReceiver<ConnEvent>,
     inbound_rx: mpsc::Receiver<Inbound>,
     dropped: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
     driver: JoinHandle<()>,
 }
@@ -444,6 +460,7 @@ struct Agent {
     done_rx: mpsc::UnboundedReceiver<Done>,
     dropped: Arc<AtomicU64>,
     duplicates: u64,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
     driver: JoinHandle<()>,
 }
@@ -552,6 +569,7 @@ impl Agent {
             done_tx,
             done_rx,
             dropped: p.dropped,
+            metrics: p.metrics,
             duplicates: 0,
             stop: p.stop,
             driver: p.driver,
@@ -740,6 +758,7 @@ impl Agent {
                 {
                     self.writer.send(outbox::Op::Remove(seq));
                 }
+                self.metrics.outbox(self.outbox.len());
             }
         }
     }
@@ -1084,6 +1103,9 @@ impl Agent {
                 log_transition(t);
             }
         }
+        if let Some(exit) = f.exit {
+            self.metrics.executed(exit, f.fuel_used, f.elapsed);
+        }
         match f.exit {
             Some(exit) => tracing::info!(
                 task = %f.key.0,
@@ -1106,6 +1128,7 @@ impl Agent {
                 made: Instant::now(),
             },
         );
+        self.metrics.outbox(self.outbox.len());
         if self.connected {
             self.send_reports();
         } else {
@@ -1150,6 +1173,9 @@ impl Agent {
         }
         sample.errors = self.breaker.errors();
         sample.breaker = self.breaker.state();
+        self.metrics
+            .sampled(sample.temp_millic, sample.tasks_running, sample.breaker);
+        self.metrics.outbox(self.outbox.len());
         tracing::debug!(
             ?sample,
             dropped_frames = self.dropped.load(Ordering::Relaxed),

@@ -2,6 +2,7 @@
 //! key names), validated once into [`AgentConfig`] (typed values, ready to use).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -108,6 +109,9 @@ pub struct RawConfig {
     pub sandbox: RawSandbox,
     /// Overrides of the safety policy (the profile's, or the board's).
     pub safety: RawSafety,
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. `127.0.0.1:9101`.
+    /// Default none (off).
+    pub metrics: Option<String>,
 }
 
 /// `[tls]` keys, for `mqtts://` brokers.
@@ -178,6 +182,7 @@ impl Default for RawConfig {
             simulate: None,
             engine: "wasmtime".to_owned(),
             max_concurrency: None,
+            metrics: None,
             telemetry_interval_ms: 5_000,
             bandwidth_probe_every: 6,
             keep_alive_secs: 10,
@@ -308,6 +313,16 @@ impl RawConfig {
                 return Err(invalid("engine", quoted(other), expected));
             }
         };
+        let metrics = match self.metrics.as_deref().map(str::trim) {
+            None | Some("" | "off") => None,
+            Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics",
+                    quoted(addr),
+                    "an address and port such as 127.0.0.1:9101, or \"off\"",
+                )
+            })?),
+        };
         let max_concurrency = match self.max_concurrency {
             Some(n) if (1..=1024).contains(&n) => Some(n as u16),
             Some(n) => return Err(invalid("max_concurrency", n, "1 to 1024 tasks")),
@@ -368,6 +383,7 @@ impl RawConfig {
             labels: Vec::new(),
             simulate,
             heater: Heater::default(),
+            metrics,
             engine,
             max_concurrency,
             telemetry_interval,
@@ -543,6 +559,7 @@ pub struct AgentConfig {
     labels: Vec<String>,
     simulate: Option<Profile>,
     heater: Heater,
+    metrics: Option<SocketAddr>,
     engine: EngineChoice,
     max_concurrency: Option<u16>,
     telemetry_interval: Duration,
@@ -658,6 +675,17 @@ impl AgentConfig {
     /// runs. Real readings ignore it.
     pub fn set_heater(&mut self, heater: Heater) -> &mut Self {
         self.heater = heater;
+        self
+    }
+
+    /// Where Prometheus metrics are served, if anywhere.
+    pub fn metrics(&self) -> Option<SocketAddr> {
+        self.metrics
+    }
+
+    /// Serves Prometheus metrics on `addr` (`None`: off).
+    pub fn set_metrics(&mut self, addr: Option<SocketAddr>) -> &mut Self {
+        self.metrics = addr;
         self
     }
 
@@ -852,6 +880,11 @@ impl AgentConfig {
         match self.simulate {
             Some(p) => entry(o, profiles, "simulate", s(p.as_str())),
             None => o.push_str(&format!("# {profiles}\n# simulate = \"pi4\"\n")),
+        }
+        let scrape = "Serve Prometheus metrics (GET /metrics) on this address; no authentication.";
+        match self.metrics {
+            Some(addr) => entry(o, scrape, "metrics", s(&addr.to_string())),
+            None => o.push_str(&format!("# {scrape}\n# metrics = \"127.0.0.1:9101\"\n")),
         }
         let engine = match self.engine {
             EngineChoice::Wasmtime => "wasmtime",
@@ -1132,6 +1165,28 @@ mod tests {
         let err = RawConfig::load(None, env).unwrap_err().to_string();
         assert!(err.contains("telemtry_interval_ms"), "{err}");
         assert!(err.contains("AMBIENT_AGENT_TELEMTRY_INTERVAL_MS"), "{err}");
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given_and_a_bad_one_is_refused_by_name() {
+        let with = |v: Option<&str>| {
+            let raw = RawConfig {
+                metrics: v.map(str::to_owned),
+                ..RawConfig::default()
+            };
+            raw.validate().map(|c| c.metrics())
+        };
+        assert_eq!(with(None).unwrap(), None);
+        assert_eq!(with(Some("off")).unwrap(), None);
+        assert_eq!(
+            with(Some("127.0.0.1:9101")).unwrap(),
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
+        let err = with(Some("localhost")).unwrap_err().to_string();
+        assert!(
+            err.contains("metrics") && err.contains("127.0.0.1:9101"),
+            "{err}"
+        );
     }
 
     #[test]

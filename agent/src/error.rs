@@ -29,6 +29,14 @@ pub enum AgentError {
     /// TLS to the broker cannot be set up.
     #[error("cannot set up TLS to the broker: {0}")]
     Tls(String),
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The pinned coordinator key cannot be read.
     #[error(
         "{path}: {reason}; it must hold the coordinator's public key as 64 hex digits (printed when the coordinator starts), or be deleted to trust the first coordinator that assigns a task"

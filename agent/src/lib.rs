@@ -10,6 +10,7 @@ pub mod engine;
 mod error;
 mod identity;
 mod link;
+mod metrics;
 mod outbox;
 mod profile;
 mod systemd;

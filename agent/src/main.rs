@@ -58,6 +58,9 @@ struct Args {
     /// Simulate a device profile instead of reading this machine
     #[arg(long, env = "AMBIENT_AGENT_SIMULATE", value_name = "PROFILE")]
     simulate: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9101 [default: off]
+    #[arg(long, env = "AMBIENT_AGENT_METRICS", value_name = "ADDR")]
+    metrics: Option<String>,
     /// Print the effective configuration as commented TOML and exit
     #[arg(long)]
     print_config: bool,
@@ -132,6 +135,9 @@ fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(profile) = &args.simulate {
         raw.simulate = Some(profile.clone());
+    }
+    if let Some(addr) = &args.metrics {
+        raw.metrics = Some(addr.clone());
     }
     Ok(raw.validate()?)
 }

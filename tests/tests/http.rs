@@ -1,5 +1,6 @@
 //! The coordinator's HTTP API with real processes: a task submitted over HTTP runs on a real
-//! agent, and every view, the metrics and the dashboard's frames show it.
+//! agent, and every view, the metrics (the coordinator's and the agent's) and the dashboard's
+//! frames show it.
 
 mod common;
 
@@ -41,6 +42,48 @@ fn first_streamed_frame(c: &Coordinator) -> Value {
     panic!("the stream ended without a frame");
 }
 
+/// An agent serving its metrics on a port of its choosing, and the URL it logged for them.
+fn agent_with_metrics(c: &Coordinator, dir: &std::path::Path) -> (Proc, String) {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin("ambient-agent"))
+        .args([
+            "--broker",
+            &c.url,
+            "--simulate",
+            "pi5",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir)
+        .env("AMBIENT_AGENT_TELEMETRY_INTERVAL_MS", "300")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ambient-agent");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    // Reads the log to its end, so the agent never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.find("metrics at http://") {
+                let url = line[at + "metrics at ".len()..].split_whitespace().next();
+                let _ = tx.send(url.unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent logs its metrics address");
+    let proc = Proc {
+        child,
+        name: "agent pi5 with metrics".into(),
+    };
+    (proc, url)
+}
+
 fn post(c: &Coordinator, body: &[u8]) -> (u16, Value) {
     let (status, body) = http(&c.http_url, "POST", "/api/tasks", body);
     (status, serde_json::from_slice(&body).unwrap())
@@ -55,7 +98,7 @@ fn a_task_posted_over_http_runs_and_every_view_metric_and_dashboard_frame_shows_
         || get(&c, "/healthz").0 == 200,
         || format!("a healthy coordinator: {:?}", get(&c, "/healthz")),
     );
-    let _agent = agent(&c.url, &dir.path().join("a"), "pi5");
+    let (_agent, agent_metrics) = agent_with_metrics(&c, &dir.path().join("a"));
     c.wait_for_nodes(1);
 
     // Refused at once, with the intake's codes.
@@ -128,6 +171,31 @@ fn a_task_posted_over_http_runs_and_every_view_metric_and_dashboard_frame_shows_
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
+
+    // The agent's own metrics: the run, its fuel, and a closed breaker.
+    let base = agent_metrics.strip_suffix("/metrics").unwrap();
+    let scrape = || {
+        let (status, text) = http(base, "GET", "/metrics", b"");
+        assert_eq!(status, 200);
+        String::from_utf8(text).unwrap()
+    };
+    let fuel = task["result"]["receipts"][0]["fuel_used"].as_u64().unwrap();
+    let lines = [
+        "ambient_agent_executions_total{exit=\"ok\"} 1".to_owned(),
+        format!("ambient_agent_fuel_total {fuel}"),
+        "ambient_agent_breaker{state=\"closed\"} 1".to_owned(),
+        // Once the broker has acknowledged the report.
+        "ambient_agent_outbox_reports 0".to_owned(),
+    ];
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            let text = scrape();
+            lines.iter().all(|line| text.lines().any(|l| l == line))
+        },
+        || format!("{lines:?} in\n{}", scrape()),
+    );
+    assert_eq!(http(base, "GET", "/", b"").0, 404);
 
     let (status, check) = get(&c, "/api/ledger/verify");
     assert_eq!(status, 200, "{check}");
