@@ -154,7 +154,10 @@ fn init_logging(verbose: u8, json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal, not for journald or a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        );
     if json {
         builder.json().init();
     } else {

@@ -80,7 +80,10 @@ pub fn init_tracing(log: &LogArgs) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours only on a terminal: never escape codes in a redirected log.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        );
     if log.json_logs {
         builder.json().init();
     } else {
