@@ -108,11 +108,12 @@ fn the_agent_is_ready_with_its_identity_while_no_broker_answers_then_pings_and_s
     let notify = NotifySocket::bind();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("agent");
-    // Nothing listens there: the agent keeps retrying, and is ready all the same.
-    let nobody = format!("mqtt://127.0.0.1:{}", free_port());
+    // Nothing listens on port 1 (and no other test's broker can appear there): the agent keeps
+    // retrying, and is ready all the same.
+    let nobody = "mqtt://127.0.0.1:1";
     let notify_path = notify.path().to_str().expect("a UTF-8 temporary path");
     let mut agent = agent_with_env(
-        &nobody,
+        nobody,
         &state,
         "pi4",
         &[
