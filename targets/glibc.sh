@@ -54,7 +54,7 @@ case "${1:-}" in
       echo "glibc: installing zig $ziglang_version from PyPI" >&2
       python3 -m pip install -q "ziglang==$ziglang_version" >&2
     fi
-    if ! cargo zigbuild --version >/dev/null 2>&1; then
+    if ! cargo zigbuild --help >/dev/null 2>&1; then
       echo "glibc: installing cargo-zigbuild $zigbuild_version" >&2
       cargo install -q cargo-zigbuild --version "$zigbuild_version" --locked >&2
     fi
