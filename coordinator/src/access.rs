@@ -233,13 +233,7 @@ mod tests {
     }
 
     fn admit(client_id: &str, login: Option<(&str, &str)>, peer: &str) -> Result<Grant, Refusal> {
-        access().admit(&Credentials {
-            client_id,
-            username: login.map(|l| l.0),
-            password: login.map(|l| l.1),
-            peer: peer.parse().unwrap(),
-            now_ms: NOW,
-        })
+        access().admit(&credentials(client_id, login, peer))
     }
 
     #[test]

@@ -109,21 +109,7 @@ async fn a_device_appears_in_home_assistant_with_retained_configs_and_its_temper
     );
     // The device's id and key, as the operator reads them on the device (the key revokes it).
     let state_dir = dir.path().join("a");
-    let printed = std::process::Command::new(bin("ambient-agent"))
-        .arg("--print-node-id")
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .output()
-        .unwrap();
-    let printed = String::from_utf8(printed.stdout).unwrap();
-    let field = |name: &str| {
-        printed
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_else(|| panic!("no {name} in {printed:?}"))
-    };
-    let (node, public_key) = (field("node id"), field("public key"));
+    let (node, public_key) = device_identity(&state_dir);
     let _agent = agent(&c.url, &state_dir, "pi5");
     c.wait_for_nodes(1);
     let config_topics = [

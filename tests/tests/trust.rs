@@ -1015,21 +1015,7 @@ async fn in_allowlist_mode_a_new_device_waits_for_approval_and_a_revoked_one_lea
     let dir = tempfile::tempdir().unwrap();
     // The listed device's key, made and printed on the device before the gateway knows it.
     let listed_dir = dir.path().join("listed");
-    let printed = std::process::Command::new(bin("ambient-agent"))
-        .arg("--print-node-id")
-        .arg("--state-dir")
-        .arg(&listed_dir)
-        .output()
-        .unwrap();
-    let printed = String::from_utf8(printed.stdout).unwrap();
-    let field = |name: &str| {
-        printed
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_else(|| panic!("no {name} in {printed:?}"))
-    };
-    let (listed_id, listed_key) = (field("node id"), field("public key"));
+    let (listed_id, listed_key) = device_identity(&listed_dir);
     let c = Coordinator::start_with(
         &dir.path().join("c"),
         0,

@@ -350,6 +350,26 @@ pub fn agent(url: &str, state_dir: &Path, profile: &str) -> Proc {
     agent_with_env(url, state_dir, profile, &[])
 }
 
+/// The node id and public key (hex) of the device whose state is in `state_dir`, as
+/// `ambient-agent --print-node-id` prints them there, creating the identity if there is none.
+pub fn device_identity(state_dir: &Path) -> (String, String) {
+    let out = Command::new(bin("ambient-agent"))
+        .arg("--print-node-id")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .expect("run ambient-agent --print-node-id");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        printed
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {printed:?}"))
+    };
+    (field("node id"), field("public key"))
+}
+
 /// As [`agent`], with extra environment variables (configuration keys, see the agent README).
 pub fn agent_with_env(url: &str, state_dir: &Path, profile: &str, env: &[(&str, &str)]) -> Proc {
     let child = Command::new(bin("ambient-agent"))
