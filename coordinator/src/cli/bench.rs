@@ -1526,6 +1526,22 @@ fn section_execution(plan: Plan) -> anyhow::Result<Vec<Figure>> {
             run.fuel_used / count as u64
         )),
     );
+    // What a task's fuel limit means in time on this machine: fuel burnt per second by a real
+    // kernel, instantiation included.
+    figures.push(
+        Figure::new(
+            EXECUTION,
+            "digits.fuel_per_s",
+            "fuel per second on this machine (digits kernel, metered)",
+            run.fuel_used as f64 / (wasm.median_ns / 1e9),
+            "fuel/s",
+        )
+        .note(format!(
+            "the default fuel limit ({}) lasts {:.1} s here",
+            Limits::default().fuel,
+            Limits::default().fuel as f64 / (run.fuel_used as f64 / (wasm.median_ns / 1e9))
+        )),
+    );
     // Splits the gap to native: what fuel metering costs, and what is left to code generation.
     let (output, unmetered) = time_wasmtime(
         &plan,
