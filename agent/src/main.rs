@@ -143,26 +143,44 @@ fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
 }
 
 fn init_logging(verbose: u8, json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn,ambient_agent=info",
-        1 => "info,ambient_agent=debug",
-        _ => "debug,ambient_agent=trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), verbose);
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal, not for journald or a log file.
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         );
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
+}
+
+/// The log filter from RUST_LOG, or from `-v` when RUST_LOG is unset, empty or does not parse.
+///
+/// RUST_LOG holds `target=level` directives: `Targets`, without env-filter's span and
+/// field-value filters and the regex engine they need (0.5 MB of the binary).
+fn log_filter(rust_log: Option<&str>, verbose: u8) -> tracing_subscriber::filter::Targets {
+    use tracing::Level;
+    use tracing_subscriber::filter::Targets;
+    rust_log
+        .filter(|s| !s.is_empty())
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            let (all, ours) = match verbose {
+                0 => (Level::WARN, Level::INFO),
+                1 => (Level::INFO, Level::DEBUG),
+                _ => (Level::DEBUG, Level::TRACE),
+            };
+            Targets::new()
+                .with_default(all)
+                .with_target("ambient_agent", ours)
+        })
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -185,5 +203,44 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn without_rust_log_the_agent_logs_info_and_others_warn() {
+        let filter = log_filter(None, 0);
+        assert!(filter.would_enable("ambient_agent::agent", &Level::INFO));
+        assert!(!filter.would_enable("ambient_agent::agent", &Level::DEBUG));
+        assert!(filter.would_enable("rumqttc::state", &Level::WARN));
+        assert!(!filter.would_enable("rumqttc::state", &Level::INFO));
+    }
+
+    #[test]
+    fn each_v_lowers_both_levels_one_step() {
+        let filter = log_filter(None, 1);
+        assert!(filter.would_enable("ambient_agent::agent", &Level::DEBUG));
+        assert!(filter.would_enable("rumqttc::state", &Level::INFO));
+        assert!(log_filter(None, 2).would_enable("ambient_agent::agent", &Level::TRACE));
+    }
+
+    #[test]
+    fn rust_log_directives_override_the_flags() {
+        let filter = log_filter(Some("error,rumqttc=debug"), 2);
+        assert!(filter.would_enable("rumqttc::state", &Level::DEBUG));
+        assert!(!filter.would_enable("ambient_agent::agent", &Level::WARN));
+    }
+
+    #[test]
+    fn an_empty_or_unparsable_rust_log_means_the_default() {
+        for rust_log in ["", "rumqttc=loud"] {
+            let filter = log_filter(Some(rust_log), 0);
+            assert!(filter.would_enable("ambient_agent::agent", &Level::INFO));
+            assert!(!filter.would_enable("rumqttc::state", &Level::INFO));
+        }
     }
 }
