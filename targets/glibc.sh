@@ -3,7 +3,7 @@
 # and checks which glibc a binary needs.
 #
 #   bash targets/glibc.sh check BINARY [MAX]   # fails when BINARY needs a glibc newer than MAX (default 2.31)
-#   bash targets/glibc.sh build [GLIBC]        # x86_64 agent for GLIBC (default 2.31), release; prints its path
+#   bash targets/glibc.sh build [GLIBC] [PROFILE]  # x86_64 agent for GLIBC (default 2.31); release or dev
 #
 # Why: a build on this machine links against its own glibc (2.36) and then needs 2.34, newer
 # than Debian 11 / Raspberry Pi OS bullseye and L4T 35 (Jetson) ship, both 2.31. zig's linker
@@ -50,6 +50,12 @@ case "${1:-}" in
     ;;
   build)
     glibc="${2:-2.31}"
+    profile="${3:-release}"
+    case "$profile" in
+      release) dir=release ;;
+      dev) dir=debug ;;
+      *) echo "glibc: unknown profile $profile (release or dev)" >&2; exit 2 ;;
+    esac
     if ! python3 -m ziglang version >/dev/null 2>&1; then
       echo "glibc: installing zig $ziglang_version from PyPI" >&2
       python3 -m pip install -q "ziglang==$ziglang_version" >&2
@@ -59,12 +65,12 @@ case "${1:-}" in
       cargo install -q cargo-zigbuild --version "$zigbuild_version" --locked >&2
     fi
     target="x86_64-unknown-linux-gnu"
-    cargo zigbuild -q --release -p ambient-agent --bin ambient-agent \
+    cargo zigbuild -q --profile "$profile" -p ambient-agent --bin ambient-agent \
       --target "$target.$glibc" --target-dir target/glibc >&2
-    echo "target/glibc/$target/release/ambient-agent"
+    echo "target/glibc/$target/$dir/ambient-agent"
     ;;
   *)
-    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
