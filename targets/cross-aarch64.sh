@@ -3,7 +3,7 @@
 # Debian's rustc-web, as TOOLCHAINS.md describes, and prints the path of what it built.
 #
 #   bash targets/cross-aarch64.sh                                  # ambient-agent, release
-#   bash targets/cross-aarch64.sh ambient-coordinator
+#   bash targets/cross-aarch64.sh ambient-cli                      # `ambient`
 #   bash targets/cross-aarch64.sh ambient-core --example receipt   # extra args go to cargo build
 #   RUN=1 bash targets/cross-aarch64.sh ambient-core --example receipt   # and run it under qemu
 #

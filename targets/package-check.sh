@@ -21,12 +21,16 @@ ok() { echo "package-check: ok: $*"; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# The same commands as qemu-smoke.sh: after it, both are no-ops.
-cargo build -q -p ambient-coordinator --bin ambient
-cargo build -q -p ambient-agent --bin ambient-agent
+# AMBIENT_BIN_DIR: package the binaries there instead (see targets/qemu-smoke.sh).
+bins="${AMBIENT_BIN_DIR:-}"
+if [ -z "$bins" ]; then
+  cargo build -q -p ambient-cli --bin ambient
+  cargo build -q -p ambient-agent --bin ambient-agent
+  bins=target/debug
+fi
 
 start=$SECONDS
-BINARIES_FROM=target/debug OUT="$work/debs" DEB_FLAGS=--fast \
+BINARIES_FROM="$bins" OUT="$work/debs" DEB_FLAGS=--fast \
   bash targets/package.sh "$(uname -m)" >"$work/built"
 echo "package-check: packaged in $((SECONDS - start)) s:"
 while read -r deb; do

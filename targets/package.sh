@@ -31,11 +31,19 @@ arches=("$@")
 
 fail() { echo "package: $*" >&2; exit 1; }
 
-# The binary each package ships (the coordinator's package ships `ambient`).
+# The binary each package ships, and the Cargo package that builds it and holds its
+# [package.metadata.deb] (the coordinator's package ships `ambient`, from cli/).
 binary_of() {
   case "$1" in
     ambient-agent) echo ambient-agent ;;
     ambient-coordinator) echo ambient ;;
+    *) fail "unknown package $1 (ambient-agent or ambient-coordinator)" ;;
+  esac
+}
+crate_of() {
+  case "$1" in
+    ambient-agent) echo ambient-agent ;;
+    ambient-coordinator) echo ambient-cli ;;
     *) fail "unknown package $1 (ambient-agent or ambient-coordinator)" ;;
   esac
 }
@@ -63,27 +71,27 @@ for arch in "${arches[@]}"; do
     mkdir -p "$staged/release"
     for p in "${packages[@]}"; do
       bin="$(binary_of "$p")"
-      [ -x "$BINARIES_FROM/$bin" ] || fail "no $BINARIES_FROM/$bin: build it first (cargo build -p $p)"
+      [ -x "$BINARIES_FROM/$bin" ] || fail "no $BINARIES_FROM/$bin: build it first (cargo build -p $(crate_of "$p"))"
       ln -f "$BINARIES_FROM/$bin" "$staged/release/$bin" 2>/dev/null \
         || cp "$BINARIES_FROM/$bin" "$staged/release/$bin"
     done
     for p in "${packages[@]}"; do
-      CARGO_TARGET_DIR="$staged" cargo deb -p "$p" --no-build -o "$out" "${deb_flags[@]}"
+      CARGO_TARGET_DIR="$staged" cargo deb -p "$(crate_of "$p")" --no-build -o "$out" "${deb_flags[@]}"
     done
   elif [ "$arch" = "$host" ]; then
     for p in "${packages[@]}"; do
-      cargo deb -p "$p" -o "$out" "${deb_flags[@]}"
+      cargo deb -p "$(crate_of "$p")" -o "$out" "${deb_flags[@]}"
     done
   elif [ "$arch" = aarch64 ]; then
     target=aarch64-unknown-linux-gnu
     cross_dir="$root/target/cross"
     for p in "${packages[@]}"; do
-      CARGO_TARGET_DIR="$cross_dir" bash targets/cross-aarch64.sh "$p" --bin "$(binary_of "$p")" >/dev/null
+      CARGO_TARGET_DIR="$cross_dir" bash targets/cross-aarch64.sh "$(crate_of "$p")" --bin "$(binary_of "$p")" >/dev/null
     done
     # The cross build is done (with Debian's compiler); cargo-deb only strips with the aarch64
     # binutils and packs.
     for p in "${packages[@]}"; do
-      CARGO_TARGET_DIR="$cross_dir" cargo deb -p "$p" --target "$target" --no-build \
+      CARGO_TARGET_DIR="$cross_dir" cargo deb -p "$(crate_of "$p")" --target "$target" --no-build \
         -o "$out" "${deb_flags[@]}"
     done
   else

@@ -5,9 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-agent_bin=$(bash targets/cross-aarch64.sh ambient-agent | tail -n 1)
-cargo build -q -p ambient-coordinator --bin ambient
-ambient=target/debug/ambient
+# A dev build: output and fuel do not depend on the profile, and the release profile (fat
+# LTO, one codegen unit) takes a quarter of an hour to cross-compile on two cores.
+agent_bin=$(PROFILE="${PROFILE:-dev}" bash targets/cross-aarch64.sh ambient-agent | tail -n 1)
+# AMBIENT_BIN_DIR: take `ambient` and `ambient-agent` from there instead of building them
+# (.ci/run points it at the binaries its test step built: building one package alone unifies
+# features differently and would compile much of the tree again).
+bins="${AMBIENT_BIN_DIR:-}"
+if [ -z "$bins" ]; then
+  cargo build -q -p ambient-cli --bin ambient
+  cargo build -q -p ambient-agent --bin ambient-agent
+  bins=target/debug
+fi
+ambient="$bins/ambient"
 
 work=$(mktemp -d)
 pids=()
@@ -70,8 +80,7 @@ PY
 # The same task on an x86_64 agent of this host: the same output and the same fuel, which is
 # what replicas on different boards vote on (digits.wasm uses 128-bit SIMD).
 kill "${pids[1]}" 2>/dev/null || true
-cargo build -q -p ambient-agent --bin ambient-agent
-target/debug/ambient-agent --broker "$url" --state-dir "$work/agent-x86" --name host-x86_64 \
+"$bins/ambient-agent" --broker "$url" --state-dir "$work/agent-x86" --name host-x86_64 \
   >"$work/agent-x86.log" 2>&1 &
 pids+=($!)
 native=$("$ambient" submit tasks/modules/digits.wasm --entry classify --input "$work/digit.bin" \

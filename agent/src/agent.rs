@@ -87,7 +87,7 @@ pub async fn run(
     let state_dir = config.state_dir().to_owned();
     let identity = {
         let dir = state_dir.clone();
-        blocking(move || crate::identity::load_or_create(&dir)).await?
+        blocking(move || ambient_daemon::load_identity(&dir)).await?
     };
     let node = identity.node_id();
     let span =

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use crate::config::ConfigError;
 use crate::engine::ExecError;
-use crate::identity::IdentityError;
+use ambient_daemon::IdentityError;
 
 /// Why the agent could not start. Once running, the agent does not stop on errors: a lost
 /// broker is retried, a bad frame is dropped, a bad task gets a report.

@@ -8,20 +8,17 @@ mod dedup;
 mod delivery;
 pub mod engine;
 mod error;
-mod identity;
 mod link;
 mod metrics;
 mod outbox;
 mod profile;
-mod systemd;
 mod telemetry;
 
 pub use agent::{COORDINATOR_KEY_FILE, run};
+pub use ambient_daemon::{IDENTITY_FILE, IdentityError, load_identity, notify_systemd};
 pub use config::{
     AgentConfig, BrokerUrl, ConfigError, DEFAULT_BROKER, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR,
     ENV_PREFIX, EngineChoice, RawConfig, RawSafety, RawSandbox, RawTls, env_vars,
 };
 pub use error::AgentError;
-pub use identity::{IDENTITY_FILE, IdentityError, load_or_create as load_identity};
 pub use profile::{Heater, Profile, UnknownProfile};
-pub use systemd::notify_systemd;

@@ -109,7 +109,7 @@ fn try_main() -> anyhow::Result<ExitCode> {
     // the broker still being tried.
     runtime.block_on(ambient_agent::run(
         config,
-        ambient_agent::notify_systemd(shutdown_signal()),
+        ambient_agent::notify_systemd(ambient_daemon::shutdown_signal()),
     ))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -181,29 +181,6 @@ fn log_filter(rust_log: Option<&str>, verbose: u8) -> tracing_subscriber::filter
                 .with_default(all)
                 .with_target("ambient_agent", ours)
         })
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 #[cfg(test)]

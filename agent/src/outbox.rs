@@ -44,7 +44,7 @@ pub(crate) struct OutboxDir {
 impl OutboxDir {
     /// Opens (creating) `dir`, removes half-written files, and returns every stored report in order.
     pub fn open(dir: &Path) -> io::Result<(Self, Stored)> {
-        crate::engine::create_private_dir(dir)?;
+        ambient_daemon::create_private_dir(dir)?;
         let mut stored = Vec::new();
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();

@@ -209,6 +209,12 @@ pub struct RawVerification {
     pub max_latency_us: u32,
     /// Maximum error count. Default 25.
     pub max_errors: u32,
+    /// Results in a row a node must have agree with another node's before its `receipt` tasks
+    /// run unchecked; until then each is also run on a second node. Default 10; 0 trusts
+    /// every node from the start.
+    pub trust_after: u32,
+    /// Seconds a node whose result was shown wrong gets no work. Default 3600.
+    pub blacklist_secs: u64,
 }
 
 /// `[settlement]`.
@@ -288,12 +294,15 @@ impl Default for RawVerification {
     fn default() -> Self {
         let d = DispatchConfig::default();
         let p = SafetyPolicy::default();
+        let r = RegistryConfig::default();
         Self {
             spot_check_permille: d.spot_check_permille,
             max_failures: d.max_failures,
             max_temp_millic: p.max_temp_millic,
             max_latency_us: p.max_latency_us,
             max_errors: p.max_errors,
+            trust_after: r.trust_after,
+            blacklist_secs: r.blacklist.as_secs(),
         }
     }
 }
@@ -504,6 +513,8 @@ impl RawConfig {
                 joins_per_s: self.enrollment.joins_per_s,
                 bad_frames_per_s: self.enrollment.bad_frames_per_s,
                 forget_after: Duration::from_millis(self.enrollment.forget_after_ms),
+                trust_after: self.verification.trust_after,
+                blacklist: Duration::from_secs(self.verification.blacklist_secs),
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
             anonymous,

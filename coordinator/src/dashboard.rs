@@ -109,7 +109,11 @@ fn read_frame(store: &Store, api: &Api, ledger: Option<LedgerCheck>) -> Result<F
                 .as_deref()
                 .and_then(|j| serde_json::from_str::<TaskEvent>(j).ok());
             let verdict = event.as_ref().and_then(|e| e.verdict.as_ref()).map(|v| {
-                let spot = if v.spot_checked { "+spot" } else { "" };
+                let spot = match (v.spot_checked, &v.spot_check_missed) {
+                    (false, _) => "",
+                    (true, None) => "+spot",
+                    (true, Some(_)) => "+spot missed",
+                };
                 format!("{}{spot}", v.policy)
             });
             FeedItem {

@@ -33,6 +33,26 @@
 //!   that timed out or refused when no other is eligible, and never reuse one that returned a
 //!   result that did not verify.
 //!
+//! # Spot checks
+//!
+//! A `receipt` task is drawn for a spot check with probability
+//! [`DispatchConfig::spot_check_permille`]: it runs on two distinct nodes and their results
+//! must agree (a disagreement escalates to a third replica and disputes the loser). The node
+//! cannot tell a check from any other assignment. A drawn check is never dropped silently:
+//!
+//! - while no distinct node is free, the task waits for one in the queue like any other task
+//!   (so a check costs latency under load, never the check);
+//! - it ends without a second result only when no other registered node can run the task at
+//!   all, when the checking runs fail [`DispatchConfig::max_failures`] times, or when no
+//!   distinct node was free within [`DispatchConfig::queue_timeout`]. The verified receipt then
+//!   stands, and the final event says why the check was missed (`verdict.spot_check_missed`);
+//! - every drawn check is counted by outcome ([`SpotCheck`]): `ambient_spot_checks_total`.
+//!
+//! Replicas still running when their task is accepted (the third of `replicate:3` after two
+//! agreed) are compared when they report, until their deadline: agreeing counts as verified
+//! for the node, disagreeing as a dispute. The accepted result had its majority and stands.
+//! At most [`MAX_LATE`] finished tasks are kept for this.
+//!
 //! # Recovery
 //!
 //! [`Dispatcher::recover`] rebuilds the state from what the journal returns: every unfinished
@@ -279,8 +299,8 @@ pub struct Effects {
     pub journal: Vec<Op>,
     /// Task events, published only after the commit.
     pub events: Vec<Publish>,
-    /// Tasks that ended in this turn: how, and milliseconds from submission (for metrics).
-    pub outcomes: Vec<(TaskStatus, f64)>,
+    /// Tasks that ended in this turn (for metrics).
+    pub outcomes: Vec<Ended>,
     /// Tasks finished in this turn: id → (fingerprint, index of the `Op::Finish` in `journal`),
     /// so a resubmission in the same turn is answered before the journal holds the outcome.
     finished: HashMap<TaskId, (Digest, usize)>,
@@ -317,6 +337,91 @@ pub struct Recovered {
     pub finished: Vec<(TaskId, String)>,
 }
 
+/// A task that ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ended {
+    /// How it ended.
+    pub status: TaskStatus,
+    /// Milliseconds from submission to the final event.
+    pub latency_ms: f64,
+    /// What became of its spot check, when one was drawn.
+    pub spot_check: Option<SpotCheck>,
+}
+
+/// What became of a drawn spot check (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpotCheck {
+    /// Two distinct nodes returned the same output, fuel and exit.
+    Agreed,
+    /// A node's result disagreed with the accepted one; it was disputed.
+    Disagreed,
+    /// Only one result was obtained; the event says why.
+    Missed,
+}
+
+impl SpotCheck {
+    /// Its label in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agreed => "agreed",
+            Self::Disagreed => "disagreed",
+            Self::Missed => "missed",
+        }
+    }
+}
+
+/// Replicas of a finished task kept for comparison: at most this many tasks.
+const MAX_LATE: usize = 4_096;
+
+/// An accepted task's replicas that were still running when it was accepted.
+struct Late {
+    spec: Arc<TaskSpec>,
+    input_hash: Digest,
+    accepted: (Digest, u64, Exit),
+    outstanding: Vec<Dispatch>,
+    /// When none of them can report any more.
+    expires: Instant,
+}
+
+/// Authenticates a report against its task: `Err` when it does not prove it comes from the
+/// node it names for that attempt (never held against the node), `Ok(Some(e))` when the node
+/// signed a receipt whose claims are false (a dispute), `Ok(None)` when it holds.
+fn authenticate(
+    registry: &Registry,
+    report: &Report<'_>,
+    spec: &TaskSpec,
+    input_hash: Digest,
+) -> Result<Option<ambient_core::VerifyError>, String> {
+    let node = report.node;
+    match (&report.body, registry.public_key(&node)) {
+        (_, None) => Err("the node is not registered".to_owned()),
+        (ReportBody::Refused(r), Some(key)) => r
+            .verify(key, &report.task_id, report.attempt, &node)
+            .map(|()| None)
+            .map_err(|e| format!("refusal signature: {e}")),
+        (
+            ReportBody::Executed {
+                receipt, output, ..
+            },
+            Some(key),
+        ) => {
+            let expected = Expected {
+                task_id: &spec.task_id,
+                attempt: report.attempt,
+                node,
+                public_key: key,
+                module: spec.module,
+                input: input_hash,
+                limits: spec.limits,
+            };
+            match verify_receipt(receipt, output, &expected) {
+                Err(e) if !e.is_attributable() => Err(e.to_string()),
+                other => Ok(other.err()),
+            }
+        }
+    }
+}
+
 /// One outstanding placement; its deadline lives in `Dispatcher::deadlines`.
 struct Dispatch {
     attempt: u16,
@@ -339,6 +444,8 @@ struct Job {
     submitted: Instant,
     replicas: usize,
     spot_check: bool,
+    /// Why a drawn spot check got no second result, once that is known.
+    spot_missed: Option<String>,
     next_attempt: u16,
     failures: u16,
     /// Why each failed dispatch failed, oldest first (at most `max_failures + 1`).
@@ -357,6 +464,11 @@ struct Job {
 }
 
 impl Job {
+    /// Whether all that is left is the spot check of a verified result.
+    fn checking_only(&self) -> bool {
+        self.spot_check && self.votes.len() == 1
+    }
+
     fn wanted(&self) -> usize {
         self.replicas
             .saturating_sub(self.votes.len() + self.outstanding.len())
@@ -392,6 +504,9 @@ pub struct Dispatcher {
     /// Modules refused at intake or upload, so a resubmission is refused at once.
     refused_modules: Refusals,
     dropped: Dropped,
+    /// Replicas of accepted tasks still to report, compared when they do; in finishing order.
+    late: HashMap<TaskId, Late>,
+    late_order: VecDeque<TaskId>,
     next_id: u64,
     rng: rand::rngs::StdRng,
     /// [`Recovered::finished`], until the first connection publishes it.
@@ -424,6 +539,8 @@ impl Dispatcher {
             modules: recovered.modules.into_iter().map(|m| (m, None)).collect(),
             refused_modules: Refusals::new(REMEMBERED_REFUSALS),
             dropped: Dropped::default(),
+            late: HashMap::new(),
+            late_order: VecDeque::new(),
             next_id: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             unsent: recovered.finished,
@@ -814,8 +931,7 @@ impl Dispatcher {
     fn on_report(&mut self, now: Now, report: Report<'_>, fx: &mut Effects) {
         let node = report.node;
         let Some(job) = self.jobs.get_mut(&report.task_id) else {
-            self.dropped.stale_reports += 1;
-            debug!(task = %report.task_id, %node, "report for a finished or unknown task dropped");
+            self.on_late_report(now, &report);
             return;
         };
         let Some(pos) = job
@@ -829,34 +945,7 @@ impl Dispatcher {
         };
         // Authenticate before anything changes: a frame anyone on the broker could have sent
         // must neither cancel the attempt nor count against the node it names.
-        let public_key = self.registry.public_key(&node).copied();
-        let verdict = match (&report.body, &public_key) {
-            (_, None) => Err("the node is not registered".to_owned()),
-            (ReportBody::Refused(r), Some(key)) => r
-                .verify(key, &report.task_id, report.attempt, &node)
-                .map(|()| None)
-                .map_err(|e| format!("refusal signature: {e}")),
-            (
-                ReportBody::Executed {
-                    receipt, output, ..
-                },
-                Some(key),
-            ) => {
-                let expected = Expected {
-                    task_id: &job.spec.task_id,
-                    attempt: report.attempt,
-                    node,
-                    public_key: key,
-                    module: job.spec.module,
-                    input: job.input_hash,
-                    limits: job.spec.limits,
-                };
-                match verify_receipt(receipt, output, &expected) {
-                    Err(e) if !e.is_attributable() => Err(e.to_string()),
-                    other => Ok(other.err()),
-                }
-            }
-        };
+        let verdict = authenticate(&self.registry, &report, &job.spec, job.input_hash);
         let disputed = match verdict {
             Ok(disputed) => disputed,
             Err(why) => {
@@ -943,6 +1032,79 @@ impl Dispatcher {
         }
     }
 
+    /// A report for a task that is no longer running: stale, unless it answers a replica
+    /// still outstanding when the task was accepted. Those are compared with the accepted
+    /// result when they come: agreeing counts as verified for the node, disagreeing as a
+    /// dispute. The accepted result stands either way: it had its majority.
+    fn on_late_report(&mut self, now: Now, report: &Report<'_>) {
+        let node = report.node;
+        let Some(late) = self.late.get_mut(&report.task_id) else {
+            self.dropped.stale_reports += 1;
+            debug!(task = %report.task_id, %node, "report for a finished or unknown task dropped");
+            return;
+        };
+        let Some(pos) = late
+            .outstanding
+            .iter()
+            .position(|d| d.attempt == report.attempt && d.node == node)
+        else {
+            self.dropped.stale_reports += 1;
+            debug!(task = %report.task_id, attempt = report.attempt, %node, "report for an attempt not outstanding dropped");
+            return;
+        };
+        let disputed = match authenticate(&self.registry, report, &late.spec, late.input_hash) {
+            Ok(disputed) => disputed,
+            Err(why) => {
+                self.dropped.unauthenticated += 1;
+                debug!(task = %report.task_id, attempt = report.attempt, %node, %why, "unauthenticated late report dropped");
+                return;
+            }
+        };
+        late.outstanding.swap_remove(pos);
+        let accepted = late.accepted;
+        if late.outstanding.is_empty() {
+            self.late.remove(&report.task_id);
+        }
+        let ReportBody::Executed { receipt, .. } = &report.body else {
+            return;
+        };
+        let key = (
+            receipt.receipt.output,
+            receipt.receipt.fuel_used,
+            receipt.receipt.exit,
+        );
+        let outcome = if let Some(e) = disputed {
+            self.dropped.bad_receipts += 1;
+            warn!(task = %report.task_id, %node, error = %e, "late receipt rejected");
+            Outcome::Disputed
+        } else if key.2 == Exit::TimedOut {
+            Outcome::Failed
+        } else if key == accepted {
+            Outcome::Agreed
+        } else {
+            warn!(task = %report.task_id, %node, "a late replica disagrees with the accepted result; disputed");
+            Outcome::Disputed
+        };
+        self.registry.touch(now.at, node);
+        self.registry.record(now.at, &node, outcome);
+    }
+
+    /// Forgets replicas of finished tasks that can no longer report, and the oldest past
+    /// [`MAX_LATE`].
+    fn expire_late(&mut self, now: Instant) {
+        while let Some(id) = self.late_order.front() {
+            let expired = self
+                .late
+                .get(id)
+                .is_none_or(|l| l.expires <= now || self.late.len() > MAX_LATE);
+            if !expired {
+                break;
+            }
+            let id = self.late_order.pop_front().expect("front exists");
+            self.late.remove(&id);
+        }
+    }
+
     fn tally(&mut self, now: Now, task_id: &TaskId, fx: &mut Effects) {
         let Some(job) = self.jobs.get_mut(task_id) else {
             return;
@@ -979,7 +1141,10 @@ impl Dispatcher {
         job.errors.push(why);
         if job.failures > self.config.max_failures {
             // A failed spot check does not undo the verified receipt it was checking.
-            let verified = (job.spot_check && job.votes.len() == 1).then(|| job.votes[0].key);
+            let verified = job.checking_only().then(|| job.votes[0].key);
+            if verified.is_some() {
+                job.spot_missed = Some(format!("the checking runs failed: {}", job.fail_reason()));
+            }
             self.finish(now, task_id, verified, fx);
         } else {
             self.pump(now, task_id, fx);
@@ -997,10 +1162,13 @@ impl Dispatcher {
         };
         let strategy = job.spec.strategy.unwrap_or(self.config.default_strategy);
         let deadline = self.deadline(job, now.at);
-        for _ in 0..job.wanted() {
+        loop {
             let Some(job) = self.jobs.get_mut(task_id) else {
                 return;
             };
+            if job.wanted() == 0 {
+                break;
+            }
             // Never a node already running or done with it; nodes that failed it only when
             // nothing else is eligible.
             let mut exclude: Vec<NodeId> = job.outstanding.iter().map(|d| d.node).collect();
@@ -1010,7 +1178,7 @@ impl Dispatcher {
             let requires = &job.spec.requires;
             // A spot check of a verified receipt never goes back to a node that failed the
             // task: it would only fail again, and the receipt already stands.
-            let checking_only = job.spot_check && job.votes.len() == 1;
+            let checking_only = job.checking_only();
             let chosen = self
                 .registry
                 .select(now.at, requires, strategy, &exclude)
@@ -1021,19 +1189,35 @@ impl Dispatcher {
                     })?
                 });
             let Some(node) = chosen else {
-                // A spot check is best effort: with no second eligible node, a verified
-                // receipt stands on its own rather than waiting for a node that may never
-                // come, whether the check or the original run is the one that finished.
+                // A spot check waits for a distinct free node like any task, unless no other
+                // registered node could ever run it: then the verified receipt stands, and
+                // the event says why it was not checked.
                 if checking_only && job.outstanding.is_empty() {
-                    job.spot_check = false;
-                    job.replicas = 1;
-                    let key = job.votes[0].key;
-                    self.finish(now, task_id, Some(key), fx);
-                } else {
-                    self.enqueue(now.at, task_id);
+                    let unable = &exclude[..];
+                    if let Some(why) =
+                        self.registry
+                            .unmet_without(now.at, &job.spec.requires, unable)
+                    {
+                        job.spot_missed = Some(why);
+                        let key = job.votes[0].key;
+                        self.finish(now, task_id, Some(key), fx);
+                        return;
+                    }
                 }
+                self.enqueue(now.at, task_id);
                 return;
             };
+            // A node not yet proven runs no `receipt` task unchecked: its first run is checked
+            // on a second node (the next turn of this loop places it).
+            if job.spec.policy == Policy::Receipt
+                && !job.spot_check
+                && job.votes.is_empty()
+                && job.outstanding.is_empty()
+                && !self.registry.proven(&node)
+            {
+                job.spot_check = true;
+                job.replicas = 2;
+            }
             let attempt = job.next_attempt;
             job.next_attempt = job.next_attempt.saturating_add(1);
             job.outstanding.push(Dispatch { attempt, node });
@@ -1130,6 +1314,7 @@ impl Dispatcher {
     /// Advances time: expires dispatches past their deadline and tasks that waited too long
     /// for a node, then places what it can.
     fn on_tick(&mut self, now: Now, fx: &mut Effects) {
+        self.expire_late(now.at);
         for node in self.registry.went_silent(now.at) {
             self.reassign_from(now, node, "went silent (no signed traffic in time)", fx);
         }
@@ -1175,8 +1360,17 @@ impl Dispatcher {
                     "no eligible node within {waited} s (online, breaker closed, a free slot, enough free memory)"
                 ),
             };
-            job.errors.push(why);
-            self.finish(now, &id, None, fx);
+            // A spot check that found no free node leaves its verified receipt standing.
+            let verified =
+                (job.checking_only() && job.outstanding.is_empty()).then(|| job.votes[0].key);
+            if verified.is_some() {
+                job.spot_missed = Some(format!(
+                    "no distinct node was free to check it within {waited} s"
+                ));
+            } else {
+                job.errors.push(why);
+            }
+            self.finish(now, &id, verified, fx);
         }
         self.pump_queue(now, fx);
     }
@@ -1189,21 +1383,45 @@ impl Dispatcher {
         winner: Option<(Digest, u64, Exit)>,
         fx: &mut Effects,
     ) {
-        let Some(job) = self.jobs.remove(task_id) else {
+        let Some(mut job) = self.jobs.remove(task_id) else {
             return;
         };
         for d in &job.outstanding {
             self.registry.task_finished(&d.node);
         }
+        if let Some(accepted) = winner
+            && !job.outstanding.is_empty()
+        {
+            self.late.insert(
+                task_id.clone(),
+                Late {
+                    spec: Arc::clone(&job.spec),
+                    input_hash: job.input_hash,
+                    accepted,
+                    outstanding: std::mem::take(&mut job.outstanding),
+                    expires: self.deadline(&job, now.at),
+                },
+            );
+            self.late_order.push_back(task_id.clone());
+            self.expire_late(now.at);
+        }
         let latency_ms = now.at.duration_since(job.submitted).as_secs_f64() * 1e3;
+        let mut spot_check = None;
         let mut event = match winner {
             None => TaskEvent::new(task_id.as_str(), EventStatus::Failed)
                 .with_error("no_verified_result", job.fail_reason()),
             Some(key) => {
                 let winners: Vec<&Vote> = job.votes.iter().filter(|v| v.key == key).collect();
                 let losers: Vec<&Vote> = job.votes.iter().filter(|v| v.key != key).collect();
+                // Agreement between distinct nodes is what proves a node; a receipt alone
+                // proves who ran what, not that the output is right.
+                let agreed = if winners.len() >= 2 {
+                    Outcome::Agreed
+                } else {
+                    Outcome::Verified
+                };
                 for v in &winners {
-                    self.registry.record(now.at, &v.node, Outcome::Verified);
+                    self.registry.record(now.at, &v.node, agreed);
                 }
                 for v in &losers {
                     self.registry.record(now.at, &v.node, Outcome::Disputed);
@@ -1251,11 +1469,26 @@ impl Dispatcher {
                     .map(|v| v.node.to_hex().to_string())
                     .collect();
                 ev.reward = Some(reward);
+                let mut spot_check_missed = None;
+                if job.spot_check {
+                    spot_check = Some(if !losers.is_empty() {
+                        SpotCheck::Disagreed
+                    } else if winners.len() >= 2 {
+                        SpotCheck::Agreed
+                    } else {
+                        spot_check_missed = Some(job.spot_missed.clone().unwrap_or_else(|| {
+                            "the run it was checking was lost; the check's result stands alone"
+                                .into()
+                        }));
+                        SpotCheck::Missed
+                    });
+                }
                 ev.verdict = Some(Verdict {
                     policy: job.spec.policy.to_string(),
                     replicas: job.replicas,
                     agreeing: winners.len(),
                     spot_checked: job.spot_check,
+                    spot_check_missed,
                     disputed: losers.iter().map(|v| v.node.to_hex().to_string()).collect(),
                 });
                 ev
@@ -1267,7 +1500,15 @@ impl Dispatcher {
         } else {
             TaskStatus::Failed
         };
-        fx.outcomes.push((status, latency_ms));
+        if job.spot_check && spot_check.is_none() {
+            // The task failed: no result to check.
+            spot_check = Some(SpotCheck::Missed);
+        }
+        fx.outcomes.push(Ended {
+            status,
+            latency_ms,
+            spot_check,
+        });
         let json = event.to_json();
         fx.finished
             .insert(task_id.clone(), (job.fingerprint, fx.journal.len()));
@@ -1296,6 +1537,7 @@ impl Dispatcher {
             submitted: now,
             replicas,
             spot_check,
+            spot_missed: None,
             next_attempt: 1,
             failures: 0,
             errors: Vec::new(),
@@ -1488,8 +1730,27 @@ mod tests {
             score: ScoreConfig::default(),
             safety: SafetyPolicy::default(),
             enrollment: Enrollment::Open,
+            // Every node proven from the start: tests of trust use `trusting` below.
+            trust_after: 0,
             ..RegistryConfig::default()
         })
+    }
+
+    /// `n` nodes that must agree with others `trust_after` times before running unchecked.
+    fn trusting(n: u8, trust_after: u32, spot_check_permille: u16) -> Fixture {
+        let registry = Registry::new(RegistryConfig {
+            liveness: Duration::from_secs(3600),
+            trust_after,
+            ..RegistryConfig::default()
+        });
+        fixture_in(
+            registry,
+            n,
+            DispatchConfig {
+                spot_check_permille,
+                ..config()
+            },
+        )
     }
 
     fn config() -> DispatchConfig {
@@ -1902,6 +2163,161 @@ mod tests {
         );
     }
 
+    fn reputation(f: &Fixture, node: NodeId) -> ambient_core::Reputation {
+        f.d.registry.view(f.now.at, &node).unwrap().reputation
+    }
+
+    #[test]
+    fn a_new_nodes_receipt_tasks_are_checked_until_it_has_agreed_enough_times_in_a_row() {
+        let mut f = trusting(2, 3, 0);
+        for i in 0..3 {
+            let id = format!("prove{i}");
+            let sent = assignments(&f.submit(&id, "receipt"));
+            assert_eq!(sent.len(), 2, "task {i}: an unproven node's run is checked");
+            f.answer(&id, sent[0], b"same");
+            let done = finals(&f.answer(&id, sent[1], b"same"));
+            assert_eq!(done[0].verdict.as_ref().unwrap().agreeing, 2);
+        }
+        let sent = assignments(&f.submit("proven", "receipt"));
+        assert_eq!(sent.len(), 1, "proven after 3 agreements: runs unchecked");
+        assert_eq!(
+            f.d.registry
+                .view(f.now.at, &sent[0].0)
+                .unwrap()
+                .agreed_in_a_row,
+            3
+        );
+    }
+
+    #[test]
+    fn a_node_caught_with_a_wrong_result_is_blacklisted_and_starts_proving_again() {
+        let mut f = trusting(3, 0, 1000);
+        let liar = f.nodes[0].node_id();
+        let sent = assignments(&f.submit("caught", "receipt"));
+        assert_eq!(sent.len(), 2, "spot-checked");
+        let (on_liar, on_other) = if sent[0].0 == liar {
+            (sent[0], sent[1])
+        } else {
+            (sent[1], sent[0])
+        };
+        f.answer("caught", on_liar, b"wrong");
+        let third = assignments(&f.answer("caught", on_other, b"right"));
+        assert_eq!(third.len(), 1, "disagreement escalates");
+        let done = finals(&f.answer("caught", third[0], b"right"));
+        assert_eq!(
+            done[0].output_b64.as_deref(),
+            Some(B64.encode(b"right").as_str())
+        );
+        let view = f.d.registry.view(f.now.at, &liar).unwrap();
+        assert_eq!(view.agreed_in_a_row, 0);
+        assert_eq!(view.blacklisted_for_ms, Some(3_600_000));
+        for i in 0..5 {
+            let sent = assignments(&f.submit(&format!("after{i}"), "receipt"));
+            assert!(
+                sent.iter().all(|(node, _)| *node != liar),
+                "no work for a blacklisted node"
+            );
+            for s in sent {
+                f.answer(&format!("after{i}"), s, b"ok");
+            }
+        }
+    }
+
+    /// The measurement that opened the trust work: 4 honest nodes and 1 that answers every
+    /// task at once with a validly signed receipt over a wrong output. With 5% random spot
+    /// checks alone it had a third of 400 results accepted; proving every node first catches
+    /// it on its first task.
+    #[test]
+    fn a_node_that_always_lies_gets_no_wrong_result_accepted() {
+        let mut f = trusting(5, 10, 50);
+        let liar = f.nodes[0].node_id();
+        let mut wrong_accepted = 0;
+        let mut executions = 0;
+        for i in 0..400 {
+            let id = format!("t{i}");
+            let mut pending = assignments(&f.submit(&id, "receipt"));
+            let mut done = Vec::new();
+            while let Some(sent) = pending.pop() {
+                executions += 1;
+                let out: &[u8] = if sent.0 == liar { b"wrong" } else { b"right" };
+                let fx = f.answer(&id, sent, out);
+                pending.extend(assignments(&fx));
+                done.extend(finals(&fx));
+            }
+            assert_eq!(done.len(), 1, "task {i} ended");
+            if done[0].output_b64.as_deref() != Some(B64.encode(b"right").as_str()) {
+                wrong_accepted += 1;
+            }
+        }
+        println!(
+            "400 tasks, 1 liar in 5: {wrong_accepted} wrong accepted, {executions} executions ({:.3}x)",
+            f64::from(executions) / 400.0
+        );
+        assert_eq!(wrong_accepted, 0);
+        // Each node's first 10 results are checked, then 5% at random.
+        assert!(
+            executions < 400 * 13 / 10,
+            "{executions} executions for 400 tasks"
+        );
+        assert!(
+            f.d.registry
+                .view(f.now.at, &liar)
+                .unwrap()
+                .blacklisted_for_ms
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_late_replica_that_disagrees_with_the_accepted_majority_is_disputed() {
+        let mut f = fixture(3);
+        let sent = assignments(&f.submit("late3", "replicate:3"));
+        assert_eq!(sent.len(), 3);
+        assert!(finals(&f.answer("late3", sent[0], b"right")).is_empty());
+        let done = finals(&f.answer("late3", sent[1], b"right"));
+        assert_eq!(done.len(), 1, "two of three is a majority: accepted");
+        let before = reputation(&f, sent[2].0);
+        assert!(finals(&f.answer("late3", sent[2], b"wrong")).is_empty());
+        assert_eq!(
+            reputation(&f, sent[2].0).disputed,
+            before.disputed + 1,
+            "compared, not dropped as stale"
+        );
+        assert_eq!(f.d.dropped().stale_reports, 0);
+        // The same report again is a duplicate: stale, and not held against the node twice.
+        f.answer("late3", sent[2], b"wrong");
+        assert_eq!(f.d.dropped().stale_reports, 1);
+        assert_eq!(reputation(&f, sent[2].0).disputed, before.disputed + 1);
+    }
+
+    #[test]
+    fn a_late_replica_that_agrees_counts_as_verified_for_its_node() {
+        let mut f = fixture(3);
+        let sent = assignments(&f.submit("late-ok", "replicate:3"));
+        f.answer("late-ok", sent[0], b"same");
+        assert_eq!(finals(&f.answer("late-ok", sent[1], b"same")).len(), 1);
+        let before = reputation(&f, sent[2].0);
+        f.answer("late-ok", sent[2], b"same");
+        let after = reputation(&f, sent[2].0);
+        assert_eq!(after.verified, before.verified + 1);
+        assert_eq!(after.disputed, before.disputed);
+    }
+
+    #[test]
+    fn late_replicas_are_forgotten_once_they_can_no_longer_report() {
+        let mut f = fixture(3);
+        let sent = assignments(&f.submit("gone", "replicate:3"));
+        f.answer("gone", sent[0], b"x");
+        f.answer("gone", sent[1], b"x");
+        assert_eq!(f.d.late.len(), 1);
+        let wait = Duration::from_millis(ambient_core::Limits::default().timeout_ms)
+            + config().dispatch_grace;
+        f.advance(wait);
+        assert!(f.d.late.is_empty(), "expired with its deadline");
+        f.answer("gone", sent[2], b"y");
+        assert_eq!(f.d.dropped().stale_reports, 1, "too late to compare: stale");
+    }
+
     #[test]
     fn a_program_that_exits_with_a_status_fails_with_that_status_and_is_paid_for() {
         let mut f = fixture(1);
@@ -2082,6 +2498,103 @@ mod tests {
         );
         assert_eq!(done[0].status, EventStatus::Completed);
         assert_eq!(done[0].nodes, vec![sent[1].0.to_hex().to_string()]);
+        let verdict = done[0].verdict.as_ref().unwrap();
+        assert!(verdict.spot_checked);
+        assert!(
+            verdict.spot_check_missed.is_some(),
+            "the event says the check was missed"
+        );
+    }
+
+    /// Two nodes of 4 slots, every receipt task spot-checked: four tasks fill both nodes, and
+    /// node 0 finishes its four, so it is free while node 1 is still full.
+    fn second_node_busy() -> (Fixture, Vec<(NodeId, u16)>) {
+        let mut f = fixture_with(
+            2,
+            DispatchConfig {
+                spot_check_permille: 1000,
+                ..config()
+            },
+        );
+        let mut on_second = Vec::new();
+        for i in 0..4 {
+            let id = format!("fill{i}");
+            let sent = assignments(&f.submit(&id, "receipt"));
+            assert_eq!(sent.len(), 2, "a run and its check");
+            let (first, second) = if sent[0].0 == f.nodes[0].node_id() {
+                (sent[0], sent[1])
+            } else {
+                (sent[1], sent[0])
+            };
+            assert!(finals(&f.answer(&id, first, b"out")).is_empty());
+            on_second.push(second);
+        }
+        (f, on_second)
+    }
+
+    #[test]
+    fn a_spot_check_waits_for_a_distinct_busy_node_instead_of_being_dropped() {
+        let (mut f, on_second) = second_node_busy();
+        let sent = assignments(&f.submit("late", "receipt"));
+        assert_eq!(sent, vec![(f.nodes[0].node_id(), 1)], "only node 0 is free");
+        let fx = f.answer("late", sent[0], b"late-out");
+        assert!(
+            finals(&fx).is_empty(),
+            "the verified run waits for its check rather than ending unchecked"
+        );
+        // Node 1 finishes one task: its free slot goes to the waiting check.
+        let fx = f.answer("fill0", on_second[0], b"out");
+        let check = assignments(&fx);
+        assert_eq!(check, vec![(f.nodes[1].node_id(), 2)]);
+        let done = finals(&f.answer("late", check[0], b"late-out"));
+        assert_eq!(done.len(), 1);
+        let verdict = done[0].verdict.as_ref().unwrap();
+        assert_eq!(verdict.agreeing, 2, "checked on two distinct nodes");
+        assert_eq!(verdict.spot_check_missed, None);
+    }
+
+    #[test]
+    fn a_spot_check_that_finds_no_free_node_within_the_queue_timeout_ends_on_its_receipt_and_says_so()
+     {
+        let (mut f, _) = second_node_busy();
+        let sent = assignments(&f.submit("late", "receipt"));
+        assert!(finals(&f.answer("late", sent[0], b"late-out")).is_empty());
+        let mut fx = f.advance(config().queue_timeout);
+        let done = finals(&fx);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].task_id, "late");
+        assert_eq!(done[0].status, EventStatus::Completed, "the receipt stands");
+        let missed = done[0].verdict.as_ref().unwrap().spot_check_missed.clone();
+        assert!(
+            missed
+                .as_deref()
+                .is_some_and(|m| m.contains("no distinct node was free")),
+            "{missed:?}"
+        );
+        let ended: Vec<Ended> = fx.outcomes.drain(..).collect();
+        assert_eq!(
+            ended.iter().map(|e| e.spot_check).collect::<Vec<_>>(),
+            vec![Some(SpotCheck::Missed)],
+            "counted as missed"
+        );
+    }
+
+    #[test]
+    fn a_spot_check_agreed_on_two_nodes_is_counted_as_agreed() {
+        let mut f = fixture_with(
+            2,
+            DispatchConfig {
+                spot_check_permille: 1000,
+                ..config()
+            },
+        );
+        let sent = assignments(&f.submit("both", "receipt"));
+        assert!(finals(&f.answer("both", sent[0], b"out")).is_empty());
+        let fx = f.answer("both", sent[1], b"out");
+        assert_eq!(finals(&fx).len(), 1);
+        assert_eq!(fx.outcomes.len(), 1);
+        assert_eq!(fx.outcomes[0].spot_check, Some(SpotCheck::Agreed));
+        assert_eq!(fx.outcomes[0].status, TaskStatus::Completed);
     }
 
     #[test]

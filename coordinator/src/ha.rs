@@ -446,6 +446,8 @@ mod tests {
                 completed: 12,
                 ..Reputation::default()
             },
+            agreed_in_a_row: 0,
+            blacklisted_for_ms: None,
             in_flight: 0,
             sample: Some(TelemetrySample {
                 temp_millic: Some(temp_millic),

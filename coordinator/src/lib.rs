@@ -1,4 +1,5 @@
-//! `ambient-coordinator`: the gateway service behind the `ambient` CLI.
+//! `ambient-coordinator`: the gateway service as a library. The `ambient` binary (`cli/`)
+//! runs it as `ambient coordinator`.
 //!
 //! - [`Coordinator`]: binds the embedded broker and runs the service until shutdown.
 //! - [`Dispatcher`]: every decision about tasks (intake, placement, retries, verification,
@@ -31,7 +32,8 @@ pub mod store;
 pub use ambient_mqtt::{BrokerUrl, TlsFiles};
 pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, TlsListener};
 pub use dispatcher::{
-    DispatchConfig, Dispatcher, Dropped, Effects, Input, Journal, Now, Publish, Recovered, pong,
+    DispatchConfig, Dispatcher, Dropped, Effects, Ended, Input, Journal, Now, Publish, Recovered,
+    SpotCheck, pong,
 };
 pub use intake::{
     LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec,

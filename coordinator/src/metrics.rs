@@ -27,11 +27,17 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::NodeView;
+use crate::dispatcher::Ended;
 use crate::store::{Store, StoreError, TaskStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Status {
     status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpotOutcome {
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +55,7 @@ struct Reason {
 pub struct Metrics {
     registry: Registry,
     ended: Family<Status, Counter>,
+    spot_checks: Family<SpotOutcome, Counter>,
     latency: Histogram,
     commit_seconds: Histogram,
     commit_ops: Histogram,
@@ -66,6 +73,7 @@ impl Default for Metrics {
         let m = Self {
             registry: Registry::with_prefix("ambient"),
             ended: Family::default(),
+            spot_checks: Family::default(),
             // 0.5 ms to about 65 s.
             latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 18)),
             // 50 µs to about 1.6 s: an fsync on an SD card takes milliseconds.
@@ -84,6 +92,11 @@ impl Default for Metrics {
             "tasks_ended",
             "Tasks that ended since this start, by final status",
             m.ended.clone(),
+        );
+        r.register(
+            "spot_checks",
+            "Spot checks drawn since this start, by outcome (agreed, disagreed, missed)",
+            m.spot_checks.clone(),
         );
         r.register(
             "task_latency_seconds",
@@ -135,13 +148,25 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A task ended with `status`, `latency_ms` after it was submitted.
-    pub fn task_ended(&self, status: TaskStatus, latency_ms: f64) {
+    /// A task ended: by status, its latency, and its spot check's outcome.
+    pub fn task_ended(&self, ended: &Ended) {
+        let Ended {
+            status,
+            latency_ms,
+            spot_check,
+        } = *ended;
         self.ended
             .get_or_create(&Status {
                 status: status.as_str().into(),
             })
             .inc();
+        if let Some(spot) = spot_check {
+            self.spot_checks
+                .get_or_create(&SpotOutcome {
+                    outcome: spot.as_str().into(),
+                })
+                .inc();
+        }
         self.latency.observe(latency_ms / 1e3);
         let now_s = SystemTime::now()
             .duration_since(UNIX_EPOCH)

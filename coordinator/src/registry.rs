@@ -55,6 +55,13 @@ pub struct RegistryConfig {
     /// A node with no valid traffic and no task for this long is forgotten (the ledger keeps
     /// its history; it joins again with its next announce). Default 24 h.
     pub forget_after: Duration,
+    /// Results in a row that must agree with another node's before a node counts as proven
+    /// ([`Registry::proven`]); until then every `receipt` task it runs is also checked on a
+    /// second node. A dispute starts the count again. Default 10 (BOINC's adaptive replication
+    /// uses the same number); 0 trusts every node from the start.
+    pub trust_after: u32,
+    /// How long a node whose result was shown wrong (a dispute) gets no work. Default 1 h.
+    pub blacklist: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -69,6 +76,8 @@ impl Default for RegistryConfig {
             joins_per_s: 20,
             bad_frames_per_s: 20,
             forget_after: Duration::from_secs(24 * 3600),
+            trust_after: 10,
+            blacklist: Duration::from_secs(3600),
         }
     }
 }
@@ -143,8 +152,12 @@ pub enum Outcome {
     /// The task failed on the node (trap, timeout, refusal mid-run, lost). A failure.
     Failed,
     /// Verification showed the result to be wrong. A failure, and it weighs
-    /// [`Reputation::DISPUTE_WEIGHT`] failures in the reputation score.
+    /// [`Reputation::DISPUTE_WEIGHT`] failures in the reputation score. The node is
+    /// blacklisted for [`RegistryConfig::blacklist`] and must prove itself again.
     Disputed,
+    /// The result was accepted and another node's agreed with it: verified, and one more
+    /// towards [`RegistryConfig::trust_after`].
+    Agreed,
 }
 
 /// What the coordinator knows of one node, for `ambient nodes`, the HTTP API and the snapshot.
@@ -176,6 +189,14 @@ pub struct NodeView {
     pub breaker_reason: Option<String>,
     /// Task outcomes counted so far.
     pub reputation: Reputation,
+    /// Results in a row that agreed with another node's (since it joined or was last
+    /// disputed); proven at [`RegistryConfig::trust_after`].
+    #[serde(default)]
+    pub agreed_in_a_row: u32,
+    /// Milliseconds until a node caught with a wrong result gets work again (it is lifted at
+    /// its first telemetry after that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blacklisted_for_ms: Option<u64>,
     /// Tasks dispatched to it and not yet finished.
     pub in_flight: u32,
     /// Its latest telemetry reading.
@@ -281,6 +302,11 @@ struct Node {
     /// it is next fed (telemetry, an outcome), so a cool-down ends at the first sample after it.
     admitting: bool,
     reputation: Reputation,
+    /// See [`NodeView::agreed_in_a_row`].
+    agreed_in_a_row: u32,
+    /// Until when (breaker clock, ms) it gets no work after a dispute. Lifted when it is next
+    /// fed after that, like an open breaker.
+    blacklisted_until_ms: Option<u64>,
     terms: HealthTerms,
     in_flight: u32,
     /// The node refused a task for a reason of its own (all slots taken, its own breaker open,
@@ -377,11 +403,22 @@ impl Node {
             && !self.offline
             && self.admitting
             && !self.resting
+            && self.blacklisted_until_ms.is_none()
             && self.in_flight < u32::from(self.max_concurrency)
             && self
                 .sample
                 .as_ref()
                 .is_some_and(|s| s.breaker != BreakerState::Open)
+    }
+
+    /// Ends a blacklisting whose time is up at `now_ms`.
+    fn lift_blacklist(&mut self, now_ms: u64) {
+        if self
+            .blacklisted_until_ms
+            .is_some_and(|until| now_ms >= until)
+        {
+            self.blacklisted_until_ms = None;
+        }
     }
 
     fn is_online(&self, now: Instant) -> bool {
@@ -394,7 +431,7 @@ impl Node {
         self.terms = health_score(config, sample, self.cores, self.reputation.score());
     }
 
-    fn view(&self, id: NodeId, now: Instant) -> NodeView {
+    fn view(&self, id: NodeId, now: Instant, now_ms: u64) -> NodeView {
         NodeView {
             node: id,
             arch: self.arch.clone(),
@@ -409,6 +446,8 @@ impl Node {
             breaker: self.breaker.state(),
             breaker_reason: self.breaker.reason().map(|r| r.to_string()),
             reputation: self.reputation,
+            agreed_in_a_row: self.agreed_in_a_row,
+            blacklisted_for_ms: self.blacklisted_until_ms.map(|u| u.saturating_sub(now_ms)),
             in_flight: self.in_flight,
             sample: self.sample.clone(),
         }
@@ -513,6 +552,12 @@ impl Registry {
     /// The configuration it judges by.
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// [`Registry::now_ms`] without starting the clock (0 before it started).
+    fn peek_ms(&self, now: Instant) -> u64 {
+        self.epoch
+            .map_or(0, |epoch| millis(now.saturating_duration_since(epoch)))
     }
 
     /// Milliseconds from the first instant the registry was given to `now`: the breakers' clock.
@@ -627,6 +672,8 @@ impl Registry {
                     admitting: breaker.is_admitting(now_ms),
                     breaker,
                     reputation: Reputation::default(),
+                    agreed_in_a_row: 0,
+                    blacklisted_until_ms: None,
                     terms: HealthTerms::default(),
                     in_flight: 0,
                     resting: false,
@@ -671,6 +718,7 @@ impl Registry {
 
         node.freshness.accept(t.boot_id, t.seq);
         node.offline = false;
+        node.lift_blacklist(now_ms);
         log_transition(id, node.breaker.observe(now_ms, &t.sample));
         node.admitting = node.breaker.is_admitting(now_ms);
         node.sample = Some(t.sample.clone());
@@ -807,13 +855,26 @@ impl Registry {
         };
         let r = &mut entry.reputation;
         let count = match outcome {
-            Outcome::Verified => &mut r.verified,
+            Outcome::Verified | Outcome::Agreed => &mut r.verified,
             Outcome::Completed => &mut r.completed,
             Outcome::Failed => &mut r.failed,
             Outcome::Disputed => &mut r.disputed,
         };
         *count = count.saturating_add(1);
-        let succeeded = matches!(outcome, Outcome::Verified | Outcome::Completed);
+        match outcome {
+            Outcome::Agreed => entry.agreed_in_a_row = entry.agreed_in_a_row.saturating_add(1),
+            Outcome::Disputed => {
+                entry.agreed_in_a_row = 0;
+                entry.blacklisted_until_ms =
+                    Some(now_ms.saturating_add(millis(self.config.blacklist)));
+                tracing::warn!(node = %node, for_s = self.config.blacklist.as_secs(), "result shown wrong: node blacklisted");
+            }
+            _ => entry.lift_blacklist(now_ms),
+        }
+        let succeeded = matches!(
+            outcome,
+            Outcome::Verified | Outcome::Completed | Outcome::Agreed
+        );
         log_transition(*node, entry.breaker.record(now_ms, succeeded));
         entry.admitting = entry.breaker.is_admitting(now_ms);
         entry.rescore(&self.config.score);
@@ -976,6 +1037,45 @@ impl Registry {
         })
     }
 
+    /// Why no node outside `exclude` could run a task that needs `req` once it has a free
+    /// slot; `None` when one could. For a spot check, whose only question is
+    /// whether a second node exists at all: the caller excludes the nodes the task has used.
+    ///
+    /// Only nodes online and not blacklisted count: a check waits for a busy node, not for
+    /// one that is gone.
+    ///
+    /// O(n): only when a check cannot be placed at once.
+    pub fn unmet_without(
+        &self,
+        now: Instant,
+        req: &Requirements,
+        exclude: &[NodeId],
+    ) -> Option<String> {
+        let able = self.nodes.iter().any(|(id, n)| {
+            !exclude.contains(id)
+                && n.is_online(now)
+                && n.blacklisted_until_ms.is_none()
+                && req.is_met_by(n.attributes(), u64::MAX)
+                && n.mem_total_bytes >= req.memory_bytes
+        });
+        (!able).then(|| {
+            format!(
+                "no other online node can run it ({} registered, {} used for this task)",
+                self.nodes.len(),
+                exclude.len()
+            )
+        })
+    }
+
+    /// Whether the node's recent results agreed with other nodes' often enough in a row
+    /// ([`RegistryConfig::trust_after`]) for its `receipt` tasks to run unchecked (but for
+    /// the random spot checks that never stop). Unknown nodes are not proven.
+    pub fn proven(&self, node: &NodeId) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|n| n.agreed_in_a_row >= self.config.trust_after)
+    }
+
     /// Takes nodes whose liveness ran out by `now` out of the indexes.
     fn expire(&mut self, now: Instant) {
         while let Some(&(deadline, id)) = self.deadlines.first() {
@@ -1010,13 +1110,19 @@ impl Registry {
 
     /// One node as of `now`.
     pub fn view(&self, now: Instant, node: &NodeId) -> Option<NodeView> {
-        self.nodes.get(node).map(|n| n.view(*node, now))
+        let now_ms = self.peek_ms(now);
+        self.nodes.get(node).map(|n| n.view(*node, now, now_ms))
     }
 
     /// Every registered node as of `now`, in node-id order. O(n log n): for listings and
     /// snapshots, not for the dispatch path.
     pub fn views(&self, now: Instant) -> Vec<NodeView> {
-        let mut views: Vec<NodeView> = self.nodes.iter().map(|(id, n)| n.view(*id, now)).collect();
+        let now_ms = self.peek_ms(now);
+        let mut views: Vec<NodeView> = self
+            .nodes
+            .iter()
+            .map(|(id, n)| n.view(*id, now, now_ms))
+            .collect();
         views.sort_unstable_by_key(|v| v.node);
         views
     }

@@ -114,8 +114,11 @@ pub struct Verdict {
     pub replicas: usize,
     /// Replicas whose output hash, fuel and exit agreed with the accepted result.
     pub agreeing: usize,
-    /// Whether the task was re-run elsewhere as a random spot check.
+    /// Whether the task was drawn for a random spot check (a re-run on a second node).
     pub spot_checked: bool,
+    /// Why a drawn spot check got no second result (the verified receipt stands alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_check_missed: Option<String>,
     /// Nodes whose result disagreed with the majority (their reputation dropped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disputed: Vec<String>,

@@ -78,7 +78,7 @@ pub enum CoordinatorError {
     Thread(std::io::Error),
     /// The coordinator's signing key could not be loaded or created.
     #[error(transparent)]
-    Identity(#[from] ambient_agent::IdentityError),
+    Identity(#[from] ambient_daemon::IdentityError),
     /// The broker connection could not be set up (a TLS file).
     #[error(transparent)]
     Connect(#[from] ambient_mqtt::Error),
@@ -150,7 +150,7 @@ impl Coordinator {
     pub async fn bind(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         // The key that signs assignments: `identity.key` in the data directory, created on
         // first start. Agents pin its public half (see the README's Security section).
-        let identity = ambient_agent::load_identity(&config.data_dir)?;
+        let identity = ambient_daemon::load_identity(&config.data_dir)?;
         let (broker, url) = match &config.broker {
             BrokerMode::Embedded(addr) => {
                 let broker = Broker::bind(
@@ -592,8 +592,8 @@ fn dispatch_loop(
             store.apply(&fx.journal)?;
             metrics.committed(fx.journal.len(), started.elapsed().as_secs_f64());
         }
-        for (status, latency_ms) in fx.outcomes.drain(..) {
-            metrics.task_ended(status, latency_ms);
+        for ended in fx.outcomes.drain(..) {
+            metrics.task_ended(&ended);
         }
         // 3. What depends on the commit.
         for p in fx.events.drain(..) {

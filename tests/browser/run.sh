@@ -8,5 +8,10 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     chromium chromium-driver fonts-dejavu-core
 fi
-cargo build -q -p ambient-coordinator --bin ambient
-python3 tests/browser/dashboard.py target/debug/ambient
+# AMBIENT_BIN_DIR: take `ambient` from there instead of building it (see targets/qemu-smoke.sh).
+bins="${AMBIENT_BIN_DIR:-}"
+if [ -z "$bins" ]; then
+  cargo build -q -p ambient-cli --bin ambient
+  bins=target/debug
+fi
+python3 tests/browser/dashboard.py "$bins/ambient"

@@ -401,3 +401,77 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
         "only the majority is paid"
     );
 }
+
+/// The measurement that opened the trust work, with real agents: four honest devices and one
+/// node that claims perfect health and answers every task at once with a validly signed wrong
+/// output. With 5% random spot checks alone, a third of its results were accepted. Under the
+/// default policy every node proves itself first, so the liar is caught on its first task,
+/// blacklisted, and no wrong result is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_result_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default trust policy, spelled out (the harness otherwise trusts from the start).
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[verification]\ntrust_after = 10\n",
+    );
+    let liar = LyingNode::start(&c.url, [0x33; 32], false).await;
+    let _honest = agents(
+        &c.url,
+        dir.path(),
+        &["pi4", "pi5", "jetson-orin-nano", "visionfive2"],
+    );
+    c.wait_for_nodes(5);
+    let mut client = Client::connect(&c.url).await.unwrap();
+    let hash = client.publish_module(DIGITS_WASM).await.unwrap();
+    let tasks = 100;
+    let mut natives = Vec::new();
+    let subs: Vec<Submission> = (0..tasks)
+        .map(|i| {
+            let (input, native) = digits_batch(i, 1);
+            natives.push(native);
+            Submission {
+                task_id: Some(format!("honest-{i}")),
+                module: Some(hash.to_hex().to_string()),
+                entry: Some("classify".into()),
+                input_b64: Some(B64.encode(input)),
+                ..Submission::default()
+            }
+        })
+        .collect();
+    let events = client
+        .run_batch(&subs, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    let mut wrong = 0;
+    let mut executions = 0;
+    for (i, native) in natives.iter().enumerate() {
+        let ev = &events[&format!("honest-{i}")];
+        assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+        executions += ev.receipts.len();
+        if B64.decode(ev.output_b64.as_ref().unwrap()).unwrap() != *native {
+            wrong += 1;
+        }
+    }
+    println!(
+        "{tasks} tasks, 1 liar in 5: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
+        executions as f64 / tasks as f64
+    );
+    assert_eq!(wrong, 0, "no wrong result accepted");
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let store = Store::open_read_only(&c.db()).unwrap();
+            store.nodes().unwrap().into_iter().any(|(n, json)| {
+                n == liar.node
+                    && serde_json::from_str::<serde_json::Value>(&json).unwrap()
+                        ["blacklisted_for_ms"]
+                        .is_u64()
+            })
+        },
+        || "the liar to show as blacklisted".into(),
+    );
+    client.disconnect().await;
+}

@@ -30,10 +30,9 @@ use ambient_core::{
 };
 
 mod wasi;
-mod wasmtime_sandbox;
-pub(crate) use wasmtime_sandbox::create_private_dir;
 #[cfg(feature = "wasmedge")]
 mod wasmedge_sandbox;
+mod wasmtime_sandbox;
 
 #[cfg(feature = "wasmedge")]
 pub use wasmedge_sandbox::WasmEdge;

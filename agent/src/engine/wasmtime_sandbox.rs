@@ -75,7 +75,7 @@ impl Wasmtime {
         let mut wasi = Linker::new(&engine);
         wasi::add_to_linker(&mut wasi).map_err(|e| ExecError::Setup(e.to_string()))?;
         if let Some(dir) = &config.cache_dir {
-            create_private_dir(dir).map_err(|e| {
+            ambient_daemon::create_private_dir(dir).map_err(|e| {
                 ExecError::Setup(format!("cannot create module cache {}: {e}", dir.display()))
             })?;
         }
@@ -682,15 +682,6 @@ fn classify(e: &wasmtime::Error) -> (Exit, String) {
 fn one_line(e: &wasmtime::Error) -> String {
     let parts: Vec<String> = e.chain().map(ToString::to_string).collect();
     parts.join(": ").replace('\n', " ")
-}
-
-/// Creates `dir` (and parents) readable by the owner only.
-pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
 }
 
 /// Writes `parts` to a temporary file beside `path` and renames it into place, so a reader

@@ -221,6 +221,20 @@ pub struct Coordinator {
     pub data_dir: PathBuf,
 }
 
+/// `config` with every node trusted from its first result (`verification.trust_after = 0`),
+/// unless it sets `trust_after` itself. These tests are about delivery, faults and access: a
+/// second, checking run of each new node's first tasks would change what they count (runs,
+/// payees). Proving nodes has its own tests (`trust.rs`, and the dispatcher's unit tests).
+fn trusting_from_the_start(config: &str) -> String {
+    if config.contains("trust_after") {
+        config.to_owned()
+    } else if config.contains("[verification]") {
+        config.replacen("[verification]", "[verification]\ntrust_after = 0", 1)
+    } else {
+        format!("{config}\n[verification]\ntrust_after = 0\n")
+    }
+}
+
 impl Coordinator {
     /// Starts with the embedded broker on `port` (0 for any), or on `external` broker.
     pub fn start(data_dir: &Path, port: u16, external: Option<&str>) -> Coordinator {
@@ -236,7 +250,8 @@ impl Coordinator {
     ) -> Coordinator {
         std::fs::create_dir_all(data_dir).expect("create the data directory");
         let config_path = data_dir.join("coordinator.toml");
-        std::fs::write(&config_path, config).expect("write the configuration");
+        std::fs::write(&config_path, trusting_from_the_start(config))
+            .expect("write the configuration");
         let mut cmd = Command::new(bin("ambient"));
         cmd.arg("coordinator")
             .arg("--config")

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 /// The digit classifier, built from `tasks/digits-wasm` by `tasks/build.sh`.
-const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
+const DIGITS_WASM: &[u8] = include_bytes!("../../tasks/modules/digits.wasm");
 /// Simulated device profiles, assigned to agents in turn.
 const PROFILES: [&str; 4] = ["pi4", "pi5", "jetson-orin-nano", "visionfive2"];
 

@@ -144,6 +144,13 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         if let Some(own) = n["sample"]["breaker"].as_str().filter(|b| *b != "Closed") {
             breaker.push_str(&format!("; device's own breaker {own}"));
         }
+        // A node caught with a wrong result gets no work for a while.
+        if let Some(ms) = n["blacklisted_for_ms"].as_u64() {
+            breaker.push_str(&format!(
+                "; blacklisted for {:.0} s (a result shown wrong)",
+                ms as f64 / 1000.0
+            ));
+        }
         println!(
             "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  {}",
             n["node"]

@@ -1,6 +1,5 @@
-//! systemd's readiness protocol (`Type=notify`) and watchdog, for both daemons: the agent's
-//! `main` and the coordinator's `ambient coordinator` wrap their shutdown signal in
-//! [`notify_systemd`].
+//! systemd's readiness protocol (`Type=notify`) and watchdog: the agent's `main` and the
+//! coordinator's `ambient coordinator` wrap their shutdown signal in [`notify_systemd`].
 //!
 //! Every message is a no-op unless systemd started the process with `NOTIFY_SOCKET` set, and
 //! the pings only run when the unit has `WatchdogSec=` (systemd then sets `WATCHDOG_USEC`).

@@ -50,7 +50,7 @@ pub enum IdentityError {
 /// [`IdentityError`] when the key file has the wrong size or permissions, or cannot be read or
 /// written.
 pub fn load_or_create(state_dir: &Path) -> Result<Identity, IdentityError> {
-    crate::engine::create_private_dir(state_dir).map_err(|source| IdentityError::Io {
+    crate::create_private_dir(state_dir).map_err(|source| IdentityError::Io {
         action: "create",
         path: state_dir.to_owned(),
         source,

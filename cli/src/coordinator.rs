@@ -105,7 +105,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     );
     // systemd hears READY=1 once `run` awaits the shutdown future, which it does when it serves.
     coordinator
-        .run(ambient_agent::notify_systemd(super::shutdown_signal()))
+        .run(ambient_daemon::notify_systemd(
+            ambient_daemon::shutdown_signal(),
+        ))
         .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,12 +1,29 @@
-//! Command-line parsing and one module per subcommand.
+//! `ambient`: the user's command line and the coordinator service, composed from the
+//! workspace's libraries. This package decides nothing; each subcommand parses its flags and
+//! calls a library:
+//!
+//! | command | module | composes |
+//! |---|---|---|
+//! | `coordinator` | [`coordinator`] | `ambient-coordinator` (with `ambient-broker` inside), `ambient-daemon` |
+//! | `submit` | [`submit`] | `ambient_coordinator::client` |
+//! | `nodes`, `tasks`, `ledger` | [`read`], [`enrollment`] | `ambient_coordinator::store` (read-only) |
+//! | `passwd` | [`passwd`] | `ambient_coordinator::access` |
+//! | `demo` | `demo` | all of the above and `ambient-agent` (simulated devices, real WASM) |
+//! | `bench` | `bench` | the same, measured |
+//!
+//! `demo` and `bench` run agents in this process, so they need the WASM engine: they sit behind
+//! the default `demo` feature. A gateway built with `--no-default-features` has no wasmtime,
+//! Cranelift or agent in it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
+#[cfg(feature = "demo")]
 mod bench;
 mod coordinator;
+#[cfg(feature = "demo")]
 mod demo;
 mod enrollment;
 mod passwd;
@@ -53,8 +70,10 @@ pub enum Command {
     /// Show account balances, or `verify` the hash chain and the books.
     Ledger(read::LedgerArgs),
     /// Run a broker, a coordinator and simulated devices here, classify digits, print a summary.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Measure latency, throughput, scheduling, execution and footprint beside this machine's limits.
+    #[cfg(feature = "demo")]
     Bench(bench::BenchArgs),
     /// Hash a password for a client account of the embedded broker ([broker.users]).
     Passwd(passwd::PasswdArgs),
@@ -68,7 +87,7 @@ pub struct DataDir {
     pub data_dir: PathBuf,
 }
 
-pub fn init_tracing(log: &LogArgs) {
+fn init_tracing(log: &LogArgs) {
     use tracing_subscriber::EnvFilter;
     let default = match log.verbose {
         0 => "warn",
@@ -91,7 +110,7 @@ pub fn init_tracing(log: &LogArgs) {
     }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Coordinator(a) => coordinator::run(a).await,
         Command::Submit(a) => submit::run(*a).await,
@@ -107,7 +126,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             quiet_when_output_closes();
             read::ledger(a)
         }
+        #[cfg(feature = "demo")]
         Command::Demo(a) => demo::run(a).await,
+        #[cfg(feature = "demo")]
         Command::Bench(a) => bench::run(a).await,
         Command::Passwd(a) => passwd::run(a),
     }
@@ -125,24 +146,24 @@ fn quiet_when_output_closes() {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
