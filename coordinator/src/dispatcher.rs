@@ -383,6 +383,19 @@ struct Late {
     expires: Instant,
 }
 
+/// Which of `outstanding` `report` answers; `None`, counted as stale, when none (a replay, a
+/// duplicate, an attempt given up on).
+fn answered(outstanding: &[Dispatch], report: &Report<'_>, dropped: &mut Dropped) -> Option<usize> {
+    let pos = outstanding
+        .iter()
+        .position(|d| d.attempt == report.attempt && d.node == report.node);
+    if pos.is_none() {
+        dropped.stale_reports += 1;
+        debug!(task = %report.task_id, attempt = report.attempt, node = %report.node, "report for an attempt not outstanding dropped");
+    }
+    pos
+}
+
 /// Authenticates a report against its task: `Err` when it does not prove it comes from the
 /// node it names for that attempt (never held against the node), `Ok(Some(e))` when the node
 /// signed a receipt whose claims are false (a dispute), `Ok(None)` when it holds.
@@ -934,13 +947,7 @@ impl Dispatcher {
             self.on_late_report(now, &report);
             return;
         };
-        let Some(pos) = job
-            .outstanding
-            .iter()
-            .position(|d| d.attempt == report.attempt && d.node == node)
-        else {
-            self.dropped.stale_reports += 1;
-            debug!(task = %report.task_id, attempt = report.attempt, %node, "report for an attempt not outstanding dropped");
+        let Some(pos) = answered(&job.outstanding, &report, &mut self.dropped) else {
             return;
         };
         // Authenticate before anything changes: a frame anyone on the broker could have sent
@@ -1043,13 +1050,7 @@ impl Dispatcher {
             debug!(task = %report.task_id, %node, "report for a finished or unknown task dropped");
             return;
         };
-        let Some(pos) = late
-            .outstanding
-            .iter()
-            .position(|d| d.attempt == report.attempt && d.node == node)
-        else {
-            self.dropped.stale_reports += 1;
-            debug!(task = %report.task_id, attempt = report.attempt, %node, "report for an attempt not outstanding dropped");
+        let Some(pos) = answered(&late.outstanding, report, &mut self.dropped) else {
             return;
         };
         let disputed = match authenticate(&self.registry, report, &late.spec, late.input_hash) {
