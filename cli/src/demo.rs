@@ -74,6 +74,9 @@ struct Summary {
     tasks: usize,
     completed: usize,
     failed: usize,
+    /// Tasks whose result two or more nodes agreed on (spot checks, and every task of a node
+    /// still proving itself).
+    checked: usize,
     strategy: String,
     verify: String,
     images: usize,
@@ -326,6 +329,7 @@ fn summarise(
     }
     let (mut completed, mut failed, mut correct, mut images, mut native_ok) = (0, 0, 0, 0, true);
     let mut latencies = Vec::new();
+    let mut checked = 0;
     for (id, (labels, native)) in expected {
         let Some(ev) = events.get(id) else {
             failed += 1;
@@ -336,6 +340,7 @@ fn summarise(
             continue;
         }
         completed += 1;
+        checked += usize::from(ev.verdict.as_ref().is_some_and(|v| v.agreeing >= 2));
         let output = ev
             .output_b64
             .as_deref()
@@ -369,6 +374,7 @@ fn summarise(
         agents: args.agents,
         tasks: args.tasks,
         completed,
+        checked,
         failed,
         strategy: args.strategy.clone(),
         verify: args.verify.clone(),
@@ -411,6 +417,13 @@ fn print_summary(s: &Summary) {
         "tasks        {} completed, {} failed ({} strategy, {} verification)",
         s.completed, s.failed, s.strategy, s.verify
     );
+    if s.checked > 0 {
+        println!(
+            "checked      {} of {} on two nodes: new nodes prove themselves by agreeing with others \
+             (verification.trust_after), then 5% are spot-checked",
+            s.checked, s.completed
+        );
+    }
     println!(
         "latency      p50 {:.2} ms, p99 {:.2} ms (submit to verified result)",
         s.latency_p50_ms, s.latency_p99_ms
