@@ -110,7 +110,7 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  BREAKER",
+        "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  BREAKER",
         "NODE",
         "PROFILE",
         "ARCH",
@@ -120,6 +120,7 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         "LAT",
         "CPU",
         "REP",
+        "CRED",
         "VERIF",
         "RUN",
         "SEEN"
@@ -152,7 +153,7 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
             ));
         }
         println!(
-            "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>4} {:>9}  {}",
+            "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  {}",
             n["node"]
                 .as_str()
                 .map(|s| &s[..s.len().min(12)])
@@ -169,6 +170,10 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
             pct(&terms["latency"]),
             pct(&terms["compute"]),
             pct(&terms["reputation"]),
+            n["credibility"]
+                .as_u64()
+                .map(|c| format!("{:.4}", c as f64 / 10_000.0))
+                .unwrap_or_else(|| "-".into()),
             n["reputation"]["verified"].as_u64().unwrap_or(0),
             n["in_flight"].as_u64().unwrap_or(0),
             seen,

@@ -215,6 +215,9 @@ pub struct RawVerification {
     pub trust_after: u32,
     /// Seconds a node whose result was shown wrong gets no work. Default 3600.
     pub blacklist_secs: u64,
+    /// Share of faulty nodes assumed when judging a node's credibility, in permille (0 to
+    /// 999). Default 200.
+    pub assumed_faulty_permille: u32,
 }
 
 /// `[settlement]`.
@@ -303,6 +306,7 @@ impl Default for RawVerification {
             max_errors: p.max_errors,
             trust_after: r.trust_after,
             blacklist_secs: r.blacklist.as_secs(),
+            assumed_faulty_permille: r.assumed_faulty_permille,
         }
     }
 }
@@ -442,6 +446,13 @@ impl RawConfig {
                 "0 to 1000",
             ));
         }
+        if self.verification.assumed_faulty_permille > 999 {
+            return Err(bad(
+                "verification.assumed_faulty_permille",
+                self.verification.assumed_faulty_permille,
+                "0 to 999",
+            ));
+        }
         if self.scheduling.liveness_ms == 0 {
             return Err(bad(
                 "scheduling.liveness_ms",
@@ -515,6 +526,7 @@ impl RawConfig {
                 forget_after: Duration::from_millis(self.enrollment.forget_after_ms),
                 trust_after: self.verification.trust_after,
                 blacklist: Duration::from_secs(self.verification.blacklist_secs),
+                assumed_faulty_permille: self.verification.assumed_faulty_permille,
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
             anonymous,
@@ -573,6 +585,14 @@ mod tests {
         let e = raw.validate().unwrap_err();
         assert_eq!(e.key, "scheduling.strategy");
         assert!(e.to_string().contains("fastest"));
+    }
+
+    #[test]
+    fn a_certain_share_of_faulty_nodes_is_refused_by_name() {
+        let mut raw = RawConfig::default();
+        raw.verification.assumed_faulty_permille = 1000;
+        let e = raw.validate().unwrap_err();
+        assert_eq!(e.key, "verification.assumed_faulty_permille");
     }
 
     #[test]

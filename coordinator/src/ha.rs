@@ -447,6 +447,7 @@ mod tests {
                 ..Reputation::default()
             },
             agreed_in_a_row: 0,
+            credibility: 8_000,
             blacklisted_for_ms: None,
             in_flight: 0,
             sample: Some(TelemetrySample {

@@ -62,6 +62,9 @@ pub struct RegistryConfig {
     pub trust_after: u32,
     /// How long a node whose result was shown wrong (a dispute) gets no work. Default 1 h.
     pub blacklist: Duration,
+    /// The share of faulty nodes assumed when judging [`NodeView::credibility`], in permille.
+    /// Default 200 (one in five).
+    pub assumed_faulty_permille: u32,
 }
 
 impl Default for RegistryConfig {
@@ -78,6 +81,7 @@ impl Default for RegistryConfig {
             forget_after: Duration::from_secs(24 * 3600),
             trust_after: 10,
             blacklist: Duration::from_secs(3600),
+            assumed_faulty_permille: 200,
         }
     }
 }
@@ -193,6 +197,10 @@ pub struct NodeView {
     /// disputed); proven at [`RegistryConfig::trust_after`].
     #[serde(default)]
     pub agreed_in_a_row: u32,
+    /// How far its results can be trusted, in `0..=SCORE_SCALE`: [`ambient_core::credibility`]
+    /// of `agreed_in_a_row`, with [`RegistryConfig::assumed_faulty_permille`].
+    #[serde(default)]
+    pub credibility: u32,
     /// Milliseconds until a node caught with a wrong result gets work again (it is lifted at
     /// its first telemetry after that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -431,7 +439,7 @@ impl Node {
         self.terms = health_score(config, sample, self.cores, self.reputation.score());
     }
 
-    fn view(&self, id: NodeId, now: Instant, now_ms: u64) -> NodeView {
+    fn view(&self, id: NodeId, now: Instant, now_ms: u64, faulty_permille: u32) -> NodeView {
         NodeView {
             node: id,
             arch: self.arch.clone(),
@@ -447,6 +455,7 @@ impl Node {
             breaker_reason: self.breaker.reason().map(|r| r.to_string()),
             reputation: self.reputation,
             agreed_in_a_row: self.agreed_in_a_row,
+            credibility: ambient_core::credibility(self.agreed_in_a_row, faulty_permille),
             blacklisted_for_ms: self.blacklisted_until_ms.map(|u| u.saturating_sub(now_ms)),
             in_flight: self.in_flight,
             sample: self.sample.clone(),
@@ -1111,7 +1120,10 @@ impl Registry {
     /// One node as of `now`.
     pub fn view(&self, now: Instant, node: &NodeId) -> Option<NodeView> {
         let now_ms = self.peek_ms(now);
-        self.nodes.get(node).map(|n| n.view(*node, now, now_ms))
+        let faulty = self.config.assumed_faulty_permille;
+        self.nodes
+            .get(node)
+            .map(|n| n.view(*node, now, now_ms, faulty))
     }
 
     /// Every registered node as of `now`, in node-id order. O(n log n): for listings and
@@ -1121,7 +1133,7 @@ impl Registry {
         let mut views: Vec<NodeView> = self
             .nodes
             .iter()
-            .map(|(id, n)| n.view(*id, now, now_ms))
+            .map(|(id, n)| n.view(*id, now, now_ms, self.config.assumed_faulty_permille))
             .collect();
         views.sort_unstable_by_key(|v| v.node);
         views

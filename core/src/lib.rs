@@ -6,7 +6,8 @@
 //!
 //! - [`TelemetrySample`]: one reading of a device, integers in named units.
 //! - [`health_score`]: the seed's `0.4·bandwidth + 0.3·latency + 0.2·compute + 0.1·reputation`.
-//! - [`Reputation`]: task outcomes and a score that resists small samples.
+//! - [`Reputation`]: task outcomes and a score that resists small samples; [`credibility`]:
+//!   how far a node's results can be trusted after agreeing with other nodes' k times.
 //! - [`SafetyPolicy`] and [`Breaker`]: the circuit breaker that takes a device out of the pool.
 //! - [`Receipt`] and [`SignedReceipt`]: what a node signs for every task; [`chain_hash`] for the ledger.
 //! - [`Envelope`] and [`Message`]: the versioned wire protocol; [`topics`] builds every MQTT topic.
@@ -40,7 +41,7 @@ pub use proof::{
     Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
     verify_message,
 };
-pub use reputation::Reputation;
+pub use reputation::{Reputation, credibility};
 pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};
 pub use telemetry::{TelemetrySample, ThrottleFlags};
 pub use verify::{Expected, Quorum, Tariff, quorum, verify_receipt};

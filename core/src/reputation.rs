@@ -40,3 +40,68 @@ impl Reputation {
         (good * SCORE_SCALE as u64 / (good + bad)) as u32
     }
 }
+
+/// How far a node's results can be trusted, from how many of them in a row agreed with other
+/// nodes' results: Sarmenta's credibility under spot-checking with blacklisting (L. Sarmenta,
+/// "Sabotage-tolerance mechanisms for volunteer computing systems", 2002), in
+/// `0..=SCORE_SCALE`.
+///
+/// With a fraction `f` of nodes faulty, and every node caught with a wrong result blacklisted
+/// (so a saboteur that survived `k` checks has been lucky `k` times), the chance that a node
+/// which passed `k` checks in a row is a saboteur is at most
+///
+/// ```text
+///     f / ((1 − f) · k · e)        (k ≥ 1)
+/// ```
+///
+/// whatever rate it sabotages at: sabotaging often gets it caught, rarely does little harm;
+/// the worst rate gives the bound. Credibility is one minus that, and `1 − f` for a node never
+/// checked (the bound is capped at `f`: it never makes a node less credible than an unknown
+/// one). The bound assumes the checks are independent: colluders that answer each other's
+/// checks alike are not covered.
+///
+/// `faulty_permille` is `f` in permille (at most 999). Floating point is used only for `+ − × ÷`,
+/// which IEEE 754 makes bit-for-bit the same on every device.
+///
+/// ```
+/// use ambient_core::{SCORE_SCALE, credibility};
+/// assert_eq!(credibility(0, 200), 8_000); // an unknown node: 1 − f
+/// assert_eq!(credibility(10, 200), 9_908); // 1 − 0.2 / (0.8 · 10 · e)
+/// assert_eq!(credibility(1_000, 200), 9_999);
+/// ```
+pub fn credibility(agreed_in_a_row: u32, faulty_permille: u32) -> u32 {
+    let f = f64::from(faulty_permille.min(999)) / 1_000.0;
+    let doubt = if agreed_in_a_row == 0 {
+        f
+    } else {
+        let bound = f / ((1.0 - f) * f64::from(agreed_in_a_row) * core::f64::consts::E);
+        if bound < f { bound } else { f }
+    };
+    let scale = f64::from(SCORE_SCALE);
+    // Truncation towards zero: a node is never rounded up into credibility.
+    ((1.0 - doubt) * scale) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credibility_grows_with_agreements_and_never_starts_below_an_unknown_node() {
+        let mut last = 0;
+        for k in 0..200 {
+            let c = credibility(k, 100);
+            assert!(c >= last, "k={k}: {c} < {last}");
+            assert!(c >= 9_000, "never below 1 − f");
+            assert!(c < SCORE_SCALE, "never certain");
+            last = c;
+        }
+    }
+
+    #[test]
+    fn credibility_reaches_an_error_of_one_in_ten_thousand_after_enough_checks() {
+        // 0.1 / (0.9 · k · e) ≤ 1e-4  ⇔  k ≥ 409
+        assert!(credibility(409, 100) >= SCORE_SCALE - 1);
+        assert!(credibility(100, 100) < SCORE_SCALE - 3);
+    }
+}
