@@ -8,6 +8,7 @@
 //! | `submit` | [`submit`] | `ambient_coordinator::client` |
 //! | `nodes`, `tasks`, `ledger` | [`read`], [`enrollment`] | `ambient_coordinator::store` (read-only) |
 //! | `passwd` | [`passwd`] | `ambient_coordinator::access` |
+//! | `sim` | [`sim`] | `ambient_coordinator::sim` (the real dispatcher, simulated nodes) |
 //! | `demo` | `demo` | all of the above and `ambient-agent` (simulated devices, real WASM) |
 //! | `bench` | `bench` | the same, measured |
 //!
@@ -28,6 +29,7 @@ mod demo;
 mod enrollment;
 mod passwd;
 mod read;
+mod sim;
 mod submit;
 
 /// Ambient turns a shelf of edge devices into one verifiable compute pool.
@@ -77,6 +79,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Hash a password for a client account of the embedded broker ([broker.users]).
     Passwd(passwd::PasswdArgs),
+    /// Replay the dispatcher's verification against lying and colluding nodes on simulated
+    /// time: wrong results accepted, compute per task, cheaters caught.
+    Sim(sim::SimArgs),
 }
 
 /// Where the coordinator keeps its database.
@@ -131,6 +136,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "demo")]
         Command::Bench(a) => bench::run(a).await,
         Command::Passwd(a) => passwd::run(a),
+        Command::Sim(a) => sim::run(a),
     }
 }
 

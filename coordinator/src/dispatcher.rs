@@ -1180,15 +1180,22 @@ impl Dispatcher {
             // A spot check of a verified receipt never goes back to a node that failed the
             // task: it would only fail again, and the receipt already stands.
             let checking_only = job.checking_only();
-            let chosen = self
-                .registry
-                .select(now.at, requires, strategy, &exclude)
-                .or_else(|| {
-                    (!checking_only && exclude.len() > strict_len).then(|| {
-                        self.registry
-                            .select(now.at, requires, strategy, &exclude[..strict_len])
-                    })?
-                });
+            // The first run goes where the strategy says; checks and further replicas to a
+            // node drawn uniformly, so no node can steer who checks it (see "Colluders").
+            let first = job.votes.is_empty() && job.outstanding.is_empty();
+            let draw = rand::Rng::random::<u64>(&mut self.rng);
+            let registry = &mut self.registry;
+            let mut select = |exclude: &[NodeId]| {
+                if first {
+                    registry.select(now.at, requires, strategy, exclude)
+                } else {
+                    registry.select_uniform(now.at, requires, exclude, draw)
+                }
+            };
+            let chosen = select(&exclude).or_else(|| {
+                (!checking_only && exclude.len() > strict_len)
+                    .then(|| select(&exclude[..strict_len]))?
+            });
             let Some(node) = chosen else {
                 // A spot check waits for a distinct free node like any task, unless no other
                 // registered node could ever run it: then the verified receipt stands, and
@@ -1609,14 +1616,13 @@ mod tests {
     use super::*;
     use crate::{Enrollment, RegistryConfig};
     use ambient_core::{
-        Announce, Engine, Identity, Ping, Receipt, SafetyPolicy, ScoreConfig, SignedAnnounce,
-        SignedTelemetry, Telemetry, TelemetrySample, sign_message,
+        Engine, Identity, Ping, Receipt, SafetyPolicy, ScoreConfig, SignedTelemetry, Telemetry,
+        TelemetrySample, sign_message,
     };
     use std::cell::RefCell;
     use std::collections::HashSet;
 
-    /// The smallest plain-ABI module: `memory`, `alloc` and `run`, which returns nothing.
-    const MODULE: &[u8] = b"\0asm\x01\0\0\0\x01\x0c\x02\x60\x01\x7f\x01\x7f\x60\x02\x7f\x7f\x01\x7e\x03\x03\x02\x00\x01\x05\x03\x01\x00\x01\x07\x18\x03\x06memory\x02\x00\x05alloc\x00\x00\x03run\x00\x01\x0a\x0b\x02\x04\x00\x41\x00\x0b\x04\x00\x42\x00\x0b";
+    use crate::sim::{MODULE, announce_frame, report_frame, telemetry_frame};
 
     /// The journal in memory: what `Store::apply` would have committed.
     #[derive(Default)]
@@ -1813,26 +1819,8 @@ mod tests {
         fn join(&mut self, id: Identity, arch: &str) {
             let node = id.node_id();
             let i = self.nodes.len() as u32;
-            let announce = Announce {
-                node,
-                public_key: id.public_key(),
-                arch: arch.try_into().unwrap(),
-                cores: 4,
-                mem_total_bytes: 8 << 30,
-                engine: Engine::Wasmtime,
-                agent_version: "test".try_into().unwrap(),
-                labels: Default::default(),
-                profile: None,
-                max_concurrency: 4,
-            };
-            let signature = sign_message(&id, SignedAnnounce::TAG, &announce).unwrap();
-            let frame = Envelope::new(Message::Announce(SignedAnnounce {
-                announce,
-                signature,
-            }))
-            .to_vec();
             self.frame(node, NodeTopic::Status, b"online");
-            self.frame(node, NodeTopic::Announce, &frame);
+            self.frame(node, NodeTopic::Announce, &announce_frame(&id, arch, 4));
             // Distinct latencies make the weighted order deterministic: node 0 is best.
             let sample = TelemetrySample {
                 latency_us: Some(1_000 * (i + 1)),
@@ -1840,19 +1828,7 @@ mod tests {
                 mem_free_bytes: Some(4 << 30),
                 ..TelemetrySample::default()
             };
-            let telemetry = Telemetry {
-                node,
-                seq: 1,
-                boot_id: 1,
-                sample,
-            };
-            let signature = sign_message(&id, SignedTelemetry::TAG, &telemetry).unwrap();
-            let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
-                telemetry,
-                signature,
-            }))
-            .to_vec();
-            self.frame(node, NodeTopic::Telemetry, &frame);
+            self.frame(node, NodeTopic::Telemetry, &telemetry_frame(&id, 1, sample));
             self.nodes.push(id);
         }
 
@@ -1908,19 +1884,7 @@ mod tests {
                 exit,
             };
             lie(&mut receipt);
-            let receipt = receipt.sign(signer);
-            let body = ReportBody::Executed {
-                receipt,
-                output,
-                message: Default::default(),
-            };
-            Envelope::new(Message::Report(Report {
-                task_id: TaskId::new(task).unwrap(),
-                attempt,
-                node,
-                body,
-            }))
-            .to_vec()
+            report_frame(signer, receipt, output)
         }
 
         fn answer(&mut self, task: &str, sent: (NodeId, u16), output: &[u8]) -> Effects {

@@ -10,6 +10,8 @@
 //! - [`client`]: what `ambient submit` and any program use to submit tasks and await results.
 //! - [`http`]: the HTTP API (typed JSON views, health, submission); [`metrics`]: its
 //!   Prometheus text; [`dashboard`]: its live page.
+//! - [`sim`]: `ambient sim`, the dispatcher's verification against byzantine nodes on
+//!   simulated time.
 //! - [`ha`]: Home Assistant MQTT discovery (each node one device, with its sensors).
 #![deny(missing_docs)]
 
@@ -27,6 +29,7 @@ mod registry;
 mod results;
 mod scheduler;
 mod service;
+pub mod sim;
 pub mod store;
 
 pub use ambient_mqtt::{BrokerUrl, TlsFiles};

@@ -943,6 +943,52 @@ impl Registry {
         strategy: Strategy,
         exclude: &[NodeId],
     ) -> Option<NodeId> {
+        self.select_by(
+            now,
+            req,
+            exclude,
+            |_| true,
+            |placement, fits| placement.pick(strategy, fits),
+        )
+    }
+
+    /// As [`Registry::select`], with the node drawn uniformly (the `draw`-th, modulo their
+    /// number) among the eligible [proven](Registry::proven) nodes, or among all eligible
+    /// nodes when no proven one is free: for a task's checks and further replicas. A node
+    /// cannot make itself the likely checker of another by what it reports, colluders meet
+    /// each other about as often as their share of the proven pool, and a node that has not
+    /// agreed with others yet decides no vote while a proven one is free.
+    ///
+    /// Cost: O(n) in the available nodes.
+    pub fn select_uniform(
+        &mut self,
+        now: Instant,
+        req: &Requirements,
+        exclude: &[NodeId],
+        draw: u64,
+    ) -> Option<NodeId> {
+        let trust_after = self.config.trust_after;
+        let uniform = |placement: &mut Placement, fits: &mut dyn FnMut(NodeId) -> bool| {
+            placement.pick_uniform(draw, fits)
+        };
+        self.select_by(
+            now,
+            req,
+            exclude,
+            |n| n.agreed_in_a_row >= trust_after,
+            uniform,
+        )
+        .or_else(|| self.select_by(now, req, exclude, |_| true, uniform))
+    }
+
+    fn select_by(
+        &mut self,
+        now: Instant,
+        req: &Requirements,
+        exclude: &[NodeId],
+        also: impl Fn(&Node) -> bool,
+        mut pick: impl FnMut(&mut Placement, &mut dyn FnMut(NodeId) -> bool) -> Option<NodeId>,
+    ) -> Option<NodeId> {
         let now_ms = self.now_ms(now);
         self.expire(now);
         if !self.placement.may_satisfy(req) {
@@ -950,11 +996,11 @@ impl Registry {
         }
         loop {
             let nodes = &self.nodes;
-            let id = self.placement.pick(strategy, |id| {
+            let id = pick(&mut self.placement, &mut |id| {
                 !exclude.contains(&id)
-                    && nodes
-                        .get(&id)
-                        .is_some_and(|n| req.is_met_by(n.attributes(), n.mem_free_bytes()))
+                    && nodes.get(&id).is_some_and(|n| {
+                        also(n) && req.is_met_by(n.attributes(), n.mem_free_bytes())
+                    })
             })?;
             let node = self.nodes.get_mut(&id)?;
             match node.breaker.admit(now_ms) {

@@ -293,6 +293,24 @@ impl Placement {
             }
         }
     }
+
+    /// A node drawn uniformly among the available ones for which `fits` holds: the `draw`-th
+    /// of them (modulo their number), in node-id order. For the second and later replicas of a
+    /// task, so that who checks a result is not something a node can steer by what it reports.
+    ///
+    /// Cost: O(n), two passes over the available nodes; spent only on checks and replicas.
+    pub(crate) fn pick_uniform(
+        &self,
+        draw: u64,
+        mut fits: impl FnMut(NodeId) -> bool,
+    ) -> Option<NodeId> {
+        let n = self.by_id.iter().filter(|id| fits(**id)).count();
+        if n == 0 {
+            return None;
+        }
+        let k = usize::try_from(draw % n as u64).expect("below n");
+        self.by_id.iter().copied().filter(|id| fits(*id)).nth(k)
+    }
 }
 
 fn count_up(counts: &mut HashMap<String, u32>, key: &str) {
