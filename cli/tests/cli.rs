@@ -131,3 +131,54 @@ fn a_quick_end_to_end_bench_completes_every_section() {
         "the embedded broker section measured something"
     );
 }
+
+#[test]
+fn sim_reports_every_policy_as_json_and_the_same_flags_give_the_same_figures() {
+    let args = [
+        "sim",
+        "--nodes",
+        "30",
+        "--tasks",
+        "300",
+        "--liars",
+        "0.2",
+        "--baseline",
+        "--json",
+    ];
+    let out = ambient(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("a JSON array");
+    let policies: Vec<&str> = reports
+        .iter()
+        .map(|r| r["verify"].as_str().unwrap())
+        .collect();
+    assert_eq!(policies, ["receipt", "replicate:2"]);
+    for r in &reports {
+        assert_eq!(
+            r["completed"].as_u64().unwrap() + r["failed"].as_u64().unwrap(),
+            300
+        );
+        assert!(r["executions_per_task"].as_f64().unwrap() >= 1.0);
+        let behaviours: Vec<&str> = r["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["behaviour"].as_str().unwrap())
+            .collect();
+        assert_eq!(behaviours, ["honest", "liar"]);
+    }
+    assert_eq!(ambient(&args).stdout, out.stdout, "deterministic");
+}
+
+#[test]
+fn sim_refuses_shares_over_the_whole_pool_naming_them() {
+    let out = ambient(&["sim", "--liars", "0.6", "--colluders", "0.6"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more than every node"), "{err}");
+}
