@@ -20,6 +20,8 @@ pub mod client;
 mod config;
 pub mod dashboard;
 mod dispatcher;
+#[doc(hidden)]
+pub mod fixture;
 pub mod ha;
 pub mod http;
 mod intake;

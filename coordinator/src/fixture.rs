@@ -1,0 +1,151 @@
+//! The synthetic pool both scheduling benchmarks measure (`cargo bench --bench scheduling` and
+//! `ambient bench`'s section 2), so the two figures are of one thing. Not part of the API.
+//!
+//! Every node is announced and reports once with real, signed traffic; scores, loads and
+//! latencies vary, about 3% of nodes are out (overheated, offline, or short of memory for the
+//! [`request`]), and the [`DECOYS`] best-ranked nodes by every strategy lack the memory the
+//! request asks for, so each decision has to skip a few.
+
+use std::time::Instant;
+
+use ambient_core::{
+    Announce, Engine, Identity, SignedAnnounce, SignedTelemetry, Telemetry, TelemetrySample,
+    sign_message,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::{Registry, RegistryConfig, Requirements};
+
+/// Nodes ranked first by every strategy but short of the memory [`request`] needs.
+pub const DECOYS: usize = 8;
+
+/// What every measured decision asks for.
+pub fn request() -> Requirements {
+    Requirements {
+        memory_bytes: 256 << 20,
+        engine: Some(Engine::Wasmtime),
+        ..Requirements::default()
+    }
+}
+
+/// Node `i`'s key.
+pub fn identity(i: usize) -> Identity {
+    let mut secret = [0xa5; 32];
+    secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    Identity::from_secret(&secret)
+}
+
+/// Node `i`'s reading: random but reproducible, with the decoys and the out-of-pool nodes
+/// placed deliberately.
+pub fn sample(i: usize, rng: &mut StdRng) -> TelemetrySample {
+    let mut s = TelemetrySample {
+        bandwidth_kbps: Some(rng.random_range(1_000..100_000)),
+        latency_us: Some(rng.random_range(1_000..95_000)),
+        cpu_load_permille: Some(rng.random_range(50..1000)),
+        mem_free_bytes: Some(rng.random_range(512u64 << 20..4 << 30)),
+        temp_millic: Some(rng.random_range(40_000..78_000)),
+        ..TelemetrySample::default()
+    };
+    if i < DECOYS {
+        // Best by every strategy, and too little memory for the request.
+        s.bandwidth_kbps = Some(200_000);
+        s.latency_us = Some(100 + i as u32);
+        s.cpu_load_permille = Some(0);
+        s.mem_free_bytes = Some(64 << 20);
+    } else if i.is_multiple_of(97) {
+        s.mem_free_bytes = Some(32 << 20);
+    } else if i.is_multiple_of(101) {
+        s.temp_millic = Some(90_000);
+    }
+    s
+}
+
+fn signed(i: usize, seq: u64, rng: &mut StdRng) -> SignedTelemetry {
+    let id = identity(i);
+    let telemetry = Telemetry {
+        node: id.node_id(),
+        seq,
+        boot_id: 1,
+        sample: sample(i, rng),
+    };
+    let signature = sign_message(&id, SignedTelemetry::TAG, &telemetry).expect("fits");
+    SignedTelemetry {
+        telemetry,
+        signature,
+    }
+}
+
+/// Signed announces and first samples of `n` nodes, signed on every core.
+pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry)> {
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let chunk = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(t as u64);
+                    (t * chunk..((t + 1) * chunk).min(n))
+                        .map(|i| {
+                            let id = identity(i);
+                            let announce = Announce {
+                                node: id.node_id(),
+                                public_key: id.public_key(),
+                                arch: "aarch64".try_into().expect("short"),
+                                cores: if i < DECOYS { 8 } else { [2, 4, 6, 8][i % 4] },
+                                mem_total_bytes: 8 << 30,
+                                engine: Engine::Wasmtime,
+                                agent_version: "0.1.0".try_into().expect("short"),
+                                labels: Default::default(),
+                                profile: None,
+                                max_concurrency: 4,
+                            };
+                            let signature =
+                                sign_message(&id, SignedAnnounce::TAG, &announce).expect("fits");
+                            let announce = SignedAnnounce {
+                                announce,
+                                signature,
+                            };
+                            (announce, signed(i, 1, &mut rng))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a signing thread panicked"))
+            .collect()
+    })
+}
+
+/// A registry holding `traffic`'s nodes as of `now`, every 103rd (but the decoys) offline.
+///
+/// # Panics
+///
+/// When the registry refuses the traffic (it never does: it is validly signed).
+pub fn registry(traffic: &[(SignedAnnounce, SignedTelemetry)], now: Instant) -> Registry {
+    let mut registry = Registry::new(RegistryConfig {
+        joins_per_s: u32::MAX,
+        max_nodes: traffic.len().max(1),
+        ..RegistryConfig::default()
+    });
+    for (i, (announce, telemetry)) in traffic.iter().enumerate() {
+        registry.on_announce(now, announce).expect("joins");
+        registry.on_telemetry(now, telemetry).expect("accepted");
+        if i.is_multiple_of(103) && i >= DECOYS {
+            registry.on_status(now, announce.announce.node, false);
+        }
+    }
+    registry
+}
+
+/// Samples 2..=`rounds`+1 of the first `nodes` nodes, in delivery order, with each node's key.
+pub fn ingest_samples(nodes: usize, rounds: u64) -> Vec<(SignedTelemetry, [u8; 32])> {
+    let mut rng = StdRng::seed_from_u64(99);
+    let keys: Vec<[u8; 32]> = (0..nodes).map(|i| identity(i).public_key()).collect();
+    (2..rounds + 2)
+        .flat_map(|seq| (0..nodes).map(move |i| (seq, i)))
+        .map(|(seq, i)| (signed(i, seq, &mut rng), keys[i]))
+        .collect()
+}
