@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Announce, Engine, Envelope, Exit, Identity, Message, NodeId, Receipt, Report, ReportBody,
-    SignedAnnounce, SignedTelemetry, TaskId, Telemetry, TelemetrySample, sha3_256, sign_message,
+    Announce, Assignment, Engine, Envelope, Exit, Identity, Message, NodeId, Receipt, Report,
+    ReportBody, SignedAnnounce, SignedTelemetry, TaskId, Telemetry, TelemetrySample, sha3_256,
+    sign_message,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -305,6 +306,30 @@ pub fn report_frame(signer: &Identity, receipt: Receipt, output: &[u8]) -> Vec<u
     .to_vec()
 }
 
+/// The report of a run of assignment `a` that ended `Ok` with `output` after `fuel_used`,
+/// claiming `node` ran it, signed by `signer`: what an agent sends (or a liar, with its output).
+pub fn report_of(
+    signer: &Identity,
+    node: NodeId,
+    a: &Assignment<'_>,
+    output: &[u8],
+    fuel_used: u64,
+) -> Vec<u8> {
+    let receipt = Receipt {
+        task_id: a.task_id.clone(),
+        attempt: a.attempt,
+        node,
+        module: a.module,
+        input: sha3_256(a.input),
+        output: sha3_256(output),
+        fuel_used,
+        limits: a.limits,
+        engine: Engine::Wasmtime,
+        exit: Exit::Ok,
+    };
+    report_frame(signer, receipt, output)
+}
+
 /// The simulation holds no journal: no task id is submitted twice.
 struct NoJournal;
 
@@ -558,19 +583,7 @@ impl<'a> Sim<'a> {
             {
                 let i = self.by_id[&node];
                 let (output, run_ms) = self.execute(i, a.input);
-                let receipt = Receipt {
-                    task_id: a.task_id.clone(),
-                    attempt: a.attempt,
-                    node,
-                    module: a.module,
-                    input: sha3_256(a.input),
-                    output: sha3_256(&output),
-                    fuel_used: 1_000,
-                    limits: a.limits,
-                    engine: Engine::Wasmtime,
-                    exit: Exit::Ok,
-                };
-                let frame = report_frame(&self.nodes[i].identity, receipt, &output);
+                let frame = report_of(&self.nodes[i].identity, node, &a, &output, 1_000);
                 self.ran.entry(a.task_id).or_default().push(i);
                 self.at(
                     Duration::from_millis(run_ms),

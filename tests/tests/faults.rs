@@ -9,10 +9,7 @@ use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
 use ambient_coordinator::{EventStatus, LimitsJson, Submission};
 use ambient_core::topics::{self, NodeTopic};
-use ambient_core::{
-    Engine, Envelope, Identity, Message, Receipt, Report, ReportBody, TaskId, TelemetrySample,
-    sha3_256,
-};
+use ambient_core::{Envelope, Identity, Message, TaskId, TelemetrySample};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
@@ -252,30 +249,7 @@ impl LyingNode {
                     continue;
                 };
                 let output = vec![7u8; a.input.len() / 64];
-                let receipt = Receipt {
-                    task_id: a.task_id.clone(),
-                    attempt: a.attempt,
-                    node,
-                    module: a.module,
-                    input: sha3_256(a.input),
-                    output: sha3_256(&output),
-                    fuel_used: 1,
-                    limits: a.limits,
-                    engine: Engine::Wasmtime,
-                    exit: ambient_core::Exit::Ok,
-                }
-                .sign(&signer);
-                let report = Report {
-                    task_id: a.task_id.clone(),
-                    attempt: a.attempt,
-                    node,
-                    body: ReportBody::Executed {
-                        receipt,
-                        output: &output,
-                        message: Default::default(),
-                    },
-                };
-                let frame = Envelope::new(Message::Report(report)).to_vec();
+                let frame = ambient_coordinator::sim::report_of(&signer, node, &a, &output, 1);
                 let _ = client
                     .publish(
                         topics::node(&node, NodeTopic::Results).as_str(),
