@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ambient_coordinator::Policy;
 use ambient_coordinator::sim::{self, SimConfig, SimReport};
+use ambient_coordinator::{DispatchConfig, Policy, RegistryConfig};
 use clap::Args as ClapArgs;
 
 /// Flags of `ambient sim`.
@@ -45,14 +45,14 @@ pub struct SimArgs {
     /// Honest runs of a patient cheater before it starts lying.
     #[arg(long, default_value_t = 50)]
     pub patience: u32,
-    /// Share of `receipt` tasks spot-checked, in permille ([dispatch] spot_check_permille).
-    #[arg(long, default_value_t = 50)]
+    /// Share of `receipt` tasks spot-checked, in permille ([verification] spot_check_permille).
+    #[arg(long, default_value_t = DispatchConfig::default().spot_check_permille)]
     pub spot_check_permille: u16,
     /// Agreements in a row before a node runs unchecked ([verification] trust_after).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = RegistryConfig::default().trust_after)]
     pub trust_after: u32,
     /// Seconds a node shown wrong gets no work ([verification] blacklist_secs).
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = RegistryConfig::default().blacklist.as_secs())]
     pub blacklist_secs: u64,
     /// Also run the same pool under `replicate:2` (BOINC-style quorum of two) for comparison.
     #[arg(long)]

@@ -210,7 +210,7 @@ pub struct RawVerification {
     /// Maximum error count. Default 25.
     pub max_errors: u32,
     /// Results in a row a node must have agree with another node's before its `receipt` tasks
-    /// run unchecked; until then each is also run on a second node. Default 10; 0 trusts
+    /// run unchecked; until then each is also run on a second node. Default 40; 0 trusts
     /// every node from the start.
     pub trust_after: u32,
     /// Seconds a node whose result was shown wrong gets no work. Default 3600.

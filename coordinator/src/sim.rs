@@ -739,10 +739,12 @@ fn ratio(a: u64, b: u64) -> f64 {
 mod tests {
     use super::*;
 
+    /// 25 tasks per node: proving after 10 agreements leaves room for unchecked runs.
     fn small() -> SimConfig {
         SimConfig {
             nodes: 40,
             tasks: 1_000,
+            trust_after: 10,
             ..SimConfig::default()
         }
     }
