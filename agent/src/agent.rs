@@ -294,10 +294,21 @@ struct Reporter {
     identity: Arc<Identity>,
     node: NodeId,
     sandbox: Arc<dyn Sandbox>,
+    #[cfg(feature = "fault-injection")]
+    faults: crate::fault::Faults,
 }
 
 impl Reporter {
     fn executed(&self, job: &Job, run: Execution, started: std::time::Instant) -> Finished {
+        #[cfg(feature = "fault-injection")]
+        let run = {
+            let mut run = run;
+            if run.exit == Exit::Ok {
+                self.faults
+                    .corrupt(&job.task_id, job.attempt, &mut run.output);
+            }
+            run
+        };
         let receipt = Receipt {
             task_id: job.task_id.clone(),
             attempt: job.attempt,
@@ -541,6 +552,8 @@ impl Agent {
                 identity: p.identity,
                 node,
                 sandbox: p.sandbox,
+                #[cfg(feature = "fault-injection")]
+                faults: p.config.faults().clone(),
             }),
             publisher: p.publisher,
             topics,
@@ -1167,6 +1180,8 @@ impl Agent {
             simulated: self.simulated,
             ..TelemetrySample::default()
         };
+        #[cfg(feature = "fault-injection")]
+        self.reporter.faults.boast(&mut sample);
         let now = self.now_ms();
         if let Some(t) = self.breaker.observe(now, &sample) {
             log_transition(t);

@@ -401,6 +401,8 @@ impl RawConfig {
             },
             sandbox: self.sandbox.validate()?,
             safety: self.safety.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::fault::Faults::default(),
         };
         if let Some(name) = &self.name {
             config.set_name(name.clone());
@@ -573,9 +575,24 @@ pub struct AgentConfig {
     tls: TlsFiles,
     sandbox: SandboxConfig,
     safety: RawSafety,
+    #[cfg(feature = "fault-injection")]
+    faults: crate::fault::Faults,
 }
 
 impl AgentConfig {
+    /// The faults this agent injects (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self) -> &crate::fault::Faults {
+        &self.faults
+    }
+
+    /// Sets the faults to inject (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn set_faults(&mut self, faults: crate::fault::Faults) -> &mut Self {
+        self.faults = faults;
+        self
+    }
+
     /// Defaults for an agent talking to `broker` (e.g. `"mqtt://127.0.0.1:1883"`) with state in
     /// `state_dir`.
     ///

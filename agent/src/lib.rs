@@ -8,6 +8,8 @@ mod dedup;
 mod delivery;
 pub mod engine;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod link;
 mod metrics;
 mod outbox;

@@ -61,6 +61,11 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9101 [default: off]
     #[arg(long, env = "AMBIENT_AGENT_METRICS", value_name = "ADDR")]
     metrics: Option<String>,
+    /// Inject a fault, for tests of verification (repeatable): wrong-output:SHARE (a wrong
+    /// output, validly signed, on that share of runs) or claim-perfect-health
+    #[cfg(feature = "fault-injection")]
+    #[arg(long = "fault", value_name = "FAULT")]
+    faults: Vec<ambient_agent::fault::Fault>,
     /// Print the effective configuration as commented TOML and exit
     #[arg(long)]
     print_config: bool,
@@ -139,7 +144,11 @@ fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
     if let Some(addr) = &args.metrics {
         raw.metrics = Some(addr.clone());
     }
-    Ok(raw.validate()?)
+    #[allow(unused_mut)]
+    let mut config = raw.validate()?;
+    #[cfg(feature = "fault-injection")]
+    config.set_faults(ambient_agent::fault::Faults(args.faults.clone()));
+    Ok(config)
 }
 
 fn init_logging(verbose: u8, json: bool) {

@@ -449,3 +449,87 @@ async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_re
     );
     client.disconnect().await;
 }
+
+/// Issue scenario with real agents: one of five `ambient-agent`s claims perfect health and
+/// answers every task with a validly signed wrong output (`--fault wrong-output:1 --fault
+/// claim-perfect-health`). Under the default trust policy its runs are all checked until it
+/// has agreed with others, so its first checked run catches it; no wrong result is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1000_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[verification]\ntrust_after = 40\n",
+    );
+    let liar = agent_with(
+        &c.url,
+        &dir.path().join("liar"),
+        "pi5",
+        &[],
+        &[
+            "--fault",
+            "wrong-output:1",
+            "--fault",
+            "claim-perfect-health",
+        ],
+    );
+    let _honest = agents(
+        &c.url,
+        dir.path(),
+        &["pi4", "pi5", "jetson-orin-nano", "visionfive2"],
+    );
+    c.wait_for_nodes(5);
+    let (liar_id, _) = device_identity(&dir.path().join("liar"));
+    let mut client = Client::connect(&c.url).await.unwrap();
+    let hash = client.publish_module(DIGITS_WASM).await.unwrap();
+    let tasks = 1000;
+    let mut natives = Vec::new();
+    let subs: Vec<Submission> = (0..tasks)
+        .map(|i| {
+            let (input, native) = digits_batch(i, 1);
+            natives.push(native);
+            Submission {
+                task_id: Some(format!("t-{i}")),
+                module: Some(hash.to_hex().to_string()),
+                entry: Some("classify".into()),
+                input_b64: Some(B64.encode(input)),
+                ..Submission::default()
+            }
+        })
+        .collect();
+    let events = client
+        .run_batch(&subs, Duration::from_secs(300), |_| {})
+        .await
+        .unwrap();
+    let (mut wrong, mut executions) = (0, 0);
+    for (i, native) in natives.iter().enumerate() {
+        let ev = &events[&format!("t-{i}")];
+        assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
+        executions += ev.receipts.len();
+        if B64.decode(ev.output_b64.as_ref().unwrap()).unwrap() != *native {
+            wrong += 1;
+        }
+    }
+    println!(
+        "{tasks} tasks on 5 agents, one lying on every task: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
+        executions as f64 / tasks as f64
+    );
+    assert_eq!(wrong, 0, "no wrong result accepted");
+    // It did lie, and was caught for it.
+    let store = Store::open_read_only(&c.db()).unwrap();
+    let liar_view = store
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n.to_string() == liar_id)
+        .map(|(_, json)| serde_json::from_str::<serde_json::Value>(&json).unwrap())
+        .expect("the liar registered");
+    assert!(
+        liar_view["blacklisted_for_ms"].is_u64(),
+        "the liar is blacklisted: {liar_view}"
+    );
+    client.disconnect().await;
+    drop(liar);
+}

@@ -16,7 +16,8 @@ use ambient_core::{
 
 /// The path of a workspace binary, built by the same `cargo test --workspace` (the README's
 /// test command). `cargo test -p ambient-e2e` alone runs whatever is in the target directory:
-/// run `cargo build --workspace --bins` first. A test never builds, so it never races one.
+/// run `cargo test --workspace --no-run` first (it builds `ambient-agent` with the
+/// `fault-injection` feature the fault tests need). A test never builds, so it never races one.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let path = exe
@@ -26,7 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
         .join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the README's test command (`cargo test --workspace`), or `cargo build --workspace --bins` before `cargo test -p ambient-e2e`",
+        "{} is missing: run the README's test command (`cargo test --workspace`), or `cargo test --workspace --no-run` before `cargo test -p ambient-e2e`",
         path.display()
     );
     path
@@ -387,8 +388,32 @@ pub fn device_identity(state_dir: &Path) -> (String, String) {
 
 /// As [`agent`], with extra environment variables (configuration keys, see the agent README).
 pub fn agent_with_env(url: &str, state_dir: &Path, profile: &str, env: &[(&str, &str)]) -> Proc {
+    agent_with(url, state_dir, profile, env, &[])
+}
+
+/// As [`agent_with_env`], with extra command-line arguments (`--fault …`: the `ambient-agent`
+/// that `cargo test --workspace` builds has the `fault-injection` feature, through this
+/// package's dev-dependency; a binary without it refuses the flag and the test fails).
+pub fn agent_with(
+    url: &str,
+    state_dir: &Path,
+    profile: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Proc {
+    if args.contains(&"--fault") {
+        let help = Command::new(bin("ambient-agent"))
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("--fault"),
+            "this ambient-agent was built without the fault-injection feature: build the binaries with `cargo test --workspace --no-run`, which enables it through this package"
+        );
+    }
     let child = Command::new(bin("ambient-agent"))
         .args(["--broker", url, "--simulate", profile, "--name", profile])
+        .args(args)
         .arg("--state-dir")
         .arg(state_dir)
         .env("AMBIENT_AGENT_TELEMETRY_INTERVAL_MS", "300")
