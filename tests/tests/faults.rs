@@ -517,18 +517,19 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
         executions as f64 / tasks as f64
     );
     assert_eq!(wrong, 0, "no wrong result accepted");
-    // It did lie, and was caught for it.
-    let store = Store::open_read_only(&c.db()).unwrap();
-    let liar_view = store
-        .nodes()
-        .unwrap()
-        .into_iter()
-        .find(|(n, _)| n.to_string() == liar_id)
-        .map(|(_, json)| serde_json::from_str::<serde_json::Value>(&json).unwrap())
-        .expect("the liar registered");
-    assert!(
-        liar_view["blacklisted_for_ms"].is_u64(),
-        "the liar is blacklisted: {liar_view}"
+    // It did lie, and was caught for it (the snapshot of the registry is saved periodically).
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let store = Store::open_read_only(&c.db()).unwrap();
+            store.nodes().unwrap().into_iter().any(|(n, json)| {
+                n.to_string() == liar_id
+                    && serde_json::from_str::<serde_json::Value>(&json).unwrap()
+                        ["blacklisted_for_ms"]
+                        .is_u64()
+            })
+        },
+        || "the lying agent to show as blacklisted".into(),
     );
     client.disconnect().await;
     drop(liar);
