@@ -222,17 +222,20 @@ pub struct Coordinator {
     pub data_dir: PathBuf,
 }
 
-/// `config` with every node trusted from its first result (`verification.trust_after = 0`),
-/// unless it sets `trust_after` itself. These tests are about delivery, faults and access: a
-/// second, checking run of each new node's first tasks would change what they count (runs,
-/// payees). Proving nodes has its own tests (`trust.rs`, and the dispatcher's unit tests).
+/// `config` with every node trusted from its first result and no random spot checks
+/// (`verification.trust_after = 0`, `spot_check_permille = 0`), unless it sets `trust_after`
+/// itself, which keeps the default checks. These tests are about delivery, faults and access:
+/// a second, checking run of a task would change what they count (runs, payees, verdicts), and
+/// a random one would make that change one run in twenty. Verification has its own tests (the
+/// lying nodes in `faults.rs`, `trust.rs`, the dispatcher's unit tests and `ambient sim`).
 fn trusting_from_the_start(config: &str) -> String {
+    const CHECKS: &str = "trust_after = 0\nspot_check_permille = 0";
     if config.contains("trust_after") {
         config.to_owned()
     } else if config.contains("[verification]") {
-        config.replacen("[verification]", "[verification]\ntrust_after = 0", 1)
+        config.replacen("[verification]", &format!("[verification]\n{CHECKS}"), 1)
     } else {
-        format!("{config}\n[verification]\ntrust_after = 0\n")
+        format!("{config}\n[verification]\n{CHECKS}\n")
     }
 }
 
