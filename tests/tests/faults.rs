@@ -376,115 +376,11 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
     );
 }
 
-/// The measurement that opened the trust work, with real agents: four honest devices and one
-/// node that claims perfect health and answers every task at once with a validly signed wrong
-/// output. With 5% random spot checks alone, a third of its results were accepted. Under the
-/// default policy every node proves itself first, so the liar is caught on its first task,
-/// blacklisted, and no wrong result is accepted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_result_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    // The default trust policy, spelled out (the harness otherwise trusts from the start).
-    let c = Coordinator::start_with(
-        &dir.path().join("c"),
-        0,
-        None,
-        "[verification]\ntrust_after = 10\n",
-    );
-    let liar = LyingNode::start(&c.url, [0x33; 32], false).await;
-    let _honest = agents(
-        &c.url,
-        dir.path(),
-        &["pi4", "pi5", "jetson-orin-nano", "visionfive2"],
-    );
-    c.wait_for_nodes(5);
+/// Runs `tasks` single-image digit tasks in one batch, each of which must complete, and returns
+/// how many completed with a wrong output and how many agreeing runs they had.
+async fn digits_counting_wrong(c: &Coordinator, tasks: usize) -> (usize, usize) {
     let mut client = Client::connect(&c.url).await.unwrap();
     let hash = client.publish_module(DIGITS_WASM).await.unwrap();
-    let tasks = 100;
-    let mut natives = Vec::new();
-    let subs: Vec<Submission> = (0..tasks)
-        .map(|i| {
-            let (input, native) = digits_batch(i, 1);
-            natives.push(native);
-            Submission {
-                task_id: Some(format!("honest-{i}")),
-                module: Some(hash.to_hex().to_string()),
-                entry: Some("classify".into()),
-                input_b64: Some(B64.encode(input)),
-                ..Submission::default()
-            }
-        })
-        .collect();
-    let events = client
-        .run_batch(&subs, Duration::from_secs(120), |_| {})
-        .await
-        .unwrap();
-    let mut wrong = 0;
-    let mut executions = 0;
-    for (i, native) in natives.iter().enumerate() {
-        let ev = &events[&format!("honest-{i}")];
-        assert_eq!(ev.status, EventStatus::Completed, "{:?}", ev.error);
-        executions += ev.receipts.len();
-        if B64.decode(ev.output_b64.as_ref().unwrap()).unwrap() != *native {
-            wrong += 1;
-        }
-    }
-    println!(
-        "{tasks} tasks, 1 liar in 5: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
-        executions as f64 / tasks as f64
-    );
-    assert_eq!(wrong, 0, "no wrong result accepted");
-    wait_until(
-        Duration::from_secs(10),
-        || {
-            let store = Store::open_read_only(&c.db()).unwrap();
-            store.nodes().unwrap().into_iter().any(|(n, json)| {
-                n == liar.node
-                    && serde_json::from_str::<serde_json::Value>(&json).unwrap()
-                        ["blacklisted_for_ms"]
-                        .is_u64()
-            })
-        },
-        || "the liar to show as blacklisted".into(),
-    );
-    client.disconnect().await;
-}
-
-/// Issue scenario with real agents: one of five `ambient-agent`s claims perfect health and
-/// answers every task with a validly signed wrong output (`--fault wrong-output:1 --fault
-/// claim-perfect-health`). Under the default trust policy its runs are all checked until it
-/// has agreed with others, so its first checked run catches it; no wrong result is accepted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1000_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start_with(
-        &dir.path().join("c"),
-        0,
-        None,
-        "[verification]\ntrust_after = 40\n",
-    );
-    let liar = agent_with(
-        &c.url,
-        &dir.path().join("liar"),
-        "pi5",
-        &[],
-        &[
-            "--fault",
-            "wrong-output:1",
-            "--fault",
-            "claim-perfect-health",
-        ],
-    );
-    let _honest = agents(
-        &c.url,
-        dir.path(),
-        &["pi4", "pi5", "jetson-orin-nano", "visionfive2"],
-    );
-    c.wait_for_nodes(5);
-    let (liar_id, _) = device_identity(&dir.path().join("liar"));
-    let mut client = Client::connect(&c.url).await.unwrap();
-    let hash = client.publish_module(DIGITS_WASM).await.unwrap();
-    let tasks = 1000;
     let mut natives = Vec::new();
     let subs: Vec<Submission> = (0..tasks)
         .map(|i| {
@@ -503,6 +399,7 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
         .run_batch(&subs, Duration::from_secs(300), |_| {})
         .await
         .unwrap();
+    client.disconnect().await;
     let (mut wrong, mut executions) = (0, 0);
     for (i, native) in natives.iter().enumerate() {
         let ev = &events[&format!("t-{i}")];
@@ -512,25 +409,96 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
             wrong += 1;
         }
     }
-    println!(
-        "{tasks} tasks on 5 agents, one lying on every task: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
-        executions as f64 / tasks as f64
-    );
-    assert_eq!(wrong, 0, "no wrong result accepted");
-    // It did lie, and was caught for it (the snapshot of the registry is saved periodically).
+    (wrong, executions)
+}
+
+/// Waits until the registry snapshot, saved periodically, shows `node` blacklisted.
+fn wait_for_blacklisting(c: &Coordinator, node: &str) {
     wait_until(
         Duration::from_secs(10),
         || {
             let store = Store::open_read_only(&c.db()).unwrap();
             store.nodes().unwrap().into_iter().any(|(n, json)| {
-                n.to_string() == liar_id
+                n.to_string() == node
                     && serde_json::from_str::<serde_json::Value>(&json).unwrap()
                         ["blacklisted_for_ms"]
                         .is_u64()
             })
         },
-        || "the lying agent to show as blacklisted".into(),
+        || format!("{node} to show as blacklisted"),
     );
-    client.disconnect().await;
-    drop(liar);
+}
+
+/// The measurement that opened the trust work: four honest devices and one node that claims
+/// perfect health and answers every task at once with a validly signed wrong output. With 5%
+/// random spot checks alone, a third of its results were accepted. Under the default policy
+/// every node proves itself first, so the liar is caught on its first checked task,
+/// blacklisted, and no wrong result is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_result_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default trust policy, spelled out (the harness otherwise trusts from the start).
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[verification]\ntrust_after = 40\n",
+    );
+    let liar = LyingNode::start(&c.url, [0x33; 32], false).await;
+    let _honest = agents(
+        &c.url,
+        dir.path(),
+        &["pi4", "pi5", "jetson-orin-nano", "visionfive2"],
+    );
+    c.wait_for_nodes(5);
+    let tasks = 100;
+    let (wrong, executions) = digits_counting_wrong(&c, tasks).await;
+    println!(
+        "{tasks} tasks, 1 liar in 5: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
+        executions as f64 / tasks as f64
+    );
+    assert_eq!(wrong, 0, "no wrong result accepted");
+    wait_for_blacklisting(&c, &liar.node.to_string());
+}
+
+/// The same with real agents: one of five `ambient-agent`s claims perfect health and answers
+/// every task with a validly signed wrong output (`--fault wrong-output:1 --fault
+/// claim-perfect-health`). Its runs are all checked until it has agreed with others, which it
+/// never does, so its first checked run catches it; no wrong result is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1000_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[verification]\ntrust_after = 40\n",
+    );
+    let _liar = agent_with(
+        &c.url,
+        &dir.path().join("liar"),
+        "pi5",
+        &[],
+        &[
+            "--fault",
+            "wrong-output:1",
+            "--fault",
+            "claim-perfect-health",
+        ],
+    );
+    let _honest = agents(
+        &c.url,
+        dir.path(),
+        &["pi4", "pi5", "jetson-orin-nano", "visionfive2"],
+    );
+    c.wait_for_nodes(5);
+    let tasks = 1000;
+    let (wrong, executions) = digits_counting_wrong(&c, tasks).await;
+    println!(
+        "{tasks} tasks on 5 agents, one lying on every task: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
+        executions as f64 / tasks as f64
+    );
+    assert_eq!(wrong, 0, "no wrong result accepted");
+    let (liar, _) = device_identity(&dir.path().join("liar"));
+    wait_for_blacklisting(&c, &liar);
 }
