@@ -305,7 +305,7 @@ impl Reporter {
             let mut run = run;
             if run.exit == Exit::Ok {
                 self.faults
-                    .corrupt(&job.task_id, job.attempt, &mut run.output);
+                    .corrupt(&self.node, &job.task_id, job.attempt, &mut run.output);
             }
             run
         };

@@ -3,15 +3,17 @@
 //!
 //! `ambient-agent --fault wrong-output:0.1 --fault claim-perfect-health` makes this agent:
 //!
-//! - `wrong-output:P`: return, on a share P (0 to 1) of its runs, an output with its first byte
-//!   changed (or one byte where there was none), with a receipt it signs over that output. Which
-//!   runs lie is decided by the task id and attempt, so a rerun of the same attempt lies again.
+//! - `wrong-output:P`: return, on a share P (0 to 1) of its runs, its output followed by its
+//!   node id, with a receipt it signs over that output: wrong, and different from any other
+//!   lying agent's, so two liars never agree (they lie independently; they do not collude).
+//!   Which runs lie is decided by the task id and attempt, so a rerun of the same attempt lies
+//!   again.
 //! - `claim-perfect-health`: report 1 Gbit/s, 0.1 ms round trips, an idle CPU, 40 °C and
 //!   plenty of free memory, whatever it measures.
 
 use std::str::FromStr;
 
-use ambient_core::{TaskId, TelemetrySample, sha3_256};
+use ambient_core::{NodeId, TaskId, TelemetrySample, sha3_256};
 
 /// One injected fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +53,8 @@ impl FromStr for Fault {
 pub struct Faults(pub Vec<Fault>);
 
 impl Faults {
-    /// Changes `output` when this run is one that lies.
-    pub fn corrupt(&self, task_id: &TaskId, attempt: u16, output: &mut Vec<u8>) {
+    /// Changes `output` when this run of `node`'s is one that lies.
+    pub fn corrupt(&self, node: &NodeId, task_id: &TaskId, attempt: u16, output: &mut Vec<u8>) {
         let Some(permille) = self.0.iter().find_map(|f| match f {
             Fault::WrongOutput { permille } => Some(*permille),
             Fault::ClaimPerfectHealth => None,
@@ -64,10 +66,7 @@ impl Faults {
         if u16::from_le_bytes([h.0[0], h.0[1]]) % 1000 >= permille {
             return;
         }
-        match output.first_mut() {
-            Some(b) => *b ^= 0xff,
-            None => output.push(0xff),
-        }
+        output.extend_from_slice(&node.0);
     }
 
     /// Overwrites `sample` with a perfect device's readings when claiming perfect health.
@@ -116,10 +115,11 @@ mod tests {
         let lied = (0..10_000)
             .filter(|i| {
                 let id = TaskId::new(&format!("t{i}")).unwrap();
+                let node = NodeId([7; 16]);
                 let mut out = b"right".to_vec();
-                faults.corrupt(&id, 1, &mut out);
+                faults.corrupt(&node, &id, 1, &mut out);
                 let mut again = b"right".to_vec();
-                faults.corrupt(&id, 1, &mut again);
+                faults.corrupt(&node, &id, 1, &mut again);
                 assert_eq!(out, again);
                 out != b"right"
             })

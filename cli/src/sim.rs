@@ -79,7 +79,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<ExitCode> {
         blacklist: Duration::from_secs(a.blacklist_secs),
     };
     let mut configs = vec![config.clone()];
-    if a.baseline {
+    if a.baseline && config.verify != Policy::Replicate(2) {
         configs.push(SimConfig {
             verify: Policy::Replicate(2),
             ..config

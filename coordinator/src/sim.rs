@@ -6,8 +6,8 @@
 //! advances itself. What is simulated is only the outside world:
 //!
 //! - **Nodes** announce, send telemetry every [`TELEMETRY_EVERY`], and answer each assignment
-//!   after their own run time with a report carrying a receipt they sign with their own ed25519
-//!   key, as an agent does. No WASM runs: a task's right output is a function of its input.
+//!   after their own run time (one run at a time, in the order given) with a report carrying a
+//!   receipt they sign with their own ed25519 key, as an agent does. No WASM runs: a task's right output is a function of its input.
 //! - **Behaviours** ([`Behaviour`]): honest nodes always return the right output. *Liars*
 //!   return a wrong output of their own (no two liars agree) on a share of their tasks
 //!   ([`SimConfig::lie_rate`]). *Colluders* all lie on the same tasks (chosen by the task's
@@ -126,7 +126,7 @@ impl SimConfig {
     /// # Errors
     ///
     /// When a share is outside 0..=1, the shares add up to more than 1, there are no nodes or
-    /// more than [`MAX_NODES`], or no tasks.
+    /// more than [`MAX_NODES`], no tasks, or `replicate:K` asks for more nodes than the pool has.
     pub fn validate(&self) -> Result<(), SimError> {
         let err = |m: String| Err(SimError(m));
         if self.nodes == 0 || self.nodes > MAX_NODES {
@@ -145,8 +145,16 @@ impl SimConfig {
                 return err(format!("{name} is a share, 0 to 1, not {v}"));
             }
         }
-        if self.liars + self.colluders + self.patient > 1.0 {
+        if self.liars + self.colluders + self.patient > 1.0 + 1e-9 {
             return err("liars, colluders and patient add up to more than every node".into());
+        }
+        if let Policy::Replicate(k) = self.verify
+            && k > self.nodes as usize
+        {
+            return err(format!(
+                "replicate:{k} needs {k} distinct nodes; the pool has {}",
+                self.nodes
+            ));
         }
         if self.spot_check_permille > 1000 {
             return err(format!(
@@ -345,6 +353,8 @@ struct Node {
     behaviour: Behaviour,
     /// How long one run takes on it.
     run_ms: u64,
+    /// When the runs it was given so far are done: it runs them one after another.
+    busy_until: u64,
     seq: u64,
     executions: u64,
     lies: u64,
@@ -354,7 +364,11 @@ struct Node {
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
-    Report { node: usize, frame: Vec<u8> },
+    Report {
+        node: usize,
+        frame: Vec<u8>,
+        lie: bool,
+    },
     Telemetry,
     Tick,
 }
@@ -372,6 +386,8 @@ struct Sim<'a> {
     /// Nodes that ran each unfinished task.
     ran: HashMap<TaskId, Vec<usize>>,
     submitted: u64,
+    /// Runs given to nodes that have not reported yet.
+    running: u64,
     completed: u64,
     failed: u64,
     wrong: HashMap<Behaviour, u64>,
@@ -438,6 +454,7 @@ impl<'a> Sim<'a> {
                     behaviour,
                     // Boards differ: 0.5 s to 2 s per run.
                     run_ms: rng.random_range(500..=2_000),
+                    busy_until: 0,
                     seq: 0,
                     executions: 0,
                     lies: 0,
@@ -458,6 +475,7 @@ impl<'a> Sim<'a> {
             rng,
             ran: HashMap::new(),
             submitted: 0,
+            running: 0,
             completed: 0,
             failed: 0,
             wrong: HashMap::new(),
@@ -474,6 +492,10 @@ impl<'a> Sim<'a> {
 
     fn at(&mut self, after: Duration, event: Event) {
         let at = self.now_ms + u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.at_ms(at, event);
+    }
+
+    fn at_ms(&mut self, at: u64, event: Event) {
         self.next_seq += 1;
         self.events.push(Reverse((at, self.next_seq, event)));
     }
@@ -524,7 +546,9 @@ impl<'a> Sim<'a> {
                 self.submitted += 1;
                 self.step(Input::Submit(json.as_bytes()));
             }
-            if self.completed + self.failed == self.config.tasks {
+            // Done once every task ended and every run reported: a replica still out when its
+            // task was accepted is compared when it reports, and may dispute its node.
+            if self.completed + self.failed == self.config.tasks && self.running == 0 {
                 break;
             }
             let Some(Reverse((at, _, event))) = self.events.pop() else {
@@ -532,7 +556,10 @@ impl<'a> Sim<'a> {
             };
             self.now_ms = at;
             match event {
-                Event::Report { node, frame } => {
+                Event::Report { node, frame, lie } => {
+                    self.running -= 1;
+                    // A lie counts once told, when its report arrives.
+                    self.nodes[node].lies += u64::from(lie);
                     let id = self.nodes[node].id;
                     self.step(Input::Frame {
                         node: id,
@@ -582,12 +609,22 @@ impl<'a> Sim<'a> {
             }) = Envelope::decode(&p.payload)
             {
                 let i = self.by_id[&node];
-                let (output, run_ms) = self.execute(i, a.input);
+                let (output, lie) = self.execute(i, a.input);
                 let frame = report_of(&self.nodes[i].identity, node, &a, &output, 1_000);
                 self.ran.entry(a.task_id).or_default().push(i);
-                self.at(
-                    Duration::from_millis(run_ms),
-                    Event::Report { node: i, frame },
+                // One run at a time: an assignment that arrives while the node is busy (the
+                // dispatcher frees a replica's slot when its task ends) waits its turn.
+                let n = &mut self.nodes[i];
+                n.busy_until = n.busy_until.max(self.now_ms) + n.run_ms;
+                let done = n.busy_until;
+                self.running += 1;
+                self.at_ms(
+                    done,
+                    Event::Report {
+                        node: i,
+                        frame,
+                        lie,
+                    },
                 );
             }
         }
@@ -604,8 +641,8 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Node `i` runs a task with `input`: its output and how long the run takes.
-    fn execute(&mut self, i: usize, input: &[u8]) -> (Vec<u8>, u64) {
+    /// Node `i` runs a task with `input`: its output, and whether that is a lie.
+    fn execute(&mut self, i: usize, input: &[u8]) -> (Vec<u8>, bool) {
         let lie_rate = self.config.lie_rate;
         let draw = self.rng.random_bool(lie_rate);
         let n = &mut self.nodes[i];
@@ -613,23 +650,19 @@ impl<'a> Sim<'a> {
         let lie = match n.behaviour {
             Behaviour::Honest => None,
             Behaviour::Liar => draw.then(|| format!("lie:{i}:")),
-            // Every colluder lies on the same tasks, decided by the input alone.
+            // Every colluder lies on the same tasks, decided by the seed and the input alone.
             Behaviour::Colluder => {
-                let h = sha3_256(input);
+                let h = sha3_256(&[&self.config.seed.to_le_bytes(), input].concat());
                 let x = u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"));
                 ((x as f64 / u64::MAX as f64) < lie_rate).then(|| "collude:".to_owned())
             }
             Behaviour::Patient => (n.executions > u64::from(self.config.patience) && draw)
                 .then(|| format!("lie:{i}:")),
         };
-        let output = match lie {
-            Some(prefix) => {
-                n.lies += 1;
-                [prefix.as_bytes(), input].concat()
-            }
-            None => right(input),
-        };
-        (output, n.run_ms)
+        match lie {
+            Some(prefix) => ([prefix.as_bytes(), input].concat(), true),
+            None => (right(input), false),
+        }
     }
 
     fn finished(&mut self, event: &TaskEvent) {
