@@ -173,6 +173,7 @@ pub(crate) async fn stream(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let mut ticks = tokio::time::interval(INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let stop = api.stop.clone().cancelled_owned();
     let state = (api, ticks, 0_u64, None::<LedgerCheck>);
     let frames = futures_util::stream::unfold(state, |(api, mut ticks, n, check)| async move {
         loop {
@@ -192,5 +193,6 @@ pub(crate) async fn stream(
             return Some((Ok(event), (api, ticks, n + 1, frame.ledger)));
         }
     });
-    Sse::new(frames).keep_alive(KeepAlive::default())
+    // Ends when the service stops, so its graceful shutdown is not held by an open page.
+    Sse::new(futures_util::StreamExt::take_until(frames, stop)).keep_alive(KeepAlive::default())
 }

@@ -52,6 +52,9 @@ pub(crate) struct Api {
     pub client: AsyncClient,
     pub link: Arc<crate::service::Link>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Cancelled when the service stops: live streams end then, so the server's graceful
+    /// shutdown does not wait on a browser tab that is still open.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// The routes of the module docs.

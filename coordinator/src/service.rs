@@ -300,6 +300,7 @@ impl Coordinator {
                 client: client.clone(),
                 link: link.clone(),
                 metrics: metrics.clone(),
+                stop: cancel.clone(),
             };
             let c = cancel.clone();
             tokio::spawn(async move {
