@@ -82,7 +82,7 @@ fn executed(body: ReportBody<'static>) -> (SignedReceipt, &'static [u8], String)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_comes_online_announces_itself_and_signs_its_telemetry() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-announce").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
         c.set_simulate(Profile::Pi5)
@@ -154,7 +154,7 @@ async fn an_agent_comes_online_announces_itself_and_signs_its_telemetry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assignment_is_fetched_executed_and_reported_with_a_receipt_that_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-exec").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     let node = agent.node;
@@ -205,7 +205,7 @@ async fn the_digits_module_classifies_over_mqtt() {
     let module =
         std::fs::read(&path).unwrap_or_else(|e| panic!("{} is committed: {e}", path.display()));
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-digits").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     announce_of(&mut coord, &agent.node).await;
@@ -236,7 +236,7 @@ async fn the_digits_module_classifies_over_mqtt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn module_bytes_that_do_not_match_their_hash_make_the_module_unavailable() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-mismatch").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     announce_of(&mut coord, &agent.node).await;
@@ -266,7 +266,7 @@ async fn module_bytes_that_do_not_match_their_hash_make_the_module_unavailable()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_that_never_arrives_is_unavailable_after_the_fetch_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-missing").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
         c.set_module_fetch_timeout(Duration::from_millis(300));
@@ -320,7 +320,7 @@ async fn a_module_that_never_arrives_is_unavailable_after_the_fetch_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_module_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-oversize").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
         c.sandbox_mut().max_module_bytes = 64;
@@ -344,7 +344,7 @@ async fn an_oversize_module_is_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_on_the_tasks_topic_are_dropped_and_the_agent_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-garbage").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     let node = agent.node;
@@ -415,7 +415,7 @@ fn announce_of_self(node: &NodeId) -> SignedAnnounce {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_assignment_gets_the_stored_report_instead_of_a_second_run() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-dup").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     announce_of(&mut coord, &agent.node).await;
@@ -433,7 +433,7 @@ async fn a_duplicate_assignment_gets_the_stored_report_instead_of_a_second_run()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assignment_beyond_the_concurrency_limit_is_refused_as_busy() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-busy").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
         c.set_max_concurrency(1);
@@ -470,7 +470,7 @@ async fn an_assignment_beyond_the_concurrency_limit_is_refused_as_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_breaker_refuses_work_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-breaker").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
         // A Pi 4 idles around 50 °C: a 30 °C limit keeps the breaker open.
@@ -521,7 +521,7 @@ async fn an_open_breaker_refuses_work_with_its_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_its_node_id_and_says_offline_when_it_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-restart").await;
     let state = dir.path().join("agent");
     let agent = RunningAgent::start(&broker.url(), &state, |_| {});
@@ -543,7 +543,7 @@ async fn a_restarted_agent_keeps_its_node_id_and_says_offline_when_it_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_made_while_the_broker_is_down_is_delivered_after_it_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path());
+    let mut broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-outage").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     let node = agent.node;
@@ -579,7 +579,7 @@ async fn a_report_made_while_the_broker_is_down_is_delivered_after_it_returns() 
         || agent.outbox_len() == 1,
     )
     .await;
-    broker.restart();
+    broker.restart().expect("mosquitto restarts");
 
     let (_, body) = report_of(&mut coord, &node, "through-outage").await;
     assert_eq!(executed(body).0.receipt.exit, Exit::TimedOut);
@@ -593,7 +593,7 @@ async fn a_report_made_while_the_broker_is_down_is_delivered_after_it_returns() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_left_in_the_outbox_by_a_previous_run_is_sent_on_start() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-leftover").await;
     let state = dir.path().join("agent");
     let identity = ambient_agent::load_identity(&state).unwrap();
@@ -630,7 +630,7 @@ async fn a_wasi_task_reads_stdin_and_writes_stdout_over_mqtt() {
     let module =
         std::fs::read(&path).unwrap_or_else(|e| panic!("{} is committed: {e}", path.display()));
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-wasi").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     announce_of(&mut coord, &agent.node).await;
@@ -656,7 +656,7 @@ async fn a_wasi_task_reads_stdin_and_writes_stdout_over_mqtt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_assignments_signed_by_the_pinned_coordinator_run() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = broker();
     let mut coord = Coordinator::connect(&broker.url(), "coord-pinned").await;
     let state = dir.path().join("agent");
     let agent = RunningAgent::start(&broker.url(), &state, |c| {

@@ -37,7 +37,7 @@
 //!
 //! A `receipt` task is drawn for a spot check with probability
 //! [`DispatchConfig::spot_check_permille`]: it runs on two distinct nodes and their results
-//! must agree (a disagreement escalates to a third replica and disputes the loser). The node
+//! must agree (a disagreement escalates: see "Contested votes"). The node
 //! cannot tell a check from any other assignment. A drawn check is never dropped silently:
 //!
 //! - while no distinct node is free, the task waits for one in the queue like any other task
@@ -48,9 +48,23 @@
 //!   stands, and the final event says why the check was missed (`verdict.spot_check_missed`);
 //! - every drawn check is counted by outcome ([`SpotCheck`]): `ambient_spot_checks_total`.
 //!
+//! # Contested votes
+//!
+//! When replicas disagree, a strict majority is not enough: the result must lead the next
+//! most common one by [`CONTESTED_LEAD`] (why, in numbers: its docs). Until it does, the task
+//! escalates, at once, to as many replicas as could decide it (three more after a 1–1 split),
+//! at most [`MAX_REPLICAS`], each on a node drawn at random; only then are the losers
+//! disputed. Two colluders outvoting one honest node 2–1
+//! would otherwise blacklist the honest node and accept their lie. A vote that
+//! [`MAX_REPLICAS`] replicas can no longer decide fails the task, naming the split, and
+//! disputes no one.
+//!
 //! Replicas still running when their task is accepted (the third of `replicate:3` after two
 //! agreed) are compared when they report, until their deadline: agreeing counts as verified
-//! for the node, disagreeing as a dispute. The accepted result had its majority and stands.
+//! for the node; disagreeing is a dispute when the accepted result still leads by
+//! [`CONTESTED_LEAD`], counting every late dissent against it, and is let go otherwise (two
+//! against one is as likely two colluders against an honest node). The accepted result had
+//! its majority and stands.
 //! At most [`MAX_LATE`] finished tasks are kept for this.
 //!
 //! # Recovery
@@ -70,9 +84,9 @@ use std::time::{Duration, Instant};
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Assignment, Digest, Envelope, Exit, Expected, Identity, Message, ModuleError, ModuleInfo,
-    NodeId, Pong, Quorum, Refusal, Refusals, Report, ReportBody, SignedReceipt, SignedRefusal,
-    Tariff, TaskId, quorum, sha3_256, verify_receipt,
+    Assignment, CONTESTED_LEAD, Digest, Envelope, Exit, Expected, Identity, Message, ModuleError,
+    ModuleInfo, NodeId, Pong, Quorum, Refusal, Refusals, Report, ReportBody, SignedReceipt,
+    SignedRefusal, Tariff, TaskId, quorum, sha3_256, verify_receipt,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -378,6 +392,11 @@ struct Late {
     spec: Arc<TaskSpec>,
     input_hash: Digest,
     accepted: (Digest, u64, Exit),
+    /// Every vote so far, the late ones included, to decide whether a late dissent is
+    /// outvoted decisively.
+    votes: Vec<(Digest, u64, Exit)>,
+    /// The nodes that voted or were asked to: how many more could vote is counted besides.
+    voters: Vec<NodeId>,
     outstanding: Vec<Dispatch>,
     /// When none of them can report any more.
     expires: Instant,
@@ -1042,7 +1061,8 @@ impl Dispatcher {
     /// A report for a task that is no longer running: stale, unless it answers a replica
     /// still outstanding when the task was accepted. Those are compared with the accepted
     /// result when they come: agreeing counts as verified for the node, disagreeing as a
-    /// dispute. The accepted result stands either way: it had its majority.
+    /// dispute when the accepted result still leads decisively (see "Contested votes"). The
+    /// accepted result stands either way: it had its majority.
     fn on_late_report(&mut self, now: Now, report: &Report<'_>) {
         let node = report.node;
         let Some(late) = self.late.get_mut(&report.task_id) else {
@@ -1063,10 +1083,10 @@ impl Dispatcher {
         };
         late.outstanding.swap_remove(pos);
         let accepted = late.accepted;
-        if late.outstanding.is_empty() {
-            self.late.remove(&report.task_id);
-        }
         let ReportBody::Executed { receipt, .. } = &report.body else {
+            if late.outstanding.is_empty() {
+                self.late.remove(&report.task_id);
+            }
             return;
         };
         let key = (
@@ -1074,6 +1094,26 @@ impl Dispatcher {
             receipt.receipt.fuel_used,
             receipt.receipt.exit,
         );
+        let dissents = disputed.is_none() && key.2 != Exit::TimedOut && key != accepted;
+        if disputed.is_none() && key.2 != Exit::TimedOut {
+            late.votes.push(key);
+        }
+        // A dissent is outvoted when the votes, its own included, still decide for the
+        // accepted result as a running task's would (see "Contested votes").
+        let decisive = dissents && {
+            let pool = late.votes.len()
+                + late.outstanding.len()
+                + self
+                    .registry
+                    .able(now.at, &late.spec.requires, &late.voters);
+            matches!(
+                quorum(&late.votes, late.votes.len(), pool),
+                Quorum::Accepted { index, .. } if late.votes[index] == accepted
+            )
+        };
+        if late.outstanding.is_empty() {
+            self.late.remove(&report.task_id);
+        }
         let outcome = if let Some(e) = disputed {
             self.dropped.bad_receipts += 1;
             warn!(task = %report.task_id, %node, error = %e, "late receipt rejected");
@@ -1082,9 +1122,14 @@ impl Dispatcher {
             Outcome::Failed
         } else if key == accepted {
             Outcome::Agreed
-        } else {
+        } else if decisive {
             warn!(task = %report.task_id, %node, "a late replica disagrees with the accepted result; disputed");
             Outcome::Disputed
+        } else {
+            // Outvoted by less than the contested lead: as likely the honest one as a liar.
+            info!(task = %report.task_id, %node, "a late replica disagrees with a narrow majority; not disputed");
+            self.registry.touch(now.at, node);
+            return;
         };
         self.registry.touch(now.at, node);
         self.registry.record(now.at, &node, outcome);
@@ -1111,22 +1156,31 @@ impl Dispatcher {
             return;
         };
         let keys: Vec<_> = job.votes.iter().map(|v| v.key).collect();
-        match quorum(&keys, job.replicas) {
+        let mut verdict = quorum(&keys, job.replicas, usize::MAX);
+        if matches!(verdict, Quorum::Split { .. }) {
+            // Only a disagreement depends on how many nodes could still vote (O(n)).
+            let mut voters: Vec<NodeId> = job.outstanding.iter().map(|d| d.node).collect();
+            voters.extend_from_slice(&job.barred);
+            let requires = &job.spec.requires;
+            let pool =
+                keys.len() + job.outstanding.len() + self.registry.able(now.at, requires, &voters);
+            verdict = quorum(&keys, job.replicas, pool);
+        }
+        match verdict {
             Quorum::Accepted { index, .. } => self.finish(now, task_id, Some(keys[index]), fx),
             Quorum::Pending => self.pump(now, task_id, fx),
-            Quorum::Split if job.replicas < MAX_REPLICAS => {
-                // Disagreement escalates to a larger quorum with an odd number of replicas.
-                job.replicas = (if job.replicas % 2 == 0 {
-                    job.replicas + 1
-                } else {
-                    job.replicas + 2
-                })
-                .min(MAX_REPLICAS);
+            Quorum::Split { decidable_at } if decidable_at <= MAX_REPLICAS => {
+                // Disagreement escalates, at once, to as many replicas as could decide.
+                job.replicas = decidable_at;
                 info!(task = %task_id, replicas = job.replicas, "replicas disagree; escalating");
                 self.pump(now, task_id, fx);
             }
-            Quorum::Split => {
-                let why = format!("{} replicas produced no majority", job.votes.len());
+            Quorum::Split { .. } | Quorum::Undecidable => {
+                let why = format!(
+                    "{} replicas disagreed: no result can lead the others by {CONTESTED_LEAD} \
+                     within {MAX_REPLICAS} replicas",
+                    job.votes.len()
+                );
                 job.errors.push(why);
                 self.finish(now, task_id, None, fx);
             }
@@ -1406,6 +1460,13 @@ impl Dispatcher {
                     spec: Arc::clone(&job.spec),
                     input_hash: job.input_hash,
                     accepted,
+                    votes: job.votes.iter().map(|v| v.key).collect(),
+                    voters: job
+                        .barred
+                        .iter()
+                        .chain(job.outstanding.iter().map(|d| &d.node))
+                        .copied()
+                        .collect(),
                     outstanding: std::mem::take(&mut job.outstanding),
                     expires: self.deadline(&job, now.at),
                 },
@@ -2110,22 +2171,122 @@ mod tests {
 
     #[test]
     fn disagreeing_replicas_escalate_and_the_minority_is_disputed() {
-        let mut f = fixture(3);
+        let mut f = fixture(5);
         let sent = assignments(&f.submit("t4", "replicate:2"));
         assert_eq!(sent.len(), 2, "two distinct nodes");
         assert_ne!(sent[0].0, sent[1].0);
         assert!(finals(&f.answer("t4", sent[0], b"right")).is_empty());
-        let third = assignments(&f.answer("t4", sent[1], b"wrong"));
-        assert_eq!(third.len(), 1, "a split vote escalates to a third replica");
-        let done = finals(&f.answer("t4", third[0], b"right"));
-        assert_eq!(done.len(), 1);
+        let more = assignments(&f.answer("t4", sent[1], b"wrong"));
+        assert_eq!(
+            more.len(),
+            3,
+            "a 1-1 split escalates to five: four to one would decide"
+        );
+        assert!(finals(&f.answer("t4", more[0], b"right")).is_empty());
+        assert!(
+            finals(&f.answer("t4", more[1], b"right")).is_empty(),
+            "3 to 1 is contested"
+        );
+        let done = finals(&f.answer("t4", more[2], b"right"));
+        assert_eq!(done.len(), 1, "4 to 1 leads by three");
         let verdict = done[0].verdict.clone().unwrap();
-        assert_eq!((verdict.replicas, verdict.agreeing), (3, 2));
+        assert_eq!((verdict.replicas, verdict.agreeing), (5, 4));
         assert_eq!(verdict.disputed, vec![sent[1].0.to_hex().to_string()]);
         assert_eq!(
             f.journal.paid.borrow()[&TaskId::new("t4").unwrap()].len(),
-            2
+            4
         );
+    }
+
+    /// Answers every assignment of `task` until it ends, each node with `answer(node, n)`
+    /// where `n` counts the assignments so far; returns the final event.
+    fn run_to_end(
+        f: &mut Fixture,
+        task: &str,
+        verify: &str,
+        mut answer: impl FnMut(NodeId, usize) -> &'static [u8],
+    ) -> TaskEvent {
+        let mut sent = assignments(&f.submit(task, verify));
+        let mut n = 0;
+        while let Some(s) = sent.pop() {
+            let fx = f.answer(task, s, answer(s.0, n));
+            n += 1;
+            if let Some(done) = finals(&fx).pop() {
+                return done;
+            }
+            sent.extend(assignments(&fx));
+        }
+        panic!("{task} did not end after {n} answers");
+    }
+
+    #[test]
+    fn in_a_pool_of_three_a_liar_is_outvoted_two_to_one() {
+        let mut f = fixture(3);
+        let sent = assignments(&f.submit("shelf", "replicate:2"));
+        f.answer("shelf", sent[0], b"right");
+        let third = assignments(&f.answer("shelf", sent[1], b"wrong"));
+        assert_eq!(
+            third.len(),
+            1,
+            "three nodes: a third replica is all there is"
+        );
+        let done = finals(&f.answer("shelf", third[0], b"right"));
+        let verdict = done[0].verdict.clone().unwrap();
+        assert_eq!((verdict.replicas, verdict.agreeing), (3, 2));
+        assert_eq!(verdict.disputed, vec![sent[1].0.to_hex().to_string()]);
+    }
+
+    #[test]
+    fn two_colluders_outvoting_an_honest_node_two_to_one_do_not_get_it_disputed() {
+        let mut f = fixture(7);
+        let mut colluders = Vec::new();
+        let mut honest = Vec::new();
+        // The first two runs disagree, the first escalation lands on a second colluder.
+        let done = run_to_end(&mut f, "c", "replicate:2", |node, n| {
+            if n == 0 || n == 2 {
+                colluders.push(node);
+                b"lie"
+            } else {
+                honest.push(node);
+                b"right"
+            }
+        });
+        assert_eq!(
+            done.output_b64.as_deref(),
+            Some(B64.encode(b"right").as_str())
+        );
+        let verdict = done.verdict.clone().unwrap();
+        assert_eq!(
+            (verdict.replicas, verdict.agreeing),
+            (7, 5),
+            "5 to 2 leads by three"
+        );
+        let mut disputed = verdict.disputed.clone();
+        let mut liars: Vec<String> = colluders.iter().map(|c| c.to_hex().to_string()).collect();
+        disputed.sort();
+        liars.sort();
+        assert_eq!(disputed, liars);
+        for h in honest {
+            let view = f.d.registry.view(f.now.at, &h).unwrap();
+            assert_eq!(view.blacklisted_for_ms, None);
+        }
+    }
+
+    #[test]
+    fn a_vote_seven_replicas_can_no_longer_decide_fails_and_disputes_no_one() {
+        let mut f = fixture(9);
+        let done = run_to_end(&mut f, "split", "replicate:2", |_, n| {
+            if n % 2 == 0 { b"a" } else { b"b" }
+        });
+        assert_eq!(done.status, EventStatus::Failed);
+        let message = error_message(&done);
+        assert!(message.contains("6 replicas disagreed"), "{message}");
+        assert!(message.contains("within 7 replicas"), "{message}");
+        assert!(f.journal.paid.borrow().is_empty(), "nothing paid");
+        for n in &f.nodes {
+            let view = f.d.registry.view(f.now.at, &n.node_id()).unwrap();
+            assert_eq!(view.blacklisted_for_ms, None, "no one disputed");
+        }
     }
 
     fn reputation(f: &Fixture, node: NodeId) -> ambient_core::Reputation {
@@ -2156,7 +2317,7 @@ mod tests {
 
     #[test]
     fn a_node_caught_with_a_wrong_result_is_blacklisted_and_starts_proving_again() {
-        let mut f = trusting(3, 0, 1000);
+        let mut f = trusting(5, 0, 1000);
         let liar = f.nodes[0].node_id();
         let sent = assignments(&f.submit("caught", "receipt"));
         assert_eq!(sent.len(), 2, "spot-checked");
@@ -2167,8 +2328,10 @@ mod tests {
         };
         f.answer("caught", on_liar, b"wrong");
         let third = assignments(&f.answer("caught", on_other, b"right"));
-        assert_eq!(third.len(), 1, "disagreement escalates");
-        let done = finals(&f.answer("caught", third[0], b"right"));
+        assert_eq!(third.len(), 3, "disagreement escalates");
+        f.answer("caught", third[0], b"right");
+        f.answer("caught", third[1], b"right");
+        let done = finals(&f.answer("caught", third[2], b"right"));
         assert_eq!(
             done[0].output_b64.as_deref(),
             Some(B64.encode(b"right").as_str())
@@ -2234,25 +2397,44 @@ mod tests {
     }
 
     #[test]
-    fn a_late_replica_that_disagrees_with_the_accepted_majority_is_disputed() {
-        let mut f = fixture(3);
-        let sent = assignments(&f.submit("late3", "replicate:3"));
-        assert_eq!(sent.len(), 3);
-        assert!(finals(&f.answer("late3", sent[0], b"right")).is_empty());
-        let done = finals(&f.answer("late3", sent[1], b"right"));
-        assert_eq!(done.len(), 1, "two of three is a majority: accepted");
-        let before = reputation(&f, sent[2].0);
-        assert!(finals(&f.answer("late3", sent[2], b"wrong")).is_empty());
+    fn a_late_replica_that_disagrees_with_a_decisive_majority_is_disputed() {
+        let mut f = fixture(7);
+        let sent = assignments(&f.submit("late7", "replicate:7"));
+        assert_eq!(sent.len(), 7);
+        for s in &sent[..3] {
+            assert!(finals(&f.answer("late7", *s, b"right")).is_empty());
+        }
+        let done = finals(&f.answer("late7", sent[3], b"right"));
+        assert_eq!(done.len(), 1, "four of seven is a majority: accepted");
+        let before = reputation(&f, sent[4].0);
+        assert!(finals(&f.answer("late7", sent[4], b"wrong")).is_empty());
         assert_eq!(
-            reputation(&f, sent[2].0).disputed,
+            reputation(&f, sent[4].0).disputed,
             before.disputed + 1,
-            "compared, not dropped as stale"
+            "4 to 1 leads by three: compared, not dropped as stale"
         );
         assert_eq!(f.d.dropped().stale_reports, 0);
         // The same report again is a duplicate: stale, and not held against the node twice.
-        f.answer("late3", sent[2], b"wrong");
+        f.answer("late7", sent[4], b"wrong");
         assert_eq!(f.d.dropped().stale_reports, 1);
-        assert_eq!(reputation(&f, sent[2].0).disputed, before.disputed + 1);
+        assert_eq!(reputation(&f, sent[4].0).disputed, before.disputed + 1);
+        // A second dissent leaves a lead of two: contested, let go.
+        let before = reputation(&f, sent[5].0);
+        f.answer("late7", sent[5], b"wrong");
+        assert_eq!(reputation(&f, sent[5].0).disputed, before.disputed);
+    }
+
+    #[test]
+    fn a_late_replica_outvoted_two_to_one_is_not_disputed() {
+        let mut f = fixture(7);
+        let sent = assignments(&f.submit("late3", "replicate:3"));
+        f.answer("late3", sent[0], b"lie");
+        let done = finals(&f.answer("late3", sent[1], b"lie"));
+        assert_eq!(done.len(), 1, "two of three, unanimous so far: accepted");
+        f.answer("late3", sent[2], b"right");
+        let view = f.d.registry.view(f.now.at, &sent[2].0).unwrap();
+        assert_eq!(view.reputation.disputed, 0);
+        assert_eq!(view.blacklisted_for_ms, None);
     }
 
     #[test]

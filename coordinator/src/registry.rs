@@ -436,6 +436,14 @@ impl Node {
         !self.offline && self.deadline.is_none_or(|d| now < d)
     }
 
+    /// Whether it could run a task that needs `req` once free.
+    fn can_run(&self, now: Instant, req: &Requirements) -> bool {
+        self.is_online(now)
+            && self.blacklisted_until_ms.is_none()
+            && req.is_met_by(self.attributes(), u64::MAX)
+            && self.mem_total_bytes >= req.memory_bytes
+    }
+
     fn rescore(&mut self, config: &ScoreConfig) {
         let default = TelemetrySample::default();
         let sample = self.sample.as_ref().unwrap_or(&default);
@@ -1109,13 +1117,10 @@ impl Registry {
         req: &Requirements,
         exclude: &[NodeId],
     ) -> Option<String> {
-        let able = self.nodes.iter().any(|(id, n)| {
-            !exclude.contains(id)
-                && n.is_online(now)
-                && n.blacklisted_until_ms.is_none()
-                && req.is_met_by(n.attributes(), u64::MAX)
-                && n.mem_total_bytes >= req.memory_bytes
-        });
+        let able = self
+            .nodes
+            .iter()
+            .any(|(id, n)| !exclude.contains(id) && n.can_run(now, req));
         (!able).then(|| {
             format!(
                 "no other online node can run it ({} registered, {} used for this task)",
@@ -1123,6 +1128,17 @@ impl Registry {
                 exclude.len()
             )
         })
+    }
+
+    /// How many nodes outside `exclude` could run a task that needs `req`, busy or not:
+    /// online, not blacklisted, meeting its requirements. What a vote can still draw on.
+    ///
+    /// O(n): only when replicas disagree.
+    pub fn able(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> usize {
+        self.nodes
+            .iter()
+            .filter(|(id, n)| !exclude.contains(id) && n.can_run(now, req))
+            .count()
     }
 
     /// Whether the node's recent results agreed with other nodes' often enough in a row

@@ -44,7 +44,7 @@ pub use proof::{
 pub use reputation::{Reputation, credibility};
 pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};
 pub use telemetry::{TelemetrySample, ThrottleFlags};
-pub use verify::{Expected, Quorum, Tariff, quorum, verify_receipt};
+pub use verify::{CONTESTED_LEAD, Expected, Quorum, Tariff, quorum, verify_receipt};
 pub use wire::{
     Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
     MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,

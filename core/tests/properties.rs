@@ -3,11 +3,11 @@
 mod common;
 
 use ambient_core::{
-    Abi, Admission, Announce, Assignment, Breaker, BreakerState, DecodeError, Digest, Engine,
-    Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Quorum, Receipt, Refusal,
-    Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy, ScoreConfig, SignedAnnounce,
-    SignedReceipt, SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample,
-    ThrottleFlags, TripReason, health_score, quorum,
+    Abi, Admission, Announce, Assignment, Breaker, BreakerState, CONTESTED_LEAD, DecodeError,
+    Digest, Engine, Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Quorum,
+    Receipt, Refusal, Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy, ScoreConfig,
+    SignedAnnounce, SignedReceipt, SignedRefusal, SignedTelemetry, TaskId, Telemetry,
+    TelemetrySample, ThrottleFlags, TripReason, health_score, quorum,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -674,9 +674,12 @@ fn a_task_id_outside_the_alphabet_is_rejected_on_decode() {
 
 // --- quorum ---
 
+/// A pool large enough for any vote.
+const LARGE_POOL: usize = usize::MAX;
+
 proptest! {
     #[test]
-    fn a_quorum_accepts_only_with_a_strict_majority(
+    fn a_quorum_accepts_a_strict_majority_that_leads_any_dissent_decisively(
         k in 1usize..9,
         raw in vec((0u8..3, 0u64..2, prop_oneof![Just(Exit::Ok), Just(Exit::Trapped)]), 0..9),
     ) {
@@ -684,21 +687,37 @@ proptest! {
             raw.into_iter().take(k).map(|(d, fuel, exit)| (Digest([d; 32]), fuel, exit)).collect();
         let count = |v: &(Digest, u64, Exit)| votes.iter().filter(|w| *w == v).count();
         let best = votes.iter().map(count).max().unwrap_or(0);
-        match quorum(&votes, k) {
+        let left = k - votes.len();
+        match quorum(&votes, k, LARGE_POOL) {
             Quorum::Accepted { index, agreeing } => {
                 prop_assert!(2 * agreeing > k, "{agreeing} of {k} is not a strict majority");
                 prop_assert_eq!(count(&votes[index]), agreeing);
                 prop_assert_eq!(agreeing, best);
+                let runner_up = votes.iter().filter(|v| **v != votes[index]).map(count).max();
+                if let Some(r) = runner_up {
+                    prop_assert!(agreeing - r >= CONTESTED_LEAD, "{agreeing} against {r} is contested");
+                }
             }
             Quorum::Pending => {
-                prop_assert!(2 * best <= k);
-                prop_assert!(votes.len() < k, "every replica reported");
-                prop_assert!(2 * (best + k - votes.len()) > k, "a majority is no longer possible");
+                prop_assert!(left > 0, "every replica reported");
+                prop_assert!(2 * (best + left) > k, "a majority is no longer possible");
             }
-            Quorum::Split => {
-                prop_assert!(2 * best <= k);
-                prop_assert!(votes.len() == k || 2 * (best + k - votes.len()) <= k);
+            Quorum::Split { decidable_at } => {
+                let unanimous = best == votes.len();
+                prop_assert!(left == 0 || 2 * (best + left) <= k || !unanimous);
+                prop_assert!(!(unanimous && 2 * best > k), "an unanimous majority is accepted");
+                prop_assert!(decidable_at > k);
+                // The leader taking every new replica decides at `decidable_at`, not before.
+                let leader = votes.iter().copied().max_by_key(count).expect("a split has votes");
+                let mut more = votes.clone();
+                more.resize(decidable_at, leader);
+                let decided = matches!(quorum(&more, decidable_at, LARGE_POOL), Quorum::Accepted { .. });
+                prop_assert!(decided, "every new replica agreeing decides at {}", decidable_at);
+                more.truncate(decidable_at - 1);
+                let early = matches!(quorum(&more, decidable_at - 1, LARGE_POOL), Quorum::Accepted { .. });
+                prop_assert!(!early, "decided before {}", decidable_at);
             }
+            Quorum::Undecidable => prop_assert!(false, "a large pool can always escalate"),
         }
     }
 }
@@ -711,19 +730,94 @@ fn replicas_agreeing_on_output_but_not_fuel_do_not_agree() {
         (out, 101, Exit::Ok),
         (out, 102, Exit::Ok),
     ];
-    assert_eq!(quorum(&votes, 3), Quorum::Split);
     assert_eq!(
-        quorum(&votes[..2], 3),
-        Quorum::Pending,
-        "the third replica may still side with either"
+        quorum(&votes, 3, LARGE_POOL),
+        Quorum::Split { decidable_at: 6 }
     );
     assert_eq!(
-        quorum(&[votes[0], votes[0], votes[1]], 3),
+        quorum(&votes[..2], 3, LARGE_POOL),
+        Quorum::Split { decidable_at: 5 },
+        "they disagree, and a third replica cannot make either lead by three"
+    );
+    assert_eq!(
+        quorum(&[votes[0], votes[0]], 3, LARGE_POOL),
+        Quorum::Accepted {
+            index: 0,
+            agreeing: 2
+        },
+        "two agreeing of three, the third still out, is unanimous so far"
+    );
+    assert_eq!(
+        quorum(&[votes[0], votes[0], votes[1]], 3, LARGE_POOL),
+        Quorum::Split { decidable_at: 5 },
+        "two against one is contested: more replicas decide"
+    );
+}
+
+#[test]
+fn a_contested_vote_is_accepted_once_it_leads_by_three() {
+    assert_eq!(CONTESTED_LEAD, 3);
+    let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+    let votes = |s: &str| -> Vec<_> {
+        s.chars()
+            .map(|c| (if c == 'a' { a } else { b }, 1, Exit::Ok))
+            .collect()
+    };
+    let accepted = |agreeing| Quorum::Accepted { index: 0, agreeing };
+    let split = |decidable_at| Quorum::Split { decidable_at };
+    assert_eq!(
+        quorum(&votes("ab"), 2, LARGE_POOL),
+        split(5),
+        "three more agreeing would lead by three"
+    );
+    assert_eq!(
+        quorum(&votes("aba"), 3, LARGE_POOL),
+        split(5),
+        "2 to 1 is contested"
+    );
+    assert_eq!(quorum(&votes("abaa"), 5, LARGE_POOL), Quorum::Pending);
+    assert_eq!(quorum(&votes("abaaa"), 5, LARGE_POOL), accepted(4));
+    assert_eq!(
+        quorum(&votes("abbaa"), 5, LARGE_POOL),
+        split(7),
+        "a majority, not a lead"
+    );
+    assert_eq!(quorum(&votes("abbaaa"), 7, LARGE_POOL), Quorum::Pending);
+    assert_eq!(quorum(&votes("abbaaaa"), 7, LARGE_POOL), accepted(5));
+    assert_eq!(quorum(&votes("abbaaab"), 7, LARGE_POOL), split(9));
+    assert_eq!(
+        quorum(&votes("abbaab"), 7, LARGE_POOL),
+        split(9),
+        "no lead of 3 is left"
+    );
+}
+
+#[test]
+fn a_pool_too_small_for_a_lead_of_three_decides_by_the_lead_it_can_reach() {
+    let (a, b, c) = (Digest([1; 32]), Digest([2; 32]), Digest([3; 32]));
+    let vote = |d| (d, 1, Exit::Ok);
+    assert_eq!(
+        quorum(&[vote(a), vote(b)], 2, 3),
+        Quorum::Split { decidable_at: 3 },
+        "three nodes: a third replica decides by majority"
+    );
+    assert_eq!(
+        quorum(&[vote(a), vote(b), vote(a)], 3, 3),
         Quorum::Accepted {
             index: 0,
             agreeing: 2
         }
     );
+    assert_eq!(
+        quorum(&[vote(a), vote(b)], 2, 4),
+        Quorum::Split { decidable_at: 4 },
+        "four nodes: three to one leads by two"
+    );
+    assert_eq!(
+        quorum(&[vote(a), vote(b), vote(c)], 3, 3),
+        Quorum::Undecidable
+    );
+    assert_eq!(quorum(&[vote(a), vote(b)], 2, 2), Quorum::Undecidable);
 }
 
 #[test]
@@ -735,10 +829,18 @@ fn two_of_four_is_not_a_majority() {
         (b, 1, Exit::Ok),
         (b, 1, Exit::Ok),
     ];
-    assert_eq!(quorum(&votes, 4), Quorum::Split);
-    assert_eq!(quorum(&votes[..3], 4), Quorum::Pending);
     assert_eq!(
-        quorum(&[(a, 1, Exit::Ok); 3], 4),
+        quorum(&votes, 4, LARGE_POOL),
+        Quorum::Split { decidable_at: 7 }
+    );
+    assert_eq!(quorum(&votes[..2], 4, LARGE_POOL), Quorum::Pending);
+    assert_eq!(
+        quorum(&votes[..3], 4, LARGE_POOL),
+        Quorum::Split { decidable_at: 5 },
+        "contested: no lead of three is left"
+    );
+    assert_eq!(
+        quorum(&[(a, 1, Exit::Ok); 3], 4, LARGE_POOL),
         Quorum::Accepted {
             index: 0,
             agreeing: 3

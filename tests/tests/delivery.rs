@@ -134,16 +134,15 @@ async fn a_coordinator_killed_mid_batch_of_300_loses_no_task_on_the_embedded_bro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_mid_batch_of_300_loses_no_task_on_mosquitto() {
-    let m = mosquitto();
-    kill_the_coordinator_mid_batch(Some(&m.url)).await;
+    let m = Mosquitto::required();
+    kill_the_coordinator_mid_batch(Some(&m.url())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mosquitto_restart_with_500_in_flight_loses_no_task_and_needs_no_retry() {
-    let mut m = mosquitto();
-    let port: u16 = m.url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut m = Mosquitto::required();
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url()));
     let _agents = agents(&c.url, dir.path(), &["pi4", "pi5", "jetson-orin-nano"]);
     c.wait_for_nodes(3);
     let client = Client::connect(&c.url).await.unwrap();
@@ -158,12 +157,12 @@ async fn a_mosquitto_restart_with_500_in_flight_loses_no_task_and_needs_no_retry
         || journaled(&db).1 >= 50,
         || "50 tasks finished".into(),
     );
-    m.proc.kill9();
+    m.kill();
     assert!(
         journaled(&db).1 < 500,
         "the broker died with tasks in flight"
     );
-    let _m = Mosquitto::start_on(port).expect("mosquitto restarts on its port");
+    m.restart().expect("mosquitto restarts on its port");
     let events = batch.await.unwrap().unwrap();
     assert_eq!(events.len(), 500, "a final event for every task");
     assert_all_completed_and_paid_once(&db, &subs, &events);

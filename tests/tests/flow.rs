@@ -148,10 +148,10 @@ async fn replicated_tasks_are_accepted_by_a_majority_of_distinct_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_flow_also_runs_on_mosquitto() {
-    let mosquitto = mosquitto();
+    let mosquitto = Mosquitto::required();
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&mosquitto.url));
-    assert_eq!(c.url, mosquitto.url);
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&mosquitto.url()));
+    assert_eq!(c.url, mosquitto.url());
     let _agents = agents(&c.url, dir.path(), &["pi5", "jetson-orin-nano"]);
     c.wait_for_nodes(2);
     run_digits(

@@ -169,8 +169,8 @@ async fn on_a_broker_without_acls_forged_reports_refusals_and_a_spoofed_offline_
     let dir = tempfile::tempdir().unwrap();
     // mosquitto as configured by default lets anyone publish anywhere: the coordinator's own
     // checks are all that stands between the forger and the victim.
-    let m = mosquitto();
-    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
+    let m = Mosquitto::required();
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url()));
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
     let (attacker, mut assignments) = stranger(
@@ -299,8 +299,8 @@ async fn on_a_broker_without_acls_forged_reports_refusals_and_a_spoofed_offline_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_broker_without_acls_an_announce_on_another_nodes_topic_registers_nobody() {
     let dir = tempfile::tempdir().unwrap();
-    let m = mosquitto();
-    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
+    let m = Mosquitto::required();
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url()));
     let (client, mut rejected) = stranger(&c.url, "misplaced", &[topics::REJECTED]).await;
     settle(&client, &mut rejected, &c.db()).await;
     let (attacker, victim) = (
@@ -325,11 +325,11 @@ async fn on_a_broker_without_acls_an_announce_on_another_nodes_topic_registers_n
 async fn open_enrollment_stops_at_max_nodes_and_only_nodes_with_telemetry_get_work() {
     let dir = tempfile::tempdir().unwrap();
     // 2,000 keys from one client: on mosquitto, which does not check who speaks for a node.
-    let m = mosquitto();
+    let m = Mosquitto::required();
     let c = Coordinator::start_with(
         &dir.path().join("c"),
         0,
-        Some(&m.url),
+        Some(&m.url()),
         "[enrollment]\nmax_nodes = 50\njoins_per_s = 100000\n",
     );
     let (client, mut rejected) = stranger(&c.url, "flood", &[topics::REJECTED]).await;
@@ -716,12 +716,6 @@ fn secured_mosquitto(dir: &std::path::Path, accounts: &[(&str, &str)]) -> (Mosqu
     let acl = dir.join("acl");
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../targets/mosquitto/acl");
     std::fs::copy(shipped, &acl).unwrap();
-    // mosquitto started as root drops to its own user, which must be able to read these.
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for file in [&ca, &cert, &key, &passwd, &acl] {
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
     let settings = format!(
         "cafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
         ca.display(),
@@ -730,8 +724,10 @@ fn secured_mosquitto(dir: &std::path::Path, accounts: &[(&str, &str)]) -> (Mosqu
         passwd.display(),
         acl.display()
     );
-    let m = Mosquitto::start_configured(free_port(), &settings)
-        .expect("mosquitto is needed for this test: apt-get install mosquitto");
+    let m = Mosquitto::builder()
+        .settings(&settings)
+        .start()
+        .unwrap_or_else(|e| panic!("this test needs mosquitto: {e}"));
     (m, ca)
 }
 
@@ -750,7 +746,7 @@ async fn mosquitto_with_tls_passwords_and_acls_runs_the_flow_and_keeps_each_devi
             (&neighbour_id, "b-pass"),
         ],
     );
-    let port = host_port(&m.url).1;
+    let port = host_port(&m.url()).1;
     let url = |user: &str, password: &str| format!("mqtts://{user}:{password}@127.0.0.1:{port}");
     let tls = ambient_coordinator::TlsFiles {
         ca_file: Some(ca.clone()),
@@ -918,8 +914,8 @@ async fn a_flood_of_forged_telemetry_is_cut_before_verification_and_the_other_no
     let dir = tempfile::tempdir().unwrap();
     // mosquitto without ACLs carries the flood to the coordinator; the embedded broker would
     // drop it at the door.
-    let m = mosquitto();
-    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url));
+    let m = Mosquitto::required();
+    let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url()));
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
     let victim = snapshot(&c.db())[0].0;

@@ -2,9 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ambient_agent::{AgentConfig, AgentError};
@@ -19,111 +17,26 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// How long any awaited event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A mosquitto child process on a free loopback port, with persistence so sessions survive a
-/// restart. Killed on drop. (`user root` keeps a root-started mosquitto from switching to a
-/// user that cannot write the temporary directory; it has no effect for other users.)
-pub struct Broker {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
+#[allow(unused_imports)]
+pub use ambient_testkit::{Mosquitto, free_port};
+
+/// A mosquitto of the test's own, persistent so sessions survive [`Mosquitto::restart`].
+/// `extra` adds mosquitto.conf lines (a second listener). Fails the test, never skips it,
+/// where mosquitto is not installed.
+pub fn broker_with(extra: &str) -> Mosquitto {
+    Mosquitto::builder()
+        .persistent()
+        .settings(&format!("allow_anonymous true\n{extra}"))
+        .start()
+        .unwrap_or_else(|e| panic!("this test needs mosquitto: {e}"))
 }
 
-impl Broker {
-    /// Starts mosquitto, or returns `None` (after a note) when it is not installed.
-    pub fn start(dir: &Path) -> Self {
-        Self::start_with(dir, "")
-    }
-
-    /// Starts mosquitto with `extra` appended to its config (e.g. a second listener). Fails
-    /// the test, never skips it, where mosquitto is not installed.
-    pub fn start_with(dir: &Path, extra: &str) -> Self {
-        assert!(
-            Path::new(MOSQUITTO).exists(),
-            "{MOSQUITTO} is needed for this test: apt-get install mosquitto"
-        );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = dir.join("broker");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {}/\nset_tcp_nodelay true\n{}",
-                dir.display(),
-                if std::env::var_os("AMBIENT_TEST_LOGS").is_some() { "log_type all\n" } else { "" }
-            ) + extra,
-        )
-        .unwrap();
-        let mut broker = Self {
-            child: None,
-            port,
-            dir,
-        };
-        broker.spawn();
-        broker
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("AMBIENT_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("start mosquitto");
-        self.child = Some(child);
-        // Ready once it accepts connections.
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops mosquitto gracefully (SIGTERM), so it saves its sessions.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts mosquitto again on the same port with the saved sessions.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// [`broker_with`] no extra lines.
+pub fn broker() -> Mosquitto {
+    broker_with("")
 }
 
 /// A message seen by the test client.
@@ -393,15 +306,6 @@ pub const SPIN_WAT: &str = r#"
   (func (export "alloc") (param i32) (result i32) (i32.const 1024))
   (func (export "spin") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0)))
 "#;
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 pub fn wasm(wat: &str) -> Vec<u8> {
     wat::parse_str(wat).unwrap()

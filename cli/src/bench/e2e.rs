@@ -2,9 +2,7 @@
 //! beside raw MQTT round trips and floods on the same broker.
 
 use std::io::Write as _;
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +16,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::core::{bench_receipt, sign_and_verify};
-use super::harness::{find_on_path, percentile, progress, sorted_ms};
+use super::harness::{percentile, progress, sorted_ms};
 use super::report::{Figure, Goal, Status, num, section_result};
 use super::{Plan, TRIVIAL_WAT};
 
@@ -550,91 +548,6 @@ fn end_to_end_figures(section: &'static str, key: &str, plan: &Plan, e: &EndToEn
     ]
 }
 
-/// A mosquitto started for this run on a free loopback port, killed when dropped.
-struct Mosquitto {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// The mosquitto executable: `/usr/sbin/mosquitto`, or `mosquitto` on `PATH`.
-    fn find() -> Option<PathBuf> {
-        let sbin = PathBuf::from("/usr/sbin/mosquitto");
-        if sbin.is_file() {
-            return Some(sbin);
-        }
-        find_on_path("mosquitto")
-    }
-
-    fn start(exe: &Path) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-        let port = free_port()?;
-        let conf = dir.path().join("mosquitto.conf");
-        // The default queue (1000 messages per client) would drop QoS 1 submissions while the
-        // coordinator works through a batch; nothing else departs from mosquitto's defaults.
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 1000000\npersistence false\n"
-            ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
-        let child = std::process::Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let mut this = Self {
-            child,
-            url: format!("mqtt://127.0.0.1:{port}"),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(this);
-            }
-            if let Some(status) = this.child.try_wait()? {
-                let log = std::fs::read_to_string(this.dir.path().join("mosquitto.log"))
-                    .unwrap_or_default();
-                anyhow::bail!(
-                    "mosquitto exited ({status}) before listening on port {port}: {}",
-                    log.trim()
-                );
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on port {port} within 5 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback port nobody listens on now (never 1883, which a real broker may want).
-fn free_port() -> anyhow::Result<u16> {
-    for _ in 0..10 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        if port != 1883 {
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no free loopback port found")
-}
-
 pub(super) async fn section_end_to_end(plan: Plan) -> Vec<Figure> {
     let mut figures = Vec::new();
     const EMBEDDED: &str = "1. end to end, embedded broker";
@@ -647,7 +560,7 @@ pub(super) async fn section_end_to_end(plan: Plan) -> Vec<Figure> {
     ));
 
     const MOSQUITTO: &str = "1. end to end, mosquitto";
-    match Mosquitto::find() {
+    match ambient_testkit::mosquitto_binary() {
         None => figures.push(Figure::not_measured(
             MOSQUITTO,
             "e2e.mosquitto",
@@ -657,14 +570,14 @@ pub(super) async fn section_end_to_end(plan: Plan) -> Vec<Figure> {
         )),
         Some(exe) => {
             progress(&format!("1. end to end, mosquitto ({})", exe.display()));
-            let result = match Mosquitto::start(&exe) {
+            let result = match ambient_testkit::Mosquitto::start() {
                 Ok(broker) => {
-                    let url = broker.url.clone();
+                    let url = broker.url();
                     let e = end_to_end(plan, Some(url)).await;
                     drop(broker);
                     e.map(|e| end_to_end_figures(MOSQUITTO, "e2e.mosquitto", &plan, &e))
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             };
             figures.extend(section_result(MOSQUITTO, result));
         }

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -104,13 +103,8 @@ pub fn device_options(url: &str, identity: &Identity) -> rumqttc::MqttOptions {
     opts
 }
 
-/// A free TCP port on loopback (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+#[allow(unused_imports)]
+pub use ambient_testkit::{Mosquitto, free_port};
 
 /// A child process killed (SIGKILL) when dropped.
 pub struct Proc {
@@ -145,70 +139,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// A mosquitto of our own on a free port, if the binary is installed.
-pub struct Mosquitto {
-    pub proc: Proc,
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    pub fn start() -> Option<Mosquitto> {
-        Self::start_on(free_port())
-    }
-
-    /// Starts on `port` (to restart one in place). `None` if mosquitto is not installed.
-    pub fn start_on(port: u16) -> Option<Mosquitto> {
-        Self::start_configured(port, "allow_anonymous true\n")
-    }
-
-    /// Starts on `port` with `settings` (mosquitto.conf lines) for its listener and broker.
-    pub fn start_configured(port: u16, settings: &str) -> Option<Mosquitto> {
-        let binary = [
-            "/usr/sbin/mosquitto",
-            "/usr/bin/mosquitto",
-            "/usr/local/sbin/mosquitto",
-        ]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
-        let dir = tempfile::tempdir().ok()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{settings}set_tcp_nodelay true\npersistence false\nmax_queued_messages 100000\n")).ok()?;
-        let log = dir.path().join("mosquitto.log");
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).ok()?)
-            .spawn()
-            .ok()?;
-        let mut proc = Proc {
-            child,
-            name: "mosquitto".into(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let exited = proc.child.try_wait().ok().flatten().is_some();
-            assert!(
-                Instant::now() < deadline && !exited,
-                "mosquitto did not start on port {port}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Mosquitto {
-            proc,
-            url: format!("mqtt://127.0.0.1:{port}"),
-            _dir: dir,
-        })
-    }
-}
-
-/// A mosquitto of our own; the test fails (never skips) where it is not installed.
-pub fn mosquitto() -> Mosquitto {
-    Mosquitto::start().expect("mosquitto is needed for this test: apt-get install mosquitto")
 }
 
 /// `ambient coordinator` as a child process.
