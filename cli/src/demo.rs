@@ -279,12 +279,7 @@ pub(super) async fn wait_for_nodes(db: &std::path::Path, n: usize) -> anyhow::Re
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(store) = Store::open_read_only(db) {
-            let online = store
-                .nodes()?
-                .iter()
-                .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
-                .filter(|v| v["online"].as_bool() == Some(true))
-                .count();
+            let online = store.node_views()?.iter().filter(|v| v.online).count();
             if online >= n {
                 return Ok(());
             }
@@ -306,16 +301,15 @@ fn summarise(
 ) -> anyhow::Result<Summary> {
     let store = Store::open_read_only(db)?;
     let mut per_node: BTreeMap<String, NodeSummary> = BTreeMap::new();
-    for (id, json) in store.nodes()? {
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-        let hex = id.to_hex().to_string();
+    for v in store.node_views()? {
+        let hex = v.node.to_hex().to_string();
         per_node.insert(
             hex.clone(),
             NodeSummary {
                 node: hex,
-                profile: v["profile"].as_str().unwrap_or("-").to_string(),
-                verified: v["reputation"]["verified"].as_u64().unwrap_or(0),
-                disputed: v["reputation"]["disputed"].as_u64().unwrap_or(0),
+                profile: v.profile.unwrap_or_else(|| "-".into()),
+                verified: v.reputation.verified.into(),
+                disputed: v.reputation.disputed.into(),
                 ..NodeSummary::default()
             },
         );

@@ -3,9 +3,10 @@
 
 use std::process::ExitCode;
 
+use ambient_coordinator::TaskEvent;
 use ambient_coordinator::store::{Store, TaskStatus};
+use ambient_core::BreakerState;
 use clap::{Args, Subcommand};
-use serde_json::Value;
 
 use super::DataDir;
 
@@ -80,11 +81,7 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         Some(NodesCommand::Revoke(v)) => return enrollment::decide(v, false),
     };
     let store = open(&args.data)?;
-    let nodes: Vec<Value> = store
-        .nodes()?
-        .into_iter()
-        .filter_map(|(_, json)| serde_json::from_str(&json).ok())
-        .collect();
+    let nodes = store.node_views()?;
     let dropped = store.dropped()?;
     if args.json {
         let out = serde_json::json!({ "nodes": nodes, "dropped": dropped });
@@ -125,57 +122,53 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         "RUN",
         "SEEN"
     );
+    // Scores are in 0..=SCORE_SCALE; shown from 0 to 1.
+    let unit = |x: u32| format!("{:.2}", f64::from(x) / f64::from(ambient_core::SCORE_SCALE));
     for n in &nodes {
-        let terms = &n["terms"];
-        let pct = |v: &Value| {
-            v.as_u64()
-                .map(|x| format!("{:.2}", x as f64 / 10_000.0))
-                .unwrap_or_else(|| "-".into())
-        };
-        let seen = n["last_seen_ms_ago"]
-            .as_u64()
+        let terms = &n.terms;
+        let seen = n
+            .last_seen_ms_ago
             .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
             .unwrap_or_else(|| "never".into());
-        let mut breaker = match n["breaker_reason"].as_str() {
-            Some(r) => format!("{} ({r})", n["breaker"].as_str().unwrap_or("?")),
-            None => n["breaker"].as_str().unwrap_or("?").to_string(),
+        let mut breaker = match &n.breaker_reason {
+            Some(r) => format!("{:?} ({r})", n.breaker),
+            None => format!("{:?}", n.breaker),
         };
         // The device's own breaker (its temperature, throttling or errors by its own limits)
         // takes it out of the pool too.
-        if let Some(own) = n["sample"]["breaker"].as_str().filter(|b| *b != "Closed") {
-            breaker.push_str(&format!("; device's own breaker {own}"));
+        if let Some(own) = n
+            .sample
+            .as_ref()
+            .map(|s| s.breaker)
+            .filter(|b| *b != BreakerState::Closed)
+        {
+            breaker.push_str(&format!("; device's own breaker {own:?}"));
         }
         // A node caught with a wrong result gets no work for a while.
-        if let Some(ms) = n["blacklisted_for_ms"].as_u64() {
+        if let Some(ms) = n.blacklisted_for_ms {
             breaker.push_str(&format!(
                 "; blacklisted for {:.0} s (a result shown wrong)",
                 ms as f64 / 1000.0
             ));
         }
+        let node = n.node.to_hex();
         println!(
             "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  {}",
-            n["node"]
-                .as_str()
-                .map(|s| &s[..s.len().min(12)])
-                .unwrap_or("?"),
-            n["profile"].as_str().unwrap_or("-"),
-            n["arch"].as_str().unwrap_or("?"),
-            if n["online"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            },
-            pct(&terms["score"]),
-            pct(&terms["bandwidth"]),
-            pct(&terms["latency"]),
-            pct(&terms["compute"]),
-            pct(&terms["reputation"]),
-            n["credibility"]
-                .as_u64()
-                .map(|c| format!("{:.4}", c as f64 / 10_000.0))
-                .unwrap_or_else(|| "-".into()),
-            n["reputation"]["verified"].as_u64().unwrap_or(0),
-            n["in_flight"].as_u64().unwrap_or(0),
+            &node.as_str()[..12],
+            n.profile.as_deref().unwrap_or("-"),
+            n.arch,
+            if n.online { "yes" } else { "no" },
+            unit(terms.score),
+            unit(terms.bandwidth),
+            unit(terms.latency),
+            unit(terms.compute),
+            unit(terms.reputation),
+            format!(
+                "{:.4}",
+                f64::from(n.credibility) / f64::from(ambient_core::SCORE_SCALE)
+            ),
+            n.reputation.verified,
+            n.in_flight,
             seen,
             breaker
         );
@@ -208,14 +201,10 @@ pub fn tasks(args: TasksArgs) -> anyhow::Result<ExitCode> {
         let detail = r
             .result_json
             .as_deref()
-            .and_then(|j| serde_json::from_str::<Value>(j).ok())
-            .map(|v| match v["error"]["message"].as_str() {
-                Some(m) => m.to_string(),
-                None => format!(
-                    "nodes {} reward {}",
-                    v["nodes"].as_array().map_or(0, Vec::len),
-                    v["reward"].as_u64().unwrap_or(0)
-                ),
+            .and_then(|j| serde_json::from_str::<TaskEvent>(j).ok())
+            .map(|ev| match ev.error {
+                Some(e) => e.message,
+                None => format!("nodes {} reward {}", ev.nodes.len(), ev.reward.unwrap_or(0)),
             })
             .unwrap_or_default();
         println!(

@@ -97,7 +97,7 @@ fn read_frame(store: &Store, api: &Api, ledger: Option<LedgerCheck>) -> Result<F
     let at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let mut nodes = crate::http::views(store)?;
+    let mut nodes = store.node_views()?;
     let nodes_total = nodes.len();
     nodes.truncate(MAX_NODES);
     let feed = store

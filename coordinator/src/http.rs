@@ -150,16 +150,6 @@ async fn health(State(api): State<Api>) -> (StatusCode, Json<Health>) {
     (status, Json(body))
 }
 
-/// The node snapshot's rows as views; a row another version wrote that does not parse is
-/// left out.
-pub(crate) fn views(store: &Store) -> Result<Vec<NodeView>, ApiError> {
-    Ok(store
-        .nodes()?
-        .into_iter()
-        .filter_map(|(_, json)| serde_json::from_str(&json).ok())
-        .collect())
-}
-
 #[derive(Serialize)]
 struct Nodes {
     nodes: Vec<NodeView>,
@@ -169,7 +159,7 @@ struct Nodes {
 async fn nodes(State(api): State<Api>) -> Result<Json<Nodes>, ApiError> {
     read(&api, |store| {
         Ok(Json(Nodes {
-            nodes: views(store)?,
+            nodes: store.node_views()?,
             dropped: store.dropped()?,
         }))
     })
@@ -185,7 +175,8 @@ async fn node(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Nod
         )
     })?;
     read(&api, move |store| {
-        views(store)?
+        store
+            .node_views()?
             .into_iter()
             .find(|v| v.node == node)
             .map(Json)

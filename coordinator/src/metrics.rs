@@ -26,7 +26,6 @@ use prometheus_client::registry::Registry;
 
 use serde::Serialize;
 
-use crate::NodeView;
 use crate::dispatcher::Ended;
 use crate::store::{Store, StoreError, TaskStatus};
 
@@ -210,10 +209,7 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.nodes.clear();
-        for (_, json) in store.nodes()? {
-            let Ok(view) = serde_json::from_str::<NodeView>(&json) else {
-                continue;
-            };
+        for view in store.node_views()? {
             let state = NodeState {
                 online: view.online.to_string(),
                 breaker: format!("{:?}", view.breaker).to_lowercase(),

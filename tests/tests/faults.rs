@@ -264,15 +264,15 @@ impl LyingNode {
     }
 }
 
-fn reputation_of(db: &std::path::Path, node: &ambient_core::NodeId) -> serde_json::Value {
+fn reputation_of(db: &std::path::Path, node: &ambient_core::NodeId) -> ambient_core::Reputation {
     let store = Store::open_read_only(db).unwrap();
-    let (_, json) = store
-        .nodes()
+    store
+        .node_views()
         .unwrap()
         .into_iter()
-        .find(|(n, _)| n == node)
-        .expect("node in snapshot");
-    serde_json::from_str::<serde_json::Value>(&json).unwrap()["reputation"].clone()
+        .find(|v| v.node == *node)
+        .expect("node in snapshot")
+        .reputation
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,10 +315,10 @@ async fn a_node_whose_receipts_are_signed_by_another_key_earns_nothing_and_the_t
     assert_ne!(ev.nodes[0], liar.node.to_hex().as_str());
     wait_until(
         Duration::from_secs(10),
-        || reputation_of(&c.db(), &liar.node)["failed"].as_u64() >= Some(1),
+        || reputation_of(&c.db(), &liar.node).failed >= 1,
         || "the liar's unanswered attempt to count as a failure".into(),
     );
-    assert_eq!(reputation_of(&c.db(), &liar.node)["disputed"], 0);
+    assert_eq!(reputation_of(&c.db(), &liar.node).disputed, 0);
     let store = Store::open_read_only(&c.db()).unwrap();
     assert!(
         store
@@ -362,7 +362,7 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
     assert_eq!(verdict.disputed, vec![liar.node.to_hex().to_string()]);
     wait_until(
         Duration::from_secs(10),
-        || reputation_of(&c.db(), &liar.node)["disputed"].as_u64() >= Some(1),
+        || reputation_of(&c.db(), &liar.node).disputed >= 1,
         || "the liar's reputation to drop".into(),
     );
     let store = Store::open_read_only(&c.db()).unwrap();
@@ -418,12 +418,11 @@ fn wait_for_blacklisting(c: &Coordinator, node: &str) {
         Duration::from_secs(10),
         || {
             let store = Store::open_read_only(&c.db()).unwrap();
-            store.nodes().unwrap().into_iter().any(|(n, json)| {
-                n.to_string() == node
-                    && serde_json::from_str::<serde_json::Value>(&json).unwrap()
-                        ["blacklisted_for_ms"]
-                        .is_u64()
-            })
+            store
+                .node_views()
+                .unwrap()
+                .iter()
+                .any(|v| v.node.to_string() == node && v.blacklisted_for_ms.is_some())
         },
         || format!("{node} to show as blacklisted"),
     );

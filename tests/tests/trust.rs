@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
-use ambient_coordinator::{EventStatus, Submission};
+use ambient_coordinator::{EventStatus, NodeView, Submission};
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Engine, Envelope, Identity, Message, NodeId, Receipt, Refusal, Report, ReportBody,
+    BreakerState, Engine, Envelope, Identity, Message, Receipt, Refusal, Report, ReportBody,
     SignedRefusal, TaskId, TelemetrySample, sha3_256,
 };
 use base64::Engine as _;
@@ -90,13 +90,10 @@ async fn connack(opts: MqttOptions) -> Result<(), ConnectReturnCode> {
 }
 
 /// Every node in the coordinator's registry snapshot, with its `NodeView` JSON.
-fn snapshot(db: &std::path::Path) -> Vec<(NodeId, serde_json::Value)> {
+fn snapshot(db: &std::path::Path) -> Vec<NodeView> {
     Store::open_read_only(db)
-        .and_then(|s| s.nodes())
+        .and_then(|s| s.node_views())
         .unwrap_or_default()
-        .into_iter()
-        .map(|(n, j)| (n, serde_json::from_str(&j).unwrap()))
-        .collect()
 }
 
 /// Waits until the coordinator has handled everything `client` published so far: it answers a
@@ -282,9 +279,9 @@ async fn on_a_broker_without_acls_forged_reports_refusals_and_a_spoofed_offline_
     // Everything the attacker sent has been handled once its marker is answered.
     let mut rejected = attack.await.unwrap();
     settle(&attacker, &mut rejected, &c.db()).await;
-    let view = &snapshot(&c.db())[0].1;
-    assert_eq!(view["reputation"]["disputed"], 0, "{view}");
-    assert_eq!(view["reputation"]["failed"], 0, "{view}");
+    let view = &snapshot(&c.db())[0];
+    assert_eq!(view.reputation.disputed, 0, "{view:?}");
+    assert_eq!(view.reputation.failed, 0, "{view:?}");
     // Whether they arrived during the run (unauthenticated) or after it (stale), both forged
     // reports reached the coordinator and were dropped.
     let dropped = store.dropped().unwrap();
@@ -501,7 +498,7 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
     let c = Coordinator::start(&dir.path().join("c"), 0, None);
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
-    let victim = snapshot(&c.db())[0].0;
+    let victim = snapshot(&c.db())[0].node;
     let (host, port) = host_port(&c.url);
 
     // Its client id, without its key: refused, not a takeover.
@@ -615,8 +612,8 @@ async fn on_the_embedded_broker_nobody_speaks_for_a_node_reads_its_tasks_or_take
             p.topic
         );
     }
-    let view = &snapshot(&c.db())[0].1;
-    assert_eq!(view["reputation"]["failed"], 0, "{view}");
+    let view = &snapshot(&c.db())[0];
+    assert_eq!(view.reputation.failed, 0, "{view:?}");
 }
 
 /// A private CA and a certificate for 127.0.0.1 signed by it, made with the `openssl` CLI:
@@ -918,7 +915,7 @@ async fn a_flood_of_forged_telemetry_is_cut_before_verification_and_the_other_no
     let c = Coordinator::start(&dir.path().join("c"), 0, Some(&m.url()));
     let _victim = agent(&c.url, &dir.path().join("a0"), "pi5");
     c.wait_for_nodes(1);
-    let victim = snapshot(&c.db())[0].0;
+    let victim = snapshot(&c.db())[0].node;
     let _bystander = agent(&c.url, &dir.path().join("a1"), "jetson-orin-nano");
     c.wait_for_nodes(2);
 
@@ -983,9 +980,9 @@ async fn a_flood_of_forged_telemetry_is_cut_before_verification_and_the_other_no
     // The victim may have gone silent (its own frames were dropped with the forgeries); the
     // bystander carried on.
     let nodes = snapshot(&c.db());
-    let (_, bystander) = nodes.iter().find(|(id, _)| *id != victim).unwrap();
-    assert_eq!(bystander["breaker"], "Closed", "{bystander}");
-    assert_eq!(bystander["online"], true, "{bystander}");
+    let bystander = nodes.iter().find(|v| v.node != victim).unwrap();
+    assert_eq!(bystander.breaker, BreakerState::Closed, "{bystander:?}");
+    assert!(bystander.online, "{bystander:?}");
 }
 
 /// Runs `ambient <args> --data-dir <data_dir>` and returns its standard output; panics with
@@ -1091,7 +1088,7 @@ async fn in_allowlist_mode_a_new_device_waits_for_approval_and_a_revoked_one_lea
         Duration::from_secs(30),
         || {
             let nodes = snapshot(&c.db());
-            nodes.len() == 1 && nodes[0].0.to_hex().as_str() == newcomer
+            nodes.len() == 1 && nodes[0].node.to_hex().as_str() == newcomer
         },
         || format!("only {newcomer} in the snapshot: {:?}", snapshot(&c.db())),
     );

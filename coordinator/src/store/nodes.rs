@@ -3,6 +3,8 @@
 use ambient_core::NodeId;
 use rusqlite::OptionalExtension;
 
+use crate::registry::NodeView;
+
 use super::{Batch, Store, StoreError, from_sql_int, to_sql_int, unix_ms};
 
 impl Batch<'_> {
@@ -100,6 +102,21 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(nodes)
         })
+    }
+
+    /// The last saved snapshot as typed views, ordered by node id. A row that does not
+    /// decode (written by another version of the service) is left out: the next snapshot
+    /// replaces it within seconds.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn node_views(&self) -> Result<Vec<NodeView>, StoreError> {
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+            .collect())
     }
 
     /// When the snapshot was last saved, in Unix milliseconds; `None` if never.

@@ -273,11 +273,10 @@ pub fn online_nodes(db: &Path) -> usize {
         return 0;
     };
     store
-        .nodes()
+        .node_views()
         .unwrap_or_default()
         .iter()
-        .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
-        .filter(|v| v["online"].as_bool() == Some(true) && !v["sample"].is_null())
+        .filter(|v| v.online && v.sample.is_some())
         .count()
 }
 
