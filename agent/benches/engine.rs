@@ -10,10 +10,7 @@ use ambient_agent::engine::{Call, Sandbox, SandboxConfig, Wasmtime};
 use ambient_core::{Abi, Exit, Limits, sha3_256};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-const TRIVIAL: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "run") (param i32 i32) (result i64) (i64.const 0)))"#;
+use ambient_testkit::wat::TRIVIAL;
 
 fn limits() -> Limits {
     Limits {

@@ -28,29 +28,7 @@ fn limits() -> Limits {
     }
 }
 
-/// A plain-ABI module that returns its input reversed.
-const REVERSE: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "alloc") (param $len i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $len)))
-    (local.get $p))
-  (func (export "reverse") (param $ptr i32) (param $len i32) (result i64)
-    (local $out i32) (local $i i32)
-    (local.set $out (global.get $next))
-    (block $done
-      (loop $l
-        (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
-        (i32.store8
-          (i32.add (local.get $out) (local.get $i))
-          (i32.load8_u (i32.sub (i32.add (local.get $ptr) (local.get $len)) (i32.add (local.get $i) (i32.const 1)))))
-        (local.set $i (i32.add (local.get $i) (i32.const 1)))
-        (br $l)))
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $out)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
-"#;
+use ambient_testkit::wat::REVERSE;
 
 fn plain_module(body: &str) -> String {
     format!(

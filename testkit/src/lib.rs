@@ -1,5 +1,5 @@
-//! Processes the tests and `ambient bench` start, in one place: a private mosquitto on a free
-//! loopback port, and free ports.
+//! What the tests and `ambient bench` share, in one place: a private mosquitto on a free
+//! loopback port, free ports, and the small WebAssembly modules they run ([`wat`]).
 //!
 //! ```no_run
 //! let broker = ambient_testkit::Mosquitto::builder().persistent().start()?;
@@ -271,6 +271,66 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// WebAssembly text of the small modules the tests and benchmarks run, in the plain ABI
+/// (`alloc(len) -> ptr`, then `entry(ptr, len) -> (out_ptr << 32) | out_len`).
+pub mod wat {
+    /// The cheapest task the plain ABI allows: `run` returns an empty output. What it costs
+    /// end to end is Ambient's own overhead.
+    pub const TRIVIAL: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "run") (param i32 i32) (result i64) (i64.const 0)))"#;
+
+    /// `reverse` returns its input reversed.
+    pub const REVERSE: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "alloc") (param $len i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $len)))
+    (local.get $p))
+  (func (export "reverse") (param $ptr i32) (param $len i32) (result i64)
+    (local $out i32) (local $i i32)
+    (local.set $out (global.get $next))
+    (block $done
+      (loop $l
+        (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
+        (i32.store8
+          (i32.add (local.get $out) (local.get $i))
+          (i32.load8_u (i32.sub (i32.add (local.get $ptr) (local.get $len)) (i32.add (local.get $i) (i32.const 1)))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $l)))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $out)) (i64.const 32)) (i64.extend_i32_u (local.get $len)))))
+"#;
+
+    /// `spin` never returns: for time and fuel limits.
+    pub const SPIN: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "spin") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0)))
+"#;
+
+    /// `run` counts to the little-endian u64 in its input's first 8 bytes and returns the
+    /// count: a task whose fuel and time grow with its input.
+    pub const COUNT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 16))
+  (func (export "run") (param $p i32) (param $n i32) (result i64)
+    (local $i i64) (local $end i64)
+    (local.set $end (i64.load (local.get $p)))
+    (block $done (loop $l
+      (br_if $done (i64.ge_u (local.get $i) (local.get $end)))
+      (local.set $i (i64.add (local.get $i) (i64.const 1)))
+      (br $l)))
+    (i64.store (i32.const 64) (local.get $i))
+    (i64.or (i64.shl (i64.const 64) (i64.const 32)) (i64.const 8))))
+"#;
 }
 
 #[cfg(test)]

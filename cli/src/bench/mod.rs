@@ -41,12 +41,7 @@ use self::harness::blocking;
 use self::report::{Machine, Report, Status, cpu_model, load_average, print_table, section_result};
 use self::scheduling::{SCHEDULING, section_scheduling};
 
-/// The cheapest task the plain ABI allows: `alloc` hands out address 0, `run` returns an empty
-/// output. What it costs end to end is Ambient's own overhead.
-const TRIVIAL_WAT: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) i32.const 0)
-  (func (export "run") (param i32 i32) (result i64) i64.const 0))"#;
+use ambient_testkit::wat::TRIVIAL as TRIVIAL_WAT;
 
 #[derive(Debug, Args)]
 #[command(

@@ -408,20 +408,8 @@ pub fn spin_task(id: &str, iterations: u64) -> ambient_coordinator::Submission {
     }
 }
 
-pub const SPIN_WAT: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (func (export "alloc") (param i32) (result i32) (i32.const 16))
-  (func (export "run") (param $p i32) (param $n i32) (result i64)
-    (local $i i64) (local $end i64)
-    (local.set $end (i64.load (local.get $p)))
-    (block $done (loop $l
-      (br_if $done (i64.ge_u (local.get $i) (local.get $end)))
-      (local.set $i (i64.add (local.get $i) (i64.const 1)))
-      (br $l)))
-    (i64.store (i32.const 64) (local.get $i))
-    (i64.or (i64.shl (i64.const 64) (i64.const 32)) (i64.const 8))))
-"#;
+#[allow(unused_imports)]
+pub use ambient_testkit::wat::COUNT as SPIN_WAT;
 
 /// One HTTP/1.1 request to `url` (`http://host:port`) over a plain socket; returns the status
 /// code and the body.
