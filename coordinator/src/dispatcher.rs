@@ -55,10 +55,7 @@
 //! escalates, at once, to as many replicas as could decide it (three more after a 1–1 split),
 //! at most [`MAX_REPLICAS`], each on a node drawn at random; only then are the losers
 //! disputed. Two colluders outvoting one honest node 2–1
-//! would otherwise blacklist the honest node and accept their lie. While a vote is contested,
-//! its voters get no new tasks (they may still check others' tasks): a liar that answers at
-//! once would otherwise keep taking new tasks, each needing the larger vote, until its first
-//! contested vote is decided. A vote that
+//! would otherwise blacklist the honest node and accept their lie. A vote that
 //! [`MAX_REPLICAS`] replicas can no longer decide fails the task, naming the split, and
 //! disputes no one.
 //!
@@ -496,8 +493,6 @@ struct Job {
     queued_since: Option<Instant>,
     /// Which `Dispatcher::queue` entry is this task's, while it is queued.
     ticket: u64,
-    /// Nodes whose vote on this task is contested, held from new tasks until it is decided.
-    held: Vec<NodeId>,
 }
 
 impl Job {
@@ -548,9 +543,6 @@ pub struct Dispatcher {
     rng: rand::rngs::StdRng,
     /// [`Recovered::finished`], until the first connection publishes it.
     unsent: Vec<(TaskId, String)>,
-    /// Nodes with a vote in an undecided contested task, by how many: they get no new task
-    /// (first placements; they may still check others) until those are decided.
-    held: HashMap<NodeId, u32>,
 }
 
 impl Dispatcher {
@@ -584,7 +576,6 @@ impl Dispatcher {
             next_id: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             unsent: recovered.finished,
-            held: HashMap::new(),
         };
         for t in recovered.tasks {
             let spec = match serde_json::from_str::<TaskSpec>(&t.spec_json) {
@@ -1181,12 +1172,6 @@ impl Dispatcher {
             Quorum::Split { decidable_at } if decidable_at <= MAX_REPLICAS => {
                 // Disagreement escalates, at once, to as many replicas as could decide.
                 job.replicas = decidable_at;
-                for v in &job.votes {
-                    if !job.held.contains(&v.node) {
-                        job.held.push(v.node);
-                        *self.held.entry(v.node).or_default() += 1;
-                    }
-                }
                 info!(task = %task_id, replicas = job.replicas, "replicas disagree; escalating");
                 self.pump(now, task_id, fx);
             }
@@ -1243,18 +1228,15 @@ impl Dispatcher {
             // nothing else is eligible.
             let mut exclude: Vec<NodeId> = job.outstanding.iter().map(|d| d.node).collect();
             exclude.extend_from_slice(&job.barred);
-            // The first run goes where the strategy says; checks and further replicas to a
-            // node drawn uniformly, so no node can steer who checks it (see "Colluders").
-            let first = job.votes.is_empty() && job.outstanding.is_empty();
-            if first {
-                exclude.extend(self.held.keys());
-            }
             let strict_len = exclude.len();
             exclude.extend_from_slice(&job.avoided);
             let requires = &job.spec.requires;
             // A spot check of a verified receipt never goes back to a node that failed the
             // task: it would only fail again, and the receipt already stands.
             let checking_only = job.checking_only();
+            // The first run goes where the strategy says; checks and further replicas to a
+            // node drawn uniformly, so no node can steer who checks it (see "Colluders").
+            let first = job.votes.is_empty() && job.outstanding.is_empty();
             let draw = rand::Rng::random::<u64>(&mut self.rng);
             let registry = &mut self.registry;
             let mut select = |exclude: &[NodeId]| {
@@ -1469,14 +1451,6 @@ impl Dispatcher {
         for d in &job.outstanding {
             self.registry.task_finished(&d.node);
         }
-        for node in &job.held {
-            if let Some(n) = self.held.get_mut(node) {
-                *n -= 1;
-                if *n == 0 {
-                    self.held.remove(node);
-                }
-            }
-        }
         if let Some(accepted) = winner
             && !job.outstanding.is_empty()
         {
@@ -1642,7 +1616,6 @@ impl Dispatcher {
             avoided: Vec::new(),
             queued_since: None,
             ticket: 0,
-            held: Vec::new(),
         }
     }
 }
@@ -2244,23 +2217,6 @@ mod tests {
             sent.extend(assignments(&fx));
         }
         panic!("{task} did not end after {n} answers");
-    }
-
-    #[test]
-    fn a_node_whose_vote_is_contested_gets_no_new_task_until_it_is_decided() {
-        let mut f = fixture(7);
-        let sent = assignments(&f.submit("contested", "replicate:2"));
-        f.answer("contested", sent[0], b"x");
-        let more = assignments(&f.answer("contested", sent[1], b"y"));
-        let held = [sent[0].0, sent[1].0];
-        for i in 0..4 {
-            let first = assignments(&f.submit(&format!("new{i}"), "replicate:2"))[0].0;
-            assert!(!held.contains(&first), "a held node got a new task");
-        }
-        for m in more {
-            f.answer("contested", m, b"x");
-        }
-        assert!(f.d.held.is_empty(), "released once decided");
     }
 
     #[test]
