@@ -522,10 +522,12 @@ pub struct Dispatcher {
     /// Signs every assignment.
     identity: Identity,
     jobs: HashMap<TaskId, Job>,
-    /// Tasks waiting for an eligible node, by the time they queued, as `(ticket, task)`. An
-    /// entry is live while its task is queued under that ticket; entries of tasks placed or
+    /// Tasks waiting for an eligible node, by the time they queued, as `(ticket, task)`: first
+    /// the tasks that already ran somewhere (a check, a contested vote's further replicas:
+    /// work started finishes first, and a liar is found out sooner), then new ones. An entry
+    /// is live while its task is queued under that ticket; entries of tasks placed or
     /// finished since are stale and dropped when reached (and at every tick).
-    queue: VecDeque<(u64, TaskId)>,
+    queue: [VecDeque<(u64, TaskId)>; 2],
     /// The ticket the next queued task gets.
     next_ticket: u64,
     /// Dispatch deadlines, earliest first; entries for settled attempts are skipped lazily.
@@ -565,7 +567,7 @@ impl Dispatcher {
             registry,
             identity,
             jobs: HashMap::new(),
-            queue: VecDeque::new(),
+            queue: [VecDeque::new(), VecDeque::new()],
             next_ticket: 0,
             deadlines: BinaryHeap::new(),
             modules: recovered.modules.into_iter().map(|m| (m, None)).collect(),
@@ -1308,33 +1310,37 @@ impl Dispatcher {
             job.queued_since = Some(now);
             job.ticket = self.next_ticket;
             self.next_ticket += 1;
-            self.queue.push_back((job.ticket, task_id.clone()));
+            let started = !job.votes.is_empty() || !job.outstanding.is_empty();
+            self.queue[usize::from(!started)].push_back((job.ticket, task_id.clone()));
         }
     }
 
-    /// Tries to place queued tasks, oldest first, while some node has a free slot. A task
+    /// Tries to place queued tasks, those already started first, then oldest first, while some
+    /// node has a free slot. A task
     /// whose requirements no free node meets is passed over, not waited on, so it cannot hold
     /// up the ones behind it.
     ///
     /// Cost: the tasks examined, not the queue's length; this runs on every report and sample,
     /// and the queue holds a whole batch while the nodes are saturated.
     fn pump_queue(&mut self, now: Now, fx: &mut Effects) {
-        let mut passed_over = Vec::new();
-        while self.registry.available() > 0 {
-            let Some(entry) = self.queue.pop_front() else {
-                break;
-            };
-            if !self.is_live(&entry) {
-                continue;
+        for q in 0..self.queue.len() {
+            let mut passed_over = Vec::new();
+            while self.registry.available() > 0 {
+                let Some(entry) = self.queue[q].pop_front() else {
+                    break;
+                };
+                if !self.is_live(&entry) {
+                    continue;
+                }
+                self.pump(now, &entry.1, fx);
+                // Still waiting under the same ticket: it keeps its place.
+                if self.is_live(&entry) {
+                    passed_over.push(entry);
+                }
             }
-            self.pump(now, &entry.1, fx);
-            // Still waiting under the same ticket: it keeps its place.
-            if self.is_live(&entry) {
-                passed_over.push(entry);
+            for entry in passed_over.into_iter().rev() {
+                self.queue[q].push_front(entry);
             }
-        }
-        for entry in passed_over.into_iter().rev() {
-            self.queue.push_front(entry);
         }
     }
 
@@ -1398,17 +1404,21 @@ impl Dispatcher {
             }
         }
         let jobs = &self.jobs;
-        self.queue.retain(|(ticket, id)| {
-            jobs.get(id)
-                .is_some_and(|j| j.queued_since.is_some() && j.ticket == *ticket)
-        });
-        // Live entries are in the order they queued, so the expired ones lead.
+        for q in &mut self.queue {
+            q.retain(|(ticket, id)| {
+                jobs.get(id)
+                    .is_some_and(|j| j.queued_since.is_some() && j.ticket == *ticket)
+            });
+        }
+        // Live entries are in the order they queued, so the expired ones lead each queue.
         let expired: Vec<TaskId> = self
             .queue
             .iter()
-            .map_while(|(_, id)| {
-                let since = self.jobs.get(id)?.queued_since?;
-                (now.at.duration_since(since) >= self.config.queue_timeout).then(|| id.clone())
+            .flat_map(|q| {
+                q.iter().map_while(|(_, id)| {
+                    let since = self.jobs.get(id)?.queued_since?;
+                    (now.at.duration_since(since) >= self.config.queue_timeout).then(|| id.clone())
+                })
             })
             .collect();
         for id in expired {
