@@ -2690,6 +2690,45 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_check_is_placed_before_a_new_task_that_queued_earlier() {
+        let mut f = fixture_with(
+            1,
+            DispatchConfig {
+                spot_check_permille: 1000,
+                ..config()
+            },
+        );
+        f.join(Identity::from_secret(&[2; 32]), "riscv64");
+        let (a, b) = (f.nodes[0].node_id(), f.nodes[1].node_id());
+        // Node b's four slots taken by checks of runs node a has answered.
+        let mut on_b = Vec::new();
+        for i in 0..4 {
+            let id = format!("fill{i}");
+            let sent = assignments(&f.submit(&id, "receipt"));
+            let run = |node| sent.iter().copied().find(|s| s.0 == node).unwrap();
+            f.answer(&id, run(a), b"out");
+            on_b.push((id, run(b)));
+        }
+        let fresh = f.submit_json(serde_json::json!({
+            "task_id": "fresh", "module_b64": B64.encode(MODULE), "input": "in",
+            "requires": {"arch": "riscv64"},
+        }));
+        assert!(
+            assignments(&fresh).is_empty(),
+            "only node b can run it, and b is full"
+        );
+        let late = assignments(&f.submit("late", "receipt"));
+        assert_eq!(late, vec![(a, 1)], "its check waits for node b");
+        let (id, sent) = &on_b[0];
+        let next = assignments(&f.answer(id, *sent, b"out"));
+        assert_eq!(
+            next,
+            vec![(b, 2)],
+            "node b's free slot goes to the check, queued last: work started finishes first"
+        );
+    }
+
+    #[test]
     fn a_spot_check_waits_for_a_distinct_busy_node_instead_of_being_dropped() {
         let (mut f, on_second) = second_node_busy();
         let sent = assignments(&f.submit("late", "receipt"));
