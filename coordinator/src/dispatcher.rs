@@ -1159,12 +1159,13 @@ impl Dispatcher {
         };
         let keys: Vec<_> = job.votes.iter().map(|v| v.key).collect();
         let mut verdict = quorum(&keys, job.replicas, usize::MAX);
+        let mut pool = usize::MAX;
         if matches!(verdict, Quorum::Split { .. }) {
             // Only a disagreement depends on how many nodes could still vote (O(n)).
             let mut voters: Vec<NodeId> = job.outstanding.iter().map(|d| d.node).collect();
             voters.extend_from_slice(&job.barred);
             let requires = &job.spec.requires;
-            let pool =
+            pool =
                 keys.len() + job.outstanding.len() + self.registry.able(now.at, requires, &voters);
             verdict = quorum(&keys, job.replicas, pool);
         }
@@ -1178,11 +1179,18 @@ impl Dispatcher {
                 self.pump(now, task_id, fx);
             }
             Quorum::Split { .. } | Quorum::Undecidable => {
-                let why = format!(
-                    "{} replicas disagreed: no result can lead the others by {CONTESTED_LEAD} \
-                     within {MAX_REPLICAS} replicas",
-                    job.votes.len()
-                );
+                let n = job.votes.len();
+                let why = if pool < MAX_REPLICAS {
+                    format!(
+                        "{n} replicas disagreed and no majority is possible: only {pool} \
+                         nodes can run the task"
+                    )
+                } else {
+                    format!(
+                        "{n} replicas disagreed: no result can lead the others by \
+                         {CONTESTED_LEAD} within {MAX_REPLICAS} replicas"
+                    )
+                };
                 job.errors.push(why);
                 self.finish(now, task_id, None, fx);
             }
@@ -2227,6 +2235,24 @@ mod tests {
             sent.extend(assignments(&fx));
         }
         panic!("{task} did not end after {n} answers");
+    }
+
+    #[test]
+    fn a_split_vote_in_a_pool_of_two_fails_at_once_naming_the_pool() {
+        let mut f = fixture(2);
+        let sent = assignments(&f.submit("pair", "replicate:2"));
+        f.answer("pair", sent[0], b"x");
+        let done = finals(&f.answer("pair", sent[1], b"y"));
+        assert_eq!(
+            done.len(),
+            1,
+            "no third node will come: no waiting out the queue"
+        );
+        let message = error_message(&done[0]);
+        assert!(
+            message.contains("only 2 nodes can run the task"),
+            "{message}"
+        );
     }
 
     #[test]
