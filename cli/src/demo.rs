@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
-use ambient_coordinator::{Coordinator, EventStatus, RawConfig, Submission, TaskEvent};
+use ambient_coordinator::{
+    Coordinator, DispatchConfig, EventStatus, Policy, RawConfig, Submission, TaskEvent,
+};
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -38,9 +40,9 @@ pub struct DemoArgs {
     /// weighted, round-robin, least-loaded or latency-aware.
     #[arg(long, default_value = "weighted")]
     strategy: String,
-    /// receipt, or replicate:K.
-    #[arg(long, default_value = "receipt")]
-    verify: String,
+    /// receipt, replicate:K or target:E (e.g. target:1e-4).
+    #[arg(long, default_value_t = DispatchConfig::default().default_policy)]
+    verify: Policy,
     /// Use this directory for the database and agent state instead of a temporary one.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -162,7 +164,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
             let id = format!("demo-{t}");
             expected.insert(id.clone(), (labels, native));
-            digits_task(id, &input, &hash, &args.verify)
+            digits_task(id, &input, &hash, args.verify)
         })
         .collect();
 
@@ -200,7 +202,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "\ndashboard: {page}/  ({profile}-0 overheats for 20 s of every minute; Ctrl-C stops)"
         );
-        keep_running(&client, &hash, &args.verify, &heater).await?;
+        keep_running(&client, &hash, args.verify, &heater).await?;
     }
     client.disconnect().await;
     stop_agents.cancel();
@@ -222,14 +224,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One digit classification task over `input` (64-byte images) with the module `hash`.
-fn digits_task(id: String, input: &[u8], hash: &ambient_core::Digest, verify: &str) -> Submission {
+fn digits_task(
+    id: String,
+    input: &[u8],
+    hash: &ambient_core::Digest,
+    verify: Policy,
+) -> Submission {
     Submission {
         task_id: Some(id),
         client_id: Some("demo".into()),
         module: Some(hash.to_hex().to_string()),
         entry: Some("classify".into()),
         input_b64: Some(B64.encode(input)),
-        verify: Some(verify.into()),
+        verify: Some(verify.to_string()),
         ..Submission::default()
     }
 }
@@ -239,7 +246,7 @@ fn digits_task(id: String, input: &[u8], hash: &ambient_core::Digest, verify: &s
 async fn keep_running(
     client: &Client,
     hash: &ambient_core::Digest,
-    verify: &str,
+    verify: Policy,
     heater: &ambient_agent::Heater,
 ) -> anyhow::Result<()> {
     let images: Vec<&[u8; 64]> = ambient_digits::heldout().map(|(image, _)| image).collect();
@@ -371,7 +378,7 @@ fn summarise(
         checked,
         failed,
         strategy: args.strategy.clone(),
-        verify: args.verify.clone(),
+        verify: args.verify.to_string(),
         images,
         correct,
         accuracy: if images > 0 {

@@ -27,8 +27,10 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Every task's policy: `receipt` (one run, checked while nodes prove themselves and then
-    /// at --spot-check-permille) or `replicate:K`.
-    #[arg(long, default_value = "receipt")]
+    /// at --spot-check-permille), `replicate:K`, or `target:E` (replicas until the chance of a
+    /// wrong result is at most E, from the agreeing nodes' histories) [default: the
+    /// coordinator's default, target:1e-4].
+    #[arg(long, default_value_t = DispatchConfig::default().default_policy, hide_default_value = true)]
     pub verify: Policy,
     /// Share of nodes that lie at random, each with its own wrong output.
     #[arg(long, default_value_t = 0.0)]

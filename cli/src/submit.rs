@@ -42,9 +42,11 @@ pub struct SubmitArgs {
     /// weighted, round-robin, least-loaded or latency-aware [default: the coordinator's].
     #[arg(long)]
     strategy: Option<String>,
-    /// receipt, or replicate:K (K distinct nodes must agree).
-    #[arg(long, default_value = "receipt")]
-    verify: String,
+    /// receipt, replicate:K (K distinct nodes must agree), or target:E (as many nodes as it
+    /// takes for the chance of a wrong result to fall to E, e.g. target:1e-4) [default: the
+    /// coordinator's, `verification.policy`].
+    #[arg(long)]
+    verify: Option<String>,
     /// Fuel budget [default: 10^10].
     #[arg(long)]
     fuel: Option<u64>,
@@ -171,7 +173,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
                 fuel: args.fuel,
             }),
             strategy: args.strategy.clone(),
-            verify: Some(args.verify.clone()),
+            verify: args.verify.clone(),
             max_fee: args.max_fee,
             ..Submission::default()
         })

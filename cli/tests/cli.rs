@@ -157,7 +157,11 @@ fn sim_reports_every_policy_as_json_and_the_same_flags_give_the_same_figures() {
         .iter()
         .map(|r| r["verify"].as_str().unwrap())
         .collect();
-    assert_eq!(policies, ["receipt", "replicate:2"]);
+    assert_eq!(
+        policies,
+        ["target:1e-4", "replicate:2"],
+        "the default policy, then the baseline"
+    );
     for r in &reports {
         assert_eq!(
             r["completed"].as_u64().unwrap() + r["failed"].as_u64().unwrap(),

@@ -14,6 +14,7 @@ use ambient_mqtt::{BrokerUrl, TlsFiles};
 use crate::access::{Anonymous, is_valid_user_name};
 use crate::dispatcher::DispatchConfig;
 use crate::ha;
+use crate::intake::Policy;
 use crate::{Enrollment, RegistryConfig, Strategy};
 
 /// Where MQTT traffic flows.
@@ -199,7 +200,12 @@ pub struct RawScheduling {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawVerification {
-    /// Share of `receipt` tasks re-run elsewhere as a spot check, in permille. Default 50 (5%).
+    /// How tasks that name no `verify` are checked: `target:E` (replicas until the chance of a
+    /// wrong result is at most E, judged from the agreeing nodes' verified histories),
+    /// `receipt` (one run, checked while a node proves itself and then at the spot-check
+    /// rate) or `replicate:K`. Default `target:1e-4`.
+    pub policy: String,
+    /// Share of `receipt` and `target:E` tasks re-run elsewhere as a spot check, in permille. Default 50 (5%).
     pub spot_check_permille: u16,
     /// Failed dispatches a task survives before it fails. Default 3.
     pub max_failures: u16,
@@ -299,6 +305,7 @@ impl Default for RawVerification {
         let p = SafetyPolicy::default();
         let r = RegistryConfig::default();
         Self {
+            policy: d.default_policy.to_string(),
             spot_check_permille: d.spot_check_permille,
             max_failures: d.max_failures,
             max_temp_millic: p.max_temp_millic,
@@ -439,6 +446,11 @@ impl RawConfig {
                 )
             },
         )?;
+        let policy: Policy = self
+            .verification
+            .policy
+            .parse()
+            .map_err(|e: String| bad("verification.policy", &self.verification.policy, e))?;
         if self.verification.spot_check_permille > 1000 {
             return Err(bad(
                 "verification.spot_check_permille",
@@ -505,6 +517,7 @@ impl RawConfig {
             data_dir: self.storage.data_dir.clone(),
             dispatch: DispatchConfig {
                 default_strategy: strategy,
+                default_policy: policy,
                 tariff: Tariff {
                     base: self.settlement.base_ucredits,
                     per_million_fuel: self.settlement.per_million_fuel_ucredits,
@@ -585,6 +598,27 @@ mod tests {
         let e = raw.validate().unwrap_err();
         assert_eq!(e.key, "scheduling.strategy");
         assert!(e.to_string().contains("fastest"));
+    }
+
+    #[test]
+    fn an_unknown_default_policy_is_refused_by_name_and_a_known_one_reaches_the_dispatcher() {
+        let mut raw = RawConfig::default();
+        raw.verification.policy = "replicate:9".into();
+        let e = raw.validate().unwrap_err();
+        assert_eq!(e.key, "verification.policy");
+        raw.verification.policy = "receipt".into();
+        assert_eq!(
+            raw.validate().unwrap().dispatch.default_policy,
+            Policy::Receipt
+        );
+        assert_eq!(
+            RawConfig::default()
+                .validate()
+                .unwrap()
+                .dispatch
+                .default_policy,
+            Policy::Target(1e-4)
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub struct FeedItem {
     pub nodes: Vec<String>,
     /// Submission to final event, in milliseconds.
     pub latency_ms: Option<f64>,
-    /// How the result was verified: `receipt`, `replicate:K`, with `+spot` for a spot check.
+    /// How the result was verified: `receipt`, `replicate:K`, `target:E`, with `+spot` for a spot check.
     pub verdict: Option<String>,
     /// Why it failed, if it did.
     pub error: Option<String>,

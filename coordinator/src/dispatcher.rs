@@ -48,6 +48,33 @@
 //!   stands, and the final event says why the check was missed (`verdict.spot_check_missed`);
 //! - every drawn check is counted by outcome ([`SpotCheck`]): `ambient_spot_checks_total`.
 //!
+//! # Targeting an error rate
+//!
+//! Under `target:ε` a result is accepted once the chance that it is wrong is at most ε, judged
+//! from what the coordinator has seen of the nodes that returned it:
+//!
+//! - a node's doubt is Sarmenta's bound for a node that agreed with others k times in a row,
+//!   `f / ((1 − f) · k · e)`, and `f` for a node never checked ([`ambient_core::doubt`], `f`
+//!   is [`RegistryConfig::assumed_faulty_permille`](crate::RegistryConfig));
+//! - a result several nodes agreed on is wrong only if all of them are faulty and colluded:
+//!   its doubt is [`agreeing_doubt`], the product of theirs weighed against all being right.
+//!
+//! The first run goes where the strategy says. If that node's doubt is above ε the task is
+//! checked on a second node, and while the agreeing nodes' doubt is still above ε, one more
+//! replica runs (drawn at random, as every check), up to [`MAX_REPLICAS`]. A disagreement is
+//! a contested vote as below; the result it accepts must reach ε too. A pool with no further
+//! able node accepts what its nodes agreed on, and every result says what it reached in
+//! `verdict.error_bound` (reported under every policy). Tasks drawn for a spot check
+//! ([`DispatchConfig::spot_check_permille`]) run on two nodes even when one would do, so a
+//! node that became credible is still checked now and then, for as long as it runs: a patient
+//! cheater is caught by these alone.
+//!
+//! What it costs: with one node in five assumed faulty, a pool of new nodes runs a
+//! `target:1e-4` task on seven of them; the cost falls as nodes agree (a never-checked node and
+//! one that agreed 40 times leave 5.8e-4, two that agreed 10 times each 8.6e-5), and a node
+//! runs alone after about 920 agreements in a row. The bound is a worst case over every
+//! sabotage rate, and assumes colluders: random liars never agree on a wrong output.
+//!
 //! # Contested votes
 //!
 //! When replicas disagree, a strict majority is not enough: the result must lead the next
@@ -86,7 +113,7 @@ use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
     Assignment, CONTESTED_LEAD, Digest, Envelope, Exit, Expected, Identity, Message, ModuleError,
     ModuleInfo, NodeId, Pong, Quorum, Refusal, Refusals, Report, ReportBody, SignedReceipt,
-    SignedRefusal, Tariff, TaskId, quorum, sha3_256, verify_receipt,
+    SignedRefusal, Tariff, TaskId, agreeing_doubt, quorum, sha3_256, verify_receipt,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -155,9 +182,13 @@ const REMEMBERED_REFUSALS: usize = 256;
 pub struct DispatchConfig {
     /// Strategy for tasks that name none.
     pub default_strategy: Strategy,
+    /// Verification policy for tasks that name none. Defaults to `target:1e-4` (see
+    /// "Targeting an error rate").
+    pub default_policy: Policy,
     /// Pricing of verified work.
     pub tariff: Tariff,
-    /// Share of `receipt` tasks re-run on a second node as a spot check, in permille.
+    /// Share of `receipt` and `target:E` tasks re-run on a second node as a spot check, in
+    /// permille.
     pub spot_check_permille: u16,
     /// Dispatches of one task that may fail (time out, be refused, fail verification) before
     /// the task fails; the next failure ends it. Defaults to 3.
@@ -173,6 +204,7 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             default_strategy: Strategy::Weighted,
+            default_policy: Policy::Target(1e-4),
             tariff: Tariff::default(),
             spot_check_permille: 50,
             max_failures: 3,
@@ -470,6 +502,8 @@ struct Vote {
 
 struct Job {
     spec: Arc<TaskSpec>,
+    /// The task's policy, or the coordinator's default when it named none.
+    policy: Policy,
     /// sha3-256 of the validated submission's JSON: what resubmissions are compared by.
     fingerprint: Digest,
     input_hash: Digest,
@@ -1170,7 +1204,27 @@ impl Dispatcher {
             verdict = quorum(&keys, job.replicas, pool);
         }
         match verdict {
-            Quorum::Accepted { index, .. } => self.finish(now, task_id, Some(keys[index]), fx),
+            Quorum::Accepted { index, .. } => {
+                let Policy::Target(target) = job.policy else {
+                    return self.finish(now, task_id, Some(keys[index]), fx);
+                };
+                if result_doubt(&self.registry, &job.votes, keys[index]) <= target {
+                    return self.finish(now, task_id, Some(keys[index]), fx);
+                }
+                if !job.outstanding.is_empty() {
+                    return; // a replica still running may add its agreement
+                }
+                // Not yet as sure as the target: one more replica, while the pool has one.
+                let voters = &job.barred;
+                let more = keys.len() < MAX_REPLICAS
+                    && self.registry.able(now.at, &job.spec.requires, voters) > 0;
+                if more {
+                    job.replicas = keys.len() + 1;
+                    self.pump(now, task_id, fx);
+                } else {
+                    self.finish(now, task_id, Some(keys[index]), fx);
+                }
+            }
             Quorum::Pending => self.pump(now, task_id, fx),
             Quorum::Split { decidable_at } if decidable_at <= MAX_REPLICAS => {
                 // Disagreement escalates, at once, to as many replicas as could decide.
@@ -1279,14 +1333,15 @@ impl Dispatcher {
                 self.enqueue(now.at, task_id);
                 return;
             };
-            // A node not yet proven runs no `receipt` task unchecked: its first run is checked
+            // A node not yet proven (`receipt`), or whose results could be wrong more often
+            // than the target (`target:ε`), runs no task unchecked: its first run is checked
             // on a second node (the next turn of this loop places it).
-            if job.spec.policy == Policy::Receipt
-                && !job.spot_check
-                && job.votes.is_empty()
-                && job.outstanding.is_empty()
-                && !self.registry.proven(&node)
-            {
+            let doubtful = match job.policy {
+                Policy::Receipt => !self.registry.proven(&node),
+                Policy::Target(target) => self.registry.doubt(&node) > target,
+                Policy::Replicate(_) => false,
+            };
+            if doubtful && !job.spot_check && job.votes.is_empty() && job.outstanding.is_empty() {
                 job.spot_check = true;
                 job.replicas = 2;
             }
@@ -1498,6 +1553,7 @@ impl Dispatcher {
             None => TaskEvent::new(task_id.as_str(), EventStatus::Failed)
                 .with_error("no_verified_result", job.fail_reason()),
             Some(key) => {
+                let error_bound = result_doubt(&self.registry, &job.votes, key);
                 let winners: Vec<&Vote> = job.votes.iter().filter(|v| v.key == key).collect();
                 let losers: Vec<&Vote> = job.votes.iter().filter(|v| v.key != key).collect();
                 // Agreement between distinct nodes is what proves a node; a receipt alone
@@ -1571,11 +1627,12 @@ impl Dispatcher {
                     });
                 }
                 ev.verdict = Some(Verdict {
-                    policy: job.spec.policy.to_string(),
+                    policy: job.policy.to_string(),
                     replicas: job.replicas,
                     agreeing: winners.len(),
                     spot_checked: job.spot_check,
                     spot_check_missed,
+                    error_bound: Some(error_bound),
                     disputed: losers.iter().map(|v| v.node.to_hex().to_string()).collect(),
                 });
                 ev
@@ -1610,15 +1667,17 @@ impl Dispatcher {
 
     fn new_job(&mut self, spec: TaskSpec, fingerprint: Digest, now: Instant) -> Job {
         use rand::Rng;
-        let (replicas, spot_check) = match spec.policy {
+        let policy = spec.policy.unwrap_or(self.config.default_policy);
+        let (replicas, spot_check) = match policy {
             Policy::Replicate(k) => (k, false),
-            Policy::Receipt => {
+            Policy::Receipt | Policy::Target(_) => {
                 let spot = self.rng.random_range(0..1000) < self.config.spot_check_permille;
                 (if spot { 2 } else { 1 }, spot)
             }
         };
         Job {
             input_hash: sha3_256(&spec.input),
+            policy,
             spec: Arc::new(spec),
             fingerprint,
             submitted: now,
@@ -1636,6 +1695,13 @@ impl Dispatcher {
             ticket: 0,
         }
     }
+}
+
+/// The chance that the result `key` is wrong, from the doubt of each node that returned it
+/// ([`agreeing_doubt`]).
+fn result_doubt(registry: &Registry, votes: &[Vote], key: (Digest, u64, Exit)) -> f64 {
+    let agreeing = votes.iter().filter(|v| v.key == key);
+    agreeing_doubt(agreeing.map(|v| registry.doubt(&v.node)))
 }
 
 /// The `Assign` frame for `attempt` of a task, addressed to `node` and signed by `identity`.
@@ -2349,6 +2415,68 @@ mod tests {
                 .agreed_in_a_row,
             3
         );
+    }
+
+    #[test]
+    fn under_an_error_rate_target_new_nodes_replicate_until_their_agreement_reaches_it() {
+        let mut f = trusting(6, 40, 0);
+        let mut answers = 0;
+        let done = run_to_end(&mut f, "sure", "target:1e-3", |_, _| {
+            answers += 1;
+            b"same"
+        });
+        // Assumed one in five faulty: 2, 3 and 4 never-checked nodes agreeing leave 5.9e-2,
+        // 1.5e-2 and 3.9e-3; five leave 9.7e-4.
+        assert_eq!(answers, 5);
+        let verdict = done.verdict.unwrap();
+        assert_eq!(
+            (verdict.agreeing, verdict.policy.as_str()),
+            (5, "target:1e-3")
+        );
+        let bound = verdict.error_bound.unwrap();
+        assert!(bound <= 1e-3 && bound > 9e-4, "{bound}");
+    }
+
+    #[test]
+    fn under_an_error_rate_target_runs_per_task_fall_as_nodes_agree_until_one_runs_alone() {
+        let mut f = trusting(3, 40, 0);
+        let mut runs = Vec::new();
+        for i in 0..12 {
+            let mut n = 0;
+            let done = run_to_end(&mut f, &format!("t{i}"), "target:1e-2", |_, _| {
+                n += 1;
+                b"same"
+            });
+            runs.push(n);
+            let bound = done.verdict.unwrap().error_bound.unwrap();
+            if i == 0 {
+                // Three never-checked nodes leave 1.5e-2: the pool has no fourth, so the
+                // result is accepted with the bound it reached, above the target.
+                assert!(bound > 1e-2 && bound < 2e-2, "{bound}");
+            } else {
+                assert!(bound <= 1e-2, "task {i}: {bound}");
+            }
+        }
+        assert_eq!(runs[0], 3, "{runs:?}");
+        assert!(runs.windows(2).all(|w| w[1] <= w[0]), "{runs:?}");
+        // Alone once 0.2 / (0.8 · k · e) ≤ 1e-2, k ≥ 10.
+        assert_eq!(*runs.last().unwrap(), 1, "{runs:?}");
+    }
+
+    #[test]
+    fn under_an_error_rate_target_a_lie_is_outvoted_and_its_node_disputed() {
+        let mut f = trusting(7, 40, 0);
+        let liar = f.nodes[0].node_id();
+        let done = run_to_end(&mut f, "lie", "target:1e-3", |node, _| {
+            if node == liar { b"wrong" } else { b"right" }
+        });
+        assert_eq!(
+            done.output_b64.as_deref(),
+            Some(B64.encode(b"right").as_str())
+        );
+        let verdict = done.verdict.unwrap();
+        assert_eq!(verdict.disputed, vec![liar.to_hex().to_string()]);
+        assert!(verdict.error_bound.unwrap() <= 1e-3);
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub struct Submission {
     /// `weighted`, `round-robin`, `least-loaded` or `latency-aware`; default from the coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
-    /// `receipt` (default) or `replicate:K` with K in 2..=7.
+    /// `receipt`, `replicate:K` with K in 2..=7, or `target:E` with E an error rate
+    /// (`target:1e-4`); default: the coordinator's (`verification.policy`, `target:1e-4`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<String>,
     /// Most the client will pay for this task, in µcredits; default unlimited.
@@ -91,19 +92,28 @@ pub struct RequiresJson {
 }
 
 /// How a result is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Policy {
     /// One node; its signature and hashes are checked (plus spot checks at the configured rate).
     Receipt,
     /// K distinct nodes; a strict majority must agree on output hash and fuel.
     Replicate(usize),
+    /// As many nodes as it takes for the chance that the result is wrong to fall to this
+    /// target, judged from each agreeing node's verified history (see the dispatcher's
+    /// "Targeting an error rate"), plus spot checks at the configured rate.
+    Target(f64),
 }
+
+/// The smallest error rate `target:ε` accepts: below it no pool of [`MAX_REPLICAS`] nodes
+/// could ever show a result is that unlikely to be wrong.
+pub const MIN_TARGET: f64 = 1e-12;
 
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Receipt => f.write_str("receipt"),
             Self::Replicate(k) => write!(f, "replicate:{k}"),
+            Self::Target(e) => write!(f, "target:{e:e}"),
         }
     }
 }
@@ -113,11 +123,20 @@ impl std::str::FromStr for Policy {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "unknown verification policy {s:?}: use `receipt` or `replicate:K` with K from 2 to {MAX_REPLICAS}"
+                "unknown verification policy {s:?}: use `receipt`, `replicate:K` with K from 2 \
+                 to {MAX_REPLICAS}, or `target:E` with an error rate E from {MIN_TARGET:e} to \
+                 below 1 (for example `target:1e-4`)"
             )
         };
         if s == "receipt" {
             return Ok(Self::Receipt);
+        }
+        if let Some(e) = s.strip_prefix("target:") {
+            let e: f64 = e.parse().map_err(|_| bad())?;
+            if !(MIN_TARGET..1.0).contains(&e) {
+                return Err(bad());
+            }
+            return Ok(Self::Target(e));
         }
         let k: usize = s
             .strip_prefix("replicate:")
@@ -152,7 +171,8 @@ pub struct TaskSpec {
     /// Strategy, or `None` for the coordinator's default.
     pub strategy: Option<Strategy>,
     /// Verification policy.
-    pub policy: Policy,
+    /// `None`: the coordinator's default ([`DispatchConfig::default_policy`](crate::DispatchConfig)).
+    pub policy: Option<Policy>,
     /// Most the client pays, in µcredits.
     pub max_fee: Option<u64>,
     /// What a node must offer.
@@ -314,8 +334,8 @@ pub fn parse(
     let policy = sub
         .verify
         .as_deref()
-        .unwrap_or("receipt")
-        .parse::<Policy>()
+        .map(str::parse::<Policy>)
+        .transpose()
         .map_err(|e| reject("bad_policy", e))?;
     let req = sub.requires.clone().unwrap_or_default();
     let engine = match req.engine.as_deref() {
@@ -419,7 +439,7 @@ mod tests {
         let json = br#"{"module_b64":"AGFzbQEAAAA=","input":"hi"}"#;
         let p = parse(json, |_| false, id).unwrap();
         assert_eq!(p.spec.limits, Limits::default());
-        assert_eq!(p.spec.policy, Policy::Receipt);
+        assert_eq!(p.spec.policy, None, "the coordinator's default");
         assert_eq!(p.spec.entry, "run");
         assert_eq!(p.spec.input, b"hi");
         assert_eq!(p.spec.module, sha3_256(b"\0asm\x01\0\0\0"));
@@ -477,6 +497,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(p.code, "bad_policy");
         assert_eq!("replicate:3".parse::<Policy>(), Ok(Policy::Replicate(3)));
+    }
+
+    #[test]
+    fn an_error_rate_target_reads_and_prints_the_same_and_refuses_rates_it_cannot_reach() {
+        let p: Policy = "target:1e-4".parse().unwrap();
+        assert_eq!(p, Policy::Target(1e-4));
+        assert_eq!(p.to_string(), "target:1e-4");
+        assert_eq!("target:0.002".parse::<Policy>(), Ok(Policy::Target(2e-3)));
+        for bad in [
+            "target:",
+            "target:1",
+            "target:0",
+            "target:-1e-3",
+            "target:1e-13",
+            "target:NaN",
+            "target:x",
+        ] {
+            let e = bad.parse::<Policy>().unwrap_err();
+            assert!(e.contains("`target:E`"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1150,6 +1150,14 @@ impl Registry {
             .is_some_and(|n| n.agreed_in_a_row >= self.config.trust_after)
     }
 
+    /// The bound on the chance that a result from this node is wrong ([`ambient_core::doubt`]
+    /// of its agreements in a row, with [`RegistryConfig::assumed_faulty_permille`]); an
+    /// unknown node is as doubtful as a node never checked.
+    pub fn doubt(&self, node: &NodeId) -> f64 {
+        let agreed = self.nodes.get(node).map_or(0, |n| n.agreed_in_a_row);
+        ambient_core::doubt(agreed, self.config.assumed_faulty_permille)
+    }
+
     /// Takes nodes whose liveness ran out by `now` out of the indexes.
     fn expire(&mut self, now: Instant) {
         while let Some(&(deadline, id)) = self.deadlines.first() {

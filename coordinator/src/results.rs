@@ -106,9 +106,9 @@ pub struct ErrorJson {
 }
 
 /// How the result was verified.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
-    /// `receipt` or `replicate:K` as submitted.
+    /// `receipt`, `replicate:K` or `target:E` as submitted.
     pub policy: String,
     /// Replicas finally required (grows when replicas disagree).
     pub replicas: usize,
@@ -119,6 +119,11 @@ pub struct Verdict {
     /// Why a drawn spot check got no second result (the verified receipt stands alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot_check_missed: Option<String>,
+    /// The bound on the chance that the accepted result is wrong, from the verified history of
+    /// the nodes that agreed on it (`ambient_core::agreeing_doubt`): what `target:ε` drives
+    /// under ε, reported under every policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_bound: Option<f64>,
     /// Nodes whose result disagreed with the majority (their reputation dropped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disputed: Vec<String>,

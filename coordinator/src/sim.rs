@@ -102,7 +102,7 @@ impl Default for SimConfig {
             nodes: 1_000,
             tasks: 100_000,
             seed: 1,
-            verify: Policy::Receipt,
+            verify: DispatchConfig::default().default_policy,
             liars: 0.0,
             colluders: 0.0,
             patient: 0.0,
@@ -778,6 +778,7 @@ mod tests {
             nodes: 40,
             tasks: 1_000,
             trust_after: 10,
+            verify: Policy::Receipt,
             ..SimConfig::default()
         }
     }
@@ -836,6 +837,22 @@ mod tests {
         .unwrap();
         assert_eq!(r.wrong_accepted, 0, "{r:#?}");
         assert!(r.executions_per_task >= 3.0, "{r:#?}");
+    }
+
+    #[test]
+    fn under_the_default_error_target_neither_liars_nor_colluders_get_a_wrong_result_accepted() {
+        for (liars, colluders) in [(0.2, 0.0), (0.0, 0.2)] {
+            let r = run(&SimConfig {
+                liars,
+                colluders,
+                verify: SimConfig::default().verify,
+                ..small()
+            })
+            .unwrap();
+            assert_eq!(r.verify, "target:1e-4");
+            assert_eq!(r.wrong_accepted, 0, "{r:#?}");
+            assert_eq!(r.honest_blacklisted, 0, "{r:#?}");
+        }
     }
 
     #[test]

@@ -70,16 +70,62 @@ impl Reputation {
 /// assert_eq!(credibility(1_000, 200), 9_999);
 /// ```
 pub fn credibility(agreed_in_a_row: u32, faulty_permille: u32) -> u32 {
-    let f = f64::from(faulty_permille.min(999)) / 1_000.0;
-    let doubt = if agreed_in_a_row == 0 {
-        f
-    } else {
-        let bound = f / ((1.0 - f) * f64::from(agreed_in_a_row) * core::f64::consts::E);
-        if bound < f { bound } else { f }
-    };
     let scale = f64::from(SCORE_SCALE);
     // Truncation towards zero: a node is never rounded up into credibility.
-    ((1.0 - doubt) * scale) as u32
+    ((1.0 - doubt(agreed_in_a_row, faulty_permille)) * scale) as u32
+}
+
+/// One minus [`credibility`], unrounded: the bound on the chance that a result from a node
+/// which agreed with others `agreed_in_a_row` times in a row is wrong. `f` for a node never
+/// checked, `f / ((1 − f) · k · e)` after `k` agreements, never above `f`.
+///
+/// ```
+/// use ambient_core::doubt;
+/// assert_eq!(doubt(0, 100), 0.1);
+/// assert!(doubt(409, 100) <= 1e-4 && doubt(408, 100) > 1e-4);
+/// ```
+pub fn doubt(agreed_in_a_row: u32, faulty_permille: u32) -> f64 {
+    let f = f64::from(faulty_permille.min(999)) / 1_000.0;
+    if agreed_in_a_row == 0 {
+        return f;
+    }
+    let bound = f / ((1.0 - f) * f64::from(agreed_in_a_row) * core::f64::consts::E);
+    if bound < f { bound } else { f }
+}
+
+/// The chance that a result on which several nodes agreed, and none disagreed, is wrong, from
+/// each agreeing node's [`doubt`]: Sarmenta's credibility of a result group, for one group.
+///
+/// The result is wrong only if every node that returned it is faulty and they returned the
+/// same wrong output: colluders, the worst case (independent liars never agree on a wrong
+/// output). Weighing that against all of them being right:
+///
+/// ```text
+///     Π dᵢ / (Π dᵢ + Π (1 − dᵢ))
+/// ```
+///
+/// So agreement multiplies doubts: two nodes never checked in a pool assumed one-in-five
+/// faulty leave 0.04 / (0.04 + 0.64) ≈ 5.9e-2, a never-checked node and one that agreed 40
+/// times leave 5.8e-4. No doubts (no result) is certain doubt, 1.
+///
+/// ```
+/// use ambient_core::{agreeing_doubt, doubt};
+/// assert_eq!(agreeing_doubt([0.2]), 0.2);
+/// let pair = agreeing_doubt([doubt(0, 200), doubt(0, 200)]);
+/// assert!((pair - 0.04 / 0.68).abs() < 1e-12);
+/// assert_eq!(agreeing_doubt([]), 1.0);
+/// ```
+pub fn agreeing_doubt(doubts: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut wrong, mut right, mut any) = (1.0, 1.0, false);
+    for d in doubts {
+        wrong *= d;
+        right *= 1.0 - d;
+        any = true;
+    }
+    if !any || wrong + right == 0.0 {
+        return 1.0;
+    }
+    wrong / (wrong + right)
 }
 
 #[cfg(test)]
@@ -103,5 +149,19 @@ mod tests {
         // 0.1 / (0.9 · k · e) ≤ 1e-4  ⇔  k ≥ 409
         assert!(credibility(409, 100) >= SCORE_SCALE - 1);
         assert!(credibility(100, 100) < SCORE_SCALE - 3);
+    }
+
+    #[test]
+    fn each_agreeing_node_lowers_the_doubt_of_a_result_and_a_certain_liar_keeps_it_wrong() {
+        let mut doubts = vec![doubt(0, 200)];
+        let mut last = agreeing_doubt(doubts.iter().copied());
+        for k in [0, 3, 40, 1_000] {
+            doubts.push(doubt(k, 200));
+            let now = agreeing_doubt(doubts.iter().copied());
+            assert!(now < last, "{k}: {now} !< {last}");
+            last = now;
+        }
+        assert_eq!(agreeing_doubt([1.0, 0.5]), 1.0);
+        assert_eq!(agreeing_doubt([0.0, 0.5]), 0.0);
     }
 }

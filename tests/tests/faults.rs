@@ -376,9 +376,14 @@ async fn a_node_returning_wrong_answers_is_outvoted_and_loses_reputation() {
     );
 }
 
-/// Runs `tasks` single-image digit tasks in one batch, each of which must complete, and returns
-/// how many completed with a wrong output and how many agreeing runs they had.
-async fn digits_counting_wrong(c: &Coordinator, tasks: usize) -> (usize, usize) {
+/// Runs `tasks` single-image digit tasks in one batch under `verify` (the coordinator's
+/// default when `None`), each of which must complete, and returns how many completed with a
+/// wrong output and how many agreeing runs they had.
+async fn digits_counting_wrong(
+    c: &Coordinator,
+    tasks: usize,
+    verify: Option<&str>,
+) -> (usize, usize) {
     let mut client = Client::connect(&c.url).await.unwrap();
     let hash = client.publish_module(DIGITS_WASM).await.unwrap();
     let mut natives = Vec::new();
@@ -391,6 +396,7 @@ async fn digits_counting_wrong(c: &Coordinator, tasks: usize) -> (usize, usize) 
                 module: Some(hash.to_hex().to_string()),
                 entry: Some("classify".into()),
                 input_b64: Some(B64.encode(input)),
+                verify: verify.map(String::from),
                 ..Submission::default()
             }
         })
@@ -431,8 +437,8 @@ fn wait_for_blacklisting(c: &Coordinator, node: &str) {
 /// The measurement that opened the trust work: four honest devices and one node that claims
 /// perfect health and answers every task at once with a validly signed wrong output. With 5%
 /// random spot checks alone, a third of its results were accepted. Under the default policy
-/// every node proves itself first, so the liar is caught on its first checked task,
-/// blacklisted, and no wrong result is accepted.
+/// (`target:1e-4`) a node's runs are checked until its agreements make it credible, so the
+/// liar is caught on its first task, blacklisted, and no wrong result is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_result_accepted() {
     let dir = tempfile::tempdir().unwrap();
@@ -451,7 +457,7 @@ async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_re
     );
     c.wait_for_nodes(5);
     let tasks = 100;
-    let (wrong, executions) = digits_counting_wrong(&c, tasks).await;
+    let (wrong, executions) = digits_counting_wrong(&c, tasks, None).await;
     println!(
         "{tasks} tasks, 1 liar in 5: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
         executions as f64 / tasks as f64
@@ -462,8 +468,9 @@ async fn a_node_claiming_perfect_health_and_lying_on_every_task_gets_no_wrong_re
 
 /// The same with real agents: one of five `ambient-agent`s claims perfect health and answers
 /// every task with a validly signed wrong output (`--fault wrong-output:1 --fault
-/// claim-perfect-health`). Its runs are all checked until it has agreed with others, which it
-/// never does, so its first checked run catches it; no wrong result is accepted.
+/// claim-perfect-health`), under `receipt` (the cheaper policy). Its runs are all checked until
+/// it has agreed with others 40 times, which it never does, so its first checked run catches
+/// it; no wrong result is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1000_accepted() {
     let dir = tempfile::tempdir().unwrap();
@@ -471,7 +478,7 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
         &dir.path().join("c"),
         0,
         None,
-        "[verification]\ntrust_after = 40\n",
+        "[verification]\npolicy = \"receipt\"\ntrust_after = 40\n",
     );
     let _liar = agent_with(
         &c.url,
@@ -492,7 +499,7 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
     );
     c.wait_for_nodes(5);
     let tasks = 1000;
-    let (wrong, executions) = digits_counting_wrong(&c, tasks).await;
+    let (wrong, executions) = digits_counting_wrong(&c, tasks, None).await;
     println!(
         "{tasks} tasks on 5 agents, one lying on every task: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
         executions as f64 / tasks as f64
@@ -500,4 +507,39 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
     assert_eq!(wrong, 0, "no wrong result accepted");
     let (liar, _) = device_identity(&dir.path().join("liar"));
     wait_for_blacklisting(&c, &liar);
+}
+
+/// One of ten `ambient-agent`s lies on a tenth of its tasks (`--fault wrong-output:0.1`), the
+/// others are honest; 1,000 tasks under `target:1e-4`, the default. Until a node's agreements make its doubt
+/// that small (hundreds of them), every run it makes is checked on other nodes, so each of the
+/// liar's lies meets a disagreeing check, is outvoted and gets it blacklisted: no wrong result
+/// is accepted, whatever order the runs take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_in_ten_lying_on_a_tenth_of_its_tasks_gets_none_of_1000_accepted_under_an_error_target()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[verification]\ntrust_after = 40\n",
+    );
+    let _liar = agent_with(
+        &c.url,
+        &dir.path().join("liar"),
+        "pi5",
+        &[],
+        &["--fault", "wrong-output:0.1"],
+    );
+    let profiles = ["pi4", "pi5", "jetson-orin-nano", "visionfive2"];
+    let honest: Vec<&str> = profiles.iter().cycle().take(9).copied().collect();
+    let _honest = agents(&c.url, dir.path(), &honest);
+    c.wait_for_nodes(10);
+    let tasks = 1000;
+    let (wrong, executions) = digits_counting_wrong(&c, tasks, Some("target:1e-4")).await;
+    println!(
+        "{tasks} tasks on 10 agents, one lying on 10% of its tasks, target:1e-4: {wrong} wrong results accepted, {executions} agreeing executions ({:.2} per task)",
+        executions as f64 / tasks as f64
+    );
+    assert_eq!(wrong, 0, "no wrong result accepted");
 }

@@ -152,14 +152,15 @@ pub struct Coordinator {
     pub data_dir: PathBuf,
 }
 
-/// `config` with every node trusted from its first result and no random spot checks
-/// (`verification.trust_after = 0`, `spot_check_permille = 0`), unless it sets `trust_after`
+/// `config` with tasks that name no policy checked by `receipt`, every node trusted from its
+/// first result and no random spot checks (`verification.policy = "receipt"`,
+/// `trust_after = 0`, `spot_check_permille = 0`), unless it sets `trust_after`
 /// itself, which keeps the default checks. These tests are about delivery, faults and access:
 /// a second, checking run of a task would change what they count (runs, payees, verdicts), and
 /// a random one would make that change one run in twenty. Verification has its own tests (the
 /// lying nodes in `faults.rs`, `trust.rs`, the dispatcher's unit tests and `ambient sim`).
 fn trusting_from_the_start(config: &str) -> String {
-    const CHECKS: &str = "trust_after = 0\nspot_check_permille = 0";
+    const CHECKS: &str = "policy = \"receipt\"\ntrust_after = 0\nspot_check_permille = 0";
     if config.contains("trust_after") {
         config.to_owned()
     } else if config.contains("[verification]") {
