@@ -1137,11 +1137,13 @@ impl Dispatcher {
         // A dissent is outvoted when the votes, its own included, still decide for the
         // accepted result as a running task's would (see "Contested votes").
         let decisive = dissents && {
-            let pool = late.votes.len()
-                + late.outstanding.len()
-                + self
-                    .registry
-                    .able(now.at, &late.spec.requires, &late.voters);
+            let pool = electorate(
+                &self.registry,
+                now.at,
+                &late.spec,
+                (late.votes.len(), late.outstanding.len()),
+                &late.voters,
+            );
             matches!(
                 quorum(&late.votes, late.votes.len(), pool),
                 Quorum::Accepted { index, .. } if late.votes[index] == accepted
@@ -1198,9 +1200,13 @@ impl Dispatcher {
             // Only a disagreement depends on how many nodes could still vote (O(n)).
             let mut voters: Vec<NodeId> = job.outstanding.iter().map(|d| d.node).collect();
             voters.extend_from_slice(&job.barred);
-            let requires = &job.spec.requires;
-            pool =
-                keys.len() + job.outstanding.len() + self.registry.able(now.at, requires, &voters);
+            pool = electorate(
+                &self.registry,
+                now.at,
+                &job.spec,
+                (keys.len(), job.outstanding.len()),
+                &voters,
+            );
             verdict = quorum(&keys, job.replicas, pool);
         }
         match verdict {
@@ -1695,6 +1701,19 @@ impl Dispatcher {
             ticket: 0,
         }
     }
+}
+
+/// How many nodes could vote on a task: the `votes` cast, the replicas still `running`, and
+/// every other node able to run it (`voters`: the nodes that voted, run it or may not run it
+/// again). O(n): only when replicas disagree.
+fn electorate(
+    registry: &Registry,
+    now: Instant,
+    spec: &TaskSpec,
+    (votes, running): (usize, usize),
+    voters: &[NodeId],
+) -> usize {
+    votes + running + registry.able(now, &spec.requires, voters)
 }
 
 /// The chance that the result `key` is wrong, from the doubt of each node that returned it
