@@ -1223,7 +1223,7 @@ impl Dispatcher {
                 // Not yet as sure as the target: one more replica, while the pool has one.
                 let voters = &job.barred;
                 let more = keys.len() < MAX_REPLICAS
-                    && self.registry.able(now.at, &job.spec.requires, voters) > 0;
+                    && self.registry.any_able(now.at, &job.spec.requires, voters);
                 if more {
                     job.replicas = keys.len() + 1;
                     self.pump(now, task_id, fx);

@@ -1135,10 +1135,25 @@ impl Registry {
     ///
     /// O(n): only when replicas disagree.
     pub fn able(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> usize {
+        self.able_nodes(now, req, exclude).count()
+    }
+
+    /// Whether any node outside `exclude` could run a task with `req` now: [`Registry::able`]
+    /// that stops at the first.
+    pub fn any_able(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> bool {
+        self.able_nodes(now, req, exclude).next().is_some()
+    }
+
+    fn able_nodes<'a>(
+        &'a self,
+        now: Instant,
+        req: &'a Requirements,
+        exclude: &'a [NodeId],
+    ) -> impl Iterator<Item = &'a NodeId> + 'a {
         self.nodes
             .iter()
-            .filter(|(id, n)| !exclude.contains(id) && n.can_run(now, req))
-            .count()
+            .filter(move |(id, n)| !exclude.contains(id) && n.can_run(now, req))
+            .map(|(id, _)| id)
     }
 
     /// Whether the node's recent results agreed with other nodes' often enough in a row
