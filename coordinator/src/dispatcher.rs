@@ -94,6 +94,16 @@
 //! its majority and stands.
 //! At most [`MAX_LATE`] finished tasks are kept for this.
 //!
+//! # Results found suspect later
+//!
+//! A result accepted on one node's receipt alone (a credible node's unchecked run, or a check
+//! that found no second node) is only as good as that node. When the node is later shown to
+//! return wrong results (it loses a vote, or signs a receipt that does not verify), the
+//! coordinator publishes a [`Notice`] with code `suspect_result` on [`topics::NOTICES`] for
+//! each such result of the last [`MAX_UNCHECKED`], so their clients can run them again. The
+//! result itself stays delivered and paid: a notice says the evidence weakened, not that the
+//! result is wrong. The list is kept in memory: a restart forgets it.
+//!
 //! # Recovery
 //!
 //! [`Dispatcher::recover`] rebuilds the state from what the journal returns: every unfinished
@@ -120,7 +130,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use tracing::{debug, info, warn};
 
 use crate::intake::{self, MAX_REPLICAS, Policy, TaskSpec};
-use crate::results::{EventStatus, ReceiptJson, TaskEvent, Verdict};
+use crate::results::{EventStatus, Notice, ReceiptJson, TaskEvent, Verdict};
 use crate::store::{JournaledTask, Known, NewTask, Op, StoreError, TaskStatus};
 use crate::{Outcome, Registry, RegistryError, Strategy};
 
@@ -419,6 +429,49 @@ impl SpotCheck {
 /// Replicas of a finished task kept for comparison: at most this many tasks.
 const MAX_LATE: usize = 4_096;
 
+/// Results accepted on one node's receipt alone, remembered so that their clients can be told
+/// if the node is caught later (see "Results found suspect later"); the oldest are forgotten.
+const MAX_UNCHECKED: usize = 65_536;
+
+/// The last [`MAX_UNCHECKED`] tasks whose accepted result rested on one node alone.
+#[derive(Default)]
+struct Unchecked(VecDeque<(NodeId, TaskId)>);
+
+impl Unchecked {
+    fn remember(&mut self, node: NodeId, task: TaskId) {
+        if self.0.len() == MAX_UNCHECKED {
+            self.0.pop_front();
+        }
+        self.0.push_back((node, task));
+    }
+
+    /// `node` was shown to return wrong results: a notice for each result that rested on it.
+    /// O([`MAX_UNCHECKED`]), once per dispute.
+    fn caught(&mut self, node: NodeId, fx: &mut Effects) {
+        let mut suspect = Vec::new();
+        self.0.retain(|(n, task)| {
+            let keep = *n != node;
+            if !keep {
+                suspect.push(task.clone());
+            }
+            keep
+        });
+        for task in suspect {
+            let notice = Notice {
+                task_id: task.to_string(),
+                code: "suspect_result".into(),
+                node: node.to_hex().to_string(),
+                message: format!(
+                    "the accepted result rested on node {node} alone, and that node has since \
+                     returned a wrong result; submit the task again under a new id to be sure"
+                ),
+            };
+            let json = serde_json::to_vec(&notice).unwrap_or_default();
+            fx.events.push(Publish::reliable(topics::NOTICES, json));
+        }
+    }
+}
+
 /// An accepted task's replicas that were still running when it was accepted.
 struct Late {
     spec: Arc<TaskSpec>,
@@ -575,6 +628,7 @@ pub struct Dispatcher {
     /// Replicas of accepted tasks still to report, compared when they do; in finishing order.
     late: HashMap<TaskId, Late>,
     late_order: VecDeque<TaskId>,
+    unchecked: Unchecked,
     next_id: u64,
     rng: rand::rngs::StdRng,
     /// [`Recovered::finished`], until the first connection publishes it.
@@ -609,6 +663,7 @@ impl Dispatcher {
             dropped: Dropped::default(),
             late: HashMap::new(),
             late_order: VecDeque::new(),
+            unchecked: Unchecked::default(),
             next_id: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             unsent: recovered.finished,
@@ -999,7 +1054,7 @@ impl Dispatcher {
     fn on_report(&mut self, now: Now, report: Report<'_>, fx: &mut Effects) {
         let node = report.node;
         let Some(job) = self.jobs.get_mut(&report.task_id) else {
-            self.on_late_report(now, &report);
+            self.on_late_report(now, &report, fx);
             return;
         };
         let Some(pos) = answered(&job.outstanding, &report, &mut self.dropped) else {
@@ -1057,6 +1112,7 @@ impl Dispatcher {
                     warn!(task = %task_id, %node, error = %e, "receipt rejected");
                     job.barred.push(node);
                     self.registry.record(now.at, &node, Outcome::Disputed);
+                    self.unchecked.caught(node, fx);
                     self.fail_attempt(
                         now,
                         &task_id,
@@ -1099,7 +1155,7 @@ impl Dispatcher {
     /// result when they come: agreeing counts as verified for the node, disagreeing as a
     /// dispute when the accepted result still leads decisively (see "Contested votes"). The
     /// accepted result stands either way: it had its majority.
-    fn on_late_report(&mut self, now: Now, report: &Report<'_>) {
+    fn on_late_report(&mut self, now: Now, report: &Report<'_>, fx: &mut Effects) {
         let node = report.node;
         let Some(late) = self.late.get_mut(&report.task_id) else {
             self.dropped.stale_reports += 1;
@@ -1171,6 +1227,9 @@ impl Dispatcher {
         };
         self.registry.touch(now.at, node);
         self.registry.record(now.at, &node, outcome);
+        if outcome == Outcome::Disputed {
+            self.unchecked.caught(node, fx);
+        }
     }
 
     /// Forgets replicas of finished tasks that can no longer report, and the oldest past
@@ -1574,6 +1633,10 @@ impl Dispatcher {
                 }
                 for v in &losers {
                     self.registry.record(now.at, &v.node, Outcome::Disputed);
+                    self.unchecked.caught(v.node, fx);
+                }
+                if let [alone] = winners.as_slice() {
+                    self.unchecked.remember(alone.node, task_id.clone());
                 }
                 let n = winners.len() as u64;
                 // A module the nodes refused before running it cost no work: nothing is paid.
@@ -2496,6 +2559,41 @@ mod tests {
         let verdict = done.verdict.unwrap();
         assert_eq!(verdict.disputed, vec![liar.to_hex().to_string()]);
         assert!(verdict.error_bound.unwrap() <= 1e-3);
+    }
+
+    #[test]
+    fn a_node_caught_lying_gets_a_notice_published_for_each_result_that_rested_on_it_alone() {
+        let mut f = fixture(3);
+        let sent = assignments(&f.submit("solo", "receipt"));
+        let liar = sent[0].0;
+        assert!(
+            finals(&f.answer("solo", sent[0], b"wrong"))[0]
+                .verdict
+                .is_some()
+        );
+        let sent = assignments(&f.submit("vote", "replicate:3"));
+        let mut notices = Vec::new();
+        for s in sent {
+            let out: &[u8] = if s.0 == liar { b"lie" } else { b"right" };
+            let fx = f.answer("vote", s, out);
+            notices.extend(
+                fx.events
+                    .iter()
+                    .filter(|p| p.topic == topics::NOTICES)
+                    .map(|p| serde_json::from_slice::<Notice>(&p.payload).unwrap()),
+            );
+        }
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].task_id, "solo");
+        assert_eq!(notices[0].code, "suspect_result");
+        assert_eq!(notices[0].node, liar.to_hex().to_string());
+        // Told once: the list no longer holds it.
+        let sent = assignments(&f.submit("again", "replicate:3"));
+        for s in sent {
+            let out: &[u8] = if s.0 == liar { b"lie" } else { b"right" };
+            let fx = f.answer("again", s, out);
+            assert!(fx.events.iter().all(|p| p.topic != topics::NOTICES));
+        }
     }
 
     #[test]

@@ -45,6 +45,6 @@ pub use intake::{
     parse as parse_submission,
 };
 pub use registry::*;
-pub use results::{ErrorJson, EventStatus, ReceiptJson, TaskEvent, Verdict};
+pub use results::{ErrorJson, EventStatus, Notice, ReceiptJson, TaskEvent, Verdict};
 pub use scheduler::*;
 pub use service::{Coordinator, CoordinatorError};

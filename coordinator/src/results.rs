@@ -105,6 +105,21 @@ pub struct ErrorJson {
     pub message: String,
 }
 
+/// A word about a task that already ended, on [`NOTICES`](ambient_core::topics::NOTICES).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The task.
+    pub task_id: String,
+    /// `suspect_result`: the accepted result rested on `node`'s receipt alone, and `node` has
+    /// since been shown to return wrong results. The result may be right; to be sure, submit
+    /// the task again under a new id (with `replicate:K` for independent runs).
+    pub code: String,
+    /// The node.
+    pub node: String,
+    /// What happened, for a person.
+    pub message: String,
+}
+
 /// How the result was verified.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {

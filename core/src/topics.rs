@@ -14,6 +14,10 @@ pub const SUBMIT: &str = "ambient/v1/tasks/submit";
 /// Where the coordinator publishes a `rejected` event for every submission it refuses (JSON),
 /// including those whose task id could not be read, so no submission goes unanswered.
 pub const REJECTED: &str = "ambient/v1/tasks/rejected";
+/// Where the coordinator publishes a notice (JSON) about a task that already ended, when its
+/// accepted result rested on one node's receipt alone and that node has since been shown to
+/// return wrong results.
+pub const NOTICES: &str = "ambient/v1/tasks/notices";
 /// Filter matching every node topic (`ambient/v1/nodes/{id}/{leaf}`).
 pub const ALL_NODES: &str = "ambient/v1/nodes/+/+";
 /// Filter matching every module upload.
