@@ -410,12 +410,16 @@ impl Node {
     /// and the one the node reports for itself, since an open one refuses assignments), and a
     /// free execution slot.
     fn is_available(&self) -> bool {
+        self.is_ready() && self.in_flight < u32::from(self.max_concurrency)
+    }
+
+    /// [`Node::is_available`] but for a free slot: it takes work once one is free.
+    fn is_ready(&self) -> bool {
         self.live
             && !self.offline
             && self.admitting
             && !self.resting
             && self.blacklisted_until_ms.is_none()
-            && self.in_flight < u32::from(self.max_concurrency)
             && self
                 .sample
                 .as_ref()
@@ -1135,25 +1139,21 @@ impl Registry {
     ///
     /// O(n): only when replicas disagree.
     pub fn able(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> usize {
-        self.able_nodes(now, req, exclude).count()
+        self.others(exclude).filter(|n| n.can_run(now, req)).count()
     }
 
-    /// Whether any node outside `exclude` could run a task with `req` now: [`Registry::able`]
-    /// that stops at the first.
-    pub fn any_able(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> bool {
-        self.able_nodes(now, req, exclude).next().is_some()
+    /// Whether a node outside `exclude` could take a task that needs `req` as soon as it has
+    /// a free slot: able, and with both breakers admitting. Stops at the first.
+    pub fn any_ready(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> bool {
+        self.others(exclude)
+            .any(|n| n.can_run(now, req) && n.is_ready())
     }
 
-    fn able_nodes<'a>(
-        &'a self,
-        now: Instant,
-        req: &'a Requirements,
-        exclude: &'a [NodeId],
-    ) -> impl Iterator<Item = &'a NodeId> + 'a {
+    fn others<'a>(&'a self, exclude: &'a [NodeId]) -> impl Iterator<Item = &'a Node> + 'a {
         self.nodes
             .iter()
-            .filter(move |(id, n)| !exclude.contains(id) && n.can_run(now, req))
-            .map(|(id, _)| id)
+            .filter(move |(id, _)| !exclude.contains(id))
+            .map(|(_, n)| n)
     }
 
     /// Whether the node's recent results agreed with other nodes' often enough in a row

@@ -135,8 +135,8 @@ pub struct Verdict {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot_check_missed: Option<String>,
     /// The bound on the chance that the accepted result is wrong, from the verified history of
-    /// the nodes that agreed on it (`ambient_core::agreeing_doubt`): what `target:ε` drives
-    /// under ε, reported under every policy.
+    /// the nodes that agreed on it and of any that disagreed (`ambient_core::result_doubt`):
+    /// what `target:ε` drives under ε, reported under every policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_bound: Option<f64>,
     /// Nodes whose result disagreed with the majority (their reputation dropped).

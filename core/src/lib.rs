@@ -7,7 +7,7 @@
 //! - [`TelemetrySample`]: one reading of a device, integers in named units.
 //! - [`health_score`]: the seed's `0.4·bandwidth + 0.3·latency + 0.2·compute + 0.1·reputation`.
 //! - [`Reputation`]: task outcomes and a score that resists small samples; [`credibility`]
-//!   ([`doubt`], [`agreeing_doubt`] for a result several nodes agreed on):
+//!   ([`doubt`], and [`result_doubt`] for a result some nodes agreed on and others did not):
 //!   how far a node's results can be trusted after agreeing with other nodes' k times.
 //! - [`SafetyPolicy`] and [`Breaker`]: the circuit breaker that takes a device out of the pool.
 //! - [`Receipt`] and [`SignedReceipt`]: what a node signs for every task; [`chain_hash`] for the ledger.
@@ -42,7 +42,7 @@ pub use proof::{
     Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
     verify_message,
 };
-pub use reputation::{Reputation, agreeing_doubt, credibility, doubt};
+pub use reputation::{Reputation, credibility, doubt, result_doubt};
 pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};
 pub use telemetry::{TelemetrySample, ThrottleFlags};
 pub use verify::{CONTESTED_LEAD, Expected, Quorum, Tariff, quorum, verify_receipt};

@@ -93,34 +93,48 @@ pub fn doubt(agreed_in_a_row: u32, faulty_permille: u32) -> f64 {
     if bound < f { bound } else { f }
 }
 
-/// The chance that a result on which several nodes agreed, and none disagreed, is wrong, from
-/// each agreeing node's [`doubt`]: Sarmenta's credibility of a result group, for one group.
+/// The chance that an accepted result is wrong, from the [`doubt`] of each node that returned
+/// it and of each node that returned something else: Sarmenta's credibility of a result group,
+/// for the worst case.
 ///
 /// The result is wrong only if every node that returned it is faulty and they returned the
-/// same wrong output: colluders, the worst case (independent liars never agree on a wrong
-/// output). Weighing that against all of them being right:
+/// same wrong output: colluders (independent liars never agree on a wrong output). It is right
+/// only if every dissenting node is faulty. Weighing the two, and counting any dissent as
+/// possible either way when the result is wrong:
 ///
 /// ```text
-///     Π dᵢ / (Π dᵢ + Π (1 − dᵢ))
+///               Π dᵢ                    i: the agreeing nodes
+///     ─────────────────────────         j: the dissenting nodes
+///     Π dᵢ + Π (1 − dᵢ) · Π dⱼ
 /// ```
 ///
-/// So agreement multiplies doubts: two nodes never checked in a pool assumed one-in-five
-/// faulty leave 0.04 / (0.04 + 0.64) ≈ 5.9e-2, a never-checked node and one that agreed 40
-/// times leave 5.8e-4. No doubts (no result) is certain doubt, 1.
+/// So agreement multiplies doubts, and a dissent from a credible node weighs heavily: two
+/// nodes never checked in a pool assumed one-in-five faulty leave 0.04 / (0.04 + 0.64) ≈
+/// 5.9e-2 with no dissent; a never-checked node and one that agreed 40 times leave 5.8e-4.
+/// No agreeing node (no result) is certain doubt, 1.
 ///
 /// ```
-/// use ambient_core::{agreeing_doubt, doubt};
-/// assert_eq!(agreeing_doubt([0.2]), 0.2);
-/// let pair = agreeing_doubt([doubt(0, 200), doubt(0, 200)]);
+/// use ambient_core::{doubt, result_doubt};
+/// assert_eq!(result_doubt([0.2], []), 0.2);
+/// let pair = result_doubt([doubt(0, 200), doubt(0, 200)], []);
 /// assert!((pair - 0.04 / 0.68).abs() < 1e-12);
-/// assert_eq!(agreeing_doubt([]), 1.0);
+/// // Two nodes at 1e-3 outvoting one at 1e-4: about 1e-2, not 1e-6.
+/// let contested = result_doubt([1e-3, 1e-3], [1e-4]);
+/// assert!(contested > 9e-3 && contested < 1e-2);
+/// assert_eq!(result_doubt([], [0.5]), 1.0);
 /// ```
-pub fn agreeing_doubt(doubts: impl IntoIterator<Item = f64>) -> f64 {
+pub fn result_doubt(
+    agreeing: impl IntoIterator<Item = f64>,
+    dissenting: impl IntoIterator<Item = f64>,
+) -> f64 {
     let (mut wrong, mut right, mut any) = (1.0, 1.0, false);
-    for d in doubts {
+    for d in agreeing {
         wrong *= d;
         right *= 1.0 - d;
         any = true;
+    }
+    for d in dissenting {
+        right *= d;
     }
     if !any || wrong + right == 0.0 {
         return 1.0;
@@ -154,14 +168,28 @@ mod tests {
     #[test]
     fn each_agreeing_node_lowers_the_doubt_of_a_result_and_a_certain_liar_keeps_it_wrong() {
         let mut doubts = vec![doubt(0, 200)];
-        let mut last = agreeing_doubt(doubts.iter().copied());
+        let mut last = result_doubt(doubts.iter().copied(), []);
         for k in [0, 3, 40, 1_000] {
             doubts.push(doubt(k, 200));
-            let now = agreeing_doubt(doubts.iter().copied());
+            let now = result_doubt(doubts.iter().copied(), []);
             assert!(now < last, "{k}: {now} !< {last}");
             last = now;
         }
-        assert_eq!(agreeing_doubt([1.0, 0.5]), 1.0);
-        assert_eq!(agreeing_doubt([0.0, 0.5]), 0.0);
+        assert_eq!(result_doubt([1.0, 0.5], []), 1.0);
+        assert_eq!(result_doubt([0.0, 0.5], []), 0.0);
+    }
+
+    #[test]
+    fn a_dissent_raises_the_doubt_of_a_result_the_more_credible_the_dissenter() {
+        let agreeing = [doubt(40, 200); 3];
+        let alone = result_doubt(agreeing, []);
+        let mut last = alone;
+        for k in [0, 10, 100, 1_000] {
+            let with = result_doubt(agreeing, [doubt(k, 200)]);
+            assert!(with > last, "dissenter at {k}: {with} !> {last}");
+            last = with;
+        }
+        // A dissenter known to be faulty (doubt 1) changes nothing.
+        assert_eq!(result_doubt(agreeing, [1.0]), alone);
     }
 }
