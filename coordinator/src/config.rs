@@ -221,8 +221,8 @@ pub struct RawVerification {
     pub trust_after: u32,
     /// Seconds a node whose result was shown wrong gets no work. Default 3600.
     pub blacklist_secs: u64,
-    /// Share of faulty nodes assumed when judging a node's credibility, in permille (0 to
-    /// 999). Default 200.
+    /// Share of faulty nodes assumed when judging a node's credibility and how far `target:E`
+    /// trusts its results, in permille (1 to 999). Default 200.
     pub assumed_faulty_permille: u32,
 }
 
@@ -458,11 +458,12 @@ impl RawConfig {
                 "0 to 1000",
             ));
         }
-        if self.verification.assumed_faulty_permille > 999 {
+        if !(1..=999).contains(&self.verification.assumed_faulty_permille) {
             return Err(bad(
                 "verification.assumed_faulty_permille",
                 self.verification.assumed_faulty_permille,
-                "0 to 999",
+                "1 to 999: none faulty would make every node's results certain, so `target:E` \
+                 would check nothing but spot checks; all faulty, none",
             ));
         }
         if self.scheduling.liveness_ms == 0 {
@@ -624,9 +625,11 @@ mod tests {
     #[test]
     fn a_certain_share_of_faulty_nodes_is_refused_by_name() {
         let mut raw = RawConfig::default();
-        raw.verification.assumed_faulty_permille = 1000;
-        let e = raw.validate().unwrap_err();
-        assert_eq!(e.key, "verification.assumed_faulty_permille");
+        for share in [0, 1000] {
+            raw.verification.assumed_faulty_permille = share;
+            let e = raw.validate().unwrap_err();
+            assert_eq!(e.key, "verification.assumed_faulty_permille");
+        }
     }
 
     #[test]

@@ -687,7 +687,7 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let mut job = d.new_job(spec, sha3_256(t.spec_json.as_bytes()), now.at);
+            let mut job = d.new_job(spec, fingerprint(&t.spec_json), now.at);
             job.next_attempt = t.attempts.saturating_add(1);
             let id = job.spec.task_id.clone();
             let deadline = d.deadline(&job, now.at);
@@ -857,7 +857,7 @@ impl Dispatcher {
             }
         };
         let spec_json = serde_json::to_string(&p.spec).unwrap_or_default();
-        let fingerprint = sha3_256(spec_json.as_bytes());
+        let submitted = fingerprint(&spec_json);
         let id = p.spec.task_id.clone();
         // Seen before? Running here, finished in this turn, or in the journal.
         let earlier: Option<(Digest, Option<String>)> = if let Some(job) = self.jobs.get(&id) {
@@ -870,7 +870,7 @@ impl Dispatcher {
             Some((*fp, result))
         } else {
             match journal.known(&id) {
-                Ok(known) => known.map(|k| (sha3_256(k.spec_json.as_bytes()), k.result_json)),
+                Ok(known) => known.map(|k| (fingerprint(&k.spec_json), k.result_json)),
                 Err(e) => {
                     // Not journaled, so not acknowledged as accepted: the client resubmits.
                     warn!(task = %id, error = %e, "journal lookup failed; rejecting");
@@ -882,7 +882,7 @@ impl Dispatcher {
             }
         };
         if let Some((earlier_fp, result)) = earlier {
-            if earlier_fp != fingerprint {
+            if earlier_fp != submitted {
                 let message = format!(
                     "task_id {id} was already submitted with different content; choose a new task_id"
                 );
@@ -923,7 +923,7 @@ impl Dispatcher {
             &id,
             TaskEvent::new(id.as_str(), EventStatus::Accepted).to_json(),
         );
-        let job = self.new_job(p.spec, fingerprint, now.at);
+        let job = self.new_job(p.spec, submitted, now.at);
         self.jobs.insert(id.clone(), job);
         self.pump(now, &id, fx);
     }
@@ -1777,6 +1777,20 @@ impl Dispatcher {
             provisional: None,
             ticket: 0,
         }
+    }
+}
+
+/// What resubmissions are compared by: the sha3-256 of the validated submission's JSON as
+/// journaled, with a policy left to the coordinator (`"policy":null`) counted as `receipt`.
+/// Journals written before the default became configurable recorded a submission with no
+/// `verify` as `receipt`, and resubmitting it unchanged must still find it (so `receipt` named
+/// and no `verify` count as the same submission). The key cannot occur inside a string value:
+/// JSON escapes the quotes there.
+fn fingerprint(spec_json: &str) -> Digest {
+    const LEFT: &str = r#""policy":null"#;
+    match spec_json.split_once(LEFT) {
+        Some((head, tail)) => sha3_256(format!(r#"{head}"policy":"Receipt"{tail}"#).as_bytes()),
+        None => sha3_256(spec_json.as_bytes()),
     }
 }
 
@@ -3279,6 +3293,37 @@ mod tests {
         check(&f.submit("c", "replicate:2"));
         f.answer("c", sent, b"out");
         check(&f.submit("c", "replicate:2"));
+    }
+
+    #[test]
+    fn a_task_journaled_before_the_default_policy_was_configurable_is_found_by_its_resubmission() {
+        let mut f = fixture(1);
+        let json =
+            serde_json::json!({"task_id": "old", "module_b64": B64.encode(MODULE), "input": "in"});
+        let sent = assignments(&f.submit_json(json.clone()))[0];
+        f.answer("old", sent, b"out");
+        // What an older coordinator journaled for a submission with no `verify`.
+        for known in f.journal.tasks.borrow_mut().values_mut() {
+            assert!(
+                known.spec_json.contains(r#""policy":null"#),
+                "{}",
+                known.spec_json
+            );
+            known.spec_json = known
+                .spec_json
+                .replace(r#""policy":null"#, r#""policy":"Receipt""#);
+        }
+        let evs = events(&f.submit_json(json));
+        let statuses: Vec<EventStatus> = evs.iter().map(|(_, e)| e.status).collect();
+        assert_eq!(
+            statuses,
+            [EventStatus::Accepted, EventStatus::Completed],
+            "the stored result, not a conflict"
+        );
+        // A different policy is still different content.
+        let other = serde_json::json!({"task_id": "old", "module_b64": B64.encode(MODULE), "input": "in", "verify": "target:1e-4"});
+        let evs = events(&f.submit_json(other));
+        assert_eq!(evs[0].1.status, EventStatus::Rejected, "{evs:?}");
     }
 
     #[test]
