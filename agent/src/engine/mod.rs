@@ -248,6 +248,25 @@ impl Default for SandboxConfig {
     }
 }
 
+/// What every sandbox checks of a module's bytes before it looks inside: at most `max` bytes,
+/// and the sha3-256 the task names.
+pub(crate) fn check_module(hash: Digest, bytes: &[u8], max: usize) -> Result<(), ExecError> {
+    if bytes.len() > max {
+        return Err(ExecError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    let actual = sha3_256(bytes);
+    if actual != hash {
+        return Err(ExecError::HashMismatch {
+            expected: hash,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// The seed of a task's WASI random stream: the same on every node that runs the task, so
 /// replicas agree, and different between tasks.
 pub fn task_seed(task_id: &TaskId, input: &[u8]) -> u64 {

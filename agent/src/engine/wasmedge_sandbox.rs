@@ -20,7 +20,7 @@ use wasmedge_sdk::config::{CommonConfigOptions, ConfigBuilder, RuntimeConfigOpti
 use wasmedge_sdk::vm::SyncInst;
 use wasmedge_sdk::{AsInstance as _, Module, Store, Vm, WasmValue};
 
-use super::{Call, ExecError, Execution, Prepared, Sandbox, SandboxConfig};
+use super::{Call, ExecError, Execution, Prepared, Sandbox, SandboxConfig, check_module};
 
 /// The WasmEdge sandbox: keeps validated module bytes and instantiates per run.
 pub struct WasmEdge {
@@ -127,20 +127,7 @@ impl Sandbox for WasmEdge {
         if let Some(p) = self.cached(&hash) {
             return Ok(p);
         }
-        let max = self.config.max_module_bytes;
-        if bytes.len() > max {
-            return Err(ExecError::TooLarge {
-                len: bytes.len(),
-                max,
-            });
-        }
-        let actual = sha3_256(bytes);
-        if actual != hash {
-            return Err(ExecError::HashMismatch {
-                expected: hash,
-                actual,
-            });
-        }
+        check_module(hash, bytes, self.config.max_module_bytes)?;
         let config = self
             .edge_config(self.config.max_memory_bytes)
             .map_err(ExecError::Setup)?;

@@ -21,7 +21,9 @@ use wasmtime::{
 };
 
 use super::wasi::{self, OutputTooLarge, ProcExit, WasiState};
-use super::{Call, ExecError, Execution, Prepared, Sandbox, SandboxConfig, truncate_utf8};
+use super::{
+    Call, ExecError, Execution, Prepared, Sandbox, SandboxConfig, check_module, truncate_utf8,
+};
 
 /// Most elements any table may grow to; tables count towards a task's memory like memories do.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
@@ -338,20 +340,7 @@ impl Sandbox for Wasmtime {
         if let Some(e) = self.refusal(&hash) {
             return Err(e);
         }
-        let max = self.config.max_module_bytes;
-        if bytes.len() > max {
-            return Err(ExecError::TooLarge {
-                len: bytes.len(),
-                max,
-            });
-        }
-        let actual = sha3_256(bytes);
-        if actual != hash {
-            return Err(ExecError::HashMismatch {
-                expected: hash,
-                actual,
-            });
-        }
+        check_module(hash, bytes, self.config.max_module_bytes)?;
         self.inspect(hash, bytes)?;
         let module = self.compile(bytes);
         release_freed_memory();
