@@ -64,9 +64,9 @@
 //! checked on a second node, and while the result's doubt is still above ε, one more replica
 //! runs (drawn at random, as every check), up to [`MAX_REPLICAS`]. A disagreement is a
 //! contested vote as below; the result it accepts must reach ε too. The result the nodes agreed
-//! on stands (`Job::standing`) when no further replica can be had: no node left that could
-//! take it (online, breakers admitting), or the further runs fail
-//! [`DispatchConfig::max_failures`] times, or none comes free within
+//! on stands (`Job::standing`; a single node's, when its check found no second node) when no
+//! further replica can be had: no node left that could take it (online, breakers admitting),
+//! or the further runs fail [`DispatchConfig::max_failures`] times, or none comes free within
 //! [`DispatchConfig::queue_timeout`]. Every result says what it reached in
 //! `verdict.error_bound` (reported under every policy). Tasks drawn for a spot check
 //! ([`DispatchConfig::spot_check_permille`]) run on two nodes even when one would do, so a
@@ -1288,6 +1288,7 @@ impl Dispatcher {
                 if doubt_of(&self.registry, &job.votes, keys[index]) <= target {
                     return self.finish(now, task_id, Some(keys[index]), fx);
                 }
+                job.provisional = Some(keys[index]);
                 if !job.outstanding.is_empty() {
                     return; // a replica still running may add its agreement
                 }
@@ -1298,7 +1299,6 @@ impl Dispatcher {
                     && self.registry.any_ready(now.at, &job.spec.requires, voters);
                 if more {
                     job.replicas = keys.len() + 1;
-                    job.provisional = Some(keys[index]);
                     self.pump(now, task_id, fx);
                 } else {
                     self.finish(now, task_id, Some(keys[index]), fx);
@@ -1374,9 +1374,11 @@ impl Dispatcher {
             let strict_len = exclude.len();
             exclude.extend_from_slice(&job.avoided);
             let requires = &job.spec.requires;
-            // A check of a standing result never goes back to a node that failed the task: it
-            // would only fail again, and the result already stands.
-            let checking_only = job.standing().is_some();
+            // A spot check of a verified receipt never goes back to a node that failed the
+            // task: it would only fail again, and the receipt already stands. (A `target:E`
+            // task's further replicas may: a node that was busy a moment ago is worth the
+            // wait for the target.)
+            let checking_only = job.spot_check && job.votes.len() == 1;
             // The first run goes where the strategy says; checks and further replicas to a
             // node drawn uniformly, so no node can steer who checks it (see "Colluders").
             let first = job.votes.is_empty() && job.outstanding.is_empty();
@@ -1404,8 +1406,8 @@ impl Dispatcher {
                             .unmet_without(now.at, &job.spec.requires, unable)
                     {
                         job.spot_missed = Some(why);
-                        let standing = job.standing();
-                        self.finish(now, task_id, standing, fx);
+                        let key = job.votes[0].key;
+                        self.finish(now, task_id, Some(key), fx);
                         return;
                     }
                 }
@@ -1650,6 +1652,10 @@ impl Dispatcher {
                 }
                 if let [alone] = winners.as_slice() {
                     self.unchecked.remember(alone.node, task_id.clone());
+                    if self.registry.blacklisted(&alone.node) {
+                        // Caught while this task was still running.
+                        self.unchecked.caught(alone.node, fx);
+                    }
                 }
                 let n = winners.len() as u64;
                 // A module the nodes refused before running it cost no work: nothing is paid.
@@ -2195,9 +2201,11 @@ mod tests {
             .collect()
     }
 
+    /// The task events among `fx.events` (notices are not task events).
     fn events(fx: &Effects) -> Vec<(String, TaskEvent)> {
         fx.events
             .iter()
+            .filter(|p| p.topic != topics::NOTICES)
             .map(|p| (p.topic.clone(), serde_json::from_slice(&p.payload).unwrap()))
             .collect()
     }
@@ -2656,6 +2664,28 @@ mod tests {
             let fx = f.answer("again", s, out);
             assert!(fx.events.iter().all(|p| p.topic != topics::NOTICES));
         }
+    }
+
+    #[test]
+    fn a_result_that_rests_on_a_node_caught_while_it_ran_gets_its_notice_at_once() {
+        let mut f = fixture(3);
+        let solo = assignments(&f.submit("solo", "receipt"))[0];
+        let liar = solo.0;
+        for s in assignments(&f.submit("vote", "replicate:3")) {
+            let out: &[u8] = if s.0 == liar { b"lie" } else { b"right" };
+            f.answer("vote", s, out);
+        }
+        assert!(f.d.registry.blacklisted(&liar));
+        let fx = f.answer("solo", solo, b"out");
+        assert_eq!(finals(&fx).len(), 1);
+        let notices: Vec<Notice> = fx
+            .events
+            .iter()
+            .filter(|p| p.topic == topics::NOTICES)
+            .map(|p| serde_json::from_slice(&p.payload).unwrap())
+            .collect();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].task_id, "solo");
     }
 
     #[test]

@@ -410,15 +410,15 @@ impl Node {
     /// and the one the node reports for itself, since an open one refuses assignments), and a
     /// free execution slot.
     fn is_available(&self) -> bool {
-        self.is_ready() && self.in_flight < u32::from(self.max_concurrency)
+        self.is_ready() && !self.resting && self.in_flight < u32::from(self.max_concurrency)
     }
 
-    /// [`Node::is_available`] but for a free slot: it takes work once one is free.
+    /// [`Node::is_available`] but for a free slot and a rest after saying it was busy: it
+    /// takes work again soon.
     fn is_ready(&self) -> bool {
         self.live
             && !self.offline
             && self.admitting
-            && !self.resting
             && self.blacklisted_until_ms.is_none()
             && self
                 .sample
@@ -1140,6 +1140,14 @@ impl Registry {
     /// O(n): only when replicas disagree.
     pub fn able(&self, now: Instant, req: &Requirements, exclude: &[NodeId]) -> usize {
         self.others(exclude).filter(|n| n.can_run(now, req)).count()
+    }
+
+    /// Whether the node is blacklisted (shown to return a wrong result within
+    /// [`RegistryConfig::blacklist`]).
+    pub fn blacklisted(&self, node: &NodeId) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|n| n.blacklisted_until_ms.is_some())
     }
 
     /// Whether a node outside `exclude` could take a task that needs `req` as soon as it has
