@@ -15,7 +15,7 @@
 # beyond the package registries).
 #
 # aarch64 (Pi 4/5, Jetson) for glibc 2.31: the same with Debian's cross Rust (see
-# ../shared/TOOLCHAINS.md and targets/cross-aarch64.sh):
+# ../shared/TOOLCHAINS.md and targets/cross.sh):
 #   RUSTC=/usr/bin/rustc /usr/bin/cargo zigbuild --release -p ambient-agent \
 #     --target aarch64-unknown-linux-gnu.2.31 --target-dir target/cross
 set -euo pipefail

@@ -6,7 +6,7 @@
 #   bash targets/package.sh                   # this machine's architecture, release build
 #   bash targets/package.sh x86_64 aarch64    # and Raspberry Pi 4/5 / Jetson with a 64-bit OS
 #
-# aarch64 on an x86_64 machine is cross-built with targets/cross-aarch64.sh (Debian's rustc-web:
+# aarch64 on an x86_64 machine is cross-built with targets/cross.sh (Debian's rustc-web:
 # run targets/setup-toolchains.sh once; 10 to 20 minutes per binary on two cores).
 #
 # Environment:
@@ -86,7 +86,7 @@ for arch in "${arches[@]}"; do
     target=aarch64-unknown-linux-gnu
     cross_dir="$root/target/cross"
     for p in "${packages[@]}"; do
-      CARGO_TARGET_DIR="$cross_dir" bash targets/cross-aarch64.sh "$(crate_of "$p")" --bin "$(binary_of "$p")" >/dev/null
+      CARGO_TARGET_DIR="$cross_dir" bash targets/cross.sh aarch64 "$(crate_of "$p")" --bin "$(binary_of "$p")" >/dev/null
     done
     # The cross build is done (with Debian's compiler); cargo-deb only strips with the aarch64
     # binutils and packs.

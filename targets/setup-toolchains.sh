@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Installs the cross toolchains of TOOLCHAINS.md once per machine: Debian's rustc-web 1.96 with the
-# aarch64 standard library and library source (for -Zbuild-std), lld, the aarch64 C toolchain and
-# qemu-user. Idempotent: when every package is already installed it touches nothing (no apt, no
+# aarch64 and armv7 (armhf) standard libraries and library source (for -Zbuild-std), lld, both C
+# toolchains and qemu-user. Idempotent: when every package is already installed it touches nothing (no apt, no
 # network), so `.ci/run` can call it every time.
 #
 #   bash targets/setup-toolchains.sh
 #
-# Needs root (or sudo) only when something is missing. ARCHES="arm64 armhf" adds 32-bit
-# Raspberry Pi OS's standard library too.
+# Needs root (or sudo) only when something is missing. ARCHES=arm64 (or armhf) installs one of
+# the two: 64-bit (Pi 4/5, Jetson) or 32-bit Raspberry Pi OS.
 set -euo pipefail
 
-arches="${ARCHES:-arm64}"
+arches="${ARCHES:-arm64 armhf}"
 packages=(rustc-web cargo-web rust-web-src lld-22 qemu-user binutils)
 for arch in $arches; do
   case "$arch" in

@@ -107,10 +107,11 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  BREAKER",
+        "{:<12} {:<17} {:<8} {:<15} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  BREAKER",
         "NODE",
         "PROFILE",
         "ARCH",
+        "ENGINE",
         "ONLINE",
         "SCORE",
         "BW",
@@ -153,10 +154,11 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         }
         let node = n.node.to_hex();
         println!(
-            "{:<12} {:<17} {:<8} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  {}",
+            "{:<12} {:<17} {:<8} {:<15} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  {}",
             &node.as_str()[..12],
             n.profile.as_deref().unwrap_or("-"),
             n.arch,
+            n.engine,
             if n.online { "yes" } else { "no" },
             unit(terms.score),
             unit(terms.bandwidth),

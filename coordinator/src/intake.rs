@@ -340,14 +340,15 @@ pub fn parse(
     let req = sub.requires.clone().unwrap_or_default();
     let engine = match req.engine.as_deref() {
         None => None,
-        Some("wasmtime") => Some(Engine::Wasmtime),
-        Some("wasmedge") => Some(Engine::WasmEdge),
-        Some(other) => {
-            return Err(reject(
+        Some(name) => Some(Engine::from_name(name).ok_or_else(|| {
+            reject(
                 "bad_requirements",
-                format!("engine {other:?} is not `wasmtime` or `wasmedge`"),
-            ));
-        }
+                format!(
+                    "engine {name:?} is not `wasmtime`, `wasmedge` or `wasmtime-pulley` \
+                     (`wasmtime` also runs on Pulley nodes)"
+                ),
+            )
+        })?),
     };
     let requires = Requirements {
         memory_bytes: limits.memory_bytes,
@@ -497,6 +498,21 @@ mod tests {
         .unwrap_err();
         assert_eq!(p.code, "bad_policy");
         assert_eq!("replicate:3".parse::<Policy>(), Ok(Policy::Replicate(3)));
+    }
+
+    #[test]
+    fn an_engine_requirement_names_one_of_the_engines_or_is_rejected_listing_them() {
+        let with = |engine: &str| {
+            let json =
+                format!(r#"{{"module_b64":"AGFzbQEAAAA=","requires":{{"engine":"{engine}"}}}}"#);
+            parse(json.as_bytes(), |_| true, id).map(|p| p.spec.requires.engine)
+        };
+        for engine in Engine::ALL {
+            assert_eq!(with(engine.as_str()).unwrap(), Some(engine));
+        }
+        let e = with("v8").unwrap_err();
+        assert_eq!(e.code, "bad_requirements");
+        assert!(e.message.contains("wasmtime-pulley"), "{}", e.message);
     }
 
     #[test]

@@ -1061,9 +1061,12 @@ impl Registry {
             ));
         }
         if let Some(engine) = req.engine
-            && !self.nodes.values().any(|n| n.engine == engine)
+            && !self.nodes.values().any(|n| n.engine.satisfies(engine))
         {
-            return Some(format!("no registered node runs the {engine:?} engine"));
+            return Some(format!(
+                "no registered node runs the {} engine",
+                engine.as_str()
+            ));
         }
         if let Some(label) = req
             .labels

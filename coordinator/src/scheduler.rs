@@ -128,7 +128,7 @@ impl Requirements {
     /// Whether a node with these attributes and this much free memory (bytes) can run the task.
     pub(crate) fn is_met_by(&self, attributes: Attributes<'_>, mem_free_bytes: u64) -> bool {
         mem_free_bytes >= self.memory_bytes
-            && self.engine.is_none_or(|e| e == attributes.engine)
+            && self.engine.is_none_or(|e| attributes.engine.satisfies(e))
             && self.arch.as_deref().is_none_or(|a| a == attributes.arch)
             && self.labels.iter().all(|l| attributes.labels.contains(l))
     }
@@ -248,7 +248,9 @@ impl Placement {
         let most_memory = self.by_memory.last().map_or(0, |(m, _)| *m);
         !self.by_id.is_empty()
             && most_memory >= req.memory_bytes
-            && req.engine.is_none_or(|e| self.engines.contains_key(&e))
+            && req
+                .engine
+                .is_none_or(|e| self.engines.keys().any(|have| have.satisfies(e)))
             && req
                 .arch
                 .as_ref()
@@ -509,6 +511,38 @@ mod tests {
             })
             .collect();
         assert_eq!(order, vec![fleet.id(1), fleet.id(2), fleet.id(0)]);
+    }
+
+    #[test]
+    fn a_pulley_node_takes_tasks_asking_for_wasmtime_and_only_it_takes_tasks_asking_for_pulley() {
+        let mut fleet = Fleet::with(2, |_| {});
+        let now = t0();
+        fleet.reannounce(now, 1, |a| a.engine = Engine::WasmtimePulley);
+        for i in 0..2 {
+            fleet.report(now, i, sample(100, 1_000));
+        }
+        let wanting = |engine| Requirements {
+            engine: Some(engine),
+            ..any()
+        };
+        let (cranelift, pulley) = (fleet.id(0), fleet.id(1));
+        let mut takers = |engine| {
+            let mut seen = Vec::new();
+            while let Some(pick) =
+                fleet
+                    .registry
+                    .select(now, &wanting(engine), Strategy::RoundRobin, &seen)
+            {
+                seen.push(pick);
+            }
+            seen.sort();
+            seen
+        };
+        let mut both = vec![cranelift, pulley];
+        both.sort();
+        assert_eq!(takers(Engine::Wasmtime), both);
+        assert_eq!(takers(Engine::WasmtimePulley), vec![pulley]);
+        assert_eq!(takers(Engine::WasmEdge), vec![]);
     }
 
     #[test]

@@ -30,19 +30,45 @@ impl Default for Limits {
 /// The WASM engine that ran a task. Append-only: the variant index is on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Engine {
-    /// wasmtime with Cranelift (or Pulley on 32-bit ARM).
+    /// wasmtime, compiling with Cranelift (x86_64, aarch64, riscv64, s390x).
     Wasmtime,
     /// WasmEdge.
     WasmEdge,
+    /// wasmtime on its Pulley interpreter, where Cranelift has no backend (32-bit ARM). The same
+    /// runtime and semantics as [`Engine::Wasmtime`], and the same fuel for the same run;
+    /// slower, since the code is interpreted.
+    WasmtimePulley,
 }
 
 impl Engine {
+    /// Every engine, in wire order.
+    pub const ALL: [Engine; 3] = [Self::Wasmtime, Self::WasmEdge, Self::WasmtimePulley];
+
     /// The engine's name as shown to users and used in node labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Wasmtime => "wasmtime",
             Self::WasmEdge => "wasmedge",
+            Self::WasmtimePulley => "wasmtime-pulley",
         }
+    }
+
+    /// The engine named `name` ([`Engine::as_str`]).
+    pub fn from_name(name: &str) -> Option<Engine> {
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+
+    /// Whether a node running this engine can take a task that asks for `wanted`: the same
+    /// engine, or Pulley for `wasmtime` (the same runtime, interpreted).
+    ///
+    /// ```
+    /// use ambient_core::Engine;
+    /// assert!(Engine::WasmtimePulley.satisfies(Engine::Wasmtime));
+    /// assert!(!Engine::Wasmtime.satisfies(Engine::WasmtimePulley));
+    /// assert!(!Engine::WasmEdge.satisfies(Engine::Wasmtime));
+    /// ```
+    pub fn satisfies(self, wanted: Engine) -> bool {
+        self == wanted || (self == Self::WasmtimePulley && wanted == Self::Wasmtime)
     }
 }
 

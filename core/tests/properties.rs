@@ -56,7 +56,11 @@ fn bytes(max: usize) -> impl Strategy<Value = &'static [u8]> {
 }
 
 fn engine() -> impl Strategy<Value = Engine> {
-    prop_oneof![Just(Engine::Wasmtime), Just(Engine::WasmEdge)]
+    prop_oneof![
+        Just(Engine::Wasmtime),
+        Just(Engine::WasmEdge),
+        Just(Engine::WasmtimePulley)
+    ]
 }
 
 fn exit() -> impl Strategy<Value = Exit> {

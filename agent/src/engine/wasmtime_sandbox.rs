@@ -1,4 +1,6 @@
-//! [`Wasmtime`]: the default sandbox, on wasmtime with Cranelift.
+//! [`Wasmtime`]: the default sandbox, on wasmtime with Cranelift, or with its Pulley interpreter
+//! where Cranelift has no backend (32-bit ARM; the agent then announces
+//! [`Engine::WasmtimePulley`]).
 //!
 //! Determinism: fuel metering (the same count on every node), canonical NaNs, deterministic
 //! relaxed SIMD, no threads. The wall clock only ever stops a run (epoch interruption), it never
@@ -34,7 +36,8 @@ const CWASM_HEADER: usize = 8 + 32 * 3;
 
 /// The wasmtime sandbox.
 ///
-/// Holds one engine (pooling allocator when the address space allows, on-demand otherwise),
+/// Holds one engine (pooling allocator when the address space allows, on-demand otherwise:
+/// always on a 32-bit host, whose address space cannot reserve a pool of linear memories),
 /// a ticker thread that advances the epoch while any task runs, an in-memory map of compiled
 /// modules and, with [`SandboxConfig::cache_dir`], their raw and compiled forms on disk.
 pub struct Wasmtime {
@@ -63,15 +66,22 @@ impl Wasmtime {
     /// [`ExecError::Setup`] when wasmtime cannot build an engine for this host (for example
     /// no compiler backend for the architecture) or the cache directory cannot be created.
     pub fn new(config: SandboxConfig) -> Result<Self, ExecError> {
-        let (engine, pooling) = match build_engine(&config, true) {
-            Ok(engine) => (engine, true),
-            Err(e) => {
-                tracing::warn!(error = %e, "pooling allocator unavailable, using on-demand allocation");
-                (
-                    build_engine(&config, false).map_err(|e| ExecError::Setup(e.to_string()))?,
-                    false,
-                )
-            }
+        // A 32-bit address space cannot reserve a pool of linear memories: on-demand there.
+        let pooled = cfg!(target_pointer_width = "64")
+            .then(|| build_engine(&config, true))
+            .and_then(|built| {
+                built
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "pooling allocator unavailable, using on-demand allocation");
+                    })
+                    .ok()
+            });
+        let (engine, pooling) = match pooled {
+            Some(engine) => (engine, true),
+            None => (
+                build_engine(&config, false).map_err(|e| ExecError::Setup(e.to_string()))?,
+                false,
+            ),
         };
         let plain = Linker::new(&engine);
         let mut wasi = Linker::new(&engine);
@@ -329,7 +339,11 @@ impl Wasmtime {
 
 impl Sandbox for Wasmtime {
     fn engine(&self) -> Engine {
-        Engine::Wasmtime
+        if self.engine.is_pulley() {
+            Engine::WasmtimePulley
+        } else {
+            Engine::Wasmtime
+        }
     }
 
     fn prepare(&self, hash: Digest, bytes: &[u8]) -> Result<Arc<Prepared>, ExecError> {
