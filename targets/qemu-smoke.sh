@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-arches=(${ARCHES:-aarch64 armv7})
+read -r -a arches <<<"${ARCHES:-aarch64 armv7}"
 # A dev build: output and fuel do not depend on the profile, and the release profile (fat
 # LTO, one codegen unit) takes a quarter of an hour to cross-compile on two cores.
 declare -A agent_bin qemu
@@ -61,19 +61,21 @@ open(f"{sys.argv[2]}/batch.bin", "wb").write(b"".join(r[:64] for r in records))
 PY
 label=$(cat "$work/label")
 
-# Starts an agent (a command line), waits until the coordinator has it online, runs the digit
-# and then the batch on it, and saves both results as $work/<name>.{digit,batch}.json.
+# Starts an agent (a command line) of architecture `arch` (as `ambient nodes` names it), waits
+# until the coordinator has it online, runs the digit and then the batch on it, and saves both
+# results as $work/<name>.{digit,batch}.json.
 run_on() {
-  local name=$1
-  shift
+  local name=$1 arch=$2
+  shift 2
   "$@" --broker "$url" --state-dir "$work/agent-$name" --name "$name" >"$work/$name.log" 2>&1 &
   agent_pid=$!
-  # Wait until the agent is registered: a task no node can take fails after the coordinator's
-  # queue timeout (60 s), and the agent starts slowly under emulation.
+  # Wait until this agent is registered (the previous one, just stopped, may still show online):
+  # a task no node can take fails after the coordinator's queue timeout (60 s), and the agent
+  # starts slowly under emulation.
   local online=""
   for _ in $(seq 1 300); do
     if "$ambient" nodes --json --data-dir "$work/coordinator" 2>/dev/null \
-      | python3 -c 'import json, sys; sys.exit(0 if any(n["online"] for n in json.load(sys.stdin)["nodes"]) else 1)' 2>/dev/null; then
+      | python3 -c 'import json, sys; sys.exit(0 if any(n["online"] and n["arch"] == sys.argv[1] for n in json.load(sys.stdin)["nodes"]) else 1)' "$arch" 2>/dev/null; then
       online=yes
       break
     fi
@@ -92,12 +94,13 @@ run_on() {
   agent_pid=""
 }
 
+declare -A node_arch=([aarch64]=aarch64 [armv7]=arm)
 for arch in "${arches[@]}"; do
-  run_on "qemu-$arch" ${qemu[$arch]} "${agent_bin[$arch]}"
+  run_on "qemu-$arch" "${node_arch[$arch]}" ${qemu[$arch]} "${agent_bin[$arch]}"
 done
 # The same tasks on an x86_64 agent of this host: the same output and the same fuel, which is
 # what replicas on different boards vote on (digits.wasm uses 128-bit SIMD).
-run_on host-x86_64 "$bins/ambient-agent"
+run_on host-x86_64 x86_64 "$bins/ambient-agent"
 
 "$ambient" nodes --data-dir "$work/coordinator"
 python3 - "$work" "$label" "$ambient" "${arches[@]}" <<'PY'

@@ -1,5 +1,6 @@
-//! Sandbox overheads: instantiating and running a cached trivial module, and the digits
-//! classifier in WASM (fuel on) against the same model compiled natively.
+//! Sandbox overheads: instantiating and running a cached trivial module, the digits classifier
+//! in WASM (fuel on) against the same model compiled natively, and compiling that module (what
+//! a node spends once per module it has not seen).
 //!
 //! Run with `cargo bench -p ambient-agent --bench engine`.
 
@@ -74,6 +75,19 @@ fn digits(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // Each iteration compiles the same code under a new hash: the module with a custom section
+    // holding the iteration's number, so the sandbox's cache never answers.
+    let mut n = 0u64;
+    c.bench_function("compile_digits_module", |b| {
+        b.iter(|| {
+            n += 1;
+            let mut unique = bytes.clone();
+            unique.extend_from_slice(&[0, 10, 1, b'n']);
+            unique.extend_from_slice(&n.to_le_bytes());
+            black_box(sandbox.prepare(sha3_256(&unique), &unique).unwrap())
+        })
+    });
 }
 
 criterion_group!(benches, trivial, digits);

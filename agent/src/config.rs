@@ -910,7 +910,7 @@ impl AgentConfig {
         };
         entry(
             o,
-            "WASM engine: wasmtime (or wasmedge in builds with that feature).",
+            "WASM engine: wasmtime (or wasmedge in builds with that feature); on 32-bit ARM, wasmtime-pulley.",
             "engine",
             s(engine),
         );

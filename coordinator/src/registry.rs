@@ -174,7 +174,7 @@ pub struct NodeView {
     pub node: NodeId,
     /// CPU architecture it announced (`aarch64`, `x86_64`, `riscv64`, `arm`).
     pub arch: String,
-    /// WASM engine it runs (`wasmtime`, `wasmedge`).
+    /// WASM engine it runs (`wasmtime`, `wasmedge`, `wasmtime-pulley`).
     pub engine: String,
     /// Logical cores it announced.
     pub cores: u16,

@@ -107,7 +107,8 @@ pub struct Requirements {
     /// Memory the node must have free, in bytes: the task's memory limit. Compared with the
     /// node's latest `mem_free_bytes`, or with its announced total before it has reported one.
     pub memory_bytes: u64,
-    /// The WASM engine the node must run; `None` accepts any.
+    /// The WASM engine the node must run ([`Engine::satisfies`]: `wasmtime` is also met by
+    /// `wasmtime-pulley`); `None` accepts any.
     pub engine: Option<Engine>,
     /// The CPU architecture the node must have (`aarch64`, `x86_64`, ...), compared exactly;
     /// `None` accepts any.

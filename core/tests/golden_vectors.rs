@@ -12,8 +12,8 @@ mod common;
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Digest, Envelope, Message, NodeId, Ping, Pong, Refusal, Report, ReportBody, SignedRefusal,
-    TripReason, chain_hash, sha3_256,
+    Digest, Engine, Envelope, Message, NodeId, Ping, Pong, Refusal, Report, ReportBody,
+    SignedRefusal, TripReason, chain_hash, sha3_256,
 };
 use common::*;
 
@@ -444,4 +444,20 @@ fn exits_keep_their_wire_indices_and_a_status_follows_its_index() {
     // The status is a zigzag varint: 3 is 6, -1 is 1.
     let expected: [&[u8]; 8] = [&[0], &[1], &[2], &[3], &[4], &[5], &[6, 6], &[6, 1]];
     assert_eq!(encoded, expected);
+}
+
+#[test]
+fn every_engine_has_a_pinned_wire_tag() {
+    let tags: Vec<(&str, String)> = Engine::ALL
+        .iter()
+        .map(|e| (e.as_str(), hex(postcard::to_slice(e, &mut [0; 4]).unwrap())))
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            ("wasmtime", "00".to_owned()),
+            ("wasmedge", "01".to_owned()),
+            ("wasmtime-pulley", "02".to_owned()),
+        ]
+    );
 }
