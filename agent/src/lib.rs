@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 mod agent;
+pub mod calibrate;
 mod config;
 mod connection;
 mod dedup;

@@ -115,6 +115,12 @@ async fn an_agent_comes_online_announces_itself_and_signs_its_telemetry() {
         ["room-2", "gpu"]
     );
     assert_eq!(a.max_concurrency, 4);
+    // Measured on this machine, not simulated: the profile's readings are, its speed is not.
+    assert!(
+        a.fuel_per_s.is_some_and(|r| r.get() > 1_000_000),
+        "the agent announces the fuel rate it measured: {:?}",
+        a.fuel_per_s
+    );
 
     // Telemetry is signed, numbered, simulated; once pongs come back it carries the latency.
     let mut last_seq = None;
@@ -407,6 +413,7 @@ fn announce_of_self(node: &NodeId) -> SignedAnnounce {
             labels: Default::default(),
             profile: None,
             max_concurrency: 1,
+            fuel_per_s: None,
         },
         signature: [0; 64],
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use ambient_agent::calibrate::DIGITS_WASM;
 use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
 use ambient_coordinator::{
@@ -18,8 +19,6 @@ use clap::Args;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-/// The digit classifier, built from `tasks/digits-wasm` by `tasks/build.sh`.
-const DIGITS_WASM: &[u8] = include_bytes!("../../tasks/modules/digits.wasm");
 /// Simulated device profiles, assigned to agents in turn.
 const PROFILES: [&str; 4] = ["pi4", "pi5", "jetson-orin-nano", "visionfive2"];
 

@@ -107,11 +107,12 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<12} {:<17} {:<8} {:<15} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  BREAKER",
+        "{:<12} {:<17} {:<8} {:<15} {:>7} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  BREAKER",
         "NODE",
         "PROFILE",
         "ARCH",
         "ENGINE",
+        "FUEL/S",
         "ONLINE",
         "SCORE",
         "BW",
@@ -152,13 +153,24 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
                 ms as f64 / 1000.0
             ));
         }
+        // Seen to run at under half the rate it announced: the claim is shown beside the facts.
+        if let (Some(claimed), Some(seen)) = (n.announced_fuel_per_s, n.observed_fuel_per_s)
+            && seen < claimed / 2
+        {
+            breaker.push_str(&format!(
+                "; announced {} fuel/s, seen {}",
+                per_second(Some(claimed)),
+                per_second(Some(seen))
+            ));
+        }
         let node = n.node.to_hex();
         println!(
-            "{:<12} {:<17} {:<8} {:<15} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  {}",
+            "{:<12} {:<17} {:<8} {:<15} {:>7} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>4} {:>9}  {}",
             &node.as_str()[..12],
             n.profile.as_deref().unwrap_or("-"),
             n.arch,
             n.engine,
+            per_second(n.fuel_per_s),
             if n.online { "yes" } else { "no" },
             unit(terms.score),
             unit(terms.bandwidth),
@@ -177,6 +189,23 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
     }
     footer();
     Ok(ExitCode::SUCCESS)
+}
+
+/// A rate with an SI suffix and three significant digits (`1.23G`, `85.0M`), `-` when unknown.
+fn per_second(rate: Option<u64>) -> String {
+    let Some(rate) = rate else {
+        return "-".to_owned();
+    };
+    let r = rate as f64;
+    let (scaled, suffix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(unit, _)| r >= *unit)
+        .map_or((r, ""), |(unit, s)| (r / unit, s));
+    match scaled {
+        s if s >= 100.0 => format!("{s:.0}{suffix}"),
+        s if s >= 10.0 => format!("{s:.1}{suffix}"),
+        s => format!("{s:.2}{suffix}"),
+    }
 }
 
 pub fn tasks(args: TasksArgs) -> anyhow::Result<ExitCode> {
@@ -263,4 +292,18 @@ pub fn ledger(args: LedgerArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_second;
+
+    #[test]
+    fn rates_are_shown_with_three_significant_digits_and_an_si_suffix() {
+        assert_eq!(per_second(None), "-");
+        assert_eq!(per_second(Some(950)), "950");
+        assert_eq!(per_second(Some(1_234_567_890)), "1.23G");
+        assert_eq!(per_second(Some(85_000_000)), "85.0M");
+        assert_eq!(per_second(Some(312_000)), "312k");
+    }
 }

@@ -547,6 +547,9 @@ fn authenticate(
 struct Dispatch {
     attempt: u16,
     node: NodeId,
+    /// When it was decided; `None` for one recovered from the journal. A report's time since
+    /// then is what [`Registry::observe_run`] judges the node's speed by.
+    sent: Option<Instant>,
 }
 
 struct Vote {
@@ -692,7 +695,11 @@ impl Dispatcher {
             let id = job.spec.task_id.clone();
             let deadline = d.deadline(&job, now.at);
             for (attempt, node) in t.dispatches {
-                job.outstanding.push(Dispatch { attempt, node });
+                job.outstanding.push(Dispatch {
+                    attempt,
+                    node,
+                    sent: None,
+                });
                 d.deadlines.push(Reverse((deadline, id.clone(), attempt)));
             }
             // Dispatched more often than it needs replicas (retries): the extra answers are
@@ -1082,7 +1089,7 @@ impl Dispatcher {
                 return;
             }
         };
-        job.outstanding.swap_remove(pos);
+        let sent = job.outstanding.swap_remove(pos).sent;
         self.registry.task_finished(&node);
         let task_id = report.task_id.clone();
         match report.body {
@@ -1147,6 +1154,13 @@ impl Dispatcher {
                     return;
                 }
                 self.registry.record(now.at, &node, Outcome::Completed);
+                if let Some(sent) = sent
+                    && exit == Exit::Ok
+                {
+                    let elapsed = now.at.saturating_duration_since(sent);
+                    self.registry
+                        .observe_run(&node, receipt.receipt.fuel_used, elapsed);
+                }
                 job.barred.push(node);
                 let key = (receipt.receipt.output, receipt.receipt.fuel_used, exit);
                 job.votes.push(Vote {
@@ -1428,7 +1442,11 @@ impl Dispatcher {
             }
             let attempt = job.next_attempt;
             job.next_attempt = job.next_attempt.saturating_add(1);
-            job.outstanding.push(Dispatch { attempt, node });
+            job.outstanding.push(Dispatch {
+                attempt,
+                node,
+                sent: Some(now.at),
+            });
             self.deadlines
                 .push(Reverse((deadline, task_id.clone(), attempt)));
             self.registry.task_started(&node);
@@ -1753,8 +1771,10 @@ impl Dispatcher {
         fx.event(task_id, json);
     }
 
-    fn new_job(&mut self, spec: TaskSpec, fingerprint: Digest, now: Instant) -> Job {
+    fn new_job(&mut self, mut spec: TaskSpec, fingerprint: Digest, now: Instant) -> Job {
         use rand::Rng;
+        // Placement's view of the task's size; not journaled, so set for recovered tasks too.
+        spec.requires.fuel = spec.limits.fuel;
         let policy = spec.policy.unwrap_or(self.config.default_policy);
         let (replicas, spot_check) = match policy {
             Policy::Replicate(k) => (k, false),

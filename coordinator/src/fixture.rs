@@ -99,6 +99,7 @@ pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry)> {
                                 labels: Default::default(),
                                 profile: None,
                                 max_concurrency: 4,
+                                fuel_per_s: None,
                             };
                             let signature =
                                 sign_message(&id, SignedAnnounce::TAG, &announce).expect("fits");

@@ -450,6 +450,9 @@ mod tests {
             credibility: 8_000,
             blacklisted_for_ms: None,
             in_flight: 0,
+            fuel_per_s: None,
+            announced_fuel_per_s: None,
+            observed_fuel_per_s: None,
             sample: Some(TelemetrySample {
                 temp_millic: Some(temp_millic),
                 ..TelemetrySample::default()

@@ -355,6 +355,7 @@ pub fn parse(
         engine,
         arch: req.arch,
         labels: req.labels,
+        fuel: 0,
     };
     Ok(Parsed {
         spec: TaskSpec {

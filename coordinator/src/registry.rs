@@ -8,6 +8,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use ambient_core::{
@@ -210,6 +211,18 @@ pub struct NodeView {
     pub blacklisted_for_ms: Option<u64>,
     /// Tasks dispatched to it and not yet finished.
     pub in_flight: u32,
+    /// Fuel per second placement counts on ([`Strategy::LatencyAware`]): what it announced,
+    /// capped by what was observed once something was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_per_s: Option<u64>,
+    /// Fuel per second it announced: its agent's measurement on the digits kernel at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced_fuel_per_s: Option<u64>,
+    /// The best fuel per second the coordinator has seen it reach: a run's fuel over the time
+    /// from assignment to report, over runs of at least [`OBSERVED_MIN_FUEL`]. The time includes
+    /// the round trip (and a first run's compile), so this is a lower bound of its speed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_fuel_per_s: Option<u64>,
     /// Its latest telemetry reading.
     pub sample: Option<TelemetrySample>,
 }
@@ -239,6 +252,7 @@ pub struct NodeView {
 ///     labels: Default::default(),
 ///     profile: None,
 ///     max_concurrency: 2,
+///     fuel_per_s: None,
 /// };
 /// let signature = sign_message(&node, SignedAnnounce::TAG, &announce)?;
 ///
@@ -283,6 +297,10 @@ pub struct Registry {
 /// stranger on the broker can make the registry hold.
 const MAX_PENDING_OFFLINE: usize = 1 << 17;
 
+/// The least fuel a run must spend for its time to count towards the node's observed fuel
+/// rate: 10 million, about 10 ms on a desktop core and 100 ms or more on a small board.
+pub const OBSERVED_MIN_FUEL: u64 = 10_000_000;
+
 /// How many earlier agent runs per node are remembered for replay protection.
 const PREVIOUS_BOOTS: usize = 3;
 
@@ -296,6 +314,10 @@ struct Node {
     labels: Vec<String>,
     profile: Option<String>,
     max_concurrency: u16,
+    /// The fuel rate the node announced.
+    announced_fuel_per_s: Option<NonZeroU64>,
+    /// The best fuel rate seen in its runs ([`Registry::observe_run`]).
+    observed_fuel_per_s: Option<NonZeroU64>,
     sample: Option<TelemetrySample>,
     freshness: Freshness,
     /// Budget of frames in this node's name that fail their signature check.
@@ -388,6 +410,15 @@ impl Node {
             .unwrap_or(self.mem_total_bytes)
     }
 
+    /// The fuel rate placement counts on: the announced one, capped by the best observed once
+    /// there is one; the observed one alone when the node announced none.
+    fn fuel_per_s(&self) -> Option<NonZeroU64> {
+        match (self.announced_fuel_per_s, self.observed_fuel_per_s) {
+            (Some(a), Some(o)) => Some(a.min(o)),
+            (a, o) => a.or(o),
+        }
+    }
+
     fn keys(&self) -> Keys {
         let sample = self.sample.as_ref();
         Keys {
@@ -401,6 +432,7 @@ impl Node {
             latency_us: sample
                 .and_then(|s| s.latency_us)
                 .map_or(u64::MAX, u64::from),
+            fuel_per_s: self.fuel_per_s().map_or(0, NonZeroU64::get),
             mem_free_bytes: self.mem_free_bytes(),
         }
     }
@@ -473,6 +505,9 @@ impl Node {
             credibility: ambient_core::credibility(self.agreed_in_a_row, faulty_permille),
             blacklisted_for_ms: self.blacklisted_until_ms.map(|u| u.saturating_sub(now_ms)),
             in_flight: self.in_flight,
+            fuel_per_s: self.fuel_per_s().map(NonZeroU64::get),
+            announced_fuel_per_s: self.announced_fuel_per_s.map(NonZeroU64::get),
+            observed_fuel_per_s: self.observed_fuel_per_s.map(NonZeroU64::get),
             sample: self.sample.clone(),
         }
     }
@@ -672,6 +707,7 @@ impl Registry {
                 node.labels = labels;
                 node.profile = profile;
                 node.max_concurrency = a.max_concurrency;
+                node.announced_fuel_per_s = a.fuel_per_s;
                 node
             }
             Entry::Vacant(entry) => {
@@ -686,6 +722,8 @@ impl Registry {
                     labels,
                     profile,
                     max_concurrency: a.max_concurrency,
+                    announced_fuel_per_s: a.fuel_per_s,
+                    observed_fuel_per_s: None,
                     sample: None,
                     freshness: Freshness::default(),
                     bad_frames: TokenBucket::new(self.config.bad_frames_per_s),
@@ -905,6 +943,28 @@ impl Registry {
         reindex(&mut self.placement, *node, entry);
     }
 
+    /// A run of `fuel` that the node answered `elapsed` after it was assigned: raises the node's
+    /// observed fuel rate if this run was faster. Runs under [`OBSERVED_MIN_FUEL`] are ignored:
+    /// in them the messages and the instantiation, not the work, set the time. The fuel is the
+    /// receipt's, which replicas and spot checks compare like the output.
+    pub fn observe_run(&mut self, node: &NodeId, fuel: u64, elapsed: Duration) {
+        if fuel < OBSERVED_MIN_FUEL {
+            return;
+        }
+        let Some(entry) = self.nodes.get_mut(node) else {
+            return;
+        };
+        let micros = elapsed.as_micros().max(1);
+        let rate = u64::try_from(u128::from(fuel) * 1_000_000 / micros).unwrap_or(u64::MAX);
+        let Some(rate) = NonZeroU64::new(rate) else {
+            return;
+        };
+        if entry.observed_fuel_per_s.is_none_or(|o| rate > o) {
+            entry.observed_fuel_per_s = Some(rate);
+            reindex(&mut self.placement, *node, entry);
+        }
+    }
+
     /// Counts a task dispatched to the node; call it once per assignment sent.
     pub fn task_started(&mut self, node: &NodeId) {
         if let Some(entry) = self.nodes.get_mut(node) {
@@ -963,7 +1023,7 @@ impl Registry {
             req,
             exclude,
             |_| true,
-            |placement, fits| placement.pick(strategy, fits),
+            |placement, fits| placement.pick(strategy, req.fuel, fits),
         )
     }
 
@@ -1308,6 +1368,7 @@ pub(crate) mod fixtures {
             labels: Default::default(),
             profile: None,
             max_concurrency: 2,
+            fuel_per_s: None,
         }
     }
 
@@ -2148,5 +2209,50 @@ mod tests {
             Err(RegistryError::BadSignature)
         );
         fleet.registry.on_telemetry(t0(), &signed).unwrap();
+    }
+
+    #[test]
+    fn the_fuel_rate_placement_counts_on_is_the_announced_one_capped_by_what_runs_showed() {
+        let mut fleet = Fleet::with(2, |a| a.fuel_per_s = NonZeroU64::new(1_000_000_000));
+        fleet.reannounce(t0(), 1, |a| a.fuel_per_s = None);
+        let (id, quiet) = (fleet.id(0), fleet.id(1));
+        let rates = |fleet: &Fleet, id| {
+            let v = fleet.registry.view(t0(), &id).unwrap();
+            (v.fuel_per_s, v.announced_fuel_per_s, v.observed_fuel_per_s)
+        };
+        assert_eq!(rates(&fleet, id), (Some(1_000_000_000), Some(1_000_000_000), None));
+        // A small run says nothing of speed: messages and instantiation set its time.
+        fleet
+            .registry
+            .observe_run(&id, OBSERVED_MIN_FUEL - 1, Duration::from_secs(1));
+        assert_eq!(rates(&fleet, id).2, None);
+        // 2·10^8 fuel answered after a second: slower than claimed, so that is the rate now.
+        fleet
+            .registry
+            .observe_run(&id, 200_000_000, Duration::from_secs(1));
+        assert_eq!(
+            rates(&fleet, id),
+            (Some(200_000_000), Some(1_000_000_000), Some(200_000_000))
+        );
+        // A faster run raises what was observed, but never above the claim; a slower one
+        // later does not lower it (the best run is the nearest to the node's speed).
+        for ms in [100, 2_000] {
+            fleet
+                .registry
+                .observe_run(&id, 200_000_000, Duration::from_millis(ms));
+        }
+        assert_eq!(
+            rates(&fleet, id),
+            (Some(1_000_000_000), Some(1_000_000_000), Some(2_000_000_000))
+        );
+        // A node that announced no rate is known by what it was seen to do.
+        assert_eq!(rates(&fleet, quiet), (None, None, None));
+        fleet
+            .registry
+            .observe_run(&quiet, 50_000_000, Duration::from_millis(500));
+        assert_eq!(
+            rates(&fleet, quiet),
+            (Some(100_000_000), None, Some(100_000_000))
+        );
     }
 }

@@ -11,7 +11,7 @@
 //! the ones without enough memory): the walk then visits every node ranked above the first fit.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Bound;
 use std::str::FromStr;
@@ -41,8 +41,15 @@ pub enum Strategy {
     /// count, so a burst of dispatches spreads out before the next telemetry arrives.
     #[serde(alias = "least_loaded")]
     LeastLoaded,
-    /// The lowest round-trip latency to the coordinator, then the lowest node id; nodes that
-    /// have not reported a latency come last. Use it for small interactive tasks.
+    /// The soonest expected result: round-trip latency to the coordinator plus the task's
+    /// worst-case run time on the node, its fuel limit ÷ the node's fuel rate
+    /// ([`expected_us`]), then the lower latency, then the lowest node id. So a large task goes
+    /// to the faster board even when it is a little farther away, and a task that asks for no
+    /// fuel is placed by latency alone. A node with no known fuel rate or latency has no
+    /// expected time: such nodes come after every node with one, by latency, and those that
+    /// have not reported a latency last. The rate is the
+    /// one the node announced, capped by what the coordinator has seen it do
+    /// ([`NodeView::fuel_per_s`](crate::NodeView::fuel_per_s)).
     #[serde(alias = "latency_aware", alias = "latency")]
     LatencyAware,
 }
@@ -115,6 +122,26 @@ pub struct Requirements {
     pub arch: Option<String>,
     /// Labels the node must all have announced (`gpu`, `room-2`, ...); extra labels are fine.
     pub labels: Vec<String>,
+    /// Fuel the task may spend: the dispatcher sets it from the task's fuel limit. Not a
+    /// requirement but a size, which [`Strategy::LatencyAware`] turns into a run time per
+    /// node; 0 places by latency alone. Not serialised: it is derived, never submitted.
+    #[serde(skip)]
+    pub fuel: u64,
+}
+
+/// When a task of `fuel` should be answered by a node `latency_us` away that burns
+/// `fuel_per_s`: the latency plus the worst-case run time, `fuel × 10⁶ ÷ fuel_per_s` µs
+/// (rounded up), saturating at `u64::MAX`. An unknown latency is `u64::MAX` and so is the result;
+/// a rate of 0 (unknown) gives `u64::MAX` unless `fuel` is 0.
+pub fn expected_us(latency_us: u64, fuel_per_s: u64, fuel: u64) -> u64 {
+    if fuel == 0 {
+        return latency_us;
+    }
+    if fuel_per_s == 0 {
+        return u64::MAX;
+    }
+    let run = (u128::from(fuel) * 1_000_000).div_ceil(u128::from(fuel_per_s));
+    latency_us.saturating_add(u64::try_from(run).unwrap_or(u64::MAX))
 }
 
 /// The announced attributes of a node that requirements are checked against.
@@ -147,6 +174,8 @@ pub(crate) struct Keys {
     pub(crate) in_flight: u32,
     /// Latest round-trip latency in µs; `u64::MAX` when unknown, so it sorts last.
     pub(crate) latency_us: u64,
+    /// Fuel per second placement counts on; 0 when unknown.
+    pub(crate) fuel_per_s: u64,
     /// Free memory in bytes, or the announced total when no reading exists.
     pub(crate) mem_free_bytes: u64,
 }
@@ -171,10 +200,13 @@ impl Keys {
 /// Invariant: a node is in every `by_*` set or in none, with the keys the registry recorded.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Placement {
-    by_id: BTreeSet<NodeId>,
+    /// Every available node, with its latency (µs) and fuel rate (0 when unknown).
+    by_id: BTreeMap<NodeId, (u64, u64)>,
     by_score: BTreeSet<(Reverse<u32>, NodeId)>,
     by_load: BTreeSet<(u32, u32, NodeId)>,
     by_latency: BTreeSet<(u64, NodeId)>,
+    /// The nodes with a known fuel rate, fastest first.
+    by_rate: BTreeSet<(Reverse<u64>, NodeId)>,
     by_memory: BTreeSet<(u64, NodeId)>,
     /// How many available nodes have each engine, arch and label: answers "nobody" in O(1).
     engines: HashMap<Engine, u32>,
@@ -187,10 +219,13 @@ pub(crate) struct Placement {
 impl Placement {
     /// Adds an available node.
     pub(crate) fn insert(&mut self, id: NodeId, keys: &Keys, attributes: Attributes<'_>) {
-        self.by_id.insert(id);
+        self.by_id.insert(id, (keys.latency_us, keys.fuel_per_s));
         self.by_score.insert((Reverse(keys.score), id));
         self.by_load.insert((keys.load, keys.in_flight, id));
         self.by_latency.insert((keys.latency_us, id));
+        if keys.fuel_per_s > 0 {
+            self.by_rate.insert((Reverse(keys.fuel_per_s), id));
+        }
         self.by_memory.insert((keys.mem_free_bytes, id));
         *self.engines.entry(attributes.engine).or_default() += 1;
         count_up(&mut self.arches, attributes.arch);
@@ -205,6 +240,7 @@ impl Placement {
         self.by_score.remove(&(Reverse(keys.score), id));
         self.by_load.remove(&(keys.load, keys.in_flight, id));
         self.by_latency.remove(&(keys.latency_us, id));
+        self.by_rate.remove(&(Reverse(keys.fuel_per_s), id));
         self.by_memory.remove(&(keys.mem_free_bytes, id));
         if let Some(n) = self.engines.get_mut(&attributes.engine) {
             *n -= 1;
@@ -232,6 +268,13 @@ impl Placement {
             self.by_latency.remove(&(old.latency_us, id));
             self.by_latency.insert((new.latency_us, id));
         }
+        if old.fuel_per_s != new.fuel_per_s {
+            self.by_rate.remove(&(Reverse(old.fuel_per_s), id));
+            if new.fuel_per_s > 0 {
+                self.by_rate.insert((Reverse(new.fuel_per_s), id));
+            }
+        }
+        self.by_id.insert(id, (new.latency_us, new.fuel_per_s));
         if old.mem_free_bytes != new.mem_free_bytes {
             self.by_memory.remove(&(old.mem_free_bytes, id));
             self.by_memory.insert((new.mem_free_bytes, id));
@@ -259,11 +302,12 @@ impl Placement {
             && req.labels.iter().all(|l| self.labels.contains_key(l))
     }
 
-    /// The best available node by `strategy` for which `fits` holds. Round-robin moves its
-    /// cursor to the node returned.
+    /// The best available node by `strategy` for a task of `fuel` for which `fits` holds.
+    /// Round-robin moves its cursor to the node returned.
     pub(crate) fn pick(
         &mut self,
         strategy: Strategy,
+        fuel: u64,
         mut fits: impl FnMut(NodeId) -> bool,
     ) -> Option<NodeId> {
         match strategy {
@@ -273,6 +317,15 @@ impl Placement {
                 .iter()
                 .map(|(_, _, id)| *id)
                 .find(|id| fits(*id)),
+            Strategy::LatencyAware if fuel > 0 => self.soonest(fuel, &mut fits).or_else(|| {
+                // Nobody with an expected time: the others by latency.
+                self.by_latency
+                    .iter()
+                    .find(|&&(latency, id)| {
+                        expected_us(latency, self.by_id[&id].1, fuel) == u64::MAX && fits(id)
+                    })
+                    .map(|(_, id)| *id)
+            }),
             Strategy::LatencyAware => self
                 .by_latency
                 .iter()
@@ -285,9 +338,9 @@ impl Placement {
                         .by_id
                         .range((Bound::Excluded(c), Bound::Unbounded))
                         .chain(self.by_id.range(..=c))
-                        .copied()
+                        .map(|(id, _)| *id)
                         .find(|id| fits(*id)),
-                    None => self.by_id.iter().copied().find(|id| fits(*id)),
+                    None => self.by_id.keys().copied().find(|id| fits(*id)),
                 };
                 if found.is_some() {
                     self.cursor = found;
@@ -295,6 +348,37 @@ impl Placement {
                 found
             }
         }
+    }
+
+    /// Among the nodes with a known fuel rate, the one for which `fits` holds with the least
+    /// [`expected_us`] for `fuel` (then the lower latency, then the lower id); `None` when no
+    /// such node has an expected time below `u64::MAX`.
+    ///
+    /// Fagin's threshold algorithm over the latency and rate indexes: walk both in step; every
+    /// node not yet seen has at least the current latency and at most the current rate, so
+    /// none can beat `expected_us(latency, rate)` of the current positions, and the walk stops
+    /// once the best seen is below that. A fast node next door is found in a step or two; the
+    /// walk is long only when latency and speed disagree across the whole pool.
+    fn soonest(&self, fuel: u64, fits: &mut impl FnMut(NodeId) -> bool) -> Option<NodeId> {
+        let mut best: Option<(u64, u64, NodeId)> = None;
+        let mut consider = |id: NodeId, best: &mut Option<(u64, u64, NodeId)>| {
+            let (latency, rate) = self.by_id[&id];
+            if rate == 0 {
+                return;
+            }
+            let key = (expected_us(latency, rate, fuel), latency, id);
+            if best.is_none_or(|b| key < b) && fits(id) {
+                *best = Some(key);
+            }
+        };
+        for (&(latency, a), &(Reverse(rate), b)) in self.by_latency.iter().zip(&self.by_rate) {
+            consider(a, &mut best);
+            consider(b, &mut best);
+            if best.is_some_and(|(e, ..)| e < expected_us(latency, rate, fuel)) {
+                break;
+            }
+        }
+        best.filter(|(e, ..)| *e < u64::MAX).map(|(.., id)| id)
     }
 
     /// A node drawn uniformly among the available ones for which `fits` holds: the `draw`-th
@@ -307,12 +391,12 @@ impl Placement {
         draw: u64,
         mut fits: impl FnMut(NodeId) -> bool,
     ) -> Option<NodeId> {
-        let n = self.by_id.iter().filter(|id| fits(**id)).count();
+        let n = self.by_id.keys().filter(|id| fits(**id)).count();
         if n == 0 {
             return None;
         }
         let k = usize::try_from(draw % n as u64).expect("below n");
-        self.by_id.iter().copied().filter(|id| fits(*id)).nth(k)
+        self.by_id.keys().copied().filter(|id| fits(*id)).nth(k)
     }
 }
 
@@ -514,6 +598,63 @@ mod tests {
         assert_eq!(order, vec![fleet.id(1), fleet.id(2), fleet.id(0)]);
     }
 
+    fn rate(fuel_per_s: u64) -> Option<std::num::NonZeroU64> {
+        std::num::NonZeroU64::new(fuel_per_s)
+    }
+
+    #[test]
+    fn latency_aware_sends_a_large_task_to_the_faster_board_and_a_small_one_to_the_closer() {
+        // Node 0: 2 ms away, a Pi at 100M fuel/s. Node 1: 20 ms away, a desktop at 1G fuel/s.
+        // Node 2: 1 ms away, no rate announced. Node 3: no latency reported.
+        let mut fleet = Fleet::new(4);
+        let now = t0();
+        for (i, (latency_us, fuel_per_s)) in [(2_000, 100_000_000), (20_000, 1_000_000_000)]
+            .into_iter()
+            .enumerate()
+        {
+            fleet.reannounce(now, i, |a| a.fuel_per_s = rate(fuel_per_s));
+            fleet.report(now, i, sample(0, latency_us));
+        }
+        fleet.report(now, 2, sample(0, 1_000));
+        fleet.reannounce(now, 3, |a| a.fuel_per_s = rate(10_000_000_000));
+        fleet.report(
+            now,
+            3,
+            TelemetrySample {
+                latency_us: None,
+                ..sample(0, 0)
+            },
+        );
+        let pick = |fleet: &mut Fleet, fuel: u64, exclude: &[NodeId]| {
+            let req = Requirements { fuel, ..any() };
+            fleet
+                .registry
+                .select(now, &req, Strategy::LatencyAware, exclude)
+        };
+        // 10^8 fuel: 1 s + 2 ms on the Pi, 100 ms + 20 ms on the desktop.
+        assert_eq!(pick(&mut fleet, 100_000_000, &[]), Some(fleet.id(1)));
+        // 10^6 fuel: 10 ms + 2 ms on the Pi, 1 ms + 20 ms on the desktop.
+        assert_eq!(pick(&mut fleet, 1_000_000, &[]), Some(fleet.id(0)));
+        // Without a known rate a node comes after those with one, however close; without a
+        // latency, last.
+        let (a, b) = (fleet.id(0), fleet.id(1));
+        assert_eq!(pick(&mut fleet, 1_000_000, &[a, b]), Some(fleet.id(2)));
+        let c = fleet.id(2);
+        assert_eq!(pick(&mut fleet, 1_000_000, &[a, b, c]), Some(fleet.id(3)));
+        // A task that names no fuel is placed by latency alone.
+        assert_eq!(pick(&mut fleet, 0, &[]), Some(fleet.id(2)));
+    }
+
+    #[test]
+    fn expected_time_is_latency_plus_fuel_over_rate_rounded_up_and_saturates() {
+        assert_eq!(expected_us(2_000, 100_000_000, 100_000_000), 1_002_000);
+        assert_eq!(expected_us(0, 3_000_000, 1), 1, "a third of a µs rounds up");
+        assert_eq!(expected_us(5, 0, 0), 5, "no fuel: latency alone");
+        assert_eq!(expected_us(5, 0, 1), u64::MAX, "unknown rate");
+        assert_eq!(expected_us(u64::MAX, 1, 1), u64::MAX, "unknown latency");
+        assert_eq!(expected_us(0, 1, u64::MAX), u64::MAX);
+    }
+
     #[test]
     fn a_pulley_node_takes_tasks_asking_for_wasmtime_and_only_it_takes_tasks_asking_for_pulley() {
         let mut fleet = Fleet::with(2, |_| {});
@@ -709,8 +850,13 @@ mod tests {
                 (Keys::load_key(load, v.in_flight, 2), v.in_flight, v.node)
             }),
             Strategy::LatencyAware => eligible.min_by_key(|v| {
-                let latency = v.sample.as_ref().and_then(|s| s.latency_us);
-                (latency.map_or(u64::MAX, u64::from), v.node)
+                let latency = v
+                    .sample
+                    .as_ref()
+                    .and_then(|s| s.latency_us)
+                    .map_or(u64::MAX, u64::from);
+                let rate = v.fuel_per_s.unwrap_or(0);
+                (expected_us(latency, rate, req.fuel), latency, v.node)
             }),
             Strategy::RoundRobin => {
                 unreachable!("round-robin depends on history, checked elsewhere")
@@ -729,11 +875,11 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut now = t0();
         let mut in_flight = [0u32; NODES];
-        for step in 0..300 {
+        for step in 0..1000 {
             now += Duration::from_millis(rng.random_range(0..1500));
             let i = rng.random_range(0..NODES);
             let id = fleet.id(i);
-            match rng.random_range(0..10) {
+            match rng.random_range(0..12) {
                 0..=3 => {
                     let s = TelemetrySample {
                         bandwidth_kbps: Some(rng.random_range(0..120_000)),
@@ -756,6 +902,15 @@ mod tests {
                     in_flight[i] -= 1;
                 }
                 6 => fleet.registry.on_status(now, id, rng.random_bool(0.7)),
+                8 => {
+                    let announced = rng.random_bool(0.8).then(|| rng.random_range(1..2_000));
+                    fleet.reannounce(now, i, |a| a.fuel_per_s = rate(announced.unwrap_or(0) << 20));
+                }
+                9 => {
+                    let fuel = rng.random_range(0..4u64 << 30);
+                    let elapsed = Duration::from_micros(rng.random_range(1..10_000_000));
+                    fleet.registry.observe_run(&id, fuel, elapsed);
+                }
                 7 => {
                     let outcome = [Outcome::Verified, Outcome::Completed, Outcome::Failed]
                         [rng.random_range(0..3)];
@@ -769,6 +924,13 @@ mod tests {
                     vec!["gpu".into()]
                 } else {
                     vec![]
+                },
+                fuel: if rng.random_bool(0.2) {
+                    0
+                } else {
+                    // From a few fuel to 10^10: latency decides some, speed others.
+                    let bits = rng.random_range(1..34);
+                    rng.random_range(1..1u64 << bits)
                 },
                 ..any()
             };

@@ -272,6 +272,7 @@ pub fn announce_frame(identity: &Identity, arch: &str, max_concurrency: u16) -> 
         labels: Default::default(),
         profile: None,
         max_concurrency,
+        fuel_per_s: None,
     };
     let signature = sign_message(identity, SignedAnnounce::TAG, &announce).expect("fits");
     Envelope::new(Message::Announce(SignedAnnounce {

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Protocol version carried in every envelope.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest task input, in bytes.
 pub const MAX_INPUT_BYTES: usize = 4 << 20;
 /// Largest task output, in bytes.
@@ -95,6 +95,11 @@ pub struct Announce {
     pub profile: Option<String<24>>,
     /// Tasks it runs at once.
     pub max_concurrency: u16,
+    /// Fuel this node burns per second on a real kernel (the digits classifier), measured by
+    /// the agent when it starts; `None` when it could not measure. With a task's fuel limit it
+    /// gives the node's worst-case run time, which latency-aware placement ranks by. A claim,
+    /// like every field here: the coordinator caps it by what it observes.
+    pub fuel_per_s: Option<core::num::NonZeroU64>,
 }
 
 /// An announce and the node's signature over it.

@@ -199,7 +199,7 @@ fn an_announce_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Announce(announce()),
         concat!(
-            "03",                                                               // protocol version
+            "04",                                                               // protocol version
             "00",                                                               // Message::Announce
             "096fb3f142eff542bda546cce4472a5e",                                 // node
             "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c", // public key
@@ -207,8 +207,9 @@ fn an_announce_envelope_is_pinned_and_round_trips() {
             "020367707506726f6f6d2d32",                   // labels ["gpu", "room-2"]
             "0103706935",                                 // profile Some("pi5")
             "02",                                         // max concurrency
-            "77a9a040c3b4cb9aab39bb22ea39e1be1b8e886351c9cd7c6418da00cee818f1", // signature
-            "2b8d298587e305ec2721dcdf9a78bf62d624c706e30f6f28944bee9a43ca1c04",
+            "018094ebdc03",                               // Some(1e9 fuel/s)
+            "b3db346124a64fa6fcfd729166f298e2f6be80ab9632af716461d71c2668614e", // signature
+            "a291021fa54143eb395180f5baff8012b19f24bf7fc7fa7a3adc935d6c4f7f00",
         ),
     );
 }
@@ -218,7 +219,7 @@ fn a_telemetry_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Telemetry(telemetry()),
         concat!(
-            "0301",
+            "0401",
             "096fb3f142eff542bda546cce4472a5e", // node
             "2a",                               // seq 42
             "ef9bafcdf8acd19101",               // boot id 0x0123456789abcdef
@@ -240,7 +241,7 @@ fn an_assign_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Assign(assignment()),
         concat!(
-            "0302",
+            "0402",
             "087461736b2d30303101", // "task-001", attempt 1
             "76fcc948d12ff9ec24dcedd5e76c8fac29cfa916ecc2e1fd73e9d99cadb633ab", // module
             "00",                   // abi plain
@@ -262,7 +263,7 @@ fn an_executed_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         executed_report(),
         concat!(
-            "0303",
+            "0403",
             "087461736b2d30303101",             // "task-001", attempt 1
             "096fb3f142eff542bda546cce4472a5e", // node
             "00",                               // ReportBody::Executed
@@ -286,7 +287,7 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         refused_report(),
         concat!(
-            "0303",
+            "0403",
             "087461736b2d30303102",             // "task-001", attempt 2
             "096fb3f142eff542bda546cce4472a5e", // node
             "01",                               // ReportBody::Refused
@@ -304,12 +305,12 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
 
 #[test]
 fn ping_and_pong_envelopes_are_pinned_and_round_trip() {
-    assert_pinned(ping(), "0304096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
+    assert_pinned(ping(), "0404096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
     let pong = Pong::sign(&coordinator(), &identity().node_id(), 7);
     assert_pinned(
         Message::Pong(pong),
         concat!(
-            "030507",                                                           // Message::Pong, nonce 7
+            "040507",                                                           // Message::Pong, nonce 7
             "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca", // coordinator key
             // ed25519 over sha3-256("ambient/pong/v1\0" ‖ node ‖ nonce), cross-checked with
             // `openssl pkeyutl -sign -rawin`

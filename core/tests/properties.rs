@@ -198,13 +198,14 @@ fn announce() -> impl Strategy<Value = SignedAnnounce> {
             vec(text::<32>(), 0..=8),
             option::of(text::<24>()),
             any::<u16>(),
+            option::of(any::<core::num::NonZeroU64>()),
         ),
         signature(),
     )
         .prop_map(
             |(
                 (node, public_key, arch, cores, mem_total_bytes),
-                (engine, agent_version, labels, profile, max_concurrency),
+                (engine, agent_version, labels, profile, max_concurrency, fuel_per_s),
                 signature,
             )| {
                 let labels = labels.into_iter().collect::<heapless::Vec<_, 8>>();
@@ -220,6 +221,7 @@ fn announce() -> impl Strategy<Value = SignedAnnounce> {
                         labels,
                         profile,
                         max_concurrency,
+                        fuel_per_s,
                     },
                     signature,
                 }

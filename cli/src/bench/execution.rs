@@ -3,6 +3,7 @@
 
 use std::hint::black_box;
 
+use ambient_agent::calibrate::DIGITS_WASM;
 use ambient_agent::engine::{Call, Sandbox, SandboxConfig, Wasmtime};
 use ambient_core::{Abi, Exit, Limits, sha3_256};
 use anyhow::Context as _;
@@ -10,9 +11,6 @@ use anyhow::Context as _;
 use super::harness::{Timing, progress, time_calls};
 use super::report::{Figure, Goal};
 use super::{Plan, TRIVIAL_WAT};
-
-/// The digit classifier, built from `tasks/digits-wasm` by `tasks/build.sh`.
-const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
 
 pub(super) const EXECUTION: &str = "3. execution";
 
@@ -166,20 +164,24 @@ pub(super) fn section_execution(plan: Plan) -> anyhow::Result<Vec<Figure>> {
             run.fuel_used / count as u64
         )),
     );
-    // What a task's fuel limit means in time on this machine: fuel burnt per second by a real
-    // kernel, instantiation included.
+    // What a task's fuel limit means in time on this machine: the agent's own measurement,
+    // the rate it announces (ambient_agent::calibrate).
+    let calibration = ambient_agent::calibrate::fuel_rate(&sandbox)?;
+    let fuel_per_s = calibration.fuel_per_s.get() as f64;
     figures.push(
         Figure::new(
             EXECUTION,
             "digits.fuel_per_s",
-            "fuel per second on this machine (digits kernel, metered)",
-            run.fuel_used as f64 / (wasm.median_ns / 1e9),
+            "fuel per second on this machine, as an agent here announces it",
+            fuel_per_s,
             "fuel/s",
         )
         .note(format!(
-            "the default fuel limit ({}) lasts {:.1} s here",
+            "digits kernel, {} images a run, median of {}; the default fuel limit ({}) lasts {:.1} s here",
+            ambient_agent::calibrate::IMAGES,
+            ambient_agent::calibrate::RUNS,
             Limits::default().fuel,
-            Limits::default().fuel as f64 / (run.fuel_used as f64 / (wasm.median_ns / 1e9))
+            Limits::default().fuel as f64 / fuel_per_s
         )),
     );
     // Splits the gap to native: what fuel metering costs, and what is left to code generation.

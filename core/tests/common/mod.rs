@@ -76,6 +76,7 @@ pub fn announce() -> SignedAnnounce {
         labels,
         profile: Some(heapless::String::try_from("pi5").expect("fits")),
         max_concurrency: 2,
+        fuel_per_s: core::num::NonZeroU64::new(1_000_000_000),
     };
     let signature = sign_message(&id, SignedAnnounce::TAG, &announce).expect("announce fits");
     SignedAnnounce {

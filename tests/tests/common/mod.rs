@@ -46,6 +46,7 @@ pub fn signed_announce(identity: &Identity, adjust: impl FnOnce(&mut Announce)) 
         labels: Default::default(),
         profile: None,
         max_concurrency: 2,
+        fuel_per_s: None,
     };
     adjust(&mut announce);
     let signature = sign_message(identity, SignedAnnounce::TAG, &announce).unwrap();
@@ -387,7 +388,8 @@ pub fn digits_batch(offset: usize, n: usize) -> (Vec<u8>, Vec<u8>) {
     (input, native)
 }
 
-pub const DIGITS_WASM: &[u8] = include_bytes!("../../../tasks/modules/digits.wasm");
+#[allow(unused_imports)] // Not every test binary runs digits.
+pub use ambient_agent::calibrate::DIGITS_WASM;
 
 /// A plain-ABI module that counts to the little-endian u64 in its input, then returns that count.
 /// A task running [`SPIN_WAT`] for `iterations` loops (it returns them), with room for long
