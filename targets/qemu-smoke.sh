@@ -6,7 +6,8 @@
 #   bash targets/qemu-smoke.sh                 # aarch64 (Cranelift) and armv7 (Pulley)
 #   ARCHES=armv7 bash targets/qemu-smoke.sh    # one of them
 #
-# It ends with each architecture's time for a batch of digits, emulated, beside x86_64's.
+# It ends with each architecture's announced fuel rate and its time for a batch of digits,
+# emulated, beside x86_64's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,6 +131,18 @@ for arch in arches:
     print(f"{arch} agent under qemu ({engines[arch]}): digit classified as {label}, receipts verified; "
           f"the same output and fuel as x86_64 for 1 and 300 digits "
           f"({ran['batch']['receipts'][0]['fuel_used']} fuel)")
+# Each agent measured its fuel rate when it started and announced it (the latency-aware strategy
+# turns a task's fuel limit into a run time with it).
+rates = {}
+for name, arch in [(f"qemu-{a}", a) for a in arches] + [("host-x86_64", "x86_64")]:
+    node = by_id[load(name, "digit")["nodes"][0]]
+    rate = node.get("announced_fuel_per_s")
+    assert rate, f"the {arch} agent announced no fuel rate: {node}"
+    rates[arch] = rate
+print("fuel rate each agent measured at start and announced (digits kernel; debug builds, "
+      "aarch64 and armv7 emulated):")
+for arch, r in rates.items():
+    print(f"  {arch:8} {r / 1e6:9.1f}M fuel/s  {r / rates['x86_64']:.3f}x x86_64")
 ms = {arch: load(f"qemu-{arch}", "batch")["latency_ms"] for arch in arches}
 ms["x86_64"] = native["batch"]["latency_ms"]
 print("300 digits, submit to verified result (module already compiled on the node; emulated "
