@@ -104,9 +104,9 @@ done
 run_on host-x86_64 x86_64 "$bins/ambient-agent"
 
 "$ambient" nodes --data-dir "$work/coordinator"
-python3 - "$work" "$label" "$ambient" "${arches[@]}" <<'PY'
+python3 - "$work" "$label" "$ambient" "${PROFILE:-dev}" "${arches[@]}" <<'PY'
 import base64, json, subprocess, sys
-work, label, ambient, arches = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+work, label, ambient, profile, arches = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 engines = {"aarch64": "wasmtime", "armv7": "wasmtime-pulley"}
 node_arch = {"aarch64": "aarch64", "armv7": "arm"}
 nodes = json.loads(subprocess.check_output([ambient, "nodes", "--json", "--data-dir", f"{work}/coordinator"]))["nodes"]
@@ -139,8 +139,8 @@ for name, arch in [(f"qemu-{a}", a) for a in arches] + [("host-x86_64", "x86_64"
     rate = node.get("announced_fuel_per_s")
     assert rate, f"the {arch} agent announced no fuel rate: {node}"
     rates[arch] = rate
-print("fuel rate each agent measured at start and announced (digits kernel; debug builds, "
-      "aarch64 and armv7 emulated):")
+print(f"fuel rate each agent measured at start and announced (digits kernel; {profile} builds, "
+      "aarch64 and armv7 emulated under qemu-user, not a board's speed):")
 for arch, r in rates.items():
     print(f"  {arch:8} {r / 1e6:9.1f}M fuel/s  {r / rates['x86_64']:.3f}x x86_64")
 ms = {arch: load(f"qemu-{arch}", "batch")["latency_ms"] for arch in arches}

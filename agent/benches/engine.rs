@@ -5,8 +5,8 @@
 //! Run with `cargo bench -p ambient-agent --bench engine`.
 
 use std::hint::black_box;
-use std::path::Path;
 
+use ambient_agent::calibrate::DIGITS_WASM;
 use ambient_agent::engine::{Call, Sandbox, SandboxConfig, Wasmtime};
 use ambient_core::{Abi, Exit, Limits, sha3_256};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -34,14 +34,7 @@ fn trivial(c: &mut Criterion) {
 }
 
 fn digits(c: &mut Criterion) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks/modules/digits.wasm");
-    let Ok(bytes) = std::fs::read(&path) else {
-        eprintln!(
-            "note: {} is absent; skipping the digits benchmark",
-            path.display()
-        );
-        return;
-    };
+    let bytes = DIGITS_WASM.to_vec();
     const BATCH: usize = 256;
     let images: Vec<u8> = ambient_digits::heldout()
         .cycle()

@@ -193,10 +193,15 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
 
 /// A rate with an SI suffix and three significant digits (`1.23G`, `85.0M`), `-` when unknown.
 fn per_second(rate: Option<u64>) -> String {
-    let Some(rate) = rate else {
-        return "-".to_owned();
+    let rate = match rate {
+        None => return "-".to_owned(),
+        Some(0) => return "0".to_owned(),
+        Some(rate) => rate,
     };
+    // Rounded to three significant digits first, so 999,999,999 is `1.00G`, not `1000M`.
     let r = rate as f64;
+    let digits = r.log10().floor() as i32 - 2;
+    let r = (r / 10f64.powi(digits)).round() * 10f64.powi(digits);
     let (scaled, suffix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
         .into_iter()
         .find(|(unit, _)| r >= *unit)
@@ -305,5 +310,12 @@ mod tests {
         assert_eq!(per_second(Some(1_234_567_890)), "1.23G");
         assert_eq!(per_second(Some(85_000_000)), "85.0M");
         assert_eq!(per_second(Some(312_000)), "312k");
+        assert_eq!(
+            per_second(Some(999_999_999)),
+            "1.00G",
+            "rounded before the suffix"
+        );
+        assert_eq!(per_second(Some(99_960_000)), "100M");
+        assert_eq!(per_second(Some(1)), "1.00");
     }
 }

@@ -554,6 +554,8 @@ struct Dispatch {
 
 struct Vote {
     node: NodeId,
+    /// From the assignment to this report, when the assignment was made in this run.
+    elapsed: Option<Duration>,
     key: (Digest, u64, Exit),
     output: Vec<u8>,
     receipt: SignedReceipt,
@@ -1154,17 +1156,11 @@ impl Dispatcher {
                     return;
                 }
                 self.registry.record(now.at, &node, Outcome::Completed);
-                if let Some(sent) = sent
-                    && exit == Exit::Ok
-                {
-                    let elapsed = now.at.saturating_duration_since(sent);
-                    self.registry
-                        .observe_run(&node, receipt.receipt.fuel_used, elapsed);
-                }
                 job.barred.push(node);
                 let key = (receipt.receipt.output, receipt.receipt.fuel_used, exit);
                 job.votes.push(Vote {
                     node,
+                    elapsed: sent.map(|sent| now.at.saturating_duration_since(sent)),
                     key,
                     output: output.to_vec(),
                     receipt,
@@ -1663,6 +1659,11 @@ impl Dispatcher {
                 };
                 for v in &winners {
                     self.registry.record(now.at, &v.node, agreed);
+                    // A run's time says how fast the node is once another node has confirmed
+                    // its fuel (the vote key holds it); a receipt alone could claim any fuel.
+                    if let (Outcome::Agreed, Exit::Ok, Some(elapsed)) = (agreed, key.2, v.elapsed) {
+                        self.registry.observe_run(&v.node, key.1, elapsed);
+                    }
                 }
                 for v in &losers {
                     self.registry.record(now.at, &v.node, Outcome::Disputed);
@@ -3156,6 +3157,39 @@ mod tests {
             vec![Some(SpotCheck::Missed)],
             "counted as missed"
         );
+    }
+
+    #[test]
+    fn a_nodes_speed_is_observed_from_runs_another_node_agreed_with_never_from_a_receipt_alone() {
+        let mut f = fixture(3);
+        let observed = |f: &Fixture, node: NodeId| {
+            f.d.registry
+                .view(f.now.at, &node)
+                .unwrap()
+                .observed_fuel_per_s
+        };
+        // 5·10^7 fuel answered 100 ms after the assignment.
+        let answer = |f: &mut Fixture, task: &str, sent: (NodeId, u16)| {
+            let frame = f.report_claiming(task, sent, b"out", Exit::Ok, f.identity(sent.0), |r| {
+                r.fuel_used = 50_000_000
+            });
+            f.frame(sent.0, NodeTopic::Results, &frame)
+        };
+        // Alone, a receipt could claim any fuel: its time says nothing of the node's speed.
+        let sent = assignments(&f.submit("alone", "receipt"));
+        assert_eq!(sent.len(), 1);
+        f.advance(Duration::from_millis(100));
+        assert_eq!(finals(&answer(&mut f, "alone", sent[0])).len(), 1);
+        assert_eq!(observed(&f, sent[0].0), None);
+        // Two nodes agreeing on the output and the fuel: each one's time counts.
+        let sent = assignments(&f.submit("pair", "replicate:2"));
+        assert_eq!(sent.len(), 2);
+        f.advance(Duration::from_millis(100));
+        answer(&mut f, "pair", sent[0]);
+        assert_eq!(finals(&answer(&mut f, "pair", sent[1])).len(), 1);
+        for (node, _) in sent {
+            assert_eq!(observed(&f, node), Some(500_000_000));
+        }
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! `ambient bench`'s section 2), so the two figures are of one thing. Not part of the API.
 //!
 //! Every node is announced and reports once with real, signed traffic; scores, loads and
-//! latencies vary, about 3% of nodes are out (overheated, offline, or short of memory for the
-//! [`request`]), and the [`DECOYS`] best-ranked nodes by every strategy lack the memory the
-//! request asks for, so each decision has to skip a few.
+//! latencies vary, fuel rates come in four board classes (10^8 to 3·10^9 fuel/s), about 3% of
+//! nodes are out (overheated, offline, or short of memory for the [`request`]), and the
+//! [`DECOYS`] best-ranked nodes by every strategy lack the memory the request asks for, so each
+//! decision has to skip a few.
 
+use std::num::NonZeroU64;
 use std::time::Instant;
 
 use ambient_core::{
@@ -20,13 +22,25 @@ use crate::{Registry, RegistryConfig, Requirements};
 /// Nodes ranked first by every strategy but short of the memory [`request`] needs.
 pub const DECOYS: usize = 8;
 
-/// What every measured decision asks for.
+/// What every measured decision asks for: a task of 10^8 fuel, which takes from 33 ms to a
+/// second on the pool's boards, so latency-aware placement weighs speed against distance.
 pub fn request() -> Requirements {
     Requirements {
         memory_bytes: 256 << 20,
         engine: Some(Engine::Wasmtime),
+        fuel: 100_000_000,
         ..Requirements::default()
     }
+}
+
+/// Node `i`'s announced fuel rate: the decoys fastest, the others in four classes.
+fn fuel_per_s(i: usize) -> Option<NonZeroU64> {
+    let rate = if i < DECOYS {
+        10_000_000_000
+    } else {
+        [100_000_000, 300_000_000, 1_000_000_000, 3_000_000_000][i % 4]
+    };
+    NonZeroU64::new(rate)
 }
 
 /// Node `i`'s key.
@@ -99,7 +113,7 @@ pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry)> {
                                 labels: Default::default(),
                                 profile: None,
                                 max_concurrency: 4,
-                                fuel_per_s: None,
+                                fuel_per_s: fuel_per_s(i),
                             };
                             let signature =
                                 sign_message(&id, SignedAnnounce::TAG, &announce).expect("fits");

@@ -212,15 +212,19 @@ pub struct NodeView {
     /// Tasks dispatched to it and not yet finished.
     pub in_flight: u32,
     /// Fuel per second placement counts on ([`Strategy::LatencyAware`]): what it announced,
-    /// capped by what was observed once something was.
+    /// capped at twice [`observed_fuel_per_s`](Self::observed_fuel_per_s) once there is one.
+    /// The observation is a lower bound (it includes the round trip and a first compile); the
+    /// factor 2 absorbs that for an honest node, while a node announcing far more than it is
+    /// seen to do is ranked by what it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel_per_s: Option<u64>,
     /// Fuel per second it announced: its agent's measurement on the digits kernel at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announced_fuel_per_s: Option<u64>,
     /// The best fuel per second the coordinator has seen it reach: a run's fuel over the time
-    /// from assignment to report, over runs of at least [`OBSERVED_MIN_FUEL`]. The time includes
-    /// the round trip (and a first run's compile), so this is a lower bound of its speed.
+    /// from assignment to report, over runs of at least [`OBSERVED_MIN_FUEL`] whose result
+    /// another node agreed with (so the fuel is confirmed). The time includes the round trip
+    /// (and a first run's compile), so this is a lower bound of its speed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_fuel_per_s: Option<u64>,
     /// Its latest telemetry reading.
@@ -410,11 +414,12 @@ impl Node {
             .unwrap_or(self.mem_total_bytes)
     }
 
-    /// The fuel rate placement counts on: the announced one, capped by the best observed once
-    /// there is one; the observed one alone when the node announced none.
+    /// The fuel rate placement counts on: the announced one, capped at twice the best observed
+    /// once there is one ([`NodeView::fuel_per_s`]); the observed one alone when the node
+    /// announced none.
     fn fuel_per_s(&self) -> Option<NonZeroU64> {
         match (self.announced_fuel_per_s, self.observed_fuel_per_s) {
-            (Some(a), Some(o)) => Some(a.min(o)),
+            (Some(a), Some(o)) => Some(a.min(o.saturating_mul(NonZeroU64::new(2).expect("2")))),
             (a, o) => a.or(o),
         }
     }
@@ -945,8 +950,9 @@ impl Registry {
 
     /// A run of `fuel` that the node answered `elapsed` after it was assigned: raises the node's
     /// observed fuel rate if this run was faster. Runs under [`OBSERVED_MIN_FUEL`] are ignored:
-    /// in them the messages and the instantiation, not the work, set the time. The fuel is the
-    /// receipt's, which replicas and spot checks compare like the output.
+    /// in them the messages and the instantiation, not the work, set the time. Call it only
+    /// for results another node agreed with: the fuel is the receipt's, which a receipt alone
+    /// could overstate (the dispatcher does so).
     pub fn observe_run(&mut self, node: &NodeId, fuel: u64, elapsed: Duration) {
         if fuel < OBSERVED_MIN_FUEL {
             return;
@@ -1010,7 +1016,8 @@ impl Registry {
     /// call [`Registry::task_started`] when it is dispatched.
     ///
     /// Cost: O(log n) plus the available nodes ranked above the choice that do not meet `req`
-    /// or are excluded.
+    /// or are excluded; latency-aware placement also walks the nodes that are nearer but slower
+    /// or faster but farther than its choice (see [`Strategy::LatencyAware`]).
     pub fn select(
         &mut self,
         now: Instant,
@@ -2212,7 +2219,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fuel_rate_placement_counts_on_is_the_announced_one_capped_by_what_runs_showed() {
+    fn the_fuel_rate_placement_counts_on_is_the_announced_one_capped_at_twice_what_runs_showed() {
         let mut fleet = Fleet::with(2, |a| a.fuel_per_s = NonZeroU64::new(1_000_000_000));
         fleet.reannounce(t0(), 1, |a| a.fuel_per_s = None);
         let (id, quiet) = (fleet.id(0), fleet.id(1));
@@ -2220,30 +2227,34 @@ mod tests {
             let v = fleet.registry.view(t0(), &id).unwrap();
             (v.fuel_per_s, v.announced_fuel_per_s, v.observed_fuel_per_s)
         };
-        assert_eq!(rates(&fleet, id), (Some(1_000_000_000), Some(1_000_000_000), None));
+        assert_eq!(
+            rates(&fleet, id),
+            (Some(1_000_000_000), Some(1_000_000_000), None)
+        );
         // A small run says nothing of speed: messages and instantiation set its time.
         fleet
             .registry
             .observe_run(&id, OBSERVED_MIN_FUEL - 1, Duration::from_secs(1));
         assert_eq!(rates(&fleet, id).2, None);
-        // 2·10^8 fuel answered after a second: slower than claimed, so that is the rate now.
+        // 2·10^8 fuel answered after a second: a fifth of the claim, so the claim gives way
+        // to twice what was seen.
         fleet
             .registry
             .observe_run(&id, 200_000_000, Duration::from_secs(1));
         assert_eq!(
             rates(&fleet, id),
-            (Some(200_000_000), Some(1_000_000_000), Some(200_000_000))
+            (Some(400_000_000), Some(1_000_000_000), Some(200_000_000))
         );
-        // A faster run raises what was observed, but never above the claim; a slower one
-        // later does not lower it (the best run is the nearest to the node's speed).
-        for ms in [100, 2_000] {
+        // Within a factor 2 of the claim (an honest node's round trip and compile): the claim
+        // stands. A slower run later does not lower the best one.
+        for ms in [330, 2_000] {
             fleet
                 .registry
                 .observe_run(&id, 200_000_000, Duration::from_millis(ms));
         }
         assert_eq!(
             rates(&fleet, id),
-            (Some(1_000_000_000), Some(1_000_000_000), Some(2_000_000_000))
+            (Some(1_000_000_000), Some(1_000_000_000), Some(606_060_606))
         );
         // A node that announced no rate is known by what it was seen to do.
         assert_eq!(rates(&fleet, quiet), (None, None, None));

@@ -9,6 +9,12 @@
 //! any has free) are answered from per-attribute counts without walking at all. The one case that
 //! still walks far is a *combination* that is rare but not absent (say, the only `gpu` nodes are
 //! the ones without enough memory): the walk then visits every node ranked above the first fit.
+//!
+//! Latency-aware placement ranks by a key that depends on the task (latency + fuel ÷ rate), so no
+//! single index holds its order: it walks the latency and the rate indexes together and stops as
+//! soon as no node further down either can do better (`Placement::soonest`). That is a step or
+//! two when the nearest nodes are also the fast ones, and up to the whole pool when latency and
+//! speed disagree everywhere.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -44,8 +50,8 @@ pub enum Strategy {
     /// The soonest expected result: round-trip latency to the coordinator plus the task's
     /// worst-case run time on the node, its fuel limit ÷ the node's fuel rate
     /// ([`expected_us`]), then the lower latency, then the lowest node id. So a large task goes
-    /// to the faster board even when it is a little farther away, and a task that asks for no
-    /// fuel is placed by latency alone. A node with no known fuel rate or latency has no
+    /// to the faster board even when it is a little farther away, and a small one to the
+    /// nearest. A node with no known fuel rate or latency has no
     /// expected time: such nodes come after every node with one, by latency, and those that
     /// have not reported a latency last. The rate is the
     /// one the node announced, capped by what the coordinator has seen it do
@@ -122,9 +128,11 @@ pub struct Requirements {
     pub arch: Option<String>,
     /// Labels the node must all have announced (`gpu`, `room-2`, ...); extra labels are fine.
     pub labels: Vec<String>,
-    /// Fuel the task may spend: the dispatcher sets it from the task's fuel limit. Not a
-    /// requirement but a size, which [`Strategy::LatencyAware`] turns into a run time per
-    /// node; 0 places by latency alone. Not serialised: it is derived, never submitted.
+    /// Fuel the task may spend: the dispatcher sets it from the task's fuel limit (which intake
+    /// requires to be at least 1). Not a requirement but a size, which
+    /// [`Strategy::LatencyAware`] turns into a run time per node; 0 (the default, for callers
+    /// that place without a task) ranks by latency alone. Not serialised: it is derived, never
+    /// submitted.
     #[serde(skip)]
     pub fuel: u64,
 }
@@ -197,7 +205,8 @@ impl Keys {
 
 /// The ordered indexes over the nodes available for work, and the round-robin cursor.
 ///
-/// Invariant: a node is in every `by_*` set or in none, with the keys the registry recorded.
+/// Invariant: a node is in every `by_*` set or in none, with the keys the registry recorded;
+/// the one exception is `by_rate`, which holds only the nodes with a known fuel rate.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Placement {
     /// Every available node, with its latency (µs) and fuel rate (0 when unknown).
@@ -904,7 +913,9 @@ mod tests {
                 6 => fleet.registry.on_status(now, id, rng.random_bool(0.7)),
                 8 => {
                     let announced = rng.random_bool(0.8).then(|| rng.random_range(1..2_000));
-                    fleet.reannounce(now, i, |a| a.fuel_per_s = rate(announced.unwrap_or(0) << 20));
+                    fleet.reannounce(now, i, |a| {
+                        a.fuel_per_s = rate(announced.unwrap_or(0) << 20)
+                    });
                 }
                 9 => {
                     let fuel = rng.random_range(0..4u64 << 30);
