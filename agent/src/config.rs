@@ -39,22 +39,9 @@ pub enum ConfigError {
         /// What would have been accepted.
         expected: String,
     },
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML (from the file or an environment variable) does not fit the schema.
-    #[error("config from {origin}: {message}")]
-    Parse {
-        /// The file, or "the environment".
-        origin: String,
-        /// What the parser said, naming the key.
-        message: String,
-    },
+    /// The file or an environment variable could not be read or does not fit the schema.
+    #[error(transparent)]
+    Load(#[from] ambient_daemon::config::LoadError),
 }
 
 fn invalid(key: &str, value: impl fmt::Display, expected: impl Into<String>) -> ConfigError {
@@ -218,54 +205,22 @@ const CLI_ONLY_ENV: &[&str] = &["CONFIG", "PRINT_CONFIG", "JSON_LOGS", "VERBOSE"
 
 impl RawConfig {
     /// Reads a TOML file (`None`: start from the defaults), then applies `AMBIENT_AGENT_*`
-    /// variables from `env` on top (`__` separates a section from its key).
+    /// variables from `env` on top (`__` separates a section from its key; `labels` also
+    /// takes `a,b,c`): [`ambient_daemon::config::load`].
     ///
     /// # Errors
-    /// [`ConfigError::Read`] if the file cannot be read, [`ConfigError::Parse`] if the file or
-    /// a variable names an unknown key or has a value of the wrong type.
+    /// [`ConfigError::Load`] if the file cannot be read, or the file or a variable names an
+    /// unknown key or has a value of the wrong type.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let (mut table, origin) = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                let table = text
-                    .parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse {
-                        origin: path.display().to_string(),
-                        message: e.to_string().trim_end().to_owned(),
-                    })?;
-                (table, path.display().to_string())
-            }
-            None => (toml::Table::new(), "the defaults".to_owned()),
+        let vars = ambient_daemon::config::Env {
+            prefix: ENV_PREFIX,
+            flags: CLI_ONLY_ENV,
+            lists: &["labels"],
         };
-        let mut from_env = Vec::new();
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            if CLI_ONLY_ENV.contains(&key) {
-                continue;
-            }
-            let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
-            let parsed = env_value(&path, &value);
-            insert_path(&mut table, &path, parsed);
-            from_env.push(name);
-        }
-        table
-            .try_into::<RawConfig>()
-            .map_err(|e| ConfigError::Parse {
-                origin: if from_env.is_empty() {
-                    origin
-                } else {
-                    format!("{origin} and the environment ({})", from_env.join(", "))
-                },
-                message: e.to_string().trim_end().replace('\n', " "),
-            })
+        Ok(ambient_daemon::config::load(file, vars, env)?)
     }
 
     /// Checks every value and builds the typed configuration.
@@ -474,47 +429,6 @@ impl RawSandbox {
             epoch_tick: Duration::from_millis(self.epoch_tick_ms),
             ..SandboxConfig::default()
         })
-    }
-}
-
-/// Parses an environment value as a TOML value when it is one (`5000`, `true`, `["a"]`), and
-/// as a string otherwise; `labels` also accepts `a,b,c`.
-fn env_value(path: &[String], value: &str) -> toml::Value {
-    let parsed = format!("v = {value}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"));
-    match parsed {
-        Some(v) => v,
-        None if path == ["labels"] => toml::Value::Array(
-            value
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| s.to_owned().into())
-                .collect(),
-        ),
-        None => toml::Value::String(value.to_owned()),
-    }
-}
-
-fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    match path {
-        [] => {}
-        [key] => {
-            table.insert(key.clone(), value);
-        }
-        [section, rest @ ..] => {
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Table::new().into());
-            if !entry.is_table() {
-                *entry = toml::Table::new().into();
-            }
-            if let Some(t) = entry.as_table_mut() {
-                insert_path(t, rest, value);
-            }
-        }
     }
 }
 
@@ -1096,11 +1010,6 @@ impl AgentConfig {
         );
         out
     }
-}
-
-/// The environment as `(name, value)` pairs, skipping names or values that are not UTF-8.
-pub fn env_vars() -> impl Iterator<Item = (String, String)> {
-    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
 }
 
 #[cfg(test)]

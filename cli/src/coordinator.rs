@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ambient_coordinator::{Coordinator, RawConfig};
-use anyhow::Context as _;
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -12,7 +11,9 @@ use clap::Args;
     after_help = "Examples:\n  ambient coordinator --data-dir ./data\n  ambient coordinator --broker mqtt://127.0.0.1:1883     # use a running mosquitto\n  ambient coordinator --print-config > /etc/ambient/coordinator.toml\n  curl -s 127.0.0.1:8080/api/nodes              # the HTTP API, on loopback by default"
 )]
 pub struct CoordinatorArgs {
-    /// TOML configuration file (see --print-config); flags override it.
+    /// TOML configuration file (see --print-config). AMBIENT_COORDINATOR_SECTION__KEY
+    /// variables override its keys (AMBIENT_COORDINATOR_VERIFICATION__POLICY=receipt), and
+    /// flags override both.
     #[arg(long, env = "AMBIENT_CONFIG")]
     config: Option<PathBuf>,
     /// Address of the embedded MQTT broker [default: 127.0.0.1:1883].
@@ -43,15 +44,7 @@ pub struct CoordinatorArgs {
 }
 
 pub fn load(args: &CoordinatorArgs) -> anyhow::Result<RawConfig> {
-    let mut raw = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("config file {} is not valid", path.display()))?
-        }
-        None => RawConfig::default(),
-    };
+    let mut raw = RawConfig::load(args.config.as_deref(), ambient_daemon::config::env_vars())?;
     if let Some(l) = &args.listen {
         raw.broker.listen = l.clone();
     }

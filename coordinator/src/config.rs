@@ -1,12 +1,14 @@
-//! Coordinator configuration: a raw TOML shape with units in key names, validated once into
-//! [`CoordinatorConfig`].
+//! Coordinator configuration: a raw TOML shape with units in key names, read from a file and
+//! `AMBIENT_COORDINATOR_*` variables by [`RawConfig::load`] (the loader the agent uses too),
+//! validated once into [`CoordinatorConfig`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambient_core::{SafetyPolicy, ScoreConfig, Tariff};
+use ambient_daemon::config::LoadError;
 use serde::{Deserialize, Serialize};
 
 use ambient_mqtt::{BrokerUrl, TlsFiles};
@@ -72,6 +74,10 @@ impl CoordinatorConfig {
     }
 }
 
+/// Prefix of the environment variables that set configuration keys:
+/// `AMBIENT_COORDINATOR_SECTION__KEY`, e.g. `AMBIENT_COORDINATOR_VERIFICATION__POLICY=receipt`.
+pub const ENV_PREFIX: &str = "AMBIENT_COORDINATOR_";
+
 /// The configuration file as written (`/etc/ambient/coordinator.toml`). Every key is optional.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,6 +98,28 @@ pub struct RawConfig {
     pub http: RawHttp,
     /// Home Assistant MQTT discovery settings.
     pub home_assistant: RawHomeAssistant,
+}
+
+impl RawConfig {
+    /// Reads a TOML file (`None`: start from the defaults), then applies
+    /// `AMBIENT_COORDINATOR_*` variables from `env` on top (`__` separates a section from its
+    /// key; `enrollment.allow` also takes `a,b,c`): [`ambient_daemon::config::load`], the
+    /// agent's loader too. Command-line flags go over the result.
+    ///
+    /// # Errors
+    /// [`LoadError`] if the file cannot be read, or the file or a variable names an unknown
+    /// key or has a value of the wrong type.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, LoadError> {
+        let vars = ambient_daemon::config::Env {
+            prefix: ENV_PREFIX,
+            flags: &[],
+            lists: &["enrollment.allow"],
+        };
+        ambient_daemon::config::load(file, vars, env)
+    }
 }
 
 /// `[home_assistant]`.
@@ -582,6 +610,38 @@ impl RawConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coordinator_variables_set_keys_over_the_file_and_an_unknown_one_is_named() {
+        let vars = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let raw = RawConfig::load(
+            None,
+            vars(&[
+                ("AMBIENT_COORDINATOR_VERIFICATION__POLICY", "receipt"),
+                ("AMBIENT_COORDINATOR_ENROLLMENT__ALLOW", "ab12, cd34"),
+                ("AMBIENT_DATA_DIR", "/a/flag/not/a/key"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(raw.verification.policy, "receipt");
+        assert_eq!(raw.enrollment.allow, ["ab12", "cd34"]);
+        let err = RawConfig::load(
+            None,
+            vars(&[("AMBIENT_COORDINATOR_VERIFICATION__POLICIES", "receipt")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("AMBIENT_COORDINATOR_VERIFICATION__POLICIES")
+                && err.contains("unknown field `policies`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_default_config_embeds_a_loopback_broker() {

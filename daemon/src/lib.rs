@@ -5,11 +5,13 @@
 //!   directory, the coordinator in its data directory);
 //! - keep private state in directories only their user can read: [`create_private_dir`];
 //! - run as `Type=notify` systemd services with a watchdog: [`notify_systemd`];
-//! - stop cleanly on SIGINT or SIGTERM: [`shutdown_signal`].
+//! - stop cleanly on SIGINT or SIGTERM: [`shutdown_signal`];
+//! - read a TOML file with environment variables over it: [`config::load`].
 //!
 //! Nothing here decides anything; it is the thin I/O both binaries would otherwise write twice.
 #![deny(missing_docs)]
 
+pub mod config;
 mod identity;
 mod systemd;
 
