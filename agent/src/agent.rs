@@ -1,26 +1,22 @@
-//! [`run`]: the agent's main task. It owns every piece of mutable state (breaker, duplicate
-//! filter, outbox index, module fetches, link probe) and reacts to one event at a time:
-//! connection events, incoming frames, finished blocking jobs, timers and shutdown. Anything
-//! slow (sampling, hashing, compiling, executing, fsync) runs on the blocking pool and comes
-//! back as a [`Done`] message; the MQTT event loop runs in its own task (see `connection`).
+//! [`run`]: the agent's I/O. It starts the parts (identity, sandbox, calibration, outbox,
+//! MQTT connection, metrics, sampler), then turns every event (connection events, incoming
+//! frames, finished blocking jobs, timers, shutdown) into an input of the [`Node`] state
+//! machine and performs the actions it returns. Anything slow (sampling, hashing, compiling,
+//! executing, signing, fsync) runs on the blocking pool or the outbox writer and comes back as
+//! a [`Done`] message; the MQTT event loop runs in its own task (see `connection`).
 
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::num::NonZeroU64;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ambient_core::{
-    Abi, Admission, Announce, Breaker, Digest, Envelope, Exit, Identity, Limits, MAX_LABELS,
-    MAX_MESSAGE_LEN, Message, NodeId, Ping, Receipt, Refusal, Report, ReportBody, SignedAnnounce,
-    SignedRefusal, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256,
-    sign_message, topics,
+    Announce, Digest, Envelope, Identity, MAX_LABELS, MAX_MESSAGE_LEN, Message, NodeId, Receipt,
+    Refusal, Report, ReportBody, SignedAnnounce, SignedRefusal, sha3_256, sign_message, topics,
 };
 use bytes::Bytes;
 use rand::Rng as _;
-use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
@@ -31,21 +27,18 @@ use crate::AgentError;
 use crate::calibrate;
 use crate::config::{AgentConfig, EngineChoice};
 use crate::connection::{self, Backoff, ConnEvent, Driver, Inbound, Publisher};
-use crate::dedup::{Dedup, Seen, TaskKey};
+use crate::dedup::TaskKey;
 use crate::engine::{Call, ExecError, Execution, Prepared, Sandbox, Wasmtime, task_seed};
-use crate::link::{LARGE_PADDING, LinkProbe};
 use crate::metrics::Metrics;
-use crate::outbox::{self, OutboxDir, Writer};
+use crate::node::{
+    Action, Finished, Input, Job, Leaf, Node, Phase, Settings, Start, device_outcome,
+    refusal_outcome,
+};
+use crate::outbox::{OutboxDir, Writer};
 use crate::telemetry::{Reading, Sampler};
 
 /// Frames waiting for the agent before the event loop starts dropping them.
 const INBOUND_CAPACITY: usize = 256;
-/// Bytes of finished reports kept in memory to answer a duplicate assignment.
-const REPORT_MEMORY: usize = 16 << 20;
-/// Longest shutdown waits for the outbox to drain once tasks are done.
-const FLUSH_WAIT: Duration = Duration::from_secs(5);
-/// Longest shutdown waits for the disconnect to go out.
-const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 /// How often undelivered reports are retried while connected.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// The pinned coordinator key in the state directory: 64 hex digits.
@@ -53,7 +46,7 @@ pub const COORDINATOR_KEY_FILE: &str = "coordinator.pub";
 
 /// Reads the pinned coordinator key, `None` if none is pinned yet.
 fn load_coordinator_key(state_dir: &Path) -> Result<Option<[u8; 32]>, AgentError> {
-    let path = state_dir.join(COORDINATOR_KEY_FILE);
+    let path = key_file(state_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -148,7 +141,6 @@ pub async fn run(
         let (publisher, eventloop, delivery) = connection::client(opts);
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
-        let dropped = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let (min, max) = config.reconnect_backoff();
         let driver = tokio::spawn(
@@ -160,7 +152,7 @@ pub async fn run(
                 tasks_topic: topics::node(&node, topics::NodeTopic::Tasks).to_string(),
                 backoff: Backoff::new(min, max),
                 login,
-                dropped: dropped.clone(),
+                dropped: 0,
                 stop: stop.clone(),
             }
             .run()
@@ -201,14 +193,12 @@ pub async fn run(
             sandbox,
             fuel_per_s,
             publisher,
-            outbox_dir,
             writer,
             stored,
             coordinator_key,
             sampler,
             conn_rx,
             inbound_rx,
-            dropped,
             metrics,
             stop,
             driver,
@@ -255,27 +245,6 @@ fn fixed<const N: usize>(s: &str) -> heapless::String<N> {
     out
 }
 
-/// An assignment the agent holds: owned, with its input sliced from the frame without copying.
-#[derive(Debug, Clone)]
-struct Job {
-    task_id: TaskId,
-    attempt: u16,
-    module: Digest,
-    abi: Abi,
-    entry: String,
-    limits: Limits,
-    input: Bytes,
-    /// sha3-256 of `input`: checked against the coordinator's signature, then in the receipt.
-    input_hash: Digest,
-    probe: bool,
-}
-
-impl Job {
-    fn key(&self) -> TaskKey {
-        (self.task_id.clone(), self.attempt)
-    }
-}
-
 /// What a blocking job hands back.
 enum Done {
     /// A report was built and signed.
@@ -283,12 +252,12 @@ enum Done {
     /// A module lookup in memory and on disk ended.
     Loaded {
         hash: Digest,
-        result: Result<Option<Arc<Prepared>>, ExecError>,
+        result: Result<Option<Module>, ExecError>,
     },
     /// A fetched module was verified and compiled (or not).
     Fetched {
         hash: Digest,
-        result: Result<Arc<Prepared>, ExecError>,
+        result: Result<Module, ExecError>,
     },
     /// A telemetry reading.
     Sampled {
@@ -297,19 +266,10 @@ enum Done {
     },
 }
 
-struct Finished {
-    key: TaskKey,
-    /// Held an execution slot.
-    admitted: bool,
-    /// What to tell the breaker: success, failure, or nothing (refused before running).
-    outcome: Option<bool>,
-    payload: Bytes,
-    exit: Option<Exit>,
-    fuel_used: u64,
-    elapsed: Duration,
-}
+/// A compiled module, as the node passes it around.
+type Module = Arc<Prepared>;
 
-/// Everything a blocking job needs to build and store a report.
+/// Everything a blocking job needs to build a report.
 struct Reporter {
     identity: Arc<Identity>,
     node: NodeId,
@@ -323,7 +283,7 @@ impl Reporter {
         #[cfg(feature = "fault-injection")]
         let run = {
             let mut run = run;
-            if run.exit == Exit::Ok {
+            if run.exit == ambient_core::Exit::Ok {
                 self.faults
                     .corrupt(&self.node, &job.task_id, job.attempt, &mut run.output);
             }
@@ -378,65 +338,16 @@ impl Reporter {
             )),
         };
         let payload = Envelope::new(Message::Report(report)).to_vec();
-        let outcome = match refusal {
-            Refusal::ModuleUnavailable => Some(false),
-            _ => None,
-        };
         Finished {
             key,
             admitted,
-            outcome,
+            outcome: refusal_outcome(refusal),
             payload: payload.into(),
             exit: None,
             fuel_used: 0,
             elapsed: Duration::ZERO,
         }
     }
-}
-
-/// A module being looked up or fetched, and the jobs waiting for it.
-struct Fetch {
-    state: FetchState,
-    waiters: Vec<Job>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FetchState {
-    /// Looking in memory and on disk.
-    Loading,
-    /// Subscribed to the module topic until the deadline.
-    Fetching { deadline: Instant },
-    /// The bytes arrived and are being verified and compiled.
-    Verifying,
-}
-
-/// A report the broker has not acknowledged yet.
-struct Pending {
-    payload: Bytes,
-    /// Handed to the client; cleared when the connection drops before the broker acked it.
-    queued: bool,
-    /// On disk, or asked of the writer.
-    stored: bool,
-    made: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    /// Shutting down: waiting for running tasks.
-    Draining {
-        until: Instant,
-    },
-    /// Shutting down: waiting for the outbox to empty.
-    Flushing {
-        until: Instant,
-    },
-    /// Shutting down: waiting for the disconnect to go out.
-    Closing {
-        until: Instant,
-    },
-    /// Done.
-    Finished,
 }
 
 struct AgentParts {
@@ -446,56 +357,36 @@ struct AgentParts {
     /// Measured at start ([`calibrate::fuel_rate`]); announced.
     fuel_per_s: Option<NonZeroU64>,
     publisher: Publisher,
-    outbox_dir: Arc<OutboxDir>,
     writer: Writer,
-    stored: outbox::Stored,
+    stored: crate::outbox::Stored,
     coordinator_key: Option<[u8; 32]>,
     sampler: Sampler,
     conn_rx: mpsc::UnboundedReceiver<ConnEvent>,
     inbound_rx: mpsc::Receiver<Inbound>,
-    dropped: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     driver: JoinHandle<()>,
 }
 
+/// The shell around [`Node`]: channels in, actions out.
 struct Agent {
+    node: Node<Module>,
     config: AgentConfig,
-    node: NodeId,
-    identity: Arc<Identity>,
     reporter: Arc<Reporter>,
     publisher: Publisher,
     topics: Topics,
-    start: Instant,
-    breaker: Breaker,
-    dedup: Dedup,
-    outbox: BTreeMap<u64, Pending>,
-    outbox_dir: Arc<OutboxDir>,
     writer: Writer,
-    /// The coordinator key assignments must be signed with, once pinned.
-    coordinator_key: Option<[u8; 32]>,
-    fetches: HashMap<Digest, Fetch>,
-    slots_used: usize,
-    max_concurrency: usize,
-    link: LinkProbe,
+    /// `None` while a sample is being taken.
     sampler: Option<Box<Sampler>>,
-    simulated: bool,
-    link_offset: Option<(u32, u32)>,
-    announce: Vec<u8>,
-    telemetry_seq: u64,
-    boot_id: u64,
-    ticks: u64,
-    connected: bool,
-    shutting_down: bool,
     conn_rx: mpsc::UnboundedReceiver<ConnEvent>,
     inbound_rx: mpsc::Receiver<Inbound>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
-    dropped: Arc<AtomicU64>,
-    duplicates: u64,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     driver: JoinHandle<()>,
+    /// The connection task has ended.
+    driver_ended: bool,
 }
 
 struct Topics {
@@ -506,71 +397,95 @@ struct Topics {
     results: String,
 }
 
+impl Topics {
+    fn new(node: &NodeId) -> Self {
+        let topic = |leaf| topics::node(node, leaf).to_string();
+        Self {
+            status: topic(Leaf::Status),
+            announce: topic(Leaf::Announce),
+            telemetry: topic(Leaf::Telemetry),
+            tasks: topic(Leaf::Tasks),
+            results: topic(Leaf::Results),
+        }
+    }
+
+    fn get(&self, leaf: Leaf) -> &str {
+        match leaf {
+            Leaf::Status => &self.status,
+            Leaf::Announce => &self.announce,
+            Leaf::Telemetry => &self.telemetry,
+            Leaf::Tasks => &self.tasks,
+            Leaf::Results => &self.results,
+        }
+    }
+}
+
+/// The signed announce frame; empty if it cannot be signed.
+fn announce_frame(p: &AgentParts) -> Bytes {
+    let announce = Announce {
+        node: p.identity.node_id(),
+        public_key: p.identity.public_key(),
+        arch: fixed(std::env::consts::ARCH),
+        cores: p.sampler.cores(),
+        mem_total_bytes: p.sampler.mem_total_bytes(),
+        engine: p.sandbox.engine(),
+        agent_version: fixed(env!("CARGO_PKG_VERSION")),
+        // At most MAX_LABELS (the config checks); `take` keeps heapless' collect from panicking.
+        labels: p
+            .config
+            .labels()
+            .iter()
+            .take(MAX_LABELS)
+            .map(|l| fixed(l))
+            .collect(),
+        profile: p.config.simulate().map(|pr| fixed(pr.as_str())),
+        max_concurrency: p.config.max_concurrency(),
+        fuel_per_s: p.fuel_per_s,
+    };
+    match sign_message(&p.identity, SignedAnnounce::TAG, &announce) {
+        Ok(signature) => Envelope::new(Message::Announce(SignedAnnounce {
+            announce,
+            signature,
+        }))
+        .to_vec()
+        .into(),
+        Err(e) => {
+            // Labels are bounded (8 × 32 bytes) so the announce always fits the signing
+            // buffer; should it not, the node still works, it just is not announced.
+            tracing::error!(error = %e, "cannot sign the announce");
+            Bytes::new()
+        }
+    }
+}
+
 impl Agent {
     fn new(p: AgentParts) -> Self {
         let node = p.identity.node_id();
-        let topic = |leaf| topics::node(&node, leaf).to_string();
-        let topics = Topics {
-            status: topic(topics::NodeTopic::Status),
-            announce: topic(topics::NodeTopic::Announce),
-            telemetry: topic(topics::NodeTopic::Telemetry),
-            tasks: topic(topics::NodeTopic::Tasks),
-            results: topic(topics::NodeTopic::Results),
+        let settings = Settings {
+            max_concurrency: p.config.max_concurrency(),
+            dedup_capacity: p.config.dedup_capacity(),
+            safety: p.config.safety_policy(),
+            module_fetch_timeout: p.config.module_fetch_timeout(),
+            shutdown_grace: p.config.shutdown_grace(),
+            bandwidth_probe_every: p.config.bandwidth_probe_every(),
+            link_offset: p.sampler.link(),
+            simulated: p.config.simulate().is_some(),
+            key_file: key_file(p.config.state_dir()),
+            #[cfg(feature = "fault-injection")]
+            faults: p.config.faults().clone(),
         };
-        let max_concurrency = p.config.max_concurrency();
-        let announce = Announce {
-            node,
-            public_key: p.identity.public_key(),
-            arch: fixed(std::env::consts::ARCH),
-            cores: p.sampler.cores(),
-            mem_total_bytes: p.sampler.mem_total_bytes(),
-            engine: p.sandbox.engine(),
-            agent_version: fixed(env!("CARGO_PKG_VERSION")),
-            // At most MAX_LABELS (the config checks); `take` keeps heapless' collect from panicking.
-            labels: p
-                .config
-                .labels()
-                .iter()
-                .take(MAX_LABELS)
-                .map(|l| fixed(l))
-                .collect(),
-            profile: p.config.simulate().map(|pr| fixed(pr.as_str())),
-            max_concurrency,
-            fuel_per_s: p.fuel_per_s,
-        };
-        let announce = match sign_message(&p.identity, SignedAnnounce::TAG, &announce) {
-            Ok(signature) => Envelope::new(Message::Announce(SignedAnnounce {
-                announce,
-                signature,
-            }))
-            .to_vec(),
-            Err(e) => {
-                // Labels are bounded (8 × 32 bytes) so the announce always fits the signing
-                // buffer; should it not, the node still works, it just is not announced.
-                tracing::error!(error = %e, "cannot sign the announce");
-                Vec::new()
-            }
+        let mut rng = rand::rng();
+        let start = Start {
+            identity: p.identity.clone(),
+            announce: announce_frame(&p),
+            stored: p.stored,
+            coordinator_key: p.coordinator_key,
+            boot_id: rng.random(),
+            first_nonce: rng.random(),
         };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let mut rng = rand::rng();
-        let outbox = p
-            .stored
-            .into_iter()
-            .map(|(seq, payload)| {
-                (
-                    seq,
-                    Pending {
-                        payload: payload.into(),
-                        queued: false,
-                        stored: true,
-                        made: Instant::now(),
-                    },
-                )
-            })
-            .collect();
         Self {
-            node,
-            identity: p.identity.clone(),
+            node: Node::new(settings, start, Instant::now().into_std()),
             reporter: Arc::new(Reporter {
                 identity: p.identity,
                 node,
@@ -579,46 +494,19 @@ impl Agent {
                 faults: p.config.faults().clone(),
             }),
             publisher: p.publisher,
-            topics,
-            start: Instant::now(),
-            breaker: Breaker::new(p.config.safety_policy()),
-            dedup: Dedup::new(p.config.dedup_capacity(), REPORT_MEMORY),
-            outbox,
-            outbox_dir: p.outbox_dir,
+            topics: Topics::new(&node),
             writer: p.writer,
-            coordinator_key: p.coordinator_key,
-            fetches: HashMap::new(),
-            slots_used: 0,
-            max_concurrency: usize::from(max_concurrency),
-            link: LinkProbe::new(rng.random()),
-            simulated: p.config.simulate().is_some(),
-            link_offset: p.sampler.link(),
             sampler: Some(Box::new(p.sampler)),
-            announce,
-            telemetry_seq: 0,
-            boot_id: rng.random(),
-            ticks: 0,
-            connected: false,
-            shutting_down: false,
             conn_rx: p.conn_rx,
             inbound_rx: p.inbound_rx,
             done_tx,
             done_rx,
-            dropped: p.dropped,
             metrics: p.metrics,
-            duplicates: 0,
             stop: p.stop,
             driver: p.driver,
+            driver_ended: false,
             config: p.config,
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    fn micros(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.start).as_micros() as u64
     }
 
     async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
@@ -627,678 +515,196 @@ impl Agent {
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval(RETRY_EVERY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut phase = Phase::Running;
+        let mut actions = Vec::new();
         loop {
-            let fetch_deadline = self.next_fetch_deadline();
-            let phase_deadline = match phase {
-                Phase::Running | Phase::Finished => None,
-                Phase::Draining { until }
-                | Phase::Flushing { until }
-                | Phase::Closing { until } => Some(until),
-            };
+            let deadline = self.node.next_deadline().map(Instant::from_std);
             let far = Instant::now() + Duration::from_secs(3600);
-            tokio::select! {
-                () = &mut shutdown, if phase == Phase::Running => {
-                    tracing::info!(running = self.slots_used, "shutting down: no new tasks");
-                    self.begin_shutdown();
-                    phase = Phase::Draining { until: Instant::now() + self.config.shutdown_grace() };
+            let running = self.node.phase() == Phase::Running;
+            let closing = matches!(self.node.phase(), Phase::Closing { .. });
+            let (now, input) = tokio::select! {
+                () = &mut shutdown, if running => (Instant::now(), Input::Shutdown),
+                Some(event) = self.conn_rx.recv() => (Instant::now(), self.on_connection(event)),
+                Some(frame) = self.inbound_rx.recv() => match frame {
+                    Inbound::Tasks { payload, at } => (at, Input::Tasks(payload)),
+                    Inbound::Module { hash, payload } => (Instant::now(), Input::Module { hash, payload }),
+                },
+                Some(done) = self.done_rx.recv() => (Instant::now(), self.on_done(done)),
+                _ = telemetry.tick(), if running => (Instant::now(), Input::Tick),
+                _ = retry.tick() => (Instant::now(), Input::Retry),
+                () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => (Instant::now(), Input::Timer),
+                _ = &mut self.driver, if closing && !self.driver_ended => {
+                    self.driver_ended = true;
+                    (Instant::now(), Input::Closed)
                 }
-                Some(event) = self.conn_rx.recv() => self.on_connection(event),
-                Some(frame) = self.inbound_rx.recv() => self.on_inbound(frame),
-                Some(done) = self.done_rx.recv() => self.on_done(done),
-                _ = telemetry.tick(), if phase == Phase::Running => self.on_tick(),
-                _ = retry.tick() => {
-                    self.send_reports();
-                    self.store_reports(false);
-                }
-                () = sleep_until(fetch_deadline.unwrap_or(far)), if fetch_deadline.is_some() => self.expire_fetches(),
-                () = sleep_until(phase_deadline.unwrap_or(far)), if phase_deadline.is_some() => {}
-                _ = &mut self.driver, if matches!(phase, Phase::Closing { .. }) => return,
-            }
-            phase = self.advance(phase).await;
-            if phase == Phase::Finished {
-                return;
-            }
-        }
-    }
-
-    /// Moves the shutdown along when its condition holds or its deadline passed.
-    async fn advance(&mut self, phase: Phase) -> Phase {
-        let now = Instant::now();
-        match phase {
-            Phase::Running | Phase::Finished => phase,
-            Phase::Draining { until } if self.slots_used == 0 || now >= until => {
-                if self.slots_used > 0 {
-                    tracing::warn!(
-                        running = self.slots_used,
-                        "grace period over; abandoning running tasks"
-                    );
-                }
-                if self.connected {
-                    self.publisher.publish(
-                        &self.topics.status,
-                        QoS::AtLeastOnce,
-                        true,
-                        b"offline".to_vec(),
-                        None,
-                    );
-                }
-                self.send_reports();
-                Phase::Flushing {
-                    until: now
-                        + FLUSH_WAIT
-                            .min(self.config.shutdown_grace().max(Duration::from_millis(500))),
-                }
-            }
-            Phase::Flushing { until }
-                if self.outbox.is_empty() || !self.connected || now >= until =>
-            {
-                if !self.outbox.is_empty() {
-                    tracing::warn!(
-                        reports = self.outbox.len(),
-                        "reports stay in the outbox until the next start"
-                    );
-                }
-                if self.connected && self.publisher.disconnect() {
-                    Phase::Closing {
-                        until: now + DISCONNECT_WAIT,
+            };
+            let now = now.into_std();
+            self.node.handle(now, input, &mut actions);
+            // Performing an action may answer with an input at once (a queue that is full, a
+            // module not in memory): handle it in the same turn.
+            let mut finished = false;
+            while !actions.is_empty() {
+                for action in std::mem::take(&mut actions) {
+                    finished |= matches!(action, Action::Finish);
+                    if let Some(answer) = self.perform(action) {
+                        self.node.handle(now, answer, &mut actions);
                     }
-                } else {
-                    self.finish().await
                 }
             }
-            Phase::Closing { until } if now >= until => self.finish().await,
-            other => other,
+            self.metrics.outbox(self.node.outbox_len());
+            if finished {
+                return self.finish().await;
+            }
         }
     }
 
-    /// Stops the connection and leaves every unacknowledged report on disk.
-    async fn finish(&mut self) -> Phase {
+    /// Stops the connection and closes the outbox writer after the writes already asked of it.
+    async fn finish(&mut self) {
         self.stop.cancel();
-        let _ = (&mut self.driver).await;
-        self.store_reports(true);
+        if !self.driver_ended {
+            let _ = (&mut self.driver).await;
+        }
         let mut writer = std::mem::replace(&mut self.writer, Writer::closed());
         blocking(move || writer.close()).await;
-        Phase::Finished
     }
 
-    fn begin_shutdown(&mut self) {
-        self.shutting_down = true;
-        let fetches: Vec<(Digest, Fetch)> = self.fetches.drain().collect();
-        for (hash, fetch) in fetches {
-            if matches!(fetch.state, FetchState::Fetching { .. }) {
-                self.publisher.unsubscribe(&topics::module(&hash));
-            }
-            for job in fetch.waiters {
-                self.refuse(job.key(), Refusal::ShuttingDown, true);
-            }
-        }
-    }
-
-    // --- connection -------------------------------------------------------------------------
-
-    fn on_connection(&mut self, event: ConnEvent) {
+    fn on_connection(&mut self, event: ConnEvent) -> Input<Module> {
         match event {
             ConnEvent::Connected => {
                 tracing::info!(broker = %self.config.broker(), "connected");
-                self.connected = true;
+                Input::Connected
+            }
+            ConnEvent::Lost { resend, error } => Input::Lost { resend, error },
+            ConnEvent::Delivered(seq) => Input::Delivered(seq),
+        }
+    }
+
+    fn on_done(&mut self, done: Done) -> Input<Module> {
+        match done {
+            Done::Report(f) => {
+                if let Some(exit) = f.exit {
+                    self.metrics.executed(exit, f.fuel_used, f.elapsed);
+                }
+                Input::Finished(f)
+            }
+            Done::Loaded { hash, result } => Input::Loaded { hash, result },
+            Done::Fetched { hash, result } => Input::Prepared { hash, result },
+            Done::Sampled { sampler, reading } => {
+                self.sampler = Some(sampler);
+                Input::Reading(reading)
+            }
+        }
+    }
+
+    /// Does what the node decided; returns the node's answer where there is one.
+    fn perform(&mut self, action: Action<Module>) -> Option<Input<Module>> {
+        match action {
+            Action::Publish {
+                leaf,
+                qos,
+                retain,
+                payload,
+                report,
+            } => {
+                let topic = self.topics.get(leaf);
+                let queued = self
+                    .publisher
+                    .publish(topic, qos, retain, payload.to_vec(), report);
+                // The node resends a report it was told was not queued; anything else is
+                // sent again by the next connect, tick or duplicate assignment.
+                return report.filter(|_| !queued).map(Input::Unqueued);
+            }
+            Action::SubscribeTasks => {
                 self.publisher.subscribe(&self.topics.tasks);
-                for (hash, fetch) in &self.fetches {
-                    if matches!(fetch.state, FetchState::Fetching { .. }) {
-                        self.publisher.subscribe(&topics::module(hash));
-                    }
-                }
-                let status = if self.shutting_down {
-                    "offline"
-                } else {
-                    "online"
-                };
-                self.publisher.publish(
-                    &self.topics.status,
-                    QoS::AtLeastOnce,
-                    true,
-                    status.as_bytes().to_vec(),
-                    None,
-                );
-                if !self.announce.is_empty() {
-                    self.publisher.publish(
-                        &self.topics.announce,
-                        QoS::AtLeastOnce,
-                        true,
-                        self.announce.clone(),
-                        None,
-                    );
-                }
-                self.send_reports();
-                // A node gets work only once the coordinator has its signed telemetry: send a
-                // sample now rather than at the next interval.
-                if !self.shutting_down {
-                    self.on_tick();
-                }
             }
-            ConnEvent::Lost { resend, error } => {
-                if self.connected {
-                    tracing::info!(%error, unacknowledged = resend.len(), "lost the broker; reconnecting");
-                }
-                self.connected = false;
-                for seq in resend {
-                    if let Some(p) = self.outbox.get_mut(&seq) {
-                        p.queued = false;
-                    }
-                }
-                self.store_reports(true);
+            Action::Subscribe(hash) => {
+                self.publisher.subscribe(&topics::module(&hash));
             }
-            ConnEvent::Delivered(seq) => {
-                if let Some(p) = self.outbox.remove(&seq)
-                    && p.stored
-                {
-                    self.writer.send(outbox::Op::Remove(seq));
-                }
-                self.metrics.outbox(self.outbox.len());
+            Action::Unsubscribe(hash) => {
+                self.publisher.unsubscribe(&topics::module(&hash));
             }
-        }
-    }
-
-    /// Writes to disk the reports that must outlive the process: all of them with `all`
-    /// (offline, stopping), else those the broker has not taken within [`outbox::WRITE_AFTER`].
-    fn store_reports(&mut self, all: bool) {
-        let now = Instant::now();
-        for (seq, pending) in self.outbox.iter_mut().filter(|(_, p)| {
-            !p.stored && (all || now.saturating_duration_since(p.made) >= outbox::WRITE_AFTER)
-        }) {
-            self.writer
-                .send(outbox::Op::Write(*seq, pending.payload.clone()));
-            pending.stored = true;
-        }
-    }
-
-    /// Hands every report not yet queued to the client, oldest first.
-    fn send_reports(&mut self) {
-        if !self.connected {
-            return;
-        }
-        for (seq, pending) in self.outbox.iter_mut().filter(|(_, p)| !p.queued) {
-            if !self.publisher.publish(
-                &self.topics.results,
-                QoS::AtLeastOnce,
-                false,
-                pending.payload.to_vec(),
-                Some(*seq),
-            ) {
-                // The client's queue is full; the retry timer comes back for the rest.
-                break;
+            Action::Start(job) => match self.reporter.sandbox.cached(&job.module) {
+                Some(module) => self.execute(job, module),
+                None => return Some(Input::NotCached(job)),
+            },
+            Action::Load(hash) => {
+                let sandbox = self.reporter.sandbox.clone();
+                self.spawn(move || Done::Loaded {
+                    hash,
+                    result: sandbox.load(&hash),
+                });
             }
-            pending.queued = true;
-        }
-    }
-
-    // --- incoming frames --------------------------------------------------------------------
-
-    fn on_inbound(&mut self, frame: Inbound) {
-        match frame {
-            Inbound::Tasks { payload, at } => self.on_task_frame(payload, at),
-            Inbound::Module { hash, payload } => self.on_module(hash, payload),
-        }
-    }
-
-    fn drop_frame(&self, why: &str) {
-        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(
-            reason = why,
-            dropped_frames = n,
-            "dropped a frame on the tasks topic"
-        );
-    }
-
-    /// Accepts only what the coordinator signed: the assignment's or pong's signature must
-    /// verify for this node (checked by the caller), under the pinned key. The first valid key
-    /// seen is pinned (trust on first use, like SSH's `known_hosts`) unless the operator wrote
-    /// one to `coordinator.pub` beforehand.
-    fn check_coordinator(&mut self, what: &str, key: [u8; 32]) -> Result<(), String> {
-        match &self.coordinator_key {
-            Some(pinned) if *pinned == key => Ok(()),
-            Some(pinned) => Err(format!(
-                "{what} signed by coordinator key {}, not the pinned {}; to trust a new coordinator, stop the agent and delete {}",
-                hex::encode(key),
-                hex::encode(pinned),
-                self.config.state_dir().join(COORDINATOR_KEY_FILE).display()
-            )),
-            None => {
-                let path = self.config.state_dir().join(COORDINATOR_KEY_FILE);
+            Action::Prepare { hash, payload } => {
+                let sandbox = self.reporter.sandbox.clone();
+                // `prepare` checks the size cap first, then the hash, then compiles and stores.
+                self.spawn(move || Done::Fetched {
+                    hash,
+                    result: sandbox.prepare(hash, &payload),
+                });
+            }
+            Action::Execute { job, module } => self.execute(job, module),
+            Action::Reject { job, error } => {
+                let reporter = self.reporter.clone();
+                self.spawn(move || {
+                    let run = Execution::rejected(&error);
+                    Done::Report(reporter.executed(&job, run, std::time::Instant::now()))
+                });
+            }
+            Action::Refuse {
+                key,
+                refusal,
+                admitted,
+            } => {
+                let reporter = self.reporter.clone();
+                self.spawn(move || Done::Report(reporter.refused(key, refusal, admitted)));
+            }
+            Action::Sample { running } => match self.sampler.take() {
+                Some(mut sampler) => self.spawn(move || {
+                    let reading = sampler.sample(running);
+                    Done::Sampled { sampler, reading }
+                }),
+                None => tracing::error!("a sample was asked for while one is being taken"),
+            },
+            Action::Sampled(sample) => {
+                self.metrics
+                    .sampled(sample.temp_millic, sample.tasks_running, sample.breaker);
+            }
+            Action::Outbox(op) => self.writer.send(op),
+            Action::PinKey(key) => {
+                let path = key_file(self.config.state_dir());
                 if let Err(e) = std::fs::write(&path, format!("{}\n", hex::encode(key))) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot store the coordinator's key; it is pinned until the agent stops");
                 }
                 tracing::info!(key = %hex::encode(key), path = %path.display(), "pinned the coordinator's key");
-                self.coordinator_key = Some(key);
-                Ok(())
             }
-        }
-    }
-
-    fn on_task_frame(&mut self, payload: Bytes, at: Instant) {
-        let envelope = match Envelope::decode(&payload) {
-            Ok(e) => e,
-            Err(e) => return self.drop_frame(&e.to_string()),
-        };
-        match envelope.message {
-            Message::Assign(a) => {
-                let input_hash = sha3_256(a.input);
-                let checked = a
-                    .verify(&self.node, &input_hash)
-                    .map_err(|e| format!("assignment signature: {e}"))
-                    .and_then(|()| self.check_coordinator("assignment", a.coordinator));
-                if let Err(why) = checked {
-                    return self.drop_frame(&why);
+            Action::Disconnect => {
+                if !self.publisher.disconnect() {
+                    return Some(Input::Closed);
                 }
-                let job = Job {
-                    task_id: a.task_id,
-                    attempt: a.attempt,
-                    module: a.module,
-                    abi: a.abi,
-                    entry: a.entry.as_str().to_owned(),
-                    limits: a.limits,
-                    input: payload.slice_ref(a.input),
-                    input_hash,
-                    probe: false,
-                };
-                self.on_assign(job);
             }
-            Message::Pong(p) => {
-                let checked = p
-                    .verify(&self.node)
-                    .map_err(|e| format!("pong signature: {e}"))
-                    .and_then(|()| self.check_coordinator("pong", p.coordinator));
-                if let Err(why) = checked {
-                    return self.drop_frame(&why);
-                }
-                let now = self.micros(at);
-                self.link.pong(p.nonce, now);
-            }
-            _ => self.drop_frame("not an assignment or a pong"),
+            Action::Finish => {}
         }
+        None
     }
 
-    fn on_assign(&mut self, mut job: Job) {
-        let key = job.key();
-        if let Some(seen) = self.dedup.get(&key).cloned() {
-            return self.on_duplicate(&key, seen);
-        }
-        self.dedup.start(key.clone());
-        if self.shutting_down {
-            return self.refuse(key, Refusal::ShuttingDown, false);
-        }
-        // Checked before the breaker, so a refused task never takes the half-open probe slot.
-        if self.slots_used >= self.max_concurrency {
-            return self.refuse(key, Refusal::Busy, false);
-        }
-        match self.breaker.admit(self.now_ms()) {
-            Admission::Admit => {}
-            Admission::Probe => job.probe = true,
-            Admission::Refuse(reason) => return self.refuse(key, Refusal::Breaker(reason), false),
-        }
-        self.slots_used += 1;
-        tracing::debug!(task = %job.task_id, attempt = job.attempt, module = %job.module, "task admitted");
-        self.start_job(job);
-    }
-
-    fn on_duplicate(&mut self, key: &TaskKey, seen: Seen) {
-        match seen {
-            Seen::Done { seq, .. } if self.outbox.contains_key(&seq) => {
-                tracing::debug!(task = %key.0, attempt = key.1, "duplicate assignment; its report is on its way");
-            }
-            Seen::Done {
-                report: Some(report),
-                ..
-            } => {
-                tracing::info!(task = %key.0, attempt = key.1, "duplicate assignment; resending its report");
-                self.publisher.publish(
-                    &self.topics.results,
-                    QoS::AtLeastOnce,
-                    false,
-                    report.to_vec(),
-                    None,
-                );
-            }
-            _ => {
-                self.duplicates += 1;
-                tracing::info!(task = %key.0, attempt = key.1, duplicates = self.duplicates, "dropped a duplicate assignment");
-            }
-        }
-    }
-
-    // --- modules and execution --------------------------------------------------------------
-
-    fn start_job(&mut self, job: Job) {
-        if let Some(module) = self.reporter.sandbox.cached(&job.module) {
-            return self.execute(job, module);
-        }
-        let hash = job.module;
-        if let Some(fetch) = self.fetches.get_mut(&hash) {
-            fetch.waiters.push(job);
-            return;
-        }
-        self.fetches.insert(
-            hash,
-            Fetch {
-                state: FetchState::Loading,
-                waiters: vec![job],
-            },
-        );
-        let sandbox = self.reporter.sandbox.clone();
+    fn spawn(&self, job: impl FnOnce() -> Done + Send + 'static) {
         let done = self.done_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let result = sandbox.load(&hash);
-            let _ = done.send(Done::Loaded { hash, result });
+            let _ = done.send(job());
         });
     }
 
-    fn on_module(&mut self, hash: Digest, payload: Bytes) {
-        let Some(fetch) = self.fetches.get_mut(&hash) else {
-            return;
-        };
-        if !matches!(fetch.state, FetchState::Fetching { .. }) {
-            return;
-        }
-        fetch.state = FetchState::Verifying;
-        self.publisher.unsubscribe(&topics::module(&hash));
-        let sandbox = self.reporter.sandbox.clone();
-        let done = self.done_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            // `prepare` checks the size cap first, then the hash, then compiles and stores.
-            let result = sandbox.prepare(hash, &payload);
-            let _ = done.send(Done::Fetched { hash, result });
-        });
-    }
-
-    fn next_fetch_deadline(&self) -> Option<Instant> {
-        self.fetches
-            .values()
-            .filter_map(|f| match f.state {
-                FetchState::Fetching { deadline } => Some(deadline),
-                _ => None,
-            })
-            .min()
-    }
-
-    fn expire_fetches(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<Digest> = self
-            .fetches
-            .iter()
-            .filter(
-                |(_, f)| matches!(f.state, FetchState::Fetching { deadline } if deadline <= now),
-            )
-            .map(|(h, _)| *h)
-            .collect();
-        for hash in expired {
-            self.publisher.unsubscribe(&topics::module(&hash));
-            if let Some(fetch) = self.fetches.remove(&hash) {
-                tracing::warn!(module = %hash, tasks = fetch.waiters.len(), "module did not arrive in time");
-                for job in fetch.waiters {
-                    self.refuse(job.key(), Refusal::ModuleUnavailable, true);
-                }
-            }
-        }
-    }
-
-    fn on_module_ready(&mut self, hash: Digest, result: Result<Arc<Prepared>, ExecError>) {
-        let Some(fetch) = self.fetches.remove(&hash) else {
-            return;
-        };
-        match result {
-            Ok(module) => {
-                for job in fetch.waiters {
-                    self.execute(job, module.clone());
-                }
-            }
-            Err(ExecError::HashMismatch { actual, .. }) => {
-                tracing::warn!(module = %hash, got = %actual, "module bytes do not match their hash");
-                for job in fetch.waiters {
-                    self.refuse(job.key(), Refusal::ModuleUnavailable, true);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(module = %hash, error = %e, "module rejected");
-                let error = Arc::new(e);
-                for job in fetch.waiters {
-                    self.reject(job, error.clone());
-                }
-            }
-        }
-    }
-
-    fn execute(&self, job: Job, module: Arc<Prepared>) {
+    fn execute(&self, job: Job, module: Module) {
         let reporter = self.reporter.clone();
-        let done = self.done_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        self.spawn(move || {
             let started = std::time::Instant::now();
             let seed = task_seed(&job.task_id, &job.input);
             let call = Call::new(job.abi, &job.entry, &job.input, job.limits, seed);
             let run = reporter.sandbox.execute(&module, &call);
-            let _ = done.send(Done::Report(reporter.executed(&job, run, started)));
+            Done::Report(reporter.executed(&job, run, started))
         });
-    }
-
-    fn reject(&self, job: Job, error: Arc<ExecError>) {
-        let reporter = self.reporter.clone();
-        let done = self.done_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let run = Execution::rejected(&error);
-            let _ = done.send(Done::Report(reporter.executed(
-                &job,
-                run,
-                std::time::Instant::now(),
-            )));
-        });
-    }
-
-    fn refuse(&self, key: TaskKey, refusal: Refusal, admitted: bool) {
-        tracing::info!(task = %key.0, attempt = key.1, ?refusal, "task refused");
-        let reporter = self.reporter.clone();
-        let done = self.done_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let _ = done.send(Done::Report(reporter.refused(key, refusal, admitted)));
-        });
-    }
-
-    // --- finished work ----------------------------------------------------------------------
-
-    fn on_done(&mut self, done: Done) {
-        match done {
-            Done::Report(f) => self.on_report(f),
-            Done::Loaded { hash, result } => match result {
-                Ok(Some(module)) => self.on_module_ready(hash, Ok(module)),
-                Ok(None) => self.fetch_from_broker(hash),
-                Err(e) => self.on_module_ready(hash, Err(e)),
-            },
-            Done::Fetched { hash, result } => self.on_module_ready(hash, result),
-            Done::Sampled { sampler, reading } => self.on_reading(sampler, reading),
-        }
-    }
-
-    fn fetch_from_broker(&mut self, hash: Digest) {
-        let Some(fetch) = self.fetches.get_mut(&hash) else {
-            return;
-        };
-        fetch.state = FetchState::Fetching {
-            deadline: Instant::now() + self.config.module_fetch_timeout(),
-        };
-        tracing::debug!(module = %hash, "fetching module from the broker");
-        // If the client's queue is full or we are offline, the subscription is made on the
-        // next connect; the deadline still holds.
-        self.publisher.subscribe(&topics::module(&hash));
-    }
-
-    fn on_report(&mut self, f: Finished) {
-        if f.admitted {
-            self.slots_used = self.slots_used.saturating_sub(1);
-        }
-        if let Some(succeeded) = f.outcome {
-            let now = self.now_ms();
-            if let Some(t) = self.breaker.record(now, succeeded) {
-                log_transition(t);
-            }
-        }
-        if let Some(exit) = f.exit {
-            self.metrics.executed(exit, f.fuel_used, f.elapsed);
-        }
-        match f.exit {
-            Some(exit) => tracing::info!(
-                task = %f.key.0,
-                attempt = f.key.1,
-                exit = exit.as_str(),
-                fuel = f.fuel_used,
-                ms = f.elapsed.as_millis() as u64,
-                "task finished"
-            ),
-            None => tracing::debug!(task = %f.key.0, attempt = f.key.1, "refusal stored"),
-        }
-        let seq = self.outbox_dir.reserve();
-        self.dedup.finish(f.key, seq, f.payload.clone());
-        self.outbox.insert(
-            seq,
-            Pending {
-                payload: f.payload,
-                queued: false,
-                stored: false,
-                made: Instant::now(),
-            },
-        );
-        self.metrics.outbox(self.outbox.len());
-        if self.connected {
-            self.send_reports();
-        } else {
-            self.store_reports(true);
-        }
-    }
-
-    // --- telemetry --------------------------------------------------------------------------
-
-    fn on_tick(&mut self) {
-        let Some(mut sampler) = self.sampler.take() else {
-            return;
-        };
-        let running = self.slots_used.min(u16::MAX as usize) as u16;
-        let done = self.done_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let reading = sampler.sample(running);
-            let _ = done.send(Done::Sampled { sampler, reading });
-        });
-    }
-
-    fn on_reading(&mut self, sampler: Box<Sampler>, reading: Reading) {
-        self.sampler = Some(sampler);
-        let (extra_latency, link_kbps) = self.link_offset.unwrap_or((0, u32::MAX));
-        let mut sample = TelemetrySample {
-            bandwidth_kbps: self.link.bandwidth_kbps().map(|b| b.min(link_kbps)),
-            latency_us: self
-                .link
-                .latency_us()
-                .map(|l| l.saturating_add(extra_latency)),
-            cpu_load_permille: reading.cpu_load_permille,
-            mem_free_bytes: reading.mem_free_bytes,
-            temp_millic: reading.temp_millic,
-            throttle: reading.throttle,
-            tasks_running: self.slots_used.min(u16::MAX as usize) as u16,
-            simulated: self.simulated,
-            ..TelemetrySample::default()
-        };
-        #[cfg(feature = "fault-injection")]
-        self.reporter.faults.boast(&mut sample);
-        let now = self.now_ms();
-        if let Some(t) = self.breaker.observe(now, &sample) {
-            log_transition(t);
-        }
-        sample.errors = self.breaker.errors();
-        sample.breaker = self.breaker.state();
-        self.metrics
-            .sampled(sample.temp_millic, sample.tasks_running, sample.breaker);
-        self.metrics.outbox(self.outbox.len());
-        tracing::debug!(
-            ?sample,
-            dropped_frames = self.dropped.load(Ordering::Relaxed),
-            duplicates = self.duplicates,
-            "telemetry"
-        );
-        if !self.connected {
-            return;
-        }
-        let telemetry = Telemetry {
-            node: self.node,
-            seq: self.telemetry_seq,
-            boot_id: self.boot_id,
-            sample,
-        };
-        self.telemetry_seq += 1;
-        match sign_message(&self.identity, SignedTelemetry::TAG, &telemetry) {
-            Ok(signature) => {
-                let frame = Envelope::new(Message::Telemetry(SignedTelemetry {
-                    telemetry,
-                    signature,
-                }))
-                .to_vec();
-                self.publisher
-                    .publish(&self.topics.telemetry, QoS::AtMostOnce, false, frame, None);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot sign telemetry"),
-        }
-        self.ticks += 1;
-        let every = u64::from(self.config.bandwidth_probe_every());
-        // The first ping is small (latency first); then every `every` intervals a large one.
-        let padding = if self.ticks % every == 2 % every {
-            vec![0u8; LARGE_PADDING]
-        } else {
-            Vec::new()
-        };
-        let nonce = self.link.ping(self.micros(Instant::now()), padding.len());
-        let ping = Envelope::new(Message::Ping(Ping {
-            node: self.node,
-            nonce,
-            padding: &padding,
-        }))
-        .to_vec();
-        self.publisher
-            .publish(&self.topics.telemetry, QoS::AtMostOnce, false, ping, None);
     }
 }
 
-fn log_transition(t: Transition) {
-    match t.reason {
-        Some(reason) => {
-            tracing::warn!(from = ?t.from, to = ?t.to, %reason, "breaker opened: not taking tasks")
-        }
-        None => tracing::info!(from = ?t.from, to = ?t.to, "breaker changed state"),
-    }
-}
-
-/// What a run says about this device's health, for its own breaker. A task that traps, runs
-/// out of fuel or memory, exits with a status or is refused did what its program does, the
-/// same on every node: counting it as a device error would let any client open healthy
-/// nodes' breakers by submitting failing tasks. A run stopped by the wall clock says nothing
-/// either way (a slow board, or a task that asked for more than its time allows).
-fn device_outcome(exit: Exit) -> Option<bool> {
-    match exit {
-        Exit::TimedOut => None,
-        _ => Some(true),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failing_program_is_no_device_error_and_a_timeout_counts_neither_way() {
-        for exit in [
-            Exit::Ok,
-            Exit::Trapped,
-            Exit::OutOfFuel,
-            Exit::OutOfMemory,
-            Exit::ExitStatus(1),
-            Exit::Rejected,
-        ] {
-            assert_eq!(device_outcome(exit), Some(true), "{exit:?}");
-        }
-        assert_eq!(device_outcome(Exit::TimedOut), None);
-    }
+fn key_file(state_dir: &Path) -> PathBuf {
+    state_dir.join(COORDINATOR_KEY_FILE)
 }

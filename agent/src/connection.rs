@@ -7,7 +7,6 @@
 //! uses `try_*` calls, so a broker outage never stalls the caller either; what could not be
 //! queued is retried after the next connect.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -203,7 +202,8 @@ pub(crate) struct Driver {
     /// A fresh username and password for each connection attempt; `None` when the broker URL
     /// names an account.
     pub login: Option<Box<dyn Fn() -> (String, String) + Send>>,
-    pub dropped: Arc<AtomicU64>,
+    /// Frames dropped because the agent's channel was full.
+    pub dropped: u64,
     pub stop: CancellationToken,
 }
 
@@ -285,7 +285,7 @@ impl Driver {
         }
     }
 
-    fn route(&self, topic: String, payload: Bytes) {
+    fn route(&mut self, topic: String, payload: Bytes) {
         let frame = if topic == self.tasks_topic {
             Inbound::Tasks {
                 payload,
@@ -298,8 +298,8 @@ impl Driver {
             return;
         };
         if self.inbound.try_send(frame).is_err() {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(%topic, dropped_frames = n, "agent is saturated, dropping an incoming frame");
+            self.dropped += 1;
+            tracing::warn!(%topic, dropped_frames = self.dropped, "agent is saturated, dropping an incoming frame");
         }
     }
 

@@ -13,6 +13,7 @@ mod error;
 pub mod fault;
 mod link;
 mod metrics;
+mod node;
 mod outbox;
 mod profile;
 mod telemetry;

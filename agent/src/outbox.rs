@@ -20,7 +20,6 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -34,11 +33,10 @@ pub(crate) const WRITE_AFTER: Duration = Duration::from_secs(1);
 /// Reports found on disk at start: sequence number and frame, oldest first.
 pub(crate) type Stored = Vec<(u64, Vec<u8>)>;
 
-/// The outbox directory and the next sequence number.
+/// The outbox directory. Sequence numbers are the node's to hand out (after the last stored).
 #[derive(Debug)]
 pub(crate) struct OutboxDir {
     dir: PathBuf,
-    next: AtomicU64,
 }
 
 impl OutboxDir {
@@ -69,11 +67,9 @@ impl OutboxDir {
             }
         }
         stored.sort_by_key(|(seq, _)| *seq);
-        let next = stored.last().map_or(0, |(seq, _)| seq + 1);
         Ok((
             Self {
                 dir: dir.to_owned(),
-                next: AtomicU64::new(next),
             },
             stored,
         ))
@@ -81,11 +77,6 @@ impl OutboxDir {
 
     fn path(&self, seq: u64, ext: &str) -> PathBuf {
         self.dir.join(format!("{seq:020}.{ext}"))
-    }
-
-    /// The next report's sequence number.
-    pub fn reserve(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Stores `payload` durably under `seq`.
@@ -207,17 +198,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (outbox, stored) = OutboxDir::open(dir.path()).unwrap();
         assert!(stored.is_empty());
-        let [a, b, c] = [0; 3].map(|_| outbox.reserve());
+        let [a, b, c] = [0, 1, 2];
         outbox.write(a, b"first").unwrap();
         outbox.write(b, b"second").unwrap();
         outbox.write(c, b"third").unwrap();
         outbox.remove(b);
         fs::write(dir.path().join("00000000000000000099.tmp"), b"half").unwrap();
 
-        let (reopened, stored) = OutboxDir::open(dir.path()).unwrap();
+        let (_, stored) = OutboxDir::open(dir.path()).unwrap();
         assert_eq!(stored, vec![(a, b"first".to_vec()), (c, b"third".to_vec())]);
         assert!(!dir.path().join("00000000000000000099.tmp").exists());
-        assert!(reopened.reserve() > c);
     }
 
     #[test]
@@ -234,7 +224,7 @@ mod tests {
         let (outbox, _) = OutboxDir::open(dir.path()).unwrap();
         let outbox = Arc::new(outbox);
         let mut writer = Writer::spawn(outbox.clone()).unwrap();
-        let [a, b] = [0; 2].map(|_| outbox.reserve());
+        let [a, b] = [0, 1];
         writer.send(Op::Write(a, Bytes::from_static(b"kept")));
         writer.send(Op::Write(b, Bytes::from_static(b"delivered")));
         writer.send(Op::Remove(b));
