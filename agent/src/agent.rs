@@ -2,8 +2,9 @@
 //! MQTT connection, metrics, sampler), then turns every event (connection events, incoming
 //! frames, finished blocking jobs, timers, shutdown) into an input of the [`Node`] state
 //! machine and performs the actions it returns. Anything slow (sampling, hashing, compiling,
-//! executing, signing, fsync) runs on the blocking pool or the outbox writer and comes back as
-//! a [`Done`] message; the MQTT event loop runs in its own task (see `connection`).
+//! executing, signing, fsync) runs on the blocking pool or the outbox writer; what it finds
+//! comes back as the node's next input. The MQTT event loop runs in its own task (see
+//! `connection`).
 
 use std::future::Future;
 use std::num::NonZeroU64;
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_core::{
-    Announce, Digest, Envelope, Identity, MAX_LABELS, MAX_MESSAGE_LEN, Message, NodeId, Receipt,
-    Refusal, Report, ReportBody, SignedAnnounce, SignedRefusal, sha3_256, sign_message, topics,
+    Announce, Envelope, Identity, MAX_LABELS, MAX_MESSAGE_LEN, Message, NodeId, Receipt, Refusal,
+    Report, ReportBody, SignedAnnounce, SignedRefusal, sha3_256, sign_message, topics,
 };
 use bytes::Bytes;
 use rand::Rng as _;
@@ -35,7 +36,7 @@ use crate::node::{
     refusal_outcome,
 };
 use crate::outbox::{OutboxDir, Writer};
-use crate::telemetry::{Reading, Sampler};
+use crate::telemetry::Sampler;
 
 /// Frames waiting for the agent before the event loop starts dropping them.
 const INBOUND_CAPACITY: usize = 256;
@@ -245,35 +246,15 @@ fn fixed<const N: usize>(s: &str) -> heapless::String<N> {
     out
 }
 
-/// What a blocking job hands back.
-enum Done {
-    /// A report was built and signed.
-    Report(Finished),
-    /// A module lookup in memory and on disk ended.
-    Loaded {
-        hash: Digest,
-        result: Result<Option<Module>, ExecError>,
-    },
-    /// A fetched module was verified and compiled (or not).
-    Fetched {
-        hash: Digest,
-        result: Result<Module, ExecError>,
-    },
-    /// A telemetry reading.
-    Sampled {
-        sampler: Box<Sampler>,
-        reading: Reading,
-    },
-}
-
 /// A compiled module, as the node passes it around.
 type Module = Arc<Prepared>;
 
-/// Everything a blocking job needs to build a report.
+/// Everything a blocking job needs to build a report, and the metrics it counts runs in.
 struct Reporter {
     identity: Arc<Identity>,
     node: NodeId,
     sandbox: Arc<dyn Sandbox>,
+    metrics: Arc<Metrics>,
     #[cfg(feature = "fault-injection")]
     faults: crate::fault::Faults,
 }
@@ -313,6 +294,8 @@ impl Reporter {
             },
         };
         let payload = Envelope::new(Message::Report(report)).to_vec();
+        let elapsed = started.elapsed();
+        self.metrics.executed(run.exit, run.fuel_used, elapsed);
         Finished {
             key: job.key(),
             admitted: true,
@@ -320,7 +303,7 @@ impl Reporter {
             payload: payload.into(),
             exit: Some(run.exit),
             fuel_used: run.fuel_used,
-            elapsed: started.elapsed(),
+            elapsed,
         }
     }
 
@@ -376,12 +359,13 @@ struct Agent {
     publisher: Publisher,
     topics: Topics,
     writer: Writer,
-    /// `None` while a sample is being taken.
-    sampler: Option<Box<Sampler>>,
+    /// Taken by one blocking job at a time (the node asks for one sample at a time).
+    sampler: Arc<std::sync::Mutex<Sampler>>,
     conn_rx: mpsc::UnboundedReceiver<ConnEvent>,
     inbound_rx: mpsc::Receiver<Inbound>,
-    done_tx: mpsc::UnboundedSender<Done>,
-    done_rx: mpsc::UnboundedReceiver<Done>,
+    /// What blocking jobs found: the node's next inputs.
+    done_tx: mpsc::UnboundedSender<Input<Module>>,
+    done_rx: mpsc::UnboundedReceiver<Input<Module>>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     driver: JoinHandle<()>,
@@ -490,13 +474,14 @@ impl Agent {
                 identity: p.identity,
                 node,
                 sandbox: p.sandbox,
+                metrics: p.metrics.clone(),
                 #[cfg(feature = "fault-injection")]
                 faults: p.config.faults().clone(),
             }),
             publisher: p.publisher,
             topics: Topics::new(&node),
             writer: p.writer,
-            sampler: Some(Box::new(p.sampler)),
+            sampler: Arc::new(std::sync::Mutex::new(p.sampler)),
             conn_rx: p.conn_rx,
             inbound_rx: p.inbound_rx,
             done_tx,
@@ -528,7 +513,7 @@ impl Agent {
                     Inbound::Tasks { payload, at } => (at, Input::Tasks(payload)),
                     Inbound::Module { hash, payload } => (Instant::now(), Input::Module { hash, payload }),
                 },
-                Some(done) = self.done_rx.recv() => (Instant::now(), self.on_done(done)),
+                Some(done) = self.done_rx.recv() => (Instant::now(), done),
                 _ = telemetry.tick(), if running => (Instant::now(), Input::Tick),
                 _ = retry.tick() => (Instant::now(), Input::Retry),
                 () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => (Instant::now(), Input::Timer),
@@ -578,23 +563,6 @@ impl Agent {
         }
     }
 
-    fn on_done(&mut self, done: Done) -> Input<Module> {
-        match done {
-            Done::Report(f) => {
-                if let Some(exit) = f.exit {
-                    self.metrics.executed(exit, f.fuel_used, f.elapsed);
-                }
-                Input::Finished(f)
-            }
-            Done::Loaded { hash, result } => Input::Loaded { hash, result },
-            Done::Fetched { hash, result } => Input::Prepared { hash, result },
-            Done::Sampled { sampler, reading } => {
-                self.sampler = Some(sampler);
-                Input::Reading(reading)
-            }
-        }
-    }
-
     /// Does what the node decided; returns the node's answer where there is one.
     fn perform(&mut self, action: Action<Module>) -> Option<Input<Module>> {
         match action {
@@ -628,7 +596,7 @@ impl Agent {
             },
             Action::Load(hash) => {
                 let sandbox = self.reporter.sandbox.clone();
-                self.spawn(move || Done::Loaded {
+                self.spawn(move || Input::Loaded {
                     hash,
                     result: sandbox.load(&hash),
                 });
@@ -636,7 +604,7 @@ impl Agent {
             Action::Prepare { hash, payload } => {
                 let sandbox = self.reporter.sandbox.clone();
                 // `prepare` checks the size cap first, then the hash, then compiles and stores.
-                self.spawn(move || Done::Fetched {
+                self.spawn(move || Input::Prepared {
                     hash,
                     result: sandbox.prepare(hash, &payload),
                 });
@@ -646,7 +614,7 @@ impl Agent {
                 let reporter = self.reporter.clone();
                 self.spawn(move || {
                     let run = Execution::rejected(&error);
-                    Done::Report(reporter.executed(&job, run, std::time::Instant::now()))
+                    Input::Finished(reporter.executed(&job, run, std::time::Instant::now()))
                 });
             }
             Action::Refuse {
@@ -655,15 +623,16 @@ impl Agent {
                 admitted,
             } => {
                 let reporter = self.reporter.clone();
-                self.spawn(move || Done::Report(reporter.refused(key, refusal, admitted)));
+                self.spawn(move || Input::Finished(reporter.refused(key, refusal, admitted)));
             }
-            Action::Sample { running } => match self.sampler.take() {
-                Some(mut sampler) => self.spawn(move || {
-                    let reading = sampler.sample(running);
-                    Done::Sampled { sampler, reading }
-                }),
-                None => tracing::error!("a sample was asked for while one is being taken"),
-            },
+            Action::Sample { running } => {
+                let sampler = self.sampler.clone();
+                // Uncontended: the node asks for the next sample only after this one's reading.
+                self.spawn(move || {
+                    let mut sampler = sampler.lock().unwrap_or_else(|p| p.into_inner());
+                    Input::Reading(sampler.sample(running))
+                });
+            }
             Action::Sampled(sample) => {
                 self.metrics
                     .sampled(sample.temp_millic, sample.tasks_running, sample.breaker);
@@ -686,7 +655,7 @@ impl Agent {
         None
     }
 
-    fn spawn(&self, job: impl FnOnce() -> Done + Send + 'static) {
+    fn spawn(&self, job: impl FnOnce() -> Input<Module> + Send + 'static) {
         let done = self.done_tx.clone();
         tokio::task::spawn_blocking(move || {
             let _ = done.send(job());
@@ -700,7 +669,7 @@ impl Agent {
             let seed = task_seed(&job.task_id, &job.input);
             let call = Call::new(job.abi, &job.entry, &job.input, job.limits, seed);
             let run = reporter.sandbox.execute(&module, &call);
-            Done::Report(reporter.executed(&job, run, started))
+            Input::Finished(reporter.executed(&job, run, started))
         });
     }
 }

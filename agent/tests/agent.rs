@@ -1,4 +1,5 @@
-//! An agent against a real broker (a private mosquitto), with the test playing the coordinator.
+//! An agent against a real broker (the embedded one; mosquitto where the broker restarts), with
+//! the test playing the coordinator.
 
 mod common;
 
@@ -11,6 +12,22 @@ use ambient_core::{
     verify_message, verify_receipt,
 };
 use common::*;
+
+/// What must outlive a test: its broker and its state directory.
+type Keep = (EmbeddedBroker, tempfile::TempDir);
+
+/// The usual setup: a state directory, the embedded broker, the test coordinator, and one agent
+/// (configured by `tweak`) that has announced itself.
+async fn rig(
+    tweak: impl FnOnce(&mut ambient_agent::AgentConfig),
+) -> (Coordinator, RunningAgent, SignedAnnounce, Keep) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker().await;
+    let mut coord = Coordinator::connect(&broker.url(), "coord").await;
+    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), tweak);
+    let announce = announce_of(&mut coord, &agent.node).await;
+    (coord, agent, announce, (broker, dir))
+}
 
 fn leaf(node: &NodeId, seen: &Seen) -> Option<topics::NodeTopic> {
     match topics::parse_node(&seen.topic) {
@@ -82,7 +99,7 @@ fn executed(body: ReportBody<'static>) -> (SignedReceipt, &'static [u8], String)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_comes_online_announces_itself_and_signs_its_telemetry() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
+    let broker = broker().await;
     let mut coord = Coordinator::connect(&broker.url(), "coord-announce").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
         c.set_simulate(Profile::Pi5)
@@ -159,12 +176,8 @@ async fn an_agent_comes_online_announces_itself_and_signs_its_telemetry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assignment_is_fetched_executed_and_reported_with_a_receipt_that_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-exec").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
+    let (mut coord, agent, announce, _keep) = rig(|_| {}).await;
     let node = agent.node;
-    let announce = announce_of(&mut coord, &node).await;
 
     let module = wasm(REVERSE_WAT);
     let hash = coord.publish_module(&module).await;
@@ -206,15 +219,8 @@ async fn an_assignment_is_fetched_executed_and_reported_with_a_receipt_that_veri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_digits_module_classifies_over_mqtt() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks/modules/digits.wasm");
-    let module =
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{} is committed: {e}", path.display()));
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-digits").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
-    announce_of(&mut coord, &agent.node).await;
+    let module = ambient_agent::calibrate::DIGITS_WASM;
+    let (mut coord, agent, _, _keep) = rig(|_| {}).await;
     let hash = coord.publish_module(&module).await;
     let images: Vec<u8> = ambient_digits::heldout()
         .take(20)
@@ -241,11 +247,7 @@ async fn the_digits_module_classifies_over_mqtt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn module_bytes_that_do_not_match_their_hash_make_the_module_unavailable() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-mismatch").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
-    announce_of(&mut coord, &agent.node).await;
+    let (mut coord, agent, _, _keep) = rig(|_| {}).await;
     let claimed = sha3_256(&wasm(REVERSE_WAT));
     coord.publish_module_as(claimed, &wasm(SPIN_WAT)).await;
     coord
@@ -271,13 +273,10 @@ async fn module_bytes_that_do_not_match_their_hash_make_the_module_unavailable()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_that_never_arrives_is_unavailable_after_the_fetch_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-missing").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
+    let (mut coord, agent, _, _keep) = rig(|c| {
         c.set_module_fetch_timeout(Duration::from_millis(300));
-    });
-    announce_of(&mut coord, &agent.node).await;
+    })
+    .await;
     let nowhere = sha3_256(b"a module nobody published");
     // Two tasks waiting on the same module share one fetch and both get an answer.
     coord
@@ -325,13 +324,10 @@ async fn a_module_that_never_arrives_is_unavailable_after_the_fetch_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_module_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-oversize").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
+    let (mut coord, agent, _, _keep) = rig(|c| {
         c.sandbox_mut().max_module_bytes = 64;
-    });
-    announce_of(&mut coord, &agent.node).await;
+    })
+    .await;
     let hash = coord.publish_module(&wasm(REVERSE_WAT)).await;
     coord
         .assign(
@@ -349,12 +345,8 @@ async fn an_oversize_module_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_on_the_tasks_topic_are_dropped_and_the_agent_keeps_working() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-garbage").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
+    let (mut coord, agent, _, _keep) = rig(|_| {}).await;
     let node = agent.node;
-    announce_of(&mut coord, &node).await;
 
     let pong = ambient_core::Pong::sign(&coordinator_identity(), &node, 1);
     let mut wrong_version = Envelope::new(Message::Pong(pong)).to_vec();
@@ -421,11 +413,7 @@ fn announce_of_self(node: &NodeId) -> SignedAnnounce {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_assignment_gets_the_stored_report_instead_of_a_second_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-dup").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
-    announce_of(&mut coord, &agent.node).await;
+    let (mut coord, agent, _, _keep) = rig(|_| {}).await;
     let hash = coord.publish_module(&wasm(REVERSE_WAT)).await;
     let a = assignment("dup", hash, Abi::Plain, "reverse", b"once", small_limits());
     coord.assign(&agent.node, &a).await;
@@ -439,13 +427,10 @@ async fn a_duplicate_assignment_gets_the_stored_report_instead_of_a_second_run()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assignment_beyond_the_concurrency_limit_is_refused_as_busy() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-busy").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
+    let (mut coord, agent, _, _keep) = rig(|c| {
         c.set_max_concurrency(1);
-    });
-    announce_of(&mut coord, &agent.node).await;
+    })
+    .await;
     let hash = coord.publish_module(&wasm(SPIN_WAT)).await;
     let long = Limits {
         timeout_ms: 1_500,
@@ -476,10 +461,7 @@ async fn an_assignment_beyond_the_concurrency_limit_is_refused_as_busy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_breaker_refuses_work_with_its_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-breaker").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |c| {
+    let (mut coord, agent, _, _keep) = rig(|c| {
         // A Pi 4 idles around 50 °C: a 30 °C limit keeps the breaker open.
         let policy = ambient_core::SafetyPolicy {
             max_temp_millic: 30_000,
@@ -487,8 +469,8 @@ async fn an_open_breaker_refuses_work_with_its_reason() {
             ..Profile::Pi4.safety_policy()
         };
         c.set_simulate(Profile::Pi4).set_safety_policy(policy);
-    });
-    announce_of(&mut coord, &agent.node).await;
+    })
+    .await;
     let node = agent.node;
     coord
         .expect("telemetry with an open breaker", |s| {
@@ -528,7 +510,7 @@ async fn an_open_breaker_refuses_work_with_its_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_its_node_id_and_says_offline_when_it_stops() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
+    let broker = broker().await;
     let mut coord = Coordinator::connect(&broker.url(), "coord-restart").await;
     let state = dir.path().join("agent");
     let agent = RunningAgent::start(&broker.url(), &state, |_| {});
@@ -550,7 +532,8 @@ async fn a_restarted_agent_keeps_its_node_id_and_says_offline_when_it_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_made_while_the_broker_is_down_is_delivered_after_it_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = broker();
+    // Mosquitto: the test stops the broker and starts it again with the sessions it saved.
+    let mut broker = mosquitto();
     let mut coord = Coordinator::connect(&broker.url(), "coord-outage").await;
     let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
     let node = agent.node;
@@ -600,7 +583,7 @@ async fn a_report_made_while_the_broker_is_down_is_delivered_after_it_returns() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_left_in_the_outbox_by_a_previous_run_is_sent_on_start() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
+    let broker = broker().await;
     let mut coord = Coordinator::connect(&broker.url(), "coord-leftover").await;
     let state = dir.path().join("agent");
     let identity = ambient_agent::load_identity(&state).unwrap();
@@ -636,11 +619,7 @@ async fn a_wasi_task_reads_stdin_and_writes_stdout_over_mqtt() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tasks/modules/wasi-upper.wasm");
     let module =
         std::fs::read(&path).unwrap_or_else(|e| panic!("{} is committed: {e}", path.display()));
-    let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
-    let mut coord = Coordinator::connect(&broker.url(), "coord-wasi").await;
-    let agent = RunningAgent::start(&broker.url(), &dir.path().join("agent"), |_| {});
-    announce_of(&mut coord, &agent.node).await;
+    let (mut coord, agent, _, _keep) = rig(|_| {}).await;
     let hash = coord.publish_module(&module).await;
     coord
         .assign(
@@ -663,7 +642,7 @@ async fn a_wasi_task_reads_stdin_and_writes_stdout_over_mqtt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_assignments_signed_by_the_pinned_coordinator_run() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
+    let broker = broker().await;
     let mut coord = Coordinator::connect(&broker.url(), "coord-pinned").await;
     let state = dir.path().join("agent");
     let agent = RunningAgent::start(&broker.url(), &state, |c| {

@@ -109,7 +109,7 @@ fn help_has_examples() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_joins_the_broker_and_says_offline_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = broker();
+    let broker = broker().await;
     let mut coord = Coordinator::connect(&broker.url(), "coord-cli").await;
     let state = dir.path().join("agent");
     let node = ambient_agent::load_identity(&state).unwrap().node_id();
@@ -253,7 +253,8 @@ async fn the_binary_connects_over_tls_trusting_the_system_roots() {
         "listener {tls_port} 127.0.0.1\ncafile {0}/ca.crt\ncertfile {0}/srv.crt\nkeyfile {0}/srv.key\n",
         d.display()
     );
-    let broker = broker_with(&extra);
+    // Mosquitto, for its TLS listener with a certificate made by openssl.
+    let broker = mosquitto_with(&extra);
     let mut coord = Coordinator::connect(&broker.url(), "coord-tls").await;
     let state = d.join("agent");
     let node = ambient_agent::load_identity(&state).unwrap().node_id();

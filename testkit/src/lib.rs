@@ -1,5 +1,6 @@
 //! What the tests and `ambient bench` share, in one place: a private mosquitto on a free
-//! loopback port, free ports, and the small WebAssembly modules they run ([`wat`]).
+//! loopback port ([`Mosquitto`]), the embedded broker on one ([`EmbeddedBroker`]), free ports,
+//! and the small WebAssembly modules they run ([`wat`]).
 //!
 //! ```no_run
 //! let broker = ambient_testkit::Mosquitto::builder().persistent().start()?;
@@ -10,6 +11,10 @@
 //! A test that needs mosquitto uses [`Mosquitto::required`]: it fails, never skips, where
 //! mosquitto is not installed. `AMBIENT_TEST_LOGS=1` makes mosquitto log everything to
 //! [`Mosquitto::log`], which a failed start includes in its error.
+
+mod embedded;
+
+pub use embedded::EmbeddedBroker;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,4 +1,6 @@
-//! Test harness: a private mosquitto, a test client playing the coordinator, an agent in-process.
+//! Test harness: a broker (the embedded one, or a private mosquitto where a test needs to stop
+//! and restart it, or its TLS listener), a test client playing the coordinator, an agent
+//! in-process.
 
 #![allow(dead_code)]
 
@@ -21,12 +23,17 @@ use tokio_util::sync::CancellationToken;
 pub const WAIT: Duration = Duration::from_secs(20);
 
 #[allow(unused_imports)]
-pub use ambient_testkit::{Mosquitto, free_port};
+pub use ambient_testkit::{EmbeddedBroker, Mosquitto, free_port};
+
+/// The embedded broker, the one `ambient coordinator` runs, on a free port.
+pub async fn broker() -> EmbeddedBroker {
+    EmbeddedBroker::start().await
+}
 
 /// A mosquitto of the test's own, persistent so sessions survive [`Mosquitto::restart`].
 /// `extra` adds mosquitto.conf lines (a second listener). Fails the test, never skips it,
 /// where mosquitto is not installed.
-pub fn broker_with(extra: &str) -> Mosquitto {
+pub fn mosquitto_with(extra: &str) -> Mosquitto {
     Mosquitto::builder()
         .persistent()
         .settings(&format!("allow_anonymous true\n{extra}"))
@@ -34,9 +41,9 @@ pub fn broker_with(extra: &str) -> Mosquitto {
         .unwrap_or_else(|e| panic!("this test needs mosquitto: {e}"))
 }
 
-/// [`broker_with`] no extra lines.
-pub fn broker() -> Mosquitto {
-    broker_with("")
+/// [`mosquitto_with`] no extra lines.
+pub fn mosquitto() -> Mosquitto {
+    mosquitto_with("")
 }
 
 /// A message seen by the test client.
