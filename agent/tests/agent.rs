@@ -221,7 +221,7 @@ async fn an_assignment_is_fetched_executed_and_reported_with_a_receipt_that_veri
 async fn the_digits_module_classifies_over_mqtt() {
     let module = ambient_agent::calibrate::DIGITS_WASM;
     let (mut coord, agent, _, _keep) = rig(|_| {}).await;
-    let hash = coord.publish_module(&module).await;
+    let hash = coord.publish_module(module).await;
     let images: Vec<u8> = ambient_digits::heldout()
         .take(20)
         .flat_map(|(img, _)| img.iter().copied())
