@@ -371,6 +371,8 @@ struct Agent {
     driver: JoinHandle<()>,
     /// The connection task has ended.
     driver_ended: bool,
+    /// A report could not be queued in this turn.
+    reports_blocked: bool,
 }
 
 struct Topics {
@@ -490,6 +492,7 @@ impl Agent {
             stop: p.stop,
             driver: p.driver,
             driver_ended: false,
+            reports_blocked: false,
             config: p.config,
         }
     }
@@ -523,10 +526,19 @@ impl Agent {
                 }
             };
             let now = now.into_std();
+            if matches!(input, Input::Closed) {
+                // Acknowledgements the connection passed on before it ended count first, so
+                // delivered reports are not written to disk.
+                while let Ok(event) = self.conn_rx.try_recv() {
+                    let event = self.on_connection(event);
+                    self.node.handle(now, event, &mut actions);
+                }
+            }
             self.node.handle(now, input, &mut actions);
             // Performing an action may answer with an input at once (a queue that is full, a
             // module not in memory): handle it in the same turn.
             let mut finished = false;
+            self.reports_blocked = false;
             while !actions.is_empty() {
                 for action in std::mem::take(&mut actions) {
                     finished |= matches!(action, Action::Finish);
@@ -573,13 +585,21 @@ impl Agent {
                 payload,
                 report,
             } => {
+                // Once the client's queue refused a report, the rest of this turn's wait for
+                // the next retry too, oldest first, without copying them for nothing.
+                if report.is_some() && self.reports_blocked {
+                    return report.map(Input::Unqueued);
+                }
                 let topic = self.topics.get(leaf);
                 let queued = self
                     .publisher
                     .publish(topic, qos, retain, payload.to_vec(), report);
                 // The node resends a report it was told was not queued; anything else is
                 // sent again by the next connect, tick or duplicate assignment.
-                return report.filter(|_| !queued).map(Input::Unqueued);
+                if !queued && report.is_some() {
+                    self.reports_blocked = true;
+                    return report.map(Input::Unqueued);
+                }
             }
             Action::SubscribeTasks => {
                 self.publisher.subscribe(&self.topics.tasks);
@@ -638,12 +658,15 @@ impl Agent {
                     .sampled(sample.temp_millic, sample.tasks_running, sample.breaker);
             }
             Action::Outbox(op) => self.writer.send(op),
-            Action::PinKey(key) => {
-                let path = key_file(self.config.state_dir());
-                if let Err(e) = std::fs::write(&path, format!("{}\n", hex::encode(key))) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot store the coordinator's key; it is pinned until the agent stops");
+            Action::PinKey { key, file } => {
+                match std::fs::write(&file, format!("{}\n", hex::encode(key))) {
+                    Ok(()) => {
+                        tracing::info!(key = %hex::encode(key), path = %file.display(), "pinned the coordinator's key")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %file.display(), error = %e, "cannot store the coordinator's key; it is pinned until the agent stops")
+                    }
                 }
-                tracing::info!(key = %hex::encode(key), path = %path.display(), "pinned the coordinator's key");
             }
             Action::Disconnect => {
                 if !self.publisher.disconnect() {

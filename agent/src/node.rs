@@ -98,8 +98,6 @@ pub(crate) struct Job {
     pub input: Bytes,
     /// sha3-256 of `input`: checked against the coordinator's signature, then in the receipt.
     pub input_hash: Digest,
-    /// The half-open breaker's single probe.
-    pub probe: bool,
 }
 
 impl Job {
@@ -216,8 +214,11 @@ pub(crate) enum Action<M> {
     Sampled(TelemetrySample),
     /// Write or delete a report on disk.
     Outbox(Op),
-    /// Store the coordinator key just pinned.
-    PinKey([u8; 32]),
+    /// Store the coordinator key just pinned in `file`.
+    PinKey {
+        key: [u8; 32],
+        file: PathBuf,
+    },
     /// Disconnect from the broker: answer [`Input::Closed`] when the connection ends.
     Disconnect,
     /// Shutdown is over: stop the connection and close the outbox.
@@ -282,6 +283,8 @@ pub(crate) struct Node<M> {
     phase: Phase,
     connected: bool,
     breaker: Breaker,
+    /// The half-open breaker's single probe, while it runs.
+    probe: Option<TaskKey>,
     dedup: Dedup,
     slots_used: usize,
     coordinator_key: Option<[u8; 32]>,
@@ -314,7 +317,12 @@ pub(crate) struct Start {
 
 impl<M: Clone> Node<M> {
     pub fn new(settings: Settings, start: Start, now: Instant) -> Self {
-        let next_seq = start.stored.last().map_or(0, |(seq, _)| seq + 1);
+        let next_seq = start
+            .stored
+            .iter()
+            .map(|(seq, _)| seq + 1)
+            .max()
+            .unwrap_or(0);
         let outbox = start
             .stored
             .into_iter()
@@ -336,6 +344,7 @@ impl<M: Clone> Node<M> {
             phase: Phase::Running,
             connected: false,
             breaker: Breaker::new(settings.safety),
+            probe: None,
             dedup: Dedup::new(settings.dedup_capacity, REPORT_MEMORY),
             slots_used: 0,
             coordinator_key: start.coordinator_key,
@@ -616,7 +625,8 @@ impl<M: Clone> Node<M> {
             )),
             None => {
                 self.coordinator_key = Some(key);
-                out.push(Action::PinKey(key));
+                let file = self.settings.key_file.clone();
+                out.push(Action::PinKey { key, file });
                 Ok(())
             }
         }
@@ -646,7 +656,6 @@ impl<M: Clone> Node<M> {
                     limits: a.limits,
                     input: payload.slice_ref(a.input),
                     input_hash,
-                    probe: false,
                 };
                 self.on_assign(now, job, out);
             }
@@ -664,7 +673,7 @@ impl<M: Clone> Node<M> {
         }
     }
 
-    fn on_assign(&mut self, now: Instant, mut job: Job, out: &mut Vec<Action<M>>) {
+    fn on_assign(&mut self, now: Instant, job: Job, out: &mut Vec<Action<M>>) {
         let key = job.key();
         if let Some(seen) = self.dedup.get(&key).cloned() {
             return self.on_duplicate(&key, seen, out);
@@ -679,7 +688,7 @@ impl<M: Clone> Node<M> {
         }
         match self.breaker.admit(self.now_ms(now)) {
             Admission::Admit => {}
-            Admission::Probe => job.probe = true,
+            Admission::Probe => self.probe = Some(key),
             Admission::Refuse(reason) => return refuse(key, Refusal::Breaker(reason), false, out),
         }
         self.slots_used += 1;
@@ -814,10 +823,20 @@ impl<M: Clone> Node<M> {
         if f.admitted {
             self.slots_used = self.slots_used.saturating_sub(1);
         }
-        if let Some(succeeded) = f.outcome
-            && let Some(t) = self.breaker.record(self.now_ms(now), succeeded)
-        {
-            log_transition(t);
+        let probe = self.probe.as_ref() == Some(&f.key);
+        if probe {
+            self.probe = None;
+        }
+        match f.outcome {
+            Some(succeeded) => {
+                if let Some(t) = self.breaker.record(self.now_ms(now), succeeded) {
+                    log_transition(t);
+                }
+            }
+            // A probe that said nothing (stopped by the wall clock) must not hold the slot,
+            // or the breaker would refuse everything from now on.
+            None if probe => self.breaker.release_probe(),
+            None => {}
         }
         match f.exit {
             Some(exit) => tracing::info!(
@@ -1141,7 +1160,7 @@ mod tests {
             Action::Sampled(s) => format!("sampled {:?}", s.breaker),
             Action::Outbox(Op::Write(seq, _)) => format!("write #{seq}"),
             Action::Outbox(Op::Remove(seq)) => format!("remove #{seq}"),
-            Action::PinKey(_) => "pin key".into(),
+            Action::PinKey { .. } => "pin key".into(),
             Action::Disconnect => "disconnect".into(),
             Action::Finish => "finish".into(),
         }
@@ -1406,6 +1425,7 @@ mod tests {
     fn shutdown_refuses_new_work_waits_for_running_tasks_then_says_offline_flushes_and_disconnects()
     {
         let mut h = Harness::online(4);
+        h.step(SECOND, reading(50));
         let (a, b) = (h.assign("a", 1, 1), h.assign("b", 1, 1));
         h.step(SECOND, a);
         assert!(h.said(SECOND, Input::Shutdown).is_empty());
@@ -1461,6 +1481,127 @@ mod tests {
         // The disconnect never completes: after its wait, leave.
         let closing = h.node.next_deadline().unwrap() - h.t0;
         assert_eq!(h.said(closing, Input::Timer), ["write #0", "finish"]);
+    }
+
+    #[test]
+    fn an_idle_node_says_offline_and_disconnects_as_soon_as_it_is_asked_to_stop() {
+        let mut h = Harness::online(4);
+        assert_eq!(
+            h.said(SECOND, Input::Shutdown),
+            ["status offline", "disconnect"]
+        );
+        assert_eq!(h.said(SECOND, Input::Closed), ["finish"]);
+    }
+
+    #[test]
+    fn a_connection_that_ends_before_the_outbox_empties_leaves_the_reports_on_disk() {
+        let mut h = Harness::online(4);
+        let a = h.assign("a", 1, 1);
+        h.step(SECOND, a);
+        h.step(SECOND, finished("a", 1, true));
+        assert_eq!(h.said(SECOND, Input::Shutdown), ["status offline"]);
+        let flush = h.node.next_deadline().unwrap() - h.t0;
+        assert_eq!(h.said(flush, Input::Timer), ["disconnect"]);
+        assert_eq!(h.said(flush, Input::Closed), ["write #0", "finish"]);
+    }
+
+    #[test]
+    fn losing_the_broker_while_flushing_ends_with_the_reports_on_disk() {
+        let mut h = Harness::online(4);
+        let a = h.assign("a", 1, 1);
+        h.step(SECOND, a);
+        h.step(SECOND, finished("a", 1, true));
+        h.step(SECOND, Input::Shutdown);
+        let lost = Input::Lost {
+            resend: vec![0],
+            error: "gone".into(),
+        };
+        assert_eq!(h.said(SECOND, lost), ["write #0", "finish"]);
+    }
+
+    #[test]
+    fn a_fetch_started_offline_subscribes_to_its_module_when_the_broker_returns() {
+        let mut h = Harness::online(4);
+        let Some(Action::Start(job)) = h.step(SECOND, h.assign("a", 1, 5)).pop() else {
+            panic!("not started");
+        };
+        let lost = Input::Lost {
+            resend: vec![],
+            error: "gone".into(),
+        };
+        h.step(SECOND, lost);
+        h.step(SECOND, Input::NotCached(job));
+        let absent = Input::Loaded {
+            hash: module(5),
+            result: Ok(None),
+        };
+        assert!(
+            h.said(SECOND, absent).is_empty(),
+            "offline: nothing to subscribe yet"
+        );
+        let back = h.said(2 * SECOND, Input::Connected);
+        assert!(back.contains(&"subscribe module 5".to_string()), "{back:?}");
+    }
+
+    #[test]
+    fn a_module_found_on_disk_runs_at_once() {
+        let mut h = Harness::online(4);
+        let Some(Action::Start(job)) = h.step(SECOND, h.assign("a", 1, 5)).pop() else {
+            panic!("not started");
+        };
+        h.step(SECOND, Input::NotCached(job));
+        let found = Input::Loaded {
+            hash: module(5),
+            result: Ok(Some("m5")),
+        };
+        assert_eq!(h.said(SECOND, found), ["execute a/1 on m5"]);
+    }
+
+    #[test]
+    fn modules_the_node_cannot_get_count_against_its_breaker_until_it_opens() {
+        let mut h = Harness::online(64);
+        let max = SafetyPolicy::default().max_errors;
+        for i in 0..=max {
+            let task = format!("t{i}");
+            let a = h.assign(&task, 1, 1);
+            h.step(SECOND, a);
+            let Input::Finished(mut f) = finished(&task, 1, true) else {
+                unreachable!()
+            };
+            f.outcome = refusal_outcome(Refusal::ModuleUnavailable);
+            h.step(SECOND, Input::Finished(f));
+        }
+        let next = h.assign("next", 1, 1);
+        let refused = h.step(SECOND, next);
+        assert!(
+            matches!(
+                refused.as_slice(),
+                [Action::Refuse {
+                    refusal: Refusal::Breaker(TripReason::TooManyErrors { .. }),
+                    ..
+                }]
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_probe_stopped_by_the_wall_clock_frees_the_probe_slot_for_the_next_task() {
+        let mut h = Harness::online(4);
+        let cooldown = Duration::from_millis(SafetyPolicy::default().cooldown_ms);
+        h.step(SECOND, reading(95));
+        h.step(SECOND, Input::Tick);
+        h.step(2 * SECOND, reading(50));
+        let after = 2 * SECOND + cooldown;
+        let probe = h.assign("probe", 1, 1);
+        assert_eq!(h.said(after, probe), ["start probe/1"]);
+        let Input::Finished(mut timed_out) = finished("probe", 1, true) else {
+            unreachable!()
+        };
+        timed_out.outcome = device_outcome(Exit::TimedOut);
+        h.step(after, Input::Finished(timed_out));
+        let next = h.assign("next", 1, 1);
+        assert_eq!(h.said(after, next), ["start next/1"], "probes again");
     }
 
     #[test]

@@ -291,6 +291,12 @@ impl Breaker {
         !matches!(probe.admit(now_ms), Admission::Refuse(_))
     }
 
+    /// Frees the probe slot after a probe that said nothing about the device either way (a run
+    /// stopped by the wall clock): the next admission probes again. Nothing else changes.
+    pub fn release_probe(&mut self) {
+        self.probe_out = false;
+    }
+
     /// Records a task's outcome at `now_ms`: `true` if it succeeded.
     pub fn record(&mut self, now_ms: u64, succeeded: bool) -> Option<Transition> {
         if succeeded {

@@ -302,6 +302,15 @@ fn a_half_open_breaker_admits_exactly_one_probe() {
 }
 
 #[test]
+fn a_released_probe_frees_the_slot_for_the_next_one_and_changes_nothing_else() {
+    let mut b = half_open();
+    assert_eq!(b.admit(COOLDOWN_MS), Admission::Probe);
+    b.release_probe();
+    assert_eq!(b.state(), HalfOpen);
+    assert_eq!(b.admit(COOLDOWN_MS + 1), Admission::Probe);
+}
+
+#[test]
 fn a_failed_probe_reopens_and_doubles_the_cool_down_up_to_the_maximum() {
     let mut b = half_open();
     let mut now = COOLDOWN_MS;
