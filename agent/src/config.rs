@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use documented::DocumentedFields;
+
 use ambient_core::{MAX_LABEL_LEN, MAX_LABELS, MAX_MODULE_BYTES, SafetyPolicy};
 pub use ambient_mqtt::BrokerUrl;
 use ambient_mqtt::TlsFiles;
@@ -55,7 +57,7 @@ fn invalid(key: &str, value: impl fmt::Display, expected: impl Into<String>) -> 
 /// The configuration as written: every key optional, units in key names.
 ///
 /// See the README for each key; [`RawConfig::default`] holds every default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
     /// Broker URL, `mqtt://[user[:password]@]host[:port]` or `mqtts://…`. Default
@@ -102,7 +104,7 @@ pub struct RawConfig {
 }
 
 /// `[tls]` keys, for `mqtts://` brokers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawTls {
     /// PEM file of the CA certificates to trust. Default: the system's root certificates.
@@ -114,7 +116,7 @@ pub struct RawTls {
 }
 
 /// `[sandbox]` keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSandbox {
     /// Largest module accepted, in bytes. Default 16 MiB (the protocol's maximum).
@@ -134,7 +136,7 @@ pub struct RawSandbox {
 }
 
 /// `[safety]` keys; each one left out keeps the profile's value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSafety {
     /// Trip above this temperature, in millidegrees Celsius (85,000; 80,000 on a Pi).
@@ -187,7 +189,12 @@ impl Default for RawConfig {
 
 impl Default for RawSandbox {
     fn default() -> Self {
-        let d = SandboxConfig::default();
+        Self::from(&SandboxConfig::default())
+    }
+}
+
+impl From<&SandboxConfig> for RawSandbox {
+    fn from(d: &SandboxConfig) -> Self {
         Self {
             max_module_bytes: d.max_module_bytes as u64,
             max_memory_bytes: d.max_memory_bytes,
@@ -774,241 +781,65 @@ impl AgentConfig {
         Ok(p)
     }
 
-    /// The effective configuration as commented TOML, as `--print-config` shows it; reading it
-    /// back gives the same configuration.
-    pub fn to_toml(&self) -> String {
-        fn entry(out: &mut String, comment: &str, key: &str, value: impl fmt::Display) {
-            out.push_str(&format!("# {comment}\n{key} = {value}\n"));
-        }
-        let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
-        let ms = |d: Duration| d.as_millis();
-        let mut out = String::from("# ambient-agent configuration (effective values).\n\n");
-        let o = &mut out;
-        entry(
-            o,
-            "Broker URL: mqtt://[user[:password]@]host[:port], or mqtts://… for TLS (a password shows as ****).",
-            "broker",
-            s(&self.broker.to_string()),
-        );
-        entry(
-            o,
-            "Identity key, outbox and module cache live here.",
-            "state_dir",
-            s(&self.state_dir.display().to_string()),
-        );
-        match &self.name {
-            Some(name) => entry(o, "Name shown in logs.", "name", s(name)),
-            None => o.push_str("# Name shown in logs.\n# name = \"kitchen-pi\"\n"),
-        }
-        let labels: Vec<String> = self.labels.iter().map(|l| s(l)).collect();
-        entry(
-            o,
-            "Labels announced for placement (at most 8, each at most 32 bytes).",
-            "labels",
-            format!("[{}]", labels.join(", ")),
-        );
-        let profiles = "Simulated device: pi4, pi5, pi-zero-2w, jetson-orin-nano, visionfive2.";
-        match self.simulate {
-            Some(p) => entry(o, profiles, "simulate", s(p.as_str())),
-            None => o.push_str(&format!("# {profiles}\n# simulate = \"pi4\"\n")),
-        }
-        let scrape = "Serve Prometheus metrics (GET /metrics) on this address; no authentication.";
-        match self.metrics {
-            Some(addr) => entry(o, scrape, "metrics", s(&addr.to_string())),
-            None => o.push_str(&format!("# {scrape}\n# metrics = \"127.0.0.1:9101\"\n")),
-        }
-        let engine = match self.engine {
-            EngineChoice::Wasmtime => "wasmtime",
-            #[cfg(feature = "wasmedge")]
-            EngineChoice::WasmEdge => "wasmedge",
-        };
-        entry(
-            o,
-            "WASM engine: wasmtime (or wasmedge in builds with that feature); on 32-bit ARM, wasmtime-pulley.",
-            "engine",
-            s(engine),
-        );
-        entry(
-            o,
-            "Tasks run at once (default: the number of cores).",
-            "max_concurrency",
-            self.max_concurrency(),
-        );
-        entry(
-            o,
-            "Telemetry and ping period, in milliseconds.",
-            "telemetry_interval_ms",
-            ms(self.telemetry_interval),
-        );
-        entry(
-            o,
-            "Every how many intervals a 64 KiB ping measures bandwidth.",
-            "bandwidth_probe_every",
-            self.bandwidth_probe_every,
-        );
-        entry(
-            o,
-            "MQTT keep-alive, in seconds.",
-            "keep_alive_secs",
-            self.keep_alive.as_secs(),
-        );
-        entry(
-            o,
-            "First reconnect delay, in milliseconds.",
-            "reconnect_min_ms",
-            ms(self.reconnect_min),
-        );
-        entry(
-            o,
-            "Longest reconnect delay (doubling, jittered), in milliseconds.",
-            "reconnect_max_ms",
-            ms(self.reconnect_max),
-        );
-        entry(
-            o,
-            "Wait for a module on its topic, in milliseconds.",
-            "module_fetch_timeout_ms",
-            ms(self.module_fetch_timeout),
-        );
-        entry(
-            o,
-            "Shutdown waits this long for running tasks, in milliseconds.",
-            "shutdown_grace_ms",
-            ms(self.shutdown_grace),
-        );
-        entry(
-            o,
-            "(task, attempt) pairs remembered to drop duplicates.",
-            "dedup_capacity",
-            self.dedup_capacity,
-        );
-        o.push_str("\n[tls]\n");
-        let files = [
-            (
-                "CA certificates to trust (PEM; default: the system's).",
-                "ca_file",
-                &self.tls.ca_file,
-            ),
-            (
-                "Client certificate (PEM), for brokers that require one.",
-                "cert_file",
-                &self.tls.cert_file,
-            ),
-            ("Its private key (PEM).", "key_file", &self.tls.key_file),
-        ];
-        for (comment, key, path) in files {
-            match path {
-                Some(path) => entry(o, comment, key, s(&path.display().to_string())),
-                None => o.push_str(&format!(
-                    "# {comment}\n# {key} = \"/etc/ambient/{key}.pem\"\n"
-                )),
-            }
-        }
-        let sb = &self.sandbox;
-        o.push_str("\n[sandbox]\n");
-        entry(
-            o,
-            "Largest module, in bytes.",
-            "max_module_bytes",
-            sb.max_module_bytes,
-        );
-        entry(
-            o,
-            "Largest task memory limit, in bytes.",
-            "max_memory_bytes",
-            sb.max_memory_bytes,
-        );
-        entry(
-            o,
-            "Longest compile, in milliseconds.",
-            "compile_timeout_ms",
-            ms(sb.compile_timeout),
-        );
-        entry(
-            o,
-            "Compiled modules kept in memory.",
-            "max_cached_modules",
-            sb.max_cached_modules,
-        );
-        entry(
-            o,
-            "Bytes of compiled code kept in memory (the newest module stays whatever its size).",
-            "max_cached_bytes",
-            sb.max_cached_bytes,
-        );
-        entry(
-            o,
-            "Bytes of modules kept in the state directory; the least recently stored go first.",
-            "max_cache_dir_bytes",
-            sb.max_cache_dir_bytes,
-        );
-        entry(
-            o,
-            "Resolution of task wall-clock limits, in milliseconds.",
-            "epoch_tick_ms",
-            ms(sb.epoch_tick),
-        );
-        let p = self.safety_policy();
-        o.push_str("\n[safety]\n");
-        entry(
-            o,
-            "Trip above this temperature, in millidegrees Celsius.",
-            "max_temp_millic",
-            p.max_temp_millic,
-        );
-        entry(
-            o,
-            "Resume below this after overheating, in millidegrees Celsius.",
-            "resume_temp_millic",
-            p.resume_temp_millic,
-        );
-        entry(
-            o,
-            "Trip above this round-trip latency, in microseconds.",
-            "max_latency_us",
-            p.max_latency_us,
-        );
-        entry(
-            o,
-            "Trip above this many task errors.",
-            "max_errors",
-            p.max_errors,
-        );
-        entry(
-            o,
-            "Trip while the firmware reports throttling.",
-            "trip_on_throttle",
-            p.trip_on_throttle,
-        );
-        entry(
-            o,
-            "First cool-down before a probe task, in milliseconds.",
-            "cooldown_ms",
-            p.cooldown_ms,
-        );
-        entry(
-            o,
-            "Longest cool-down, in milliseconds.",
-            "max_cooldown_ms",
-            p.max_cooldown_ms,
-        );
+    /// The effective configuration as the raw keys that give it: defaults filled in (the
+    /// concurrency and the safety policy as the profile or the board sets them), the broker's
+    /// password shown as `****`.
+    pub fn to_raw(&self) -> RawConfig {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let policy = self.safety_policy();
         let zones = self.thermal_zones();
-        let list = |v: &[String]| {
-            toml::Value::Array(v.iter().map(|s| toml::Value::String(s.clone())).collect())
-        };
-        entry(
-            o,
-            "Thermal zones (by their type) left out of the temperature.",
-            "thermal_ignore",
-            list(&zones.ignore),
-        );
-        entry(
-            o,
-            "Thermal zones that alone count when any of them reads (empty: the hottest counts).",
-            "thermal_prefer",
-            list(&zones.prefer),
-        );
-        out
+        RawConfig {
+            broker: self.broker.to_string(),
+            state_dir: self.state_dir.clone(),
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            simulate: self.simulate.map(|p| p.as_str().to_owned()),
+            engine: match self.engine {
+                EngineChoice::Wasmtime => "wasmtime",
+                #[cfg(feature = "wasmedge")]
+                EngineChoice::WasmEdge => "wasmedge",
+            }
+            .to_owned(),
+            max_concurrency: Some(u32::from(self.max_concurrency())),
+            telemetry_interval_ms: ms(self.telemetry_interval),
+            bandwidth_probe_every: self.bandwidth_probe_every,
+            keep_alive_secs: self.keep_alive.as_secs(),
+            reconnect_min_ms: ms(self.reconnect_min),
+            reconnect_max_ms: ms(self.reconnect_max),
+            module_fetch_timeout_ms: ms(self.module_fetch_timeout),
+            shutdown_grace_ms: ms(self.shutdown_grace),
+            dedup_capacity: self.dedup_capacity as u32,
+            tls: RawTls {
+                ca_file: self.tls.ca_file.clone(),
+                cert_file: self.tls.cert_file.clone(),
+                key_file: self.tls.key_file.clone(),
+            },
+            sandbox: RawSandbox::from(&self.sandbox),
+            safety: RawSafety {
+                max_temp_millic: Some(policy.max_temp_millic),
+                resume_temp_millic: Some(policy.resume_temp_millic),
+                max_latency_us: Some(policy.max_latency_us),
+                max_errors: Some(policy.max_errors),
+                trip_on_throttle: Some(policy.trip_on_throttle),
+                cooldown_ms: Some(policy.cooldown_ms),
+                max_cooldown_ms: Some(policy.max_cooldown_ms),
+                thermal_ignore: Some(zones.ignore),
+                thermal_prefer: Some(zones.prefer),
+            },
+            metrics: self.metrics.map(|a| a.to_string()),
+        }
+    }
+
+    /// The effective configuration as commented TOML, as `--print-config` shows it, generated
+    /// from [`RawConfig`]'s fields and their docs; reading it back gives the same configuration.
+    pub fn to_toml(&self) -> String {
+        let raw = self.to_raw();
+        ambient_daemon::config::Commented::new("ambient-agent configuration (effective values)")
+            .section(None, &raw)
+            .section(Some("tls"), &raw.tls)
+            .section(Some("sandbox"), &raw.sandbox)
+            .section(Some("safety"), &raw.safety)
+            .finish()
     }
 }
 

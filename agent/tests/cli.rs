@@ -45,7 +45,7 @@ fn print_config_shows_flags_over_the_environment_over_the_file() {
     assert!(text.contains("labels = [\"from-file\"]"), "{text}");
     assert!(text.contains("max_errors = 7"), "{text}");
     assert!(
-        text.contains("# Telemetry and ping period, in milliseconds."),
+        text.contains("# Period of telemetry samples and pings, in milliseconds. Default 5,000."),
         "{text}"
     );
     // What it prints reads back as the same configuration.

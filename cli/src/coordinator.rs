@@ -74,10 +74,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if args.print_config {
         let mut raw = raw;
         raw.broker.url = raw.broker.url.as_deref().map(ambient_mqtt::redact);
-        print!(
-            "# ambient coordinator configuration (effective values)\n{}",
-            toml::to_string_pretty(&raw)?
-        );
+        print!("{}", raw.to_toml());
         return Ok(ExitCode::SUCCESS);
     }
     let config = raw.validate()?;

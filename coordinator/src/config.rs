@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ambient_core::{SafetyPolicy, ScoreConfig, Tariff};
 use ambient_daemon::config::LoadError;
+use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
 
 use ambient_mqtt::{BrokerUrl, TlsFiles};
@@ -79,7 +80,7 @@ impl CoordinatorConfig {
 pub const ENV_PREFIX: &str = "AMBIENT_COORDINATOR_";
 
 /// The configuration file as written (`/etc/ambient/coordinator.toml`). Every key is optional.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     /// Broker settings.
@@ -120,10 +121,28 @@ impl RawConfig {
         };
         ambient_daemon::config::load(file, vars, env)
     }
+
+    /// These values as commented TOML, as `--print-config` shows them, generated from the
+    /// sections' fields and their docs; reading it back gives the same values.
+    pub fn to_toml(&self) -> String {
+        ambient_daemon::config::Commented::new(
+            "ambient coordinator configuration (effective values)",
+        )
+        .section(None, self)
+        .section(Some("broker"), &self.broker)
+        .section(Some("storage"), &self.storage)
+        .section(Some("scheduling"), &self.scheduling)
+        .section(Some("verification"), &self.verification)
+        .section(Some("settlement"), &self.settlement)
+        .section(Some("enrollment"), &self.enrollment)
+        .section(Some("http"), &self.http)
+        .section(Some("home_assistant"), &self.home_assistant)
+        .finish()
+    }
 }
 
 /// `[home_assistant]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawHomeAssistant {
     /// Publish Home Assistant MQTT discovery configs and a JSON state per node, so each device
@@ -145,7 +164,7 @@ impl Default for RawHomeAssistant {
 }
 
 /// `[http]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawHttp {
     /// Address of the HTTP API (JSON views, health, submission), or `off`. Default
@@ -162,7 +181,7 @@ impl Default for RawHttp {
 }
 
 /// `[broker]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawBroker {
     /// Address of the embedded broker. Default `127.0.0.1:1883` (loopback only).
@@ -192,7 +211,7 @@ pub struct RawBroker {
 }
 
 /// `[storage]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStorage {
     /// Directory of `ambient.db`. Default `/var/lib/ambient`.
@@ -202,7 +221,7 @@ pub struct RawStorage {
 }
 
 /// `[scheduling]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawScheduling {
     /// `weighted`, `round-robin`, `least-loaded` or `latency-aware`. Default `weighted`.
@@ -225,7 +244,7 @@ pub struct RawScheduling {
 }
 
 /// `[verification]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawVerification {
     /// How tasks that name no `verify` are checked: `target:E` (replicas until the chance of a
@@ -255,7 +274,7 @@ pub struct RawVerification {
 }
 
 /// `[settlement]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSettlement {
     /// Paid per accepted result, in µcredits. Default 1000.
@@ -265,7 +284,7 @@ pub struct RawSettlement {
 }
 
 /// `[enrollment]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawEnrollment {
     /// `open` (trust a node's key on first use) or `allowlist` (the keys in `allow` and those
@@ -719,10 +738,23 @@ mod tests {
     }
 
     #[test]
-    fn the_default_config_round_trips_through_toml() {
-        let text = toml::to_string(&RawConfig::default()).unwrap();
+    fn print_config_comments_every_key_and_reads_back_to_the_same_values() {
+        let mut raw: RawConfig = toml::from_str(
+            "[broker.users]\nlaptop = \"$argon2id$x\"\n[enrollment]\nallow = [\"ab\"]\n[scheduling]\nstrategy = \"latency-aware\"\n",
+        )
+        .unwrap();
+        raw.broker.ca_file = Some("/etc/ambient/ca.pem".into());
+        let text = raw.to_toml();
+        assert!(
+            text.contains("[broker.users]\nlaptop = \"$argon2id$x\"\n"),
+            "{text}"
+        );
+        assert!(text.contains("# url is not set\n"), "{text}");
+        assert!(text.contains("# `weighted`, `round-robin`"), "{text}");
         let back: RawConfig = toml::from_str(&text).unwrap();
-        assert_eq!(back.scheduling.strategy, "weighted");
+        assert_eq!(back.to_toml(), text);
+        assert_eq!(back.scheduling.strategy, "latency-aware");
+        assert_eq!(back.broker.ca_file, raw.broker.ca_file);
     }
 
     #[test]

@@ -11,9 +11,14 @@
 //!
 //! A key the struct does not know, or a value of the wrong type, is an error naming where it
 //! came from: the file, the variables, or both.
+//!
+//! `--print-config` goes the other way with [`Commented`]: from the same raw structs to a
+//! commented TOML file, each key under its field's doc comment.
 
 use std::path::{Path, PathBuf};
 
+use documented::DocumentedFields;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Why a configuration could not be read.
@@ -141,6 +146,90 @@ fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
 /// The environment as `(name, value)` pairs, skipping names or values that are not UTF-8.
 pub fn env_vars() -> impl Iterator<Item = (String, String)> {
     std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+}
+
+/// A configuration as commented TOML, generated from its raw structs: each key is commented
+/// with its field's doc comment (rustdoc, through [`DocumentedFields`]) and given the value it
+/// has (serde), in the order the fields are declared. A key with no value (an option not set)
+/// is shown commented out, so every key the daemon reads appears. Reading the text back gives
+/// the same values.
+///
+/// ```
+/// use documented::DocumentedFields;
+/// use serde::Serialize;
+///
+/// #[derive(Serialize, DocumentedFields)]
+/// struct Raw {
+///     /// Where to connect.
+///     broker: String,
+///     /// A name for logs.
+///     name: Option<String>,
+/// }
+///
+/// let raw = Raw { broker: "mqtt://127.0.0.1:1883".into(), name: None };
+/// let text = ambient_daemon::config::Commented::new("example").section(None, &raw).finish();
+/// assert_eq!(
+///     text,
+///     "# example\n\n# Where to connect.\nbroker = \"mqtt://127.0.0.1:1883\"\n# A name for logs.\n# name is not set\n"
+/// );
+/// ```
+#[derive(Debug)]
+pub struct Commented {
+    out: String,
+}
+
+impl Commented {
+    /// Starts with `title` as a comment.
+    pub fn new(title: &str) -> Self {
+        Self {
+            out: format!("# {title}\n"),
+        }
+    }
+
+    /// Adds the keys of `value`: at the top level with `name` `None`, else under `[name]`.
+    /// Keys whose value is a table are left out: add them as sections of their own.
+    ///
+    /// # Panics
+    /// If `value` does not serialize to a TOML table (a bug in the raw struct, caught by any
+    /// test that prints it).
+    pub fn section<T: Serialize + DocumentedFields>(
+        mut self,
+        name: Option<&str>,
+        value: &T,
+    ) -> Self {
+        let table = toml::Table::try_from(value)
+            .unwrap_or_else(|e| panic!("a configuration section serializes to TOML: {e}"));
+        let mut keys = String::new();
+        // Tables inside a section (maps such as accounts), after its plain keys.
+        let mut tables = String::new();
+        for (key, doc) in T::FIELD_NAMES.iter().zip(T::FIELD_DOCS) {
+            let value = table.get(*key);
+            let comment: String = doc
+                .lines()
+                .map(|line| format!("{}\n", format!("# {line}").trim_end()))
+                .collect();
+            match (value, name) {
+                // A top-level table is a section the caller adds itself.
+                (Some(toml::Value::Table(_)), None) => {}
+                (Some(toml::Value::Table(entries)), Some(name)) => {
+                    tables.push_str(&format!("\n{comment}[{name}.{key}]\n{entries}"));
+                }
+                (Some(value), _) => keys.push_str(&format!("{comment}{key} = {value}\n")),
+                (None, _) => keys.push_str(&format!("{comment}# {key} is not set\n")),
+            }
+        }
+        match name {
+            Some(name) => self.out.push_str(&format!("\n[{name}]\n{keys}{tables}")),
+            None if keys.is_empty() => {}
+            None => self.out.push_str(&format!("\n{keys}")),
+        }
+        self
+    }
+
+    /// The text.
+    pub fn finish(self) -> String {
+        self.out
+    }
 }
 
 #[cfg(test)]
