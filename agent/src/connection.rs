@@ -8,13 +8,11 @@
 //! queued is retried after the next connect.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use ambient_core::{
     ConnectToken, Digest, Identity, MAX_FRAME_BYTES, MAX_MODULE_BYTES, NodeId, topics,
 };
 use bytes::Bytes;
-use rand::Rng as _;
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
     Request,
@@ -26,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::delivery::{Delivery, Tag};
+pub(crate) use ambient_mqtt::Backoff;
 
 /// Requests the client may queue before `try_publish` reports the channel full.
 const REQUEST_CAPACITY: usize = 256;
@@ -90,40 +89,6 @@ impl Publisher {
 
     pub fn disconnect(&self) -> bool {
         self.client.try_disconnect().is_ok()
-    }
-}
-
-/// Exponential reconnect delays with jitter: each delay is drawn from the upper half of a
-/// window that doubles from `min` up to `max`, so a fleet that lost its gateway at the same
-/// moment does not reconnect in lockstep.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max: max.max(min),
-            attempt: 0,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let window = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = window / 2;
-        half + half.mul_f64(rand::rng().random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -338,21 +303,5 @@ mod tests {
     fn powers_of_ten_are_recognised() {
         let found: Vec<u64> = (0..2000).filter(|n| is_power_of_ten(*n)).collect();
         assert_eq!(found, [1, 10, 100, 1000]);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1_000));
-        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays[1] >= Duration::from_millis(100) && delays[1] <= Duration::from_millis(200));
-        for d in &delays[4..] {
-            assert!(
-                *d >= Duration::from_millis(500) && *d <= Duration::from_millis(1_000),
-                "{d:?}"
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -405,7 +405,8 @@ async fn mqtt_loop(
     link: Arc<Link>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff =
+        ambient_mqtt::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let event = tokio::select! {
             e = eventloop.poll() => e,
@@ -413,7 +414,7 @@ async fn mqtt_loop(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 link.generation.fetch_add(1, Ordering::SeqCst);
                 link.connected.store(true, Ordering::Relaxed);
                 info!(
@@ -453,17 +454,17 @@ async fn mqtt_loop(
             Ok(_) => {}
             Err(e) => {
                 link.connected.store(false, Ordering::Relaxed);
-                warn!(error = %e, "broker connection lost; reconnecting in {backoff:?}");
+                let delay = backoff.next_delay();
+                warn!(error = %e, "broker connection lost; reconnecting in {delay:?}");
                 // A token is valid for minutes; the next attempt presents a fresh one.
                 if let Some(login) = &login {
                     let (username, password) = login();
                     eventloop.mqtt_options.set_credentials(username, password);
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                     () = cancel.cancelled() => break,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

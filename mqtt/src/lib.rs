@@ -4,15 +4,18 @@
 //!   `ssl://`), the one grammar both binaries accept. User and password are percent-decoded.
 //! - [`TlsFiles`]: where the CA and an optional client certificate come from for `mqtts://`.
 //! - [`client_options`]: rumqttc options for a URL: host, port, credentials and transport.
+//! - [`Backoff`]: jittered exponential delays between reconnection attempts.
 //!
 //! Everything else about a connection (session, keep-alive, packet sizes, manual acks) is the
 //! caller's choice and stays with the caller.
 
 #![deny(missing_docs)]
 
+mod backoff;
 mod tls;
 mod url;
 
+pub use backoff::Backoff;
 pub use tls::TlsFiles;
 pub use url::{BrokerUrl, redact};
 
