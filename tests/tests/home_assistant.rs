@@ -211,8 +211,12 @@ fn the_ha_flags_turn_discovery_on_and_a_bad_prefix_is_named() {
         .output()
         .unwrap();
     let text = String::from_utf8(print.stdout).unwrap();
+    let section = text
+        .split("\n[home_assistant]\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no [home_assistant] section: {text}"));
     assert!(
-        text.contains("[home_assistant]\ndiscovery = true\nprefix = \"home/ha\"\n"),
+        section.contains("\ndiscovery = true\n") && section.contains("\nprefix = \"home/ha\"\n"),
         "{text}"
     );
     let dir = tempfile::tempdir().unwrap();
