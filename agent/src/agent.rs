@@ -618,7 +618,8 @@ impl Agent {
                 let sandbox = self.reporter.sandbox.clone();
                 self.spawn(move || Input::Loaded {
                     hash,
-                    result: sandbox.load(&hash),
+                    result: guarded("loading a module", || sandbox.load(&hash))
+                        .unwrap_or_else(|why| Err(ExecError::Invalid(why))),
                 });
             }
             Action::Prepare { hash, payload } => {
@@ -626,7 +627,8 @@ impl Agent {
                 // `prepare` checks the size cap first, then the hash, then compiles and stores.
                 self.spawn(move || Input::Prepared {
                     hash,
-                    result: sandbox.prepare(hash, &payload),
+                    result: guarded("compiling a module", || sandbox.prepare(hash, &payload))
+                        .unwrap_or_else(|why| Err(ExecError::Invalid(why))),
                 });
             }
             Action::Execute { job, module } => self.execute(job, module),
@@ -650,7 +652,10 @@ impl Agent {
                 // Uncontended: the node asks for the next sample only after this one's reading.
                 self.spawn(move || {
                     let mut sampler = sampler.lock().unwrap_or_else(|p| p.into_inner());
-                    Input::Reading(sampler.sample(running))
+                    // A failed reading is sent as absent, never as 0.
+                    Input::Reading(
+                        guarded("sampling", || sampler.sample(running)).unwrap_or_default(),
+                    )
                 });
             }
             Action::Sampled(sample) => {
@@ -691,12 +696,45 @@ impl Agent {
             let started = std::time::Instant::now();
             let seed = task_seed(&job.task_id, &job.input);
             let call = Call::new(job.abi, &job.entry, &job.input, job.limits, seed);
-            let run = reporter.sandbox.execute(&module, &call);
+            let run = guarded("running a task", || {
+                reporter.sandbox.execute(&module, &call)
+            })
+            .unwrap_or_else(|why| Execution::rejected(&ExecError::Invalid(why)));
             Input::Finished(reporter.executed(&job, run, started))
         });
     }
 }
 
+/// Runs `f`, turning a panic (a bug in the engine or the agent, never a task's doing) into a
+/// message, so that a blocking job still answers the node and no execution slot, module fetch
+/// or sample is held forever.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        tracing::error!(%why, "the agent panicked while {what}");
+        format!("the agent failed while {what}: {why}")
+    })
+}
+
 fn key_file(state_dir: &Path) -> PathBuf {
     state_dir.join(COORDINATOR_KEY_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_blocking_job_becomes_an_answer_naming_it() {
+        assert_eq!(guarded("adding", || 1 + 1), Ok(2));
+        let failed = guarded("sampling", || -> u32 { panic!("no sensor") });
+        assert_eq!(
+            failed,
+            Err("the agent failed while sampling: no sensor".to_owned())
+        );
+    }
 }
