@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use ambient_coordinator::client::Client;
 use ambient_coordinator::store::Store;
-use ambient_coordinator::{Coordinator, EventStatus, RawConfig, Submission, mqtt};
+use ambient_coordinator::{Coordinator, EventStatus, NodeView, RawConfig, Submission, mqtt};
+use ambient_core::BreakerState;
 use anyhow::Context as _;
 use rumqttc::{Event, Packet, QoS};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -397,10 +398,12 @@ fn tripped_nodes(db: &Path) -> usize {
     };
     nodes
         .iter()
-        .filter_map(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
+        .filter_map(|(_, j)| serde_json::from_str::<NodeView>(j).ok())
         .filter(|v| {
-            let closed = |b: &serde_json::Value| b.as_str().is_none_or(|s| s == "Closed");
-            !closed(&v["breaker"]) || !closed(&v["sample"]["breaker"])
+            v.breaker != BreakerState::Closed
+                || v.sample
+                    .as_ref()
+                    .is_some_and(|s| s.breaker != BreakerState::Closed)
         })
         .count()
 }
