@@ -618,8 +618,8 @@ impl Agent {
                 let sandbox = self.reporter.sandbox.clone();
                 self.spawn(move || Input::Loaded {
                     hash,
-                    result: guarded("loading a module", || sandbox.load(&hash))
-                        .unwrap_or_else(|why| Err(ExecError::Invalid(why))),
+                    // Failing to read the cache is no reason to give up: fetch the module.
+                    result: guarded("loading a module", || sandbox.load(&hash)).unwrap_or(Ok(None)),
                 });
             }
             Action::Prepare { hash, payload } => {
@@ -628,7 +628,7 @@ impl Agent {
                 self.spawn(move || Input::Prepared {
                     hash,
                     result: guarded("compiling a module", || sandbox.prepare(hash, &payload))
-                        .unwrap_or_else(|why| Err(ExecError::Invalid(why))),
+                        .unwrap_or_else(|why| Err(ExecError::Internal(why))),
                 });
             }
             Action::Execute { job, module } => self.execute(job, module),
@@ -652,10 +652,10 @@ impl Agent {
                 // Uncontended: the node asks for the next sample only after this one's reading.
                 self.spawn(move || {
                     let mut sampler = sampler.lock().unwrap_or_else(|p| p.into_inner());
-                    // A failed reading is sent as absent, never as 0.
-                    Input::Reading(
-                        guarded("sampling", || sampler.sample(running)).unwrap_or_default(),
-                    )
+                    match guarded("sampling", || sampler.sample(running)) {
+                        Ok(reading) => Input::Reading(reading),
+                        Err(_) => Input::SampleFailed,
+                    }
                 });
             }
             Action::Sampled(sample) => {
@@ -696,11 +696,17 @@ impl Agent {
             let started = std::time::Instant::now();
             let seed = task_seed(&job.task_id, &job.input);
             let call = Call::new(job.abi, &job.entry, &job.input, job.limits, seed);
-            let run = guarded("running a task", || {
+            match guarded("running a task", || {
                 reporter.sandbox.execute(&module, &call)
-            })
-            .unwrap_or_else(|why| Execution::rejected(&ExecError::Invalid(why)));
-            Input::Finished(reporter.executed(&job, run, started))
+            }) {
+                Ok(run) => Input::Finished(reporter.executed(&job, run, started)),
+                // Not the task's answer: refused, so it runs elsewhere, and counted against
+                // this node's breaker.
+                Err(_) => {
+                    let key = job.key();
+                    Input::Finished(reporter.refused(key, Refusal::ModuleUnavailable, true))
+                }
+            }
         });
     }
 }

@@ -781,9 +781,9 @@ impl AgentConfig {
         Ok(p)
     }
 
-    /// The effective configuration as the raw keys that give it: defaults filled in (the
-    /// concurrency and the safety policy as the profile or the board sets them), the broker's
-    /// password shown as `****`.
+    /// The effective configuration as raw keys: every default filled in (the concurrency and
+    /// the safety policy as the profile or the board sets them), the broker's password shown
+    /// as `****`.
     pub fn to_raw(&self) -> RawConfig {
         let ms = |d: Duration| d.as_millis() as u64;
         let policy = self.safety_policy();
@@ -830,16 +830,28 @@ impl AgentConfig {
         }
     }
 
-    /// The effective configuration as commented TOML, as `--print-config` shows it, generated
-    /// from [`RawConfig`]'s fields and their docs; reading it back gives the same configuration.
-    pub fn to_toml(&self) -> String {
-        let raw = self.to_raw();
-        ambient_daemon::config::Commented::new("ambient-agent configuration (effective values)")
-            .section(None, &raw)
-            .section(Some("tls"), &raw.tls)
-            .section(Some("sandbox"), &raw.sandbox)
-            .section(Some("safety"), &raw.safety)
-            .finish()
+    /// The configuration as commented TOML, as `--print-config` shows it, generated from
+    /// [`RawConfig`]'s fields and their docs: what is set, and for each key left to the board or
+    /// the profile (`max_concurrency`, `[safety]`) its value in effect as a comment. Reading it
+    /// back gives the same configuration, except a broker password, shown as `****`.
+    ///
+    /// # Errors
+    /// When a path is not UTF-8, so it cannot be written in TOML.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        let effective = self.to_raw();
+        let set = RawConfig {
+            max_concurrency: self.max_concurrency.map(u32::from),
+            safety: self.safety.clone(),
+            ..effective.clone()
+        };
+        Ok(
+            ambient_daemon::config::Commented::new("ambient-agent configuration")
+                .section(None, &set, &effective)?
+                .section(Some("tls"), &set.tls, &effective.tls)?
+                .section(Some("sandbox"), &set.sandbox, &effective.sandbox)?
+                .section(Some("safety"), &set.safety, &effective.safety)?
+                .finish(),
+        )
     }
 }
 
@@ -850,7 +862,7 @@ mod tests {
     #[test]
     fn defaults_validate_and_print_back_to_the_same_config() {
         let config = RawConfig::default().validate().unwrap();
-        let printed = config.to_toml();
+        let printed = config.to_toml().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, &printed).unwrap();
@@ -858,10 +870,47 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        assert_eq!(reread.to_toml(), printed);
+        assert_eq!(reread.to_toml().unwrap(), printed);
         assert_eq!(reread.safety_policy(), config.safety_policy());
         assert_eq!(reread.sandbox(), config.sandbox());
         assert_eq!(reread.broker(), config.broker());
+    }
+
+    #[test]
+    fn every_key_set_prints_and_reads_back_and_board_defaults_stay_comments() {
+        let mut raw = RawConfig {
+            broker: "mqtts://dev%3A1@broker.example:8883".into(),
+            state_dir: "/srv/agent".into(),
+            name: Some("kitchen".into()),
+            labels: vec!["room-2".into(), "gpu".into()],
+            simulate: Some("pi5".into()),
+            metrics: Some("127.0.0.1:9101".into()),
+            telemetry_interval_ms: 2_000,
+            ..RawConfig::default()
+        };
+        raw.tls.ca_file = Some("/etc/ambient/ca.pem".into());
+        raw.safety.max_errors = Some(7);
+        raw.sandbox.epoch_tick_ms = 20;
+        let config = raw.validate().unwrap();
+        let printed = config.to_toml().unwrap();
+        // Left to the profile: shown with the value in effect, as a comment.
+        assert!(printed.contains("\n# max_concurrency = 4\n"), "{printed}");
+        assert!(
+            printed.contains("\n# max_temp_millic = 80000\n"),
+            "{printed}"
+        );
+        assert!(printed.contains("\nmax_errors = 7\n"), "{printed}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, &printed).unwrap();
+        let reread = RawConfig::load(Some(&path), []).unwrap();
+        assert_eq!(reread.max_concurrency, None);
+        assert_eq!(reread.safety, raw.safety);
+        let reread = reread.validate().unwrap();
+        // Every effective value (the heater is a live handle, so the configs do not compare).
+        assert_eq!(reread.to_raw(), config.to_raw());
+        assert_eq!(reread.broker(), config.broker());
+        assert_eq!(reread.to_toml().unwrap(), printed);
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn try_main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let config = load_config(&args)?;
     if args.print_config {
-        print!("{}", config.to_toml());
+        print!("{}", config.to_toml()?);
         return Ok(ExitCode::SUCCESS);
     }
     if args.print_node_id {

@@ -74,7 +74,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if args.print_config {
         let mut raw = raw;
         raw.broker.url = raw.broker.url.as_deref().map(ambient_mqtt::redact);
-        print!("{}", raw.to_toml());
+        print!("{}", raw.to_toml()?);
         return Ok(ExitCode::SUCCESS);
     }
     let config = raw.validate()?;

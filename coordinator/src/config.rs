@@ -123,21 +123,29 @@ impl RawConfig {
     }
 
     /// These values as commented TOML, as `--print-config` shows them, generated from the
-    /// sections' fields and their docs; reading it back gives the same values.
-    pub fn to_toml(&self) -> String {
-        ambient_daemon::config::Commented::new(
-            "ambient coordinator configuration (effective values)",
+    /// sections' fields and their docs; reading it back gives the same values, except a
+    /// broker password, shown as `****`.
+    ///
+    /// # Errors
+    /// When a path is not UTF-8, so it cannot be written in TOML.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        Ok(
+            ambient_daemon::config::Commented::new("ambient coordinator configuration")
+                .section(None, self, self)?
+                .section(Some("broker"), &self.broker, &self.broker)?
+                .section(Some("storage"), &self.storage, &self.storage)?
+                .section(Some("scheduling"), &self.scheduling, &self.scheduling)?
+                .section(Some("verification"), &self.verification, &self.verification)?
+                .section(Some("settlement"), &self.settlement, &self.settlement)?
+                .section(Some("enrollment"), &self.enrollment, &self.enrollment)?
+                .section(Some("http"), &self.http, &self.http)?
+                .section(
+                    Some("home_assistant"),
+                    &self.home_assistant,
+                    &self.home_assistant,
+                )?
+                .finish(),
         )
-        .section(None, self)
-        .section(Some("broker"), &self.broker)
-        .section(Some("storage"), &self.storage)
-        .section(Some("scheduling"), &self.scheduling)
-        .section(Some("verification"), &self.verification)
-        .section(Some("settlement"), &self.settlement)
-        .section(Some("enrollment"), &self.enrollment)
-        .section(Some("http"), &self.http)
-        .section(Some("home_assistant"), &self.home_assistant)
-        .finish()
     }
 }
 
@@ -744,7 +752,7 @@ mod tests {
         )
         .unwrap();
         raw.broker.ca_file = Some("/etc/ambient/ca.pem".into());
-        let text = raw.to_toml();
+        let text = raw.to_toml().unwrap();
         assert!(
             text.contains("[broker.users]\nlaptop = \"$argon2id$x\"\n"),
             "{text}"
@@ -752,7 +760,7 @@ mod tests {
         assert!(text.contains("# url is not set\n"), "{text}");
         assert!(text.contains("# `weighted`, `round-robin`"), "{text}");
         let back: RawConfig = toml::from_str(&text).unwrap();
-        assert_eq!(back.to_toml(), text);
+        assert_eq!(back.to_toml().unwrap(), text);
         assert_eq!(back.scheduling.strategy, "latency-aware");
         assert_eq!(back.broker.ca_file, raw.broker.ca_file);
     }

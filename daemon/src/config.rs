@@ -150,9 +150,13 @@ pub fn env_vars() -> impl Iterator<Item = (String, String)> {
 
 /// A configuration as commented TOML, generated from its raw structs: each key is commented
 /// with its field's doc comment (rustdoc, through [`DocumentedFields`]) and given the value it
-/// has (serde), in the order the fields are declared. A key with no value (an option not set)
-/// is shown commented out, so every key the daemon reads appears. Reading the text back gives
-/// the same values.
+/// was set to (serde), in the order the fields are declared. A key left unset is shown
+/// commented out with the value in effect (`# key = value`), or as `# key is not set` when
+/// nothing is in effect either, so every key the daemon reads appears and uncommenting a line
+/// gives a valid setting. Reading the text back gives the same settings.
+///
+/// Add the top level (`name` `None`) first, then each `[section]`; a map inside a section
+/// (accounts, for example) is printed as its own `[section.key]` table.
 ///
 /// ```
 /// use documented::DocumentedFields;
@@ -164,14 +168,24 @@ pub fn env_vars() -> impl Iterator<Item = (String, String)> {
 ///     broker: String,
 ///     /// A name for logs.
 ///     name: Option<String>,
+///     /// Tasks at once. Default: the cores.
+///     tasks: Option<u32>,
 /// }
 ///
-/// let raw = Raw { broker: "mqtt://127.0.0.1:1883".into(), name: None };
-/// let text = ambient_daemon::config::Commented::new("example").section(None, &raw).finish();
-/// assert_eq!(
-///     text,
-///     "# example\n\n# Where to connect.\nbroker = \"mqtt://127.0.0.1:1883\"\n# A name for logs.\n# name is not set\n"
+/// let broker = "mqtt://127.0.0.1:1883".to_owned();
+/// let set = Raw { broker: broker.clone(), name: None, tasks: None };
+/// let effective = Raw { broker, name: None, tasks: Some(4) };
+/// let text = ambient_daemon::config::Commented::new("example")
+///     .section(None, &set, &effective)?
+///     .finish();
+/// let expected = concat!(
+///     "# example\n\n",
+///     "# Where to connect.\nbroker = \"mqtt://127.0.0.1:1883\"\n",
+///     "# A name for logs.\n# name is not set\n",
+///     "# Tasks at once. Default: the cores.\n# tasks = 4\n",
 /// );
+/// assert_eq!(text, expected);
+/// # Ok::<(), toml::ser::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct Commented {
@@ -186,36 +200,45 @@ impl Commented {
         }
     }
 
-    /// Adds the keys of `value`: at the top level with `name` `None`, else under `[name]`.
-    /// Keys whose value is a table are left out: add them as sections of their own.
+    /// Adds the keys of `set` (what the configuration says), showing for each unset key its
+    /// value in `effective` (what the daemon uses): at the top level with `name` `None`, else
+    /// under `[name]`. Top-level keys whose value is a table are sections: add them with their
+    /// own call.
     ///
-    /// # Panics
-    /// If `value` does not serialize to a TOML table (a bug in the raw struct, caught by any
-    /// test that prints it).
+    /// # Errors
+    /// When a value cannot be written as TOML (a path that is not UTF-8, for example).
     pub fn section<T: Serialize + DocumentedFields>(
         mut self,
         name: Option<&str>,
-        value: &T,
-    ) -> Self {
-        let table = toml::Table::try_from(value)
-            .unwrap_or_else(|e| panic!("a configuration section serializes to TOML: {e}"));
+        set: &T,
+        effective: &T,
+    ) -> Result<Self, toml::ser::Error> {
+        let set = toml::Table::try_from(set)?;
+        let effective = toml::Table::try_from(effective)?;
         let mut keys = String::new();
-        // Tables inside a section (maps such as accounts), after its plain keys.
+        // Maps inside a section, after its plain keys, as `[name.key]` tables.
         let mut tables = String::new();
         for (key, doc) in T::FIELD_NAMES.iter().zip(T::FIELD_DOCS) {
-            let value = table.get(*key);
             let comment: String = doc
                 .lines()
                 .map(|line| format!("{}\n", format!("# {line}").trim_end()))
                 .collect();
-            match (value, name) {
-                // A top-level table is a section the caller adds itself.
-                (Some(toml::Value::Table(_)), None) => {}
-                (Some(toml::Value::Table(entries)), Some(name)) => {
-                    tables.push_str(&format!("\n{comment}[{name}.{key}]\n{entries}"));
+            match (set.get(*key), effective.get(*key), name) {
+                (Some(toml::Value::Table(_)), _, None) => {}
+                (Some(toml::Value::Table(entries)), _, Some(name)) => {
+                    let nested = toml::Table::from_iter([(
+                        name.to_owned(),
+                        toml::Value::Table(toml::Table::from_iter([(
+                            (*key).to_owned(),
+                            toml::Value::Table(entries.clone()),
+                        )])),
+                    )]);
+                    let text = toml::to_string(&nested)?;
+                    tables.push_str(&format!("\n{comment}{text}"));
                 }
-                (Some(value), _) => keys.push_str(&format!("{comment}{key} = {value}\n")),
-                (None, _) => keys.push_str(&format!("{comment}# {key} is not set\n")),
+                (Some(value), _, _) => keys.push_str(&format!("{comment}{key} = {value}\n")),
+                (None, Some(value), _) => keys.push_str(&format!("{comment}# {key} = {value}\n")),
+                (None, None, _) => keys.push_str(&format!("{comment}# {key} is not set\n")),
             }
         }
         match name {
@@ -223,7 +246,7 @@ impl Commented {
             None if keys.is_empty() => {}
             None => self.out.push_str(&format!("\n{keys}")),
         }
-        self
+        Ok(self)
     }
 
     /// The text.
@@ -234,7 +257,7 @@ impl Commented {
 
 #[cfg(test)]
 mod tests {
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
 
     use super::*;
 
@@ -264,6 +287,47 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[derive(Debug, Default, PartialEq, Serialize, Deserialize, DocumentedFields)]
+    #[serde(default, deny_unknown_fields)]
+    struct Printed {
+        /// A name, with "quotes" and a \\ in it.
+        name: String,
+        /// Accounts: name = hash.
+        users: std::collections::BTreeMap<String, String>,
+        /// Unset, with nothing in effect.
+        note: Option<String>,
+    }
+
+    #[derive(Debug, Default, PartialEq, Serialize, Deserialize, DocumentedFields)]
+    #[serde(default, deny_unknown_fields)]
+    struct PrintedTop {
+        /// The one section.
+        section: Printed,
+    }
+
+    #[test]
+    fn commented_text_escapes_strings_prints_maps_as_subtables_and_reads_back() {
+        let section = Printed {
+            name: "a \"quoted\" \\ name".into(),
+            users: [("laptop".to_owned(), "$argon2id$x".to_owned())].into(),
+            note: None,
+        };
+        let top = PrintedTop { section };
+        let text = Commented::new("test")
+            .section(None, &top, &top)
+            .unwrap()
+            .section(Some("section"), &top.section, &top.section)
+            .unwrap()
+            .finish();
+        assert!(
+            text.contains("\n[section.users]\nlaptop = \"$argon2id$x\"\n"),
+            "{text}"
+        );
+        assert!(text.contains("\n# note is not set\n"), "{text}");
+        let back: PrintedTop = toml::from_str(&text).unwrap();
+        assert_eq!(back, top);
     }
 
     #[test]

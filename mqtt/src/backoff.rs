@@ -15,8 +15,10 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Delays from `min` (the first is between `min / 2` and `min`) doubling up to `max`.
+    /// Delays from `min` (the first is between `min / 2` and `min`; at least 1 ms, so a
+    /// zero never spins) doubling up to `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
         Self {
             min,
             max: max.max(min),

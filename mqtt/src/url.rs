@@ -137,6 +137,20 @@ fn decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// `s` with every byte outside RFC 3986's unreserved set and sub-delimiters written as `%XX`,
+/// so a user name holding `:`, `@` or `%` reads back as itself.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for byte in s.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// `s` with any password replaced by `****`, for logs and error messages.
 pub fn redact(s: &str) -> String {
     match s.split_once("://") {
@@ -156,7 +170,7 @@ impl fmt::Display for BrokerUrl {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
         write!(f, "{scheme}://")?;
         if let Some(user) = &self.username {
-            f.write_str(user)?;
+            f.write_str(&encode(user))?;
             if self.password.is_some() {
                 f.write_str(":****")?;
             }
@@ -211,8 +225,13 @@ mod tests {
         let u: BrokerUrl = "mqtts://dev%3A1:p%40ss:w@broker:8884".parse().unwrap();
         assert_eq!(u.username(), Some("dev:1"));
         assert_eq!(u.password(), Some("p@ss:w"));
-        assert_eq!(u.to_string(), "mqtts://dev:1:****@broker:8884");
+        assert_eq!(u.to_string(), "mqtts://dev%3A1:****@broker:8884");
         assert!(!format!("{u:?}").contains("p@ss"));
+        // A user name with `:`, `@` or `%` is written so it reads back as itself.
+        let u: BrokerUrl = "mqtt://a%25b%40c@broker".parse().unwrap();
+        assert_eq!(u.username(), Some("a%b@c"));
+        let again: BrokerUrl = u.to_string().parse().unwrap();
+        assert_eq!(again.username(), Some("a%b@c"));
         let u: BrokerUrl = "mqtt://only-user@broker".parse().unwrap();
         assert_eq!((u.username(), u.password()), (Some("only-user"), None));
         assert_eq!(u.without_credentials().to_string(), "mqtt://broker:1883");

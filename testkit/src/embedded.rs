@@ -8,12 +8,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// An embedded broker serving `127.0.0.1:<free port>` in a task of the current tokio runtime,
-/// open to every client (no gatekeeper), with the default limits. Stops when dropped.
+/// open to every client (no gatekeeper), with the default limits. Dropping it asks it to stop:
+/// it closes its connections and ends, as `ambient coordinator` does on a signal.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), BrokerError>>,
+    _task: JoinHandle<Result<(), BrokerError>>,
 }
 
 impl EmbeddedBroker {
@@ -33,7 +34,7 @@ impl EmbeddedBroker {
         Self {
             addr,
             stop: Some(stop),
-            task,
+            _task: task,
         }
     }
 
@@ -53,6 +54,5 @@ impl Drop for EmbeddedBroker {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task.abort();
     }
 }

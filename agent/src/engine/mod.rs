@@ -203,6 +203,11 @@ pub enum ExecError {
     /// The engine could not be created or configured.
     #[error("engine setup failed: {0}")]
     Setup(String),
+    /// The agent itself failed (a panic in the engine or the agent: a bug, not the module's
+    /// doing). Its tasks are refused as unavailable, so they run elsewhere and count against
+    /// this node's breaker.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Sandbox settings that do not change per task.

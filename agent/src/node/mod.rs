@@ -33,9 +33,9 @@
 //!
 //! # Layout
 //!
-//! This file holds the types, the state, [`Node::handle`], admission, the outbox and shutdown;
-//! `modules.rs` the module lookups and fetches, `telemetry.rs` the signed samples and pings,
-//! `tests.rs` the unit tests.
+//! This file holds the types, the state, [`Node::handle`], admission (assignments and pongs),
+//! the outbox and shutdown; `modules.rs` the module lookups and fetches, `telemetry.rs` the
+//! signed samples and pings, `tests.rs` the unit tests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -166,6 +166,10 @@ pub(crate) enum Input<M> {
     Tick,
     /// A reading of the host (answer to [`Action::Sample`]).
     Reading(Reading),
+    /// Reading the host failed (a panic in the sampler): no telemetry this time, so a node
+    /// that cannot read its sensors goes silent rather than claiming it is cool, and one
+    /// device error.
+    SampleFailed,
     /// The retry interval: publish what is not queued, store what waited too long.
     Retry,
     /// Stop taking tasks and shut down.
@@ -421,6 +425,12 @@ impl<M: Clone> Node<M> {
                 }
             }
             Input::Reading(reading) => self.on_reading(now, reading, out),
+            Input::SampleFailed => {
+                self.sampling = false;
+                if let Some(t) = self.breaker.record(self.now_ms(now), false) {
+                    log_transition(t);
+                }
+            }
             Input::Retry => {
                 self.send_reports(out);
                 self.store_reports(now, false, out);

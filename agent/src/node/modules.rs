@@ -103,8 +103,8 @@ impl<M: Clone> Node<M> {
                     out.push(Action::Execute { job, module });
                 }
             }
-            Err(ExecError::HashMismatch { actual, .. }) => {
-                tracing::warn!(module = %hash, got = %actual, "module bytes do not match their hash");
+            Err(e @ (ExecError::HashMismatch { .. } | ExecError::Internal(_))) => {
+                tracing::warn!(module = %hash, error = %e, "module unavailable");
                 for job in fetch.waiters {
                     refuse(job.key(), Refusal::ModuleUnavailable, true, out);
                 }

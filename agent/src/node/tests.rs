@@ -674,6 +674,14 @@ fn a_pong_from_the_pinned_coordinator_gives_the_latency_the_next_telemetry_repor
 }
 
 #[test]
+fn a_sampler_that_fails_publishes_nothing_counts_an_error_and_is_asked_again_next_tick() {
+    let mut h = Harness::online(4);
+    assert!(h.said(SECOND, Input::SampleFailed).is_empty());
+    assert_eq!(h.node.breaker.errors(), 1);
+    assert_eq!(h.said(2 * SECOND, Input::Tick), ["sample running=0"]);
+}
+
+#[test]
 fn a_failing_program_is_no_device_error_and_a_timeout_counts_neither_way() {
     for exit in [
         Exit::Ok,

@@ -1,10 +1,13 @@
-//! Sockets: the accept loop and one task per connection.
+//! Sockets: the listeners, the accept loop and one task per connection.
 //!
 //! Every protocol decision belongs to the [`Router`]; this module frames bytes into packets,
 //! hands them over, carries out the [`Effects`] that come back, and owns every timeout.
 //!
-//! `connection.rs` is one connection's task: the handshake, then reading, routing and writing
-//! until it closes.
+//! # Layout
+//!
+//! This file holds the listeners, the accept loop with its per-address limits, and the state
+//! the connections share; `connection.rs` is one connection's task: the handshake, then
+//! reading, routing and writing until it closes.
 
 use std::collections::HashMap;
 use std::future::Future;

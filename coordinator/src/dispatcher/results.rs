@@ -1,7 +1,7 @@
 //! Reports to verdicts: authenticating a report, tallying votes against the task's policy,
 //! escalating contested votes, comparing late replicas, and ending a task (settlement and its
 //! final event). See "Targeting an error rate", "Contested votes" and "Results found suspect
-//! later" in the module docs above.
+//! later" in the parent module's docs.
 
 use super::*;
 
