@@ -16,6 +16,7 @@ use ambient_core::{
     Announce, Envelope, Identity, MAX_LABELS, MAX_MESSAGE_LEN, Message, NodeId, Receipt, Refusal,
     Report, ReportBody, SignedAnnounce, SignedRefusal, sha3_256, sign_message, topics,
 };
+use ambient_mqtt::Backoff;
 use bytes::Bytes;
 use rand::Rng as _;
 use tokio::sync::mpsc;
@@ -27,7 +28,7 @@ use tracing::Instrument as _;
 use crate::AgentError;
 use crate::calibrate;
 use crate::config::{AgentConfig, EngineChoice};
-use crate::connection::{self, Backoff, ConnEvent, Driver, Inbound, Publisher};
+use crate::connection::{self, ConnEvent, Driver, Inbound, Publisher};
 use crate::dedup::TaskKey;
 use crate::engine::{Call, ExecError, Execution, Prepared, Sandbox, Wasmtime, task_seed};
 use crate::metrics::Metrics;

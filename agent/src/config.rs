@@ -161,6 +161,22 @@ pub struct RawSafety {
     pub thermal_prefer: Option<Vec<String>>,
 }
 
+impl RawSafety {
+    /// These overrides with every threshold of `policy` set; the thermal zones stay as they are.
+    fn with_policy(self, policy: SafetyPolicy) -> Self {
+        Self {
+            max_temp_millic: Some(policy.max_temp_millic),
+            resume_temp_millic: Some(policy.resume_temp_millic),
+            max_latency_us: Some(policy.max_latency_us),
+            max_errors: Some(policy.max_errors),
+            trip_on_throttle: Some(policy.trip_on_throttle),
+            cooldown_ms: Some(policy.cooldown_ms),
+            max_cooldown_ms: Some(policy.max_cooldown_ms),
+            ..self
+        }
+    }
+}
+
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
@@ -718,16 +734,7 @@ impl AgentConfig {
 
     /// Overrides the safety policy entirely.
     pub fn set_safety_policy(&mut self, policy: SafetyPolicy) -> &mut Self {
-        self.safety = RawSafety {
-            max_temp_millic: Some(policy.max_temp_millic),
-            resume_temp_millic: Some(policy.resume_temp_millic),
-            max_latency_us: Some(policy.max_latency_us),
-            max_errors: Some(policy.max_errors),
-            trip_on_throttle: Some(policy.trip_on_throttle),
-            cooldown_ms: Some(policy.cooldown_ms),
-            max_cooldown_ms: Some(policy.max_cooldown_ms),
-            ..self.safety.clone()
-        };
+        self.safety = self.safety.clone().with_policy(policy);
         self
     }
 
@@ -816,16 +823,11 @@ impl AgentConfig {
             },
             sandbox: RawSandbox::from(&self.sandbox),
             safety: RawSafety {
-                max_temp_millic: Some(policy.max_temp_millic),
-                resume_temp_millic: Some(policy.resume_temp_millic),
-                max_latency_us: Some(policy.max_latency_us),
-                max_errors: Some(policy.max_errors),
-                trip_on_throttle: Some(policy.trip_on_throttle),
-                cooldown_ms: Some(policy.cooldown_ms),
-                max_cooldown_ms: Some(policy.max_cooldown_ms),
                 thermal_ignore: Some(zones.ignore),
                 thermal_prefer: Some(zones.prefer),
-            },
+                ..RawSafety::default()
+            }
+            .with_policy(policy),
             metrics: self.metrics.map(|a| a.to_string()),
         }
     }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::delivery::{Delivery, Tag};
-pub(crate) use ambient_mqtt::Backoff;
+use ambient_mqtt::Backoff;
 
 /// Requests the client may queue before `try_publish` reports the channel full.
 const REQUEST_CAPACITY: usize = 256;
