@@ -11,7 +11,6 @@ pub mod engine;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
-mod link;
 mod metrics;
 mod node;
 mod outbox;

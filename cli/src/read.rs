@@ -153,15 +153,9 @@ pub fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
                 ms as f64 / 1000.0
             ));
         }
-        // Seen to run at under half the rate it announced: the claim is shown beside the facts.
-        if let (Some(claimed), Some(seen)) = (n.announced_fuel_per_s, n.observed_fuel_per_s)
-            && seen < claimed / 2
-        {
-            breaker.push_str(&format!(
-                "; announced {} fuel/s, seen {}",
-                per_second(Some(claimed)),
-                per_second(Some(seen))
-            ));
+        // Claims the coordinator's own measurements contradict: shown beside the facts.
+        for claim in &n.contradicted {
+            breaker.push_str(&format!("; {claim}"));
         }
         let node = n.node.to_hex();
         println!(

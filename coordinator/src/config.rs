@@ -249,6 +249,13 @@ pub struct RawScheduling {
     pub bandwidth_ref_kbps: u32,
     /// Core count at which the compute term's capacity saturates. Default 8.
     pub cores_ref: u16,
+    /// How often the coordinator probes each online node's round trip, in ms: the latency
+    /// term and latency-aware placement use what it measures, not what nodes report. Default
+    /// 5000.
+    pub probe_interval_ms: u64,
+    /// Every this many probes of a node, one carries 64 KiB to measure its bandwidth (the
+    /// bandwidth term). Default 12: once a minute at the default interval.
+    pub bandwidth_probe_every: u32,
 }
 
 /// `[verification]`.
@@ -342,6 +349,7 @@ impl Default for RawScheduling {
     fn default() -> Self {
         let d = DispatchConfig::default();
         let s = ScoreConfig::default();
+        let r = RegistryConfig::default();
         Self {
             strategy: Strategy::default().to_string(),
             liveness_ms: 15_000,
@@ -350,6 +358,8 @@ impl Default for RawScheduling {
             queue_timeout_ms: d.queue_timeout.as_millis() as u64,
             bandwidth_ref_kbps: s.bandwidth_ref_kbps,
             cores_ref: s.cores_ref,
+            probe_interval_ms: r.probe_interval.as_millis() as u64,
+            bandwidth_probe_every: r.bandwidth_probe_every,
         }
     }
 }
@@ -528,6 +538,20 @@ impl RawConfig {
                 "a positive number of milliseconds",
             ));
         }
+        if self.scheduling.probe_interval_ms < 100 {
+            return Err(bad(
+                "scheduling.probe_interval_ms",
+                self.scheduling.probe_interval_ms,
+                "at least 100 (the coordinator's tick); nodes drop probes closer than 50 ms",
+            ));
+        }
+        if self.scheduling.bandwidth_probe_every == 0 {
+            return Err(bad(
+                "scheduling.bandwidth_probe_every",
+                0,
+                "at least 1 (1: every probe measures bandwidth)",
+            ));
+        }
         if self.enrollment.max_nodes == 0 {
             return Err(bad("enrollment.max_nodes", 0, "at least 1"));
         }
@@ -596,6 +620,8 @@ impl RawConfig {
                 trust_after: self.verification.trust_after,
                 blacklist: Duration::from_secs(self.verification.blacklist_secs),
                 assumed_faulty_permille: self.verification.assumed_faulty_permille,
+                probe_interval: Duration::from_millis(self.scheduling.probe_interval_ms),
+                bandwidth_probe_every: self.scheduling.bandwidth_probe_every,
             },
             snapshot_interval: Duration::from_millis(self.storage.snapshot_interval_ms.max(100)),
             anonymous,

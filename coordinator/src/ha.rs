@@ -453,6 +453,9 @@ mod tests {
             fuel_per_s: None,
             announced_fuel_per_s: None,
             observed_fuel_per_s: None,
+            observed_latency_us: None,
+            observed_bandwidth_kbps: None,
+            contradicted: Vec::new(),
             sample: Some(TelemetrySample {
                 temp_millic: Some(temp_millic),
                 ..TelemetrySample::default()

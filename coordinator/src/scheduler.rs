@@ -431,7 +431,7 @@ fn count_down(counts: &mut HashMap<String, u32>, key: &str) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use ambient_core::{Engine, NodeId, TelemetrySample};
     use rand::rngs::StdRng;
@@ -449,6 +449,16 @@ mod tests {
             mem_free_bytes: Some(2 << 30),
             temp_millic: Some(50_000),
             ..Default::default()
+        }
+    }
+
+    /// Node `i` reports `s`, and the coordinator's probes see the latency and bandwidth it
+    /// reports (the registry ranks by those, not by the report).
+    fn speak(fleet: &mut Fleet, now: Instant, i: usize, s: TelemetrySample) {
+        let link = s.latency_us.map(|l| (u64::from(l), s.bandwidth_kbps.map(u64::from)));
+        fleet.report(now, i, s);
+        if let Some((latency_us, kbps)) = link {
+            fleet.link(now, i, latency_us, kbps);
         }
     }
 
@@ -498,9 +508,9 @@ mod tests {
     fn weighted_prefers_the_highest_score_and_breaks_ties_by_id() {
         let mut fleet = Fleet::new(3);
         let now = t0();
-        fleet.report(now, 0, sample(900, 80_000));
-        fleet.report(now, 1, sample(100, 5_000));
-        fleet.report(now, 2, sample(100, 5_000));
+        speak(&mut fleet, now, 0, sample(900, 80_000));
+        speak(&mut fleet, now, 1, sample(100, 5_000));
+        speak(&mut fleet, now, 2, sample(100, 5_000));
         let best = fleet.registry.select(now, &any(), Strategy::Weighted, &[]);
         let (a, b) = (fleet.id(1), fleet.id(2));
         assert_eq!(best, Some(a.min(b)), "equal scores go to the lower id");
@@ -515,14 +525,14 @@ mod tests {
         let mut fleet = Fleet::new(5);
         let now = t0();
         for i in 0..5 {
-            fleet.report(now, i, sample(100, 5_000));
+            speak(&mut fleet, now, i, sample(100, 5_000));
         }
         // Node 4 is too hot: round-robin must skip it, not stall on it.
         let hot = TelemetrySample {
             temp_millic: Some(95_000),
             ..sample(100, 5_000)
         };
-        fleet.report(now, 4, hot);
+        speak(&mut fleet, now, 4, hot);
 
         let picks: Vec<NodeId> = (0..8)
             .map(|_| {
@@ -542,9 +552,9 @@ mod tests {
     fn least_loaded_prefers_the_idle_node() {
         let mut fleet = Fleet::new(3);
         let now = t0();
-        fleet.report(now, 0, sample(700, 1_000));
-        fleet.report(now, 1, sample(50, 90_000));
-        fleet.report(now, 2, sample(400, 1_000));
+        speak(&mut fleet, now, 0, sample(700, 1_000));
+        speak(&mut fleet, now, 1, sample(50, 90_000));
+        speak(&mut fleet, now, 2, sample(400, 1_000));
         let pick = fleet
             .registry
             .select(now, &any(), Strategy::LeastLoaded, &[]);
@@ -555,8 +565,8 @@ mod tests {
     fn least_loaded_counts_tasks_in_flight() {
         let mut fleet = Fleet::with(2, |a| a.max_concurrency = 4);
         let now = t0();
-        fleet.report(now, 0, sample(100, 1_000));
-        fleet.report(now, 1, sample(200, 1_000));
+        speak(&mut fleet, now, 0, sample(100, 1_000));
+        speak(&mut fleet, now, 1, sample(200, 1_000));
         let idle = fleet.id(0);
         assert_eq!(
             fleet
@@ -593,8 +603,8 @@ mod tests {
                 ..sample(0, 0)
             },
         );
-        fleet.report(now, 1, sample(900, 3_000));
-        fleet.report(now, 2, sample(0, 40_000));
+        speak(&mut fleet, now, 1, sample(900, 3_000));
+        speak(&mut fleet, now, 2, sample(0, 40_000));
         let order: Vec<_> = (0..3)
             .scan(Vec::new(), |seen: &mut Vec<NodeId>, _| {
                 let pick = fleet
@@ -622,9 +632,9 @@ mod tests {
             .enumerate()
         {
             fleet.reannounce(now, i, |a| a.fuel_per_s = rate(fuel_per_s));
-            fleet.report(now, i, sample(0, latency_us));
+            speak(&mut fleet, now, i, sample(0, latency_us));
         }
-        fleet.report(now, 2, sample(0, 1_000));
+        speak(&mut fleet, now, 2, sample(0, 1_000));
         fleet.reannounce(now, 3, |a| a.fuel_per_s = rate(10_000_000_000));
         fleet.report(
             now,
@@ -670,7 +680,7 @@ mod tests {
         let now = t0();
         fleet.reannounce(now, 1, |a| a.engine = Engine::WasmtimePulley);
         for i in 0..2 {
-            fleet.report(now, i, sample(100, 1_000));
+            speak(&mut fleet, now, i, sample(100, 1_000));
         }
         let wanting = |engine| Requirements {
             engine: Some(engine),
@@ -707,7 +717,7 @@ mod tests {
             a.labels.push("room-2".parse().unwrap()).unwrap();
         });
         for i in 0..4 {
-            fleet.report(now, i, sample(100, 1_000));
+            speak(&mut fleet, now, i, sample(100, 1_000));
         }
         fleet.report(
             now,
@@ -809,7 +819,7 @@ mod tests {
         let mut fleet = Fleet::new(3);
         let now = t0();
         for i in 0..3 {
-            fleet.report(now, i, sample(100 * i as u16, 1_000));
+            speak(&mut fleet, now, i, sample(100 * i as u16, 1_000));
         }
         let all: Vec<NodeId> = (0..3).map(|i| fleet.id(i)).collect();
         for strategy in Strategy::ALL {
@@ -859,11 +869,7 @@ mod tests {
                 (Keys::load_key(load, v.in_flight, 2), v.in_flight, v.node)
             }),
             Strategy::LatencyAware => eligible.min_by_key(|v| {
-                let latency = v
-                    .sample
-                    .as_ref()
-                    .and_then(|s| s.latency_us)
-                    .map_or(u64::MAX, u64::from);
+                let latency = v.observed_latency_us.map_or(u64::MAX, u64::from);
                 let rate = v.fuel_per_s.unwrap_or(0);
                 (expected_us(latency, rate, req.fuel), latency, v.node)
             }),
@@ -900,7 +906,7 @@ mod tests {
                         temp_millic: Some(rng.random_range(40_000..80_000)),
                         ..Default::default()
                     };
-                    fleet.report(now, i, s);
+                    speak(&mut fleet, now, i, s);
                 }
                 4 if in_flight[i] < 2 => {
                     fleet.registry.task_started(&id);

@@ -120,8 +120,9 @@ pub(crate) struct Link {
 enum Inbound {
     /// The broker connection came up.
     Connected,
-    /// A publish, and the connection generation it arrived on (its PUBACK is only valid there).
-    Publish(rumqttc::Publish, u64),
+    /// A publish, the connection generation it arrived on (its PUBACK is only valid there),
+    /// and when it was read.
+    Publish(rumqttc::Publish, u64, Instant),
     /// Shut down after this turn.
     Stop,
 }
@@ -447,7 +448,12 @@ async fn mqtt_loop(
                     continue;
                 }
                 let at = link.generation.load(Ordering::SeqCst);
-                if in_tx.send_async(Inbound::Publish(p, at)).await.is_err() {
+                let received = Instant::now();
+                if in_tx
+                    .send_async(Inbound::Publish(p, at, received))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -527,6 +533,15 @@ fn dispatch_loop(
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
         let now = Now::read();
+        // The tick goes first and what it places leaves at once: its probes' round trips
+        // start now, not after the turn's inputs.
+        if now.at >= next_tick {
+            verdicts.poll(&mut d, &store, now, &mut fx);
+            d.handle(now, Input::Tick, &store, &mut fx);
+            next_tick = now.at + TICK;
+            metrics.tasks(d.unfinished(), d.queued());
+            send_early(&mut fx, &store, &send);
+        }
         let mut stop = false;
         for input in first.into_iter().chain(rx.try_iter().take(MAX_TURN - 1)) {
             match input {
@@ -536,20 +551,14 @@ fn dispatch_loop(
                         ha.reconnected();
                     }
                 }
-                Inbound::Publish(p, at) => {
-                    route(&mut d, now, &p.topic, &p.payload, &store, &mut fx);
+                Inbound::Publish(p, at, received) => {
+                    route(&mut d, now, &p, received, &store, &mut fx);
                     if p.qos != QoS::AtMostOnce {
                         acks.push((p, at));
                     }
                 }
                 Inbound::Stop => stop = true,
             }
-        }
-        if now.at >= next_tick {
-            verdicts.poll(&mut d, &store, now, &mut fx);
-            d.handle(now, Input::Tick, &store, &mut fx);
-            next_tick = now.at + TICK;
-            metrics.tasks(d.unfinished(), d.queued());
         }
         if stop || now.at >= next_snapshot {
             fx.journal.push(Op::SaveNodes {
@@ -572,22 +581,8 @@ fn dispatch_loop(
             }
             drops_logged = (dropped, now.at + DROPS_LOG_EVERY);
         }
-        // 1. What may leave before the commit: module copies, then the assignments that need them.
-        for hash in fx.modules.drain(..) {
-            match store.module(&hash) {
-                Ok(Some(bytes)) => send(Outbound::Publish(Publish {
-                    topic: topics::module(&hash).to_string(),
-                    payload: bytes,
-                    retain: true,
-                    reliable: true,
-                })),
-                Ok(None) => {}
-                Err(e) => warn!(module = %hash, error = %e, "stored module cannot be read"),
-            }
-        }
-        for p in fx.dispatch.drain(..) {
-            send(Outbound::Publish(p));
-        }
+        // 1. What may leave before the commit.
+        send_early(&mut fx, &store, &send);
         // 2. One transaction, one fsync, for the whole turn.
         if !fx.journal.is_empty() {
             let started = Instant::now();
@@ -610,6 +605,26 @@ fn dispatch_loop(
         }
     }
     Ok(())
+}
+
+/// Sends what may leave before the turn's commit: module copies, then the assignments that
+/// need them and the probes.
+fn send_early(fx: &mut Effects, store: &Store, send: &impl Fn(Outbound)) {
+    for hash in fx.modules.drain(..) {
+        match store.module(&hash) {
+            Ok(Some(bytes)) => send(Outbound::Publish(Publish {
+                topic: topics::module(&hash).to_string(),
+                payload: bytes,
+                retain: true,
+                reliable: true,
+            })),
+            Ok(None) => {}
+            Err(e) => warn!(module = %hash, error = %e, "stored module cannot be read"),
+        }
+    }
+    for p in fx.dispatch.drain(..) {
+        send(Outbound::Publish(p));
+    }
 }
 
 /// Picks up the verdicts of `ambient nodes approve`/`revoke`, which another process writes to
@@ -656,11 +671,12 @@ impl Verdicts {
 fn route(
     d: &mut Dispatcher,
     now: Now,
-    topic: &str,
-    payload: &[u8],
+    p: &rumqttc::Publish,
+    received: Instant,
     store: &Store,
     fx: &mut Effects,
 ) {
+    let (topic, payload) = (&*p.topic, &p.payload[..]);
     let input = if topic == topics::SUBMIT {
         Input::Submit(payload)
     } else if let Some((node, leaf)) = topics::parse_node(topic) {
@@ -668,6 +684,7 @@ fn route(
             node,
             leaf,
             frame: payload,
+            received,
         }
     } else if let Some(hash) = topics::parse_module(topic) {
         Input::Module {

@@ -523,11 +523,13 @@ impl<'a> Sim<'a> {
                 node: id,
                 leaf: NodeTopic::Status,
                 frame: b"online",
+                received: self.now().at,
             });
             self.step(Input::Frame {
                 node: id,
                 leaf: NodeTopic::Announce,
                 frame: &frame,
+                received: self.now().at,
             });
         }
         self.telemetry();
@@ -566,6 +568,7 @@ impl<'a> Sim<'a> {
                         node: id,
                         leaf: NodeTopic::Results,
                         frame: &frame,
+                        received: self.now().at,
                     });
                     self.notice_blacklisting(node);
                 }
@@ -594,6 +597,7 @@ impl<'a> Sim<'a> {
                 node: id,
                 leaf: NodeTopic::Telemetry,
                 frame: &frame,
+                received: self.now().at,
             });
         }
         self.at(TELEMETRY_EVERY, Event::Telemetry);

@@ -12,6 +12,7 @@
 //! - [`SafetyPolicy`] and [`Breaker`]: the circuit breaker that takes a device out of the pool.
 //! - [`Receipt`] and [`SignedReceipt`]: what a node signs for every task; [`chain_hash`] for the ledger.
 //! - [`Envelope`] and [`Message`]: the versioned wire protocol; [`topics`] builds every MQTT topic.
+//! - [`LinkProbe`]: latency and bandwidth from ping/pong round trips, for either end of a link.
 //! - `inspect` (feature `inspect`, with `std`): what a WASM module imports and exports, and
 //!   whether a call can run it, read without compiling it.
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -22,6 +23,7 @@ mod connect;
 mod error;
 mod health;
 mod id;
+mod link;
 #[cfg(feature = "inspect")]
 mod inspect;
 mod proof;
@@ -36,6 +38,7 @@ pub use connect::{ConnectToken, TokenError};
 pub use error::{DecodeError, ProofError, VerifyError};
 pub use health::{HealthTerms, SCORE_SCALE, ScoreConfig, health_score};
 pub use id::{Digest, NodeId, TaskId, sha3_256};
+pub use link::{LARGE_PADDING, LinkProbe};
 #[cfg(feature = "inspect")]
 pub use inspect::{ModuleError, ModuleInfo, Refusals, WASI_MODULE, WASI_OFFERED, inspect};
 pub use proof::{
@@ -49,6 +52,7 @@ pub use verify::{CONTESTED_LEAD, Expected, Quorum, Tariff, quorum, verify_receip
 pub use wire::{
     Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
     MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,
-    MAX_PACKET_BYTES, MAX_SUBMISSION_BYTES, Message, PROTOCOL_VERSION, Ping, Pong, Refusal, Report,
+    MAX_PACKET_BYTES, MAX_SUBMISSION_BYTES, Message, PROTOCOL_VERSION, Ping, Pong, Probe, Refusal,
+    Report,
     ReportBody, SignedAnnounce, SignedRefusal, SignedTelemetry, Telemetry,
 };

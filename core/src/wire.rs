@@ -68,8 +68,13 @@ pub enum Message<'a> {
     Report(#[serde(borrow)] Report<'a>),
     /// Node → coordinator on `nodes/{id}/telemetry`: latency and bandwidth probe.
     Ping(#[serde(borrow)] Ping<'a>),
-    /// Coordinator → node on `nodes/{id}/tasks`: the answer to a ping.
+    /// The answer to a probe, signed by the side that answers: coordinator → node on
+    /// `nodes/{id}/tasks` for a [`Ping`], node → coordinator on `nodes/{id}/telemetry` for a
+    /// [`Probe`].
     Pong(Pong),
+    /// Coordinator → node on `nodes/{id}/tasks`: the coordinator's own latency and bandwidth
+    /// probe, answered with a [`Pong`] the node signs.
+    Probe(#[serde(borrow)] Probe<'a>),
 }
 
 /// A node's self-description.
@@ -346,7 +351,8 @@ pub enum Refusal {
     ShuttingDown,
 }
 
-/// A probe: the coordinator answers with a [`Pong`] carrying the same nonce.
+/// A node's probe of its link to the coordinator: the coordinator answers with a [`Pong`]
+/// carrying the same nonce.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping<'a> {
     /// The node.
@@ -357,14 +363,31 @@ pub struct Ping<'a> {
     pub padding: &'a [u8],
 }
 
-/// The answer to a [`Ping`], signed by the coordinator, so that nobody else can make a node's
-/// link look faster or slower than it is.
+/// The coordinator's probe of its link to a node: the node answers with a [`Pong`] it signs,
+/// carrying the same nonce.
+///
+/// The nonce comes after the padding on the wire and is drawn at random, so a pong proves that
+/// the whole frame arrived: a node cannot answer a large probe early to look faster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe<'a> {
+    /// The node.
+    pub node: NodeId,
+    /// Filler that makes some probes large, so the coordinator can estimate bandwidth.
+    pub padding: &'a [u8],
+    /// Echoed back.
+    pub nonce: u64,
+}
+
+/// The answer to a [`Ping`] or a [`Probe`], signed by the side that answers (the coordinator
+/// for a ping, the node for a probe), so that nobody else can make a link look faster or
+/// slower than it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {
-    /// The ping's nonce.
+    /// The probe's nonce.
     pub nonce: u64,
-    /// The coordinator's ed25519 public key (what agents pin).
-    pub coordinator: [u8; 32],
+    /// The answering side's ed25519 public key: the coordinator's (what agents pin) or the
+    /// node's (what it announced).
+    pub signer: [u8; 32],
     /// Signature over [`PongClaim`] (domain [`Pong::TAG`]).
     #[serde(with = "serde_sig")]
     pub signature: [u8; 64],
@@ -381,18 +404,20 @@ impl Pong {
     /// Domain-separation tag of pong signatures.
     pub const TAG: &'static [u8] = b"ambient/pong/v1\0";
 
-    /// `coordinator` answers `node`'s ping `nonce`.
-    pub fn sign(coordinator: &Identity, node: &NodeId, nonce: u64) -> Self {
+    /// `signer` answers the probe `nonce` on the link to `node` (the coordinator answers a
+    /// node's ping; a node answers the coordinator's probe with its own id).
+    pub fn sign(signer: &Identity, node: &NodeId, nonce: u64) -> Self {
         Self {
             nonce,
-            coordinator: coordinator.public_key(),
+            signer: signer.public_key(),
             // A node id and a nonce always fit the signing buffer.
-            signature: sign_message(coordinator, Self::TAG, &PongClaim { node, nonce })
+            signature: sign_message(signer, Self::TAG, &PongClaim { node, nonce })
                 .unwrap_or([0; 64]),
         }
     }
 
-    /// Checks that [`Pong::coordinator`] signed this pong for `node`.
+    /// Checks that [`Pong::signer`] signed this pong for `node`. Whether the signer is the one
+    /// expected (the pinned coordinator, the node's announced key) is the caller's check.
     ///
     /// # Errors
     /// [`ProofError`] when the key or signature is bad.
@@ -401,7 +426,7 @@ impl Pong {
             node,
             nonce: self.nonce,
         };
-        verify_message(&self.coordinator, Self::TAG, &claim, &self.signature)
+        verify_message(&self.signer, Self::TAG, &claim, &self.signature)
     }
 }
 
@@ -482,6 +507,7 @@ impl Message<'_> {
                     .ok_or(DecodeError::Malformed)
             }
             Message::Ping(p) => check("padding", p.padding.len(), MAX_INPUT_BYTES),
+            Message::Probe(p) => check("padding", p.padding.len(), MAX_INPUT_BYTES),
             _ => Ok(()),
         }
     }

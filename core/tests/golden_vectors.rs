@@ -12,7 +12,7 @@ mod common;
 
 use ambient_core::topics::{self, NodeTopic};
 use ambient_core::{
-    Digest, Engine, Envelope, Message, NodeId, Ping, Pong, Refusal, Report, ReportBody,
+    Digest, Engine, Envelope, Message, NodeId, Ping, Pong, Probe, Refusal, Report, ReportBody,
     SignedRefusal, TripReason, chain_hash, sha3_256,
 };
 use common::*;
@@ -311,7 +311,7 @@ fn ping_and_pong_envelopes_are_pinned_and_round_trip() {
         Message::Pong(pong),
         concat!(
             "040507",                                                           // Message::Pong, nonce 7
-            "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca", // coordinator key
+            "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca", // signer: the coordinator
             // ed25519 over sha3-256("ambient/pong/v1\0" ‖ node ‖ nonce), cross-checked with
             // `openssl pkeyutl -sign -rawin`
             "f03815dff0119a1fa731cc71fc15cc303eba215c468f0a8ac05a4999c375408c",
@@ -329,6 +329,28 @@ fn ping_and_pong_envelopes_are_pinned_and_round_trip() {
         replayed.verify(&identity().node_id()).is_err(),
         "another nonce"
     );
+}
+
+#[test]
+fn a_probe_puts_its_nonce_after_the_padding_and_the_node_signs_its_pong() {
+    let probe = Message::Probe(Probe {
+        node: identity().node_id(),
+        padding: &[0xaa; 4],
+        nonce: 7,
+    });
+    assert_pinned(
+        probe,
+        concat!(
+            "0406",                             // version 4, Message::Probe
+            "096fb3f142eff542bda546cce4472a5e", // node
+            "04aaaaaaaa",                       // padding: length 4, then the bytes
+            "07",                               // nonce 7, last
+        ),
+    );
+    // The node answers with its own key; the same claim as a coordinator's pong.
+    let pong = Pong::sign(&identity(), &identity().node_id(), 7);
+    assert_eq!(pong.signer, identity().public_key());
+    assert_eq!(pong.verify(&identity().node_id()), Ok(()));
 }
 
 #[test]

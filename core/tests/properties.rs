@@ -4,7 +4,7 @@ mod common;
 
 use ambient_core::{
     Abi, Admission, Announce, Assignment, Breaker, BreakerState, CONTESTED_LEAD, DecodeError,
-    Digest, Engine, Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Quorum,
+    Digest, Engine, Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Probe, Quorum,
     Receipt, Refusal, Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy, ScoreConfig,
     SignedAnnounce, SignedReceipt, SignedRefusal, SignedTelemetry, TaskId, Telemetry,
     TelemetrySample, ThrottleFlags, TripReason, health_score, quorum,
@@ -323,9 +323,16 @@ fn message() -> impl Strategy<Value = Message<'static>> {
         )),
         any::<u64>().prop_map(|nonce| Message::Pong(Pong {
             nonce,
-            coordinator: [3; 32],
+            signer: [3; 32],
             signature: [4; 64]
         })),
+        (node_id(), bytes(256), any::<u64>()).prop_map(|(node, padding, nonce)| Message::Probe(
+            Probe {
+                node,
+                padding,
+                nonce
+            }
+        )),
     ]
 }
 
@@ -620,7 +627,7 @@ fn an_oversize_frame_is_rejected_before_decoding() {
     // `TrailingBytes` instead.
     let mut frame = Envelope::new(Message::Pong(Pong {
         nonce: 1,
-        coordinator: [3; 32],
+        signer: [3; 32],
         signature: [4; 64],
     }))
     .to_vec();

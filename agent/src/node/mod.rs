@@ -16,7 +16,8 @@
 //!   (with a deadline) or compiled, with the jobs waiting for it.
 //! - **Outbox**: every report not yet acknowledged by the broker, by sequence number; whether
 //!   it is queued in the client and whether it is on disk (see `outbox.rs` for when).
-//! - **Link**: the ping/pong probe that measures latency and bandwidth to the coordinator.
+//! - **Link**: the ping/pong probe that measures latency and bandwidth to the coordinator, and
+//!   the answers to the coordinator's own probes (held back by a simulated board's link).
 //! - **Phase**: running, then on shutdown draining (running tasks finish, up to the grace),
 //!   flushing (the outbox empties, bounded), closing (the disconnect goes out), finished.
 //!
@@ -24,12 +25,12 @@
 //!
 //! | input | decision |
 //! |---|---|
-//! | [`Input::Tasks`] | an assignment verified against the pinned key is run, refused (busy, breaker, shutting down) or answered from the duplicate filter; a pong updates the link; anything else is dropped and counted |
+//! | [`Input::Tasks`] | an assignment verified against the pinned key is run, refused (busy, breaker, shutting down) or answered from the duplicate filter; a pong updates the link; the coordinator's probe is answered with a signed pong; anything else is dropped and counted |
 //! | [`Input::NotCached`], [`Input::Loaded`], [`Input::Module`], [`Input::Prepared`] | a job waits for its module: disk, then the broker until the fetch deadline, then compile; a module that never comes or does not match its hash is refused as unavailable, one that does not compile is a rejected run |
 //! | [`Input::Finished`] | a report enters the outbox, frees its slot and tells the breaker what the run said about the device |
 //! | [`Input::Connected`], [`Input::Lost`], [`Input::Delivered`], [`Input::Unqueued`], [`Input::Retry`] | reports are (re)published oldest first and written to disk when they must outlive the process |
 //! | [`Input::Tick`], [`Input::Reading`] | signed telemetry with the breaker's state, then a ping |
-//! | [`Input::Shutdown`], [`Input::Timer`], [`Input::Closed`] | the shutdown phases; expired module fetches |
+//! | [`Input::Shutdown`], [`Input::Timer`], [`Input::Closed`] | the shutdown phases; expired module fetches; held pongs whose delay is over |
 //!
 //! # Layout
 //!
@@ -43,16 +44,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_core::{
-    Abi, Admission, Breaker, Digest, Envelope, Exit, Identity, Limits, Message, NodeId, Ping,
-    Refusal, SafetyPolicy, SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition,
-    sha3_256, sign_message, topics,
+    Abi, Admission, Breaker, Digest, Envelope, Exit, Identity, LARGE_PADDING, Limits, LinkProbe,
+    Message, NodeId, Ping, Pong, Refusal, SafetyPolicy, SignedTelemetry, TaskId, Telemetry,
+    TelemetrySample, Transition, sha3_256, sign_message, topics,
 };
 use bytes::Bytes;
 use rumqttc::QoS;
 
 use crate::dedup::{Dedup, Seen, TaskKey};
 use crate::engine::ExecError;
-use crate::link::{LARGE_PADDING, LinkProbe};
 use crate::outbox::{self, Op, Stored};
 use crate::telemetry::Reading;
 
@@ -60,6 +60,7 @@ mod modules;
 mod telemetry;
 
 use modules::{Fetch, FetchState};
+use telemetry::telemetry_frame;
 
 /// Bytes of finished reports kept in memory to answer a duplicate assignment.
 const REPORT_MEMORY: usize = 16 << 20;
@@ -67,6 +68,12 @@ const REPORT_MEMORY: usize = 16 << 20;
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// Longest shutdown waits for the disconnect to go out.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
+/// Probes closer together than this are not answered. The coordinator probes every few
+/// seconds; probes are unsigned, so this bounds the pongs anyone who can publish on the tasks
+/// topic can make the node sign.
+const PROBE_SPACING: Duration = Duration::from_millis(50);
+/// Pongs held back for a simulated link's delay, at most.
+const MAX_HELD_PONGS: usize = 8;
 
 /// What the node is configured with (from [`crate::AgentConfig`]).
 #[derive(Debug, Clone)]
@@ -290,6 +297,11 @@ pub(crate) struct Node<M> {
     outbox: BTreeMap<u64, Pending>,
     next_seq: u64,
     link: LinkProbe,
+    next_nonce: u64,
+    /// Pongs to the coordinator's probes, with when they go out (a simulated link's delay).
+    held_pongs: Vec<(Instant, Bytes)>,
+    /// When the coordinator's last probe was answered.
+    last_probe: Option<Instant>,
     /// A sample is being taken.
     sampling: bool,
     telemetry_seq: u64,
@@ -349,7 +361,10 @@ impl<M: Clone> Node<M> {
             fetches: HashMap::new(),
             outbox,
             next_seq,
-            link: LinkProbe::new(start.first_nonce),
+            link: LinkProbe::default(),
+            next_nonce: start.first_nonce,
+            held_pongs: Vec::new(),
+            last_probe: None,
             sampling: false,
             telemetry_seq: 0,
             boot_id: start.boot_id,
@@ -386,7 +401,8 @@ impl<M: Clone> Node<M> {
                 Some(until)
             }
         };
-        fetch.into_iter().chain(phase).min()
+        let pong = self.held_pongs.iter().map(|(at, _)| *at).min();
+        fetch.into_iter().chain(phase).chain(pong).min()
     }
 
     /// Applies `input` at `now`; appends what to do to `out`.
@@ -436,7 +452,10 @@ impl<M: Clone> Node<M> {
                 self.store_reports(now, false, out);
             }
             Input::Shutdown => self.begin_shutdown(now, out),
-            Input::Timer => self.expire_fetches(now, out),
+            Input::Timer => {
+                self.expire_fetches(now, out);
+                self.release_pongs(now, out);
+            }
             Input::Closed => {
                 if matches!(self.phase, Phase::Closing { .. }) {
                     self.finish(now, out);
@@ -667,14 +686,63 @@ impl<M: Clone> Node<M> {
                 let checked = p
                     .verify(&self.node)
                     .map_err(|e| format!("pong signature: {e}"))
-                    .and_then(|()| self.check_coordinator("pong", p.coordinator, out));
+                    .and_then(|()| self.check_coordinator("pong", p.signer, out));
                 if let Err(why) = checked {
                     return self.drop_frame(&why);
                 }
                 self.link.pong(p.nonce, self.micros(now));
             }
-            _ => self.drop_frame("not an assignment or a pong"),
+            Message::Probe(p) if p.node == self.node => {
+                self.on_probe(now, p.nonce, p.padding.len(), out);
+            }
+            _ => self.drop_frame("not an assignment, a pong or a probe for this node"),
         }
+    }
+
+    /// Answers the coordinator's probe with a pong this node signs, on its telemetry topic. A
+    /// simulated board holds the pong back by its link: its round-trip latency, plus the
+    /// padding's travel time at its bandwidth, so the coordinator measures that board's link.
+    /// Probes closer than [`PROBE_SPACING`], or beyond [`MAX_HELD_PONGS`] waiting, are dropped.
+    fn on_probe(&mut self, now: Instant, nonce: u64, padding: usize, out: &mut Vec<Action<M>>) {
+        let too_soon = self
+            .last_probe
+            .is_some_and(|at| now.saturating_duration_since(at) < PROBE_SPACING);
+        if too_soon || self.held_pongs.len() >= MAX_HELD_PONGS {
+            self.dropped_frames += 1;
+            tracing::debug!(
+                dropped_frames = self.dropped_frames,
+                "probe dropped: too soon after the last"
+            );
+            return;
+        }
+        self.last_probe = Some(now);
+        let pong = Pong::sign(&self.identity, &self.node, nonce);
+        let frame = Bytes::from(Envelope::new(Message::Pong(pong)).to_vec());
+        let delay = self.settings.link_offset.map_or(0, |(latency_us, kbps)| {
+            let travel_us = padding as u64 * 8 * 1_000 / u64::from(kbps.max(1));
+            u64::from(latency_us) + travel_us
+        });
+        if delay == 0 {
+            out.push(telemetry_frame(frame));
+        } else {
+            let at = now + Duration::from_micros(delay);
+            self.held_pongs.push((at, frame));
+        }
+    }
+
+    /// Sends the held pongs whose delay is over (while connected; a pong after a reconnect
+    /// would only measure the outage).
+    fn release_pongs(&mut self, now: Instant, out: &mut Vec<Action<M>>) {
+        let connected = self.connected;
+        self.held_pongs.retain(|(at, frame)| {
+            if *at > now {
+                return true;
+            }
+            if connected {
+                out.push(telemetry_frame(frame.clone()));
+            }
+            false
+        });
     }
 
     fn on_assign(&mut self, now: Instant, job: Job, out: &mut Vec<Action<M>>) {

@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub(super) fn telemetry_frame<M>(frame: Vec<u8>) -> Action<M> {
+pub(super) fn telemetry_frame<M>(frame: impl Into<Bytes>) -> Action<M> {
     Action::Publish {
         leaf: Leaf::Telemetry,
         qos: QoS::AtMostOnce,
@@ -82,7 +82,9 @@ impl<M: Clone> Node<M> {
         } else {
             Vec::new()
         };
-        let nonce = self.link.ping(self.micros(now), padding.len());
+        let nonce = self.next_nonce;
+        self.next_nonce = nonce.wrapping_add(1);
+        self.link.ping(self.micros(now), nonce, padding.len());
         let ping = Envelope::new(Message::Ping(Ping {
             node: self.node,
             nonce,

@@ -131,6 +131,7 @@ fn describe(action: &Action<Module>) -> String {
                 Message::Telemetry(_) => "telemetry".into(),
                 Message::Ping(p) if p.padding.is_empty() => format!("ping {}", p.nonce),
                 Message::Ping(p) => format!("large ping {}", p.nonce),
+                Message::Pong(p) => format!("pong {}", p.nonce),
                 other => panic!("{other:?} on telemetry"),
             },
             (leaf, _) => format!("publish {leaf:?}"),
@@ -671,6 +672,64 @@ fn a_pong_from_the_pinned_coordinator_gives_the_latency_the_next_telemetry_repor
         panic!("{sampled:?}");
     };
     assert_eq!(sample.latency_us, Some(3000));
+}
+
+fn probe(node: &NodeId, nonce: u64, padding: usize) -> Input<Module> {
+    let padding = vec![0; padding];
+    let probe = ambient_core::Probe {
+        node: *node,
+        padding: &padding,
+        nonce,
+    };
+    Input::Tasks(Envelope::new(Message::Probe(probe)).to_vec().into())
+}
+
+#[test]
+fn the_coordinators_probe_is_answered_at_once_with_a_pong_the_node_signs() {
+    let mut h = Harness::online(4);
+    let out = h.step(SECOND, probe(&h.id, 42, 0));
+    assert_eq!(out.iter().map(describe).collect::<Vec<_>>(), ["pong 42"]);
+    let Action::Publish { payload, .. } = &out[0] else {
+        unreachable!()
+    };
+    let Message::Pong(pong) = Envelope::decode(payload).unwrap().message else {
+        unreachable!()
+    };
+    assert_eq!(pong.signer, Identity::from_secret(&[7; 32]).public_key());
+    assert_eq!(pong.verify(&h.id), Ok(()));
+    // A probe for another node is not this node's to answer.
+    assert!(h.said(2 * SECOND, probe(&NodeId([9; 16]), 43, 0)).is_empty());
+    assert_eq!(h.node.dropped_frames, 1);
+}
+
+#[test]
+fn a_simulated_board_holds_its_pong_back_by_its_links_latency_and_bandwidth() {
+    let mut h = Harness::online(4);
+    // 2 ms round trips, 8 Mbit/s: 1,000 bytes take 1 ms more.
+    h.node.settings.link_offset = Some((2_000, 8_000));
+    assert!(h.said(SECOND, probe(&h.id, 1, 1_000)).is_empty());
+    let due = SECOND + Duration::from_millis(3);
+    assert_eq!(h.node.next_deadline(), Some(h.t0 + due));
+    assert!(h.said(due - Duration::from_micros(1), Input::Timer).is_empty());
+    assert_eq!(h.said(due, Input::Timer), ["pong 1"]);
+    assert_eq!(h.node.next_deadline(), None);
+    // Held while the connection drops: not sent after it, where it would measure the outage.
+    h.step(2 * SECOND, probe(&h.id, 2, 0));
+    h.step(2 * SECOND, Input::Lost { resend: vec![], error: "gone".into() });
+    assert!(h.said(3 * SECOND, Input::Timer).is_empty());
+    assert_eq!(h.node.next_deadline(), None);
+}
+
+#[test]
+fn probes_closer_than_the_spacing_are_dropped_so_a_flood_costs_few_signatures() {
+    let mut h = Harness::online(4);
+    let mut answered = 0;
+    for i in 0..100u64 {
+        let at = SECOND + Duration::from_millis(i);
+        answered += h.step(at, probe(&h.id, i, 0)).len();
+    }
+    // One per 50 ms over 100 ms.
+    assert_eq!(answered, 2);
 }
 
 #[test]

@@ -256,9 +256,12 @@ pub struct Dropped {
     pub not_enrolled: u64,
     /// Reports for tasks already finished, or attempts not outstanding (replays, duplicates).
     pub stale_reports: u64,
-    /// Reports whose signature does not prove they come from the node they name, for the
-    /// attempt they answer (forged, replayed, or with output bytes the receipt does not cover).
-    /// Never held against that node.
+    /// Pongs to no outstanding probe of the coordinator's (late, replayed).
+    #[serde(default)]
+    pub stale_pongs: u64,
+    /// Reports and pongs whose signature does not prove they come from the node they name, for
+    /// the attempt or probe they answer (forged, replayed, or with output bytes the receipt
+    /// does not cover). Never held against that node.
     pub unauthenticated: u64,
     /// Receipts the node signed for the attempt whose claims are false (a dispute).
     pub bad_receipts: u64,
@@ -279,6 +282,7 @@ impl Dropped {
             ("refused_joins", self.refused_joins),
             ("not_enrolled", self.not_enrolled),
             ("stale_reports", self.stale_reports),
+            ("stale_pongs", self.stale_pongs),
             ("unauthenticated", self.unauthenticated),
             ("bad_receipts", self.bad_receipts),
             ("bad_modules", self.bad_modules),
@@ -321,6 +325,9 @@ pub enum Input<'a> {
         leaf: NodeTopic,
         /// The payload.
         frame: &'a [u8],
+        /// When the service read it off the socket: a pong's round trip ends here, not when
+        /// the dispatcher got to it.
+        received: Instant,
     },
     /// A module upload on `ambient/v1/modules/{hash}`.
     Module {
@@ -659,7 +666,12 @@ impl Dispatcher {
     pub fn handle(&mut self, now: Now, input: Input<'_>, journal: &impl Journal, fx: &mut Effects) {
         match input {
             Input::Submit(json) => self.on_submission(now, json, journal, fx),
-            Input::Frame { node, leaf, frame } => self.on_node_frame(now, node, leaf, frame, fx),
+            Input::Frame {
+                node,
+                leaf,
+                frame,
+                received,
+            } => self.on_node_frame(now, node, leaf, frame, received, fx),
             Input::Module { hash, bytes } => self.on_module(hash, bytes, fx),
             Input::Verdict {
                 public_key,
@@ -744,6 +756,7 @@ impl Dispatcher {
         node: NodeId,
         leaf: NodeTopic,
         frame: &[u8],
+        received: Instant,
         fx: &mut Effects,
     ) {
         if leaf == NodeTopic::Status {
@@ -803,6 +816,19 @@ impl Dispatcher {
             }
             // Answered by the service beside the socket (see `pong`).
             Message::Ping(_) if leaf == NodeTopic::Telemetry => {}
+            // The answer to one of the coordinator's probes (`on_tick`).
+            Message::Pong(p) if leaf == NodeTopic::Telemetry => {
+                match self.registry.on_pong(received, node, &p) {
+                    Ok(()) => {}
+                    Err(RegistryError::TooFast) => self.dropped.rate_limited += 1,
+                    Err(RegistryError::UnknownNode) => self.dropped.unknown_node += 1,
+                    Err(RegistryError::UnknownProbe) => self.dropped.stale_pongs += 1,
+                    Err(e) => {
+                        self.dropped.unauthenticated += 1;
+                        debug!(%node, error = %e, "pong refused");
+                    }
+                }
+            }
             Message::Report(r) if r.node == node && leaf == NodeTopic::Results => {
                 self.on_report(now, r, fx);
                 // The report freed a slot: queued tasks should not wait for the next tick.

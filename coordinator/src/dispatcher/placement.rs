@@ -1,7 +1,11 @@
 //! Placing attempts: the queue of tasks waiting for an eligible node, retries after a failed
 //! dispatch, dispatch deadlines and the tick that checks them, and the signed `Assign` frame.
 
+use ambient_core::{LARGE_PADDING, Probe};
+use rand::Rng as _;
+
 use super::*;
+use crate::Probing;
 
 /// The `Assign` frame for `attempt` of a task, addressed to `node` and signed by `identity`.
 pub(super) fn assignment(identity: &Identity, job: &Job, attempt: u16, node: NodeId) -> Publish {
@@ -21,6 +25,26 @@ pub(super) fn assignment(identity: &Identity, job: &Job, attempt: u16, node: Nod
     a.sign(identity, &node, &job.input_hash);
     let frame = Envelope::new(Message::Assign(a)).to_vec();
     Publish::reliable(topics::node(&node, NodeTopic::Tasks).as_str(), frame)
+}
+
+/// Zeros for the padding of a bandwidth probe. The nonce comes after it on the wire, so the
+/// padding need not be random for the node to need all of it before it can answer.
+static PADDING: [u8; LARGE_PADDING] = [0; LARGE_PADDING];
+
+/// The [`Probe`] frame for `p`, on the node's tasks topic, at QoS 0 (a lost probe is only a
+/// missing sample).
+fn probe(p: Probing) -> Publish {
+    let probe = Probe {
+        node: p.node,
+        padding: &PADDING[..p.padding.min(LARGE_PADDING)],
+        nonce: p.nonce,
+    };
+    Publish {
+        topic: topics::node(&p.node, NodeTopic::Tasks).to_string(),
+        payload: Envelope::new(Message::Probe(probe)).to_vec(),
+        retain: false,
+        reliable: false,
+    }
 }
 
 impl Dispatcher {
@@ -227,9 +251,14 @@ impl Dispatcher {
         Some(d.node)
     }
 
-    /// Advances time: expires dispatches past their deadline and tasks that waited too long
-    /// for a node, then places what it can.
+    /// Advances time: sends the probes due (first, so the service can send them at once and
+    /// their round trips start now), expires dispatches past their deadline and tasks that
+    /// waited too long for a node, then places what it can.
     pub(super) fn on_tick(&mut self, now: Now, fx: &mut Effects) {
+        let rng = &mut self.rng;
+        for p in self.registry.probes(now.at, || rng.random()) {
+            fx.dispatch.push(probe(p));
+        }
         self.expire_late(now.at);
         for node in self.registry.went_silent(now.at) {
             self.reassign_from(now, node, "went silent (no signed traffic in time)", fx);

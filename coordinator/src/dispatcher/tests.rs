@@ -208,19 +208,48 @@ impl Fixture {
         let i = self.nodes.len() as u32;
         self.frame(node, NodeTopic::Status, b"online");
         self.frame(node, NodeTopic::Announce, &announce_frame(&id, arch, 4));
-        // Distinct latencies make the weighted order deterministic: node 0 is best.
         let sample = TelemetrySample {
-            latency_us: Some(1_000 * (i + 1)),
             cpu_load_permille: Some(100),
             mem_free_bytes: Some(4 << 30),
             ..TelemetrySample::default()
         };
         self.frame(node, NodeTopic::Telemetry, &telemetry_frame(&id, 1, sample));
         self.nodes.push(id);
+        // Distinct round trips of the coordinator's first probe make the weighted order
+        // deterministic: node 0 is best.
+        let probes = self.step(Input::Tick);
+        self.answer_probes(&probes, Duration::from_millis(u64::from(i) + 1));
+    }
+
+    /// Answers every probe in `fx` with its node's signed pong, received `after` it was sent.
+    fn answer_probes(&mut self, fx: &Effects, after: Duration) {
+        for p in &fx.dispatch {
+            let Some((node, NodeTopic::Tasks)) = topics::parse_node(&p.topic) else {
+                continue;
+            };
+            let Ok(Message::Probe(probe)) = Envelope::decode(&p.payload).map(|e| e.message) else {
+                continue;
+            };
+            let pong = Pong::sign(self.identity(node), &node, probe.nonce);
+            let frame = Envelope::new(Message::Pong(pong)).to_vec();
+            let received = self.now.at + after;
+            self.step(Input::Frame {
+                node,
+                leaf: NodeTopic::Telemetry,
+                frame: &frame,
+                received,
+            });
+        }
     }
 
     fn frame(&mut self, node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Effects {
-        self.step(Input::Frame { node, leaf, frame })
+        let received = self.now.at;
+        self.step(Input::Frame {
+            node,
+            leaf,
+            frame,
+            received,
+        })
     }
 
     fn submit_json(&mut self, json: serde_json::Value) -> Effects {
@@ -1446,6 +1475,7 @@ fn a_resubmission_in_the_same_turn_as_its_result_gets_that_result() {
             node: sent.0,
             leaf: NodeTopic::Results,
             frame: &report,
+            received: f.now.at,
         },
         &f.journal,
         &mut fx,
@@ -1661,8 +1691,41 @@ fn a_ping_is_answered_with_its_nonce_signed_only_on_its_own_node_topic() {
         panic!("not a pong");
     };
     assert_eq!(answer.nonce, 42);
-    assert_eq!(answer.coordinator, me.public_key());
+    assert_eq!(answer.signer, me.public_key());
     assert_eq!(answer.verify(&node), Ok(()));
     assert_eq!(pong(&me, other, NodeTopic::Telemetry, &frame), None);
     assert_eq!(pong(&me, node, NodeTopic::Results, &frame), None);
+}
+
+#[test]
+fn a_probes_round_trip_ends_when_its_pong_was_read_not_when_the_dispatcher_got_to_it() {
+    let mut f = fixture(1);
+    let node = f.nodes[0].node_id();
+    let latency = |f: &Fixture| f.d.registry().view(f.now.at, &node).unwrap().observed_latency_us;
+    assert_eq!(latency(&f), Some(1_000), "the fixture's first probe");
+    // The next probe is due one interval later; it leaves on that tick at QoS 0.
+    let fx = f.advance(RegistryConfig::default().probe_interval);
+    let probes: Vec<_> = fx
+        .dispatch
+        .iter()
+        .filter(|p| !p.reliable && p.topic == topics::node(&node, NodeTopic::Tasks).as_str())
+        .collect();
+    assert_eq!(probes.len(), 1);
+    let Message::Probe(probe) = Envelope::decode(&probes[0].payload).unwrap().message else {
+        panic!("not a probe");
+    };
+    // Read 1 ms after it left, handled 50 ms later behind a backlog: 1 ms.
+    let pong = Envelope::new(Message::Pong(Pong::sign(&f.nodes[0], &node, probe.nonce))).to_vec();
+    let received = f.now.at + Duration::from_millis(1);
+    f.now.at += Duration::from_millis(50);
+    f.step(Input::Frame {
+        node,
+        leaf: NodeTopic::Telemetry,
+        frame: &pong,
+        received,
+    });
+    assert_eq!(latency(&f), Some(1_000));
+    // The same pong again answers nothing.
+    f.frame(node, NodeTopic::Telemetry, &pong);
+    assert_eq!(f.d.dropped().stale_pongs, 1);
 }

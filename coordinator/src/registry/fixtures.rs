@@ -3,9 +3,11 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use std::time::Duration;
+
 use ambient_core::{
-    Announce, Engine, Identity, NodeId, SignedAnnounce, SignedTelemetry, Telemetry,
-    TelemetrySample, sign_message,
+    Announce, Engine, Identity, LARGE_PADDING, NodeId, Pong, SignedAnnounce, SignedTelemetry,
+    Telemetry, TelemetrySample, sign_message,
 };
 
 use crate::{Registry, RegistryConfig};
@@ -126,5 +128,24 @@ impl Fleet {
     pub(crate) fn report(&mut self, now: Instant, i: usize, sample: TelemetrySample) {
         let signed = self.telemetry(i, sample);
         self.registry.on_telemetry(now, &signed).unwrap();
+    }
+
+    /// The coordinator probes node `i` at `now` and the pong comes back `latency_us` later;
+    /// with `kbps`, a large probe follows whose pong takes the padding's travel time at that
+    /// bandwidth on top. Repeated calls are smoothed by the registry, as real probes are.
+    pub(crate) fn link(&mut self, now: Instant, i: usize, latency_us: u64, kbps: Option<u64>) {
+        let id = self.id(i);
+        let nonce = self.seqs[i] << 32 | 0xffff;
+        self.registry.probe_now(now, &id, nonce, 0);
+        let pong = Pong::sign(&self.identities[i], &id, nonce);
+        let back = now + Duration::from_micros(latency_us);
+        self.registry.on_pong(back, id, &pong).unwrap();
+        if let Some(kbps) = kbps {
+            let travel = LARGE_PADDING as u64 * 8 * 1_000 / kbps.max(1);
+            self.registry.probe_now(now, &id, nonce + 1, LARGE_PADDING);
+            let pong = Pong::sign(&self.identities[i], &id, nonce + 1);
+            let back = now + Duration::from_micros(latency_us + travel);
+            self.registry.on_pong(back, id, &pong).unwrap();
+        }
     }
 }

@@ -1,9 +1,28 @@
 //! The node registry: who is out there, healthy, and trusted.
 //!
 //! The registry turns what nodes say (signed announces and telemetry, presence, task outcomes)
-//! into a view of the pool and into placement decisions. It does no I/O and never reads a clock:
-//! every call takes `now` from the coordinator's monotonic clock, and nothing a node says about
-//! time is trusted. Calls are expected with non-decreasing `now`.
+//! and what the coordinator sees of them (round trips of its own probes, run times) into a view
+//! of the pool and into placement decisions. It does no I/O and never reads a clock: every call
+//! takes `now` from the coordinator's monotonic clock, and nothing a node says about time is
+//! trusted. Calls are expected with non-decreasing `now`.
+//!
+//! # What ranks a node
+//!
+//! The health score ([`ambient_core::health_score`]) ranks nodes by what the coordinator
+//! observes, never by what a node says it can do:
+//!
+//! | term | from |
+//! |---|---|
+//! | bandwidth (4/10) | the coordinator's own probes: a large [`Probe`](ambient_core::Probe) every [`RegistryConfig::bandwidth_probe_every`] ([`Registry::probes`]) |
+//! | latency (3/10) | the round trip of the coordinator's probes, every [`RegistryConfig::probe_interval`]; also what latency-aware placement ranks by |
+//! | compute (2/10) | the announced cores, times the free share: the smaller of what the node reports and what the coordinator knows is in flight on it |
+//! | reputation (1/10) | outcomes the coordinator judged |
+//!
+//! Until its first pong a node's link terms are 0, as for any unknown reading. What a node
+//! reports about itself is used where the coordinator cannot see: temperature, throttling and
+//! its own breaker take it out of the pool, and a busy CPU lowers its compute term; none of it
+//! can raise a node. A node whose reports claim a better link or a faster CPU than the
+//! coordinator sees is marked so in [`NodeView::contradicted`].
 //!
 //! # Layout
 //!
@@ -13,15 +32,15 @@
 //! traffic and `tests.rs` the unit tests.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use ambient_core::{
-    Admission, Breaker, BreakerState, Engine, HealthTerms, NodeId, Reputation, SafetyPolicy,
-    ScoreConfig, SignedAnnounce, SignedTelemetry, TelemetrySample, Transition, health_score,
-    verify_message,
+    Admission, Breaker, BreakerState, Engine, HealthTerms, LinkProbe, NodeId, Reputation,
+    SafetyPolicy, ScoreConfig, SignedAnnounce, SignedTelemetry, TelemetrySample, Transition,
+    health_score, verify_message,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +48,10 @@ use crate::scheduler::{Attributes, Keys, Placement};
 use crate::{Requirements, Strategy};
 
 mod node;
+mod probes;
 mod selection;
+
+pub use probes::Probing;
 
 use node::{Freshness, Node, TokenBucket, reindex, unindex};
 
@@ -81,6 +103,12 @@ pub struct RegistryConfig {
     /// The share of faulty nodes assumed when judging [`NodeView::credibility`], in permille.
     /// Default 200 (one in five).
     pub assumed_faulty_permille: u32,
+    /// How often the coordinator probes each online node's round trip. Default 5 s.
+    pub probe_interval: Duration,
+    /// Every this many probes of a node, one carries [`ambient_core::LARGE_PADDING`] bytes
+    /// to measure its bandwidth. Default 12 (once a minute at the default interval: 64 KiB
+    /// per node per minute).
+    pub bandwidth_probe_every: u32,
 }
 
 impl Default for RegistryConfig {
@@ -98,6 +126,8 @@ impl Default for RegistryConfig {
             trust_after: 40,
             blacklist: Duration::from_secs(3600),
             assumed_faulty_permille: 200,
+            probe_interval: Duration::from_secs(5),
+            bandwidth_probe_every: 12,
         }
     }
 }
@@ -159,6 +189,10 @@ pub enum RegistryError {
     /// `enrollment.bad_frames_per_s`; this one was dropped unverified.
     #[error("forged frames in this node's name exceed `enrollment.bad_frames_per_s`")]
     TooFast,
+    /// A pong that answers no probe outstanding to the node: late (the probe was forgotten),
+    /// replayed, or never asked for.
+    #[error("pong answers no outstanding probe: late, replayed or never asked for")]
+    UnknownProbe,
 }
 
 /// What became of a task on a node, as the coordinator judged it.
@@ -239,6 +273,20 @@ pub struct NodeView {
     /// (and a first run's compile), so this is a lower bound of its speed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_fuel_per_s: Option<u64>,
+    /// Round-trip time of the coordinator's probes to it, smoothed, in microseconds: what its
+    /// latency term and latency-aware placement use. `None` before its first pong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_latency_us: Option<u32>,
+    /// Bandwidth the coordinator's large probes showed, smoothed, in kbit/s: what its
+    /// bandwidth term uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_bandwidth_kbps: Option<u32>,
+    /// Claims of the node that what the coordinator sees contradicts, as sentences: a round
+    /// trip under half the one seen (and at least 1 ms shorter), a bandwidth over twice the one
+    /// seen (where it would count in the score), a fuel rate over twice the one seen. Empty for
+    /// an honest node; the claims rank nothing either way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contradicted: Vec<String>,
     /// Its latest telemetry reading.
     pub sample: Option<TelemetrySample>,
 }
@@ -307,6 +355,9 @@ pub struct Registry {
     next_sweep: Option<Instant>,
     /// The first instant the registry was given: breakers count milliseconds from it.
     epoch: Option<Instant>,
+    /// When each node is next probed, in order ([`Registry::probes`]); one entry per node,
+    /// the one matching its `probe_due`.
+    probe_queue: VecDeque<(Instant, NodeId)>,
 }
 
 /// Most early "offline" statuses remembered. Statuses are unsigned, so this bounds what a
@@ -347,6 +398,7 @@ impl Registry {
             silent: Vec::new(),
             next_sweep: None,
             epoch: None,
+            probe_queue: VecDeque::new(),
         }
     }
 
@@ -455,6 +507,7 @@ impl Registry {
             Entry::Vacant(entry) => {
                 let breaker = Breaker::new(self.config.safety);
                 tracing::info!(node = %id, %arch, cores = a.cores, "node registered");
+                self.probe_queue.push_back((now, id));
                 entry.insert(Node {
                     public_key: a.public_key,
                     arch,
@@ -482,6 +535,9 @@ impl Registry {
                     in_flight: 0,
                     resting: false,
                     indexed: None,
+                    link: LinkProbe::default(),
+                    probes_sent: 0,
+                    probe_due: now,
                 })
             }
         };
@@ -712,6 +768,7 @@ impl Registry {
     pub fn task_started(&mut self, node: &NodeId) {
         if let Some(entry) = self.nodes.get_mut(node) {
             entry.in_flight = entry.in_flight.saturating_add(1);
+            entry.rescore(&self.config.score);
             reindex(&mut self.placement, *node, entry);
         }
     }
@@ -721,6 +778,7 @@ impl Registry {
         if let Some(entry) = self.nodes.get_mut(node) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
             entry.resting = false;
+            entry.rescore(&self.config.score);
             reindex(&mut self.placement, *node, entry);
         }
     }
@@ -774,7 +832,7 @@ impl Registry {
         let faulty = self.config.assumed_faulty_permille;
         self.nodes
             .get(node)
-            .map(|n| n.view(*node, now, now_ms, faulty))
+            .map(|n| n.view(*node, now, now_ms, faulty, &self.config.score))
     }
 
     /// Every registered node as of `now`, in node-id order. O(n log n): for listings and
@@ -784,7 +842,10 @@ impl Registry {
         let mut views: Vec<NodeView> = self
             .nodes
             .iter()
-            .map(|(id, n)| n.view(*id, now, now_ms, self.config.assumed_faulty_permille))
+            .map(|(id, n)| {
+                let faulty = self.config.assumed_faulty_permille;
+                n.view(*id, now, now_ms, faulty, &self.config.score)
+            })
             .collect();
         views.sort_unstable_by_key(|v| v.node);
         views

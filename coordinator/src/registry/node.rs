@@ -51,6 +51,12 @@ pub(super) struct Node {
     pub(super) resting: bool,
     /// The keys this node is indexed under, if it is available for work.
     pub(super) indexed: Option<Keys>,
+    /// The coordinator's probes of the link to it: what its latency and bandwidth terms use.
+    pub(super) link: LinkProbe,
+    /// Probes sent to it, for every [`RegistryConfig::bandwidth_probe_every`]th to be large.
+    pub(super) probes_sent: u64,
+    /// When it is next probed: its entry in `Registry::probe_queue`.
+    pub(super) probe_due: Instant,
 }
 
 /// The highest telemetry sequence number accepted from the current agent run and the few
@@ -133,9 +139,7 @@ impl Node {
                 self.max_concurrency,
             ),
             in_flight: self.in_flight,
-            latency_us: sample
-                .and_then(|s| s.latency_us)
-                .map_or(u64::MAX, u64::from),
+            latency_us: self.link.latency_us().map_or(u64::MAX, u64::from),
             fuel_per_s: self.fuel_per_s().map_or(0, NonZeroU64::get),
             mem_free_bytes: self.mem_free_bytes(),
         }
@@ -184,10 +188,58 @@ impl Node {
             && self.mem_total_bytes >= req.memory_bytes
     }
 
+    /// Scores the node on what the coordinator observes (see "What ranks a node" in the
+    /// module docs): its probes' latency and bandwidth, and the reported CPU load raised to the
+    /// share of its slots in flight. An unreported load stays unknown (compute 0). The rest of
+    /// its report is not read.
     pub(super) fn rescore(&mut self, config: &ScoreConfig) {
-        let default = TelemetrySample::default();
-        let sample = self.sample.as_ref().unwrap_or(&default);
-        self.terms = health_score(config, sample, self.cores, self.reputation.score());
+        let slots = u32::from(self.max_concurrency.max(1));
+        let occupied = (self.in_flight.min(slots) * 1000 / slots) as u16;
+        let reported = self.sample.as_ref().and_then(|s| s.cpu_load_permille);
+        let observed = TelemetrySample {
+            bandwidth_kbps: self.link.bandwidth_kbps(),
+            latency_us: self.link.latency_us(),
+            cpu_load_permille: reported.map(|load| load.max(occupied)),
+            ..TelemetrySample::default()
+        };
+        self.terms = health_score(config, &observed, self.cores, self.reputation.score());
+    }
+
+    /// The node's claims that what the coordinator sees contradicts ([`NodeView::contradicted`]).
+    pub(super) fn contradicted(&self, config: &ScoreConfig) -> Vec<String> {
+        let mut found = Vec::new();
+        let sample = self.sample.as_ref();
+        if let (Some(said), Some(seen)) = (sample.and_then(|s| s.latency_us), self.link.latency_us())
+            && said.saturating_mul(2) < seen
+            && seen - said >= 1_000
+        {
+            found.push(format!(
+                "reports {:.1} ms round trips, seen {:.1} ms",
+                f64::from(said) / 1e3,
+                f64::from(seen) / 1e3
+            ));
+        }
+        if let (Some(said), Some(seen)) =
+            (sample.and_then(|s| s.bandwidth_kbps), self.link.bandwidth_kbps())
+            && said / 2 > seen
+            && seen < config.bandwidth_ref_kbps
+        {
+            found.push(format!(
+                "reports {:.1} Mbit/s, seen {:.1} Mbit/s",
+                f64::from(said) / 1e3,
+                f64::from(seen) / 1e3
+            ));
+        }
+        if let (Some(said), Some(seen)) = (self.announced_fuel_per_s, self.observed_fuel_per_s)
+            && said.get() / 2 > seen.get()
+        {
+            found.push(format!(
+                "announces {:.3e} fuel/s, seen {:.3e}",
+                said.get() as f64,
+                seen.get() as f64
+            ));
+        }
+        found
     }
 
     pub(super) fn view(
@@ -196,6 +248,7 @@ impl Node {
         now: Instant,
         now_ms: u64,
         faulty_permille: u32,
+        score: &ScoreConfig,
     ) -> NodeView {
         NodeView {
             node: id,
@@ -218,6 +271,9 @@ impl Node {
             fuel_per_s: self.fuel_per_s().map(NonZeroU64::get),
             announced_fuel_per_s: self.announced_fuel_per_s.map(NonZeroU64::get),
             observed_fuel_per_s: self.observed_fuel_per_s.map(NonZeroU64::get),
+            observed_latency_us: self.link.latency_us(),
+            observed_bandwidth_kbps: self.link.bandwidth_kbps(),
+            contradicted: self.contradicted(score),
             sample: self.sample.clone(),
         }
     }

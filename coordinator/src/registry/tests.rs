@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ambient_core::{
-    BreakerState, NodeId, SafetyPolicy, SignedTelemetry, Telemetry, TelemetrySample,
+    BreakerState, LARGE_PADDING, NodeId, SafetyPolicy, SignedTelemetry, Telemetry,
+    TelemetrySample,
 };
 
 use super::fixtures::{Fleet, announce, identity, sign_announce, sign_telemetry, t0};
@@ -668,27 +669,101 @@ fn a_node_at_max_concurrency_receives_no_more_tasks() {
 }
 
 #[test]
-fn telemetry_updates_the_health_score() {
+fn the_health_score_comes_from_the_coordinators_probes_not_from_reported_readings() {
     let mut fleet = Fleet::new(1);
     let id = fleet.id(0);
-    assert_eq!(
-        fleet.registry.view(t0(), &id).unwrap().terms.score,
-        500,
-        "reputation only"
-    );
+    let terms = |fleet: &Fleet| fleet.registry.view(t0(), &id).unwrap().terms;
+    assert_eq!(terms(&fleet).score, 500, "reputation only");
+    // The report claims 50 Mbit/s and 20 ms: only its load counts (4 cores at 25%).
     fleet.report(t0(), 0, healthy());
-    // 4 cores at 25% load: the worked example of `health_score`, reputation 0.5.
-    let terms = fleet.registry.view(t0(), &id).unwrap().terms;
+    let t = terms(&fleet);
+    assert_eq!((t.bandwidth, t.latency, t.compute), (0, 0, 3_750));
+    // The probes see what the report claimed: the worked example of `health_score`.
+    fleet.link(t0(), 0, 20_000, Some(50_000));
+    let t = terms(&fleet);
     assert_eq!(
-        (
-            terms.bandwidth,
-            terms.latency,
-            terms.compute,
-            terms.reputation
-        ),
+        (t.bandwidth, t.latency, t.compute, t.reputation),
         (5_000, 8_000, 3_750, 5_000)
     );
-    assert_eq!(terms.score, 5_650);
+    assert_eq!(t.score, 5_650);
+    let view = fleet.registry.view(t0(), &id).unwrap();
+    assert_eq!(view.observed_latency_us, Some(20_000));
+    assert!(view.contradicted.is_empty(), "{:?}", view.contradicted);
+}
+
+#[test]
+fn a_node_claiming_a_better_link_than_seen_ranks_by_what_is_seen_and_is_marked() {
+    let mut fleet = Fleet::new(2);
+    let (liar, honest) = (fleet.id(0), fleet.id(1));
+    fleet.report(
+        t0(),
+        0,
+        TelemetrySample {
+            bandwidth_kbps: Some(1_000_000),
+            latency_us: Some(100),
+            ..healthy()
+        },
+    );
+    fleet.report(t0(), 1, healthy());
+    fleet.link(t0(), 0, 30_000, Some(10_000));
+    fleet.link(t0(), 1, 20_000, Some(50_000));
+    assert_eq!(pick(&mut fleet, t0()), Some(honest));
+    let view = fleet.registry.view(t0(), &liar).unwrap();
+    assert_eq!(
+        view.contradicted,
+        [
+            "reports 0.1 ms round trips, seen 30.0 ms",
+            "reports 1000.0 Mbit/s, seen 10.0 Mbit/s"
+        ]
+    );
+    // Each probe counts once; a pong signed by another key counts not at all.
+    let pong = ambient_core::Pong::sign(&identity(0), &liar, 1);
+    fleet.registry.probe_now(t0(), &liar, 1, 0);
+    assert_eq!(
+        fleet.registry.on_pong(t0(), liar, &ambient_core::Pong::sign(&identity(1), &liar, 1)),
+        Err(RegistryError::BadSignature)
+    );
+    assert_eq!(fleet.registry.on_pong(t0(), liar, &pong), Ok(()));
+    assert_eq!(
+        fleet.registry.on_pong(t0(), liar, &pong),
+        Err(RegistryError::UnknownProbe)
+    );
+}
+
+#[test]
+fn nodes_are_probed_when_they_register_then_every_interval_while_online_every_nth_probe_large() {
+    let config = RegistryConfig {
+        probe_interval: secs(5),
+        bandwidth_probe_every: 3,
+        ..RegistryConfig::default()
+    };
+    let mut fleet = Fleet::configured(config, 2, |_| {});
+    let mut nonce = 0;
+    let mut probes = |fleet: &mut Fleet, at: Duration| {
+        fleet
+            .registry
+            .probes(t0() + at, || {
+                nonce += 1;
+                nonce
+            })
+            .into_iter()
+            .map(|p| (p.node, p.padding))
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (fleet.id(0), fleet.id(1));
+    assert_eq!(probes(&mut fleet, secs(0)), [(a, 0), (b, 0)]);
+    assert_eq!(probes(&mut fleet, secs(4)), []);
+    assert_eq!(probes(&mut fleet, secs(5)), [(a, LARGE_PADDING), (b, LARGE_PADDING)]);
+    // Node 1 said it went offline: it is skipped, and probed again once it is back.
+    fleet.registry.on_status(t0() + secs(6), b, false);
+    assert_eq!(probes(&mut fleet, secs(10)), [(a, 0)]);
+    fleet.registry.on_status(t0() + secs(11), b, true);
+    fleet.report(t0() + secs(11), 0, healthy());
+    fleet.report(t0() + secs(11), 1, healthy());
+    assert_eq!(probes(&mut fleet, secs(15)), [(a, 0), (b, 0)]);
+    // Every third probe sent is large: node 1 missed one.
+    assert_eq!(probes(&mut fleet, secs(20)), [(a, LARGE_PADDING), (b, 0)]);
+    assert_eq!(probes(&mut fleet, secs(25)), [(a, 0), (b, LARGE_PADDING)]);
 }
 
 #[test]
