@@ -455,7 +455,9 @@ mod tests {
     /// Node `i` reports `s`, and the coordinator's probes see the latency and bandwidth it
     /// reports (the registry ranks by those, not by the report).
     fn speak(fleet: &mut Fleet, now: Instant, i: usize, s: TelemetrySample) {
-        let link = s.latency_us.map(|l| (u64::from(l), s.bandwidth_kbps.map(u64::from)));
+        let link = s
+            .latency_us
+            .map(|l| (u64::from(l), s.bandwidth_kbps.map(u64::from)));
         fleet.report(now, i, s);
         if let Some((latency_us, kbps)) = link {
             fleet.link(now, i, latency_us, kbps);

@@ -23,9 +23,9 @@ mod connect;
 mod error;
 mod health;
 mod id;
-mod link;
 #[cfg(feature = "inspect")]
 mod inspect;
+mod link;
 mod proof;
 mod reputation;
 mod safety;
@@ -38,9 +38,9 @@ pub use connect::{ConnectToken, TokenError};
 pub use error::{DecodeError, ProofError, VerifyError};
 pub use health::{HealthTerms, SCORE_SCALE, ScoreConfig, health_score};
 pub use id::{Digest, NodeId, TaskId, sha3_256};
-pub use link::{LARGE_PADDING, LinkProbe};
 #[cfg(feature = "inspect")]
 pub use inspect::{ModuleError, ModuleInfo, Refusals, WASI_MODULE, WASI_OFFERED, inspect};
+pub use link::{LARGE_PADDING, LinkProbe};
 pub use proof::{
     Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
     verify_message,
@@ -53,6 +53,5 @@ pub use wire::{
     Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
     MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,
     MAX_PACKET_BYTES, MAX_SUBMISSION_BYTES, Message, PROTOCOL_VERSION, Ping, Pong, Probe, Refusal,
-    Report,
-    ReportBody, SignedAnnounce, SignedRefusal, SignedTelemetry, Telemetry,
+    Report, ReportBody, SignedAnnounce, SignedRefusal, SignedTelemetry, Telemetry,
 };

@@ -24,6 +24,8 @@ pub struct LinkProbe {
     outstanding: Deque<Outstanding, MAX_OUTSTANDING>,
     latency_us: Option<u64>,
     bandwidth_kbps: Option<u64>,
+    best_latency_us: Option<u64>,
+    best_bandwidth_kbps: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +59,7 @@ impl LinkProbe {
         let rtt = now_us.saturating_sub(o.sent_us).max(1);
         if o.padding == 0 {
             self.latency_us = Some(smooth(self.latency_us, rtt));
+            self.best_latency_us = Some(self.best_latency_us.map_or(rtt, |b| b.min(rtt)));
             return true;
         }
         // The padding's travel time is what the large round trip took beyond a small one.
@@ -64,6 +67,7 @@ impl LinkProbe {
         let extra = rtt.saturating_sub(self.latency_us.unwrap_or(0)).max(1);
         let kbps = (o.padding as u64 * 8 * 1_000 / extra).max(1);
         self.bandwidth_kbps = Some(smooth(self.bandwidth_kbps, kbps));
+        self.best_bandwidth_kbps = Some(self.best_bandwidth_kbps.map_or(kbps, |b| b.max(kbps)));
         true
     }
 
@@ -91,6 +95,19 @@ impl LinkProbe {
     /// Smoothed bandwidth estimate, in kbit/s.
     pub fn bandwidth_kbps(&self) -> Option<u32> {
         self.bandwidth_kbps.map(|v| v.min(u32::MAX as u64) as u32)
+    }
+
+    /// The shortest round trip seen, in microseconds. Delays (a busy sender, a queue) only
+    /// lengthen round trips, so this is the best evidence of how near the other end is: a claim
+    /// of a shorter one is contradicted.
+    pub fn best_latency_us(&self) -> Option<u32> {
+        self.best_latency_us.map(|v| v.min(u32::MAX as u64) as u32)
+    }
+
+    /// The highest bandwidth one large ping showed, in kbit/s: the best evidence of the link.
+    pub fn best_bandwidth_kbps(&self) -> Option<u32> {
+        self.best_bandwidth_kbps
+            .map(|v| v.min(u32::MAX as u64) as u32)
     }
 
     /// Pings awaiting a pong.
@@ -132,6 +149,7 @@ mod tests {
         p.ping(10_000, 2, 0);
         p.pong(2, 15_000);
         assert_eq!(p.latency_us(), Some(2_000)); // (3·1000 + 5000) / 4
+        assert_eq!(p.best_latency_us(), Some(1_000), "the shortest, unsmoothed");
     }
 
     #[test]

@@ -4,9 +4,9 @@ mod common;
 
 use ambient_core::{
     Abi, Admission, Announce, Assignment, Breaker, BreakerState, CONTESTED_LEAD, DecodeError,
-    Digest, Engine, Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Probe, Quorum,
-    Receipt, Refusal, Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy, ScoreConfig,
-    SignedAnnounce, SignedReceipt, SignedRefusal, SignedTelemetry, TaskId, Telemetry,
+    Digest, Engine, Envelope, Exit, Limits, MAX_FRAME_BYTES, Message, NodeId, Ping, Pong, Probe,
+    Quorum, Receipt, Refusal, Report, ReportBody, Reputation, SCORE_SCALE, SafetyPolicy,
+    ScoreConfig, SignedAnnounce, SignedReceipt, SignedRefusal, SignedTelemetry, TaskId, Telemetry,
     TelemetrySample, ThrottleFlags, TripReason, health_score, quorum,
 };
 use proptest::collection::vec;

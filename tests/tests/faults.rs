@@ -509,6 +509,56 @@ async fn an_agent_claiming_perfect_health_and_lying_on_every_task_gets_none_of_1
     wait_for_blacklisting(&c, &liar);
 }
 
+/// Placement ranks nodes by what the coordinator measures. An agent on a simulated Pi Zero 2 W
+/// (a 6 ms, 40 Mbit/s link, which holds its pongs back) claims perfect health (`--fault
+/// claim-perfect-health`: 0.1 ms round trips, 1 Gbit/s). Its latency and bandwidth terms come
+/// from the coordinator's probes, and its claims show as contradicted.
+#[test]
+fn an_agent_claiming_a_better_link_than_the_coordinators_probes_show_is_scored_by_the_probes_and_marked()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start_with(
+        &dir.path().join("c"),
+        0,
+        None,
+        "[storage]\nsnapshot_interval_ms = 200\n[scheduling]\nprobe_interval_ms = 200\nbandwidth_probe_every = 2\n",
+    );
+    let _liar = agent_with(
+        &c.url,
+        &dir.path().join("liar"),
+        "pi-zero-2w",
+        &[],
+        &["--fault", "claim-perfect-health"],
+    );
+    let (liar, _) = device_identity(&dir.path().join("liar"));
+    let mut view = None;
+    wait_until(
+        Duration::from_secs(60),
+        || {
+            let store = Store::open_read_only(&c.db()).unwrap();
+            view = store
+                .node_views()
+                .unwrap()
+                .into_iter()
+                .find(|v| v.node.to_string() == liar && v.contradicted.len() == 2);
+            view.is_some()
+        },
+        || format!("{liar}'s latency and bandwidth claims to show as contradicted"),
+    );
+    let view = view.unwrap();
+    let claimed = view.sample.as_ref().unwrap();
+    assert_eq!(
+        (claimed.latency_us, claimed.bandwidth_kbps),
+        (Some(100), Some(1_000_000))
+    );
+    // Every pong waits out the link's 6 ms, so no round trip is shorter and the latency term
+    // is at most 1 − 6/100; the claim would have given 0.999.
+    assert!(view.observed_latency_us.unwrap() >= 6_000, "{view:?}");
+    assert!(view.terms.latency <= 9_400, "{:?}", view.terms);
+    assert!(view.terms.bandwidth < 10_000, "{:?}", view.terms);
+    println!("contradicted: {:?}", view.contradicted);
+}
+
 /// One of ten `ambient-agent`s lies on a tenth of its tasks (`--fault wrong-output:0.1`), the
 /// others are honest; 1,000 tasks under `target:1e-4`, the default. Until a node's agreements make its doubt
 /// that small (hundreds of them), every run it makes is checked on other nodes, so each of the

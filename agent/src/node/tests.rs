@@ -698,7 +698,10 @@ fn the_coordinators_probe_is_answered_at_once_with_a_pong_the_node_signs() {
     assert_eq!(pong.signer, Identity::from_secret(&[7; 32]).public_key());
     assert_eq!(pong.verify(&h.id), Ok(()));
     // A probe for another node is not this node's to answer.
-    assert!(h.said(2 * SECOND, probe(&NodeId([9; 16]), 43, 0)).is_empty());
+    assert!(
+        h.said(2 * SECOND, probe(&NodeId([9; 16]), 43, 0))
+            .is_empty()
+    );
     assert_eq!(h.node.dropped_frames, 1);
 }
 
@@ -710,12 +713,21 @@ fn a_simulated_board_holds_its_pong_back_by_its_links_latency_and_bandwidth() {
     assert!(h.said(SECOND, probe(&h.id, 1, 1_000)).is_empty());
     let due = SECOND + Duration::from_millis(3);
     assert_eq!(h.node.next_deadline(), Some(h.t0 + due));
-    assert!(h.said(due - Duration::from_micros(1), Input::Timer).is_empty());
+    assert!(
+        h.said(due - Duration::from_micros(1), Input::Timer)
+            .is_empty()
+    );
     assert_eq!(h.said(due, Input::Timer), ["pong 1"]);
     assert_eq!(h.node.next_deadline(), None);
     // Held while the connection drops: not sent after it, where it would measure the outage.
     h.step(2 * SECOND, probe(&h.id, 2, 0));
-    h.step(2 * SECOND, Input::Lost { resend: vec![], error: "gone".into() });
+    h.step(
+        2 * SECOND,
+        Input::Lost {
+            resend: vec![],
+            error: "gone".into(),
+        },
+    );
     assert!(h.said(3 * SECOND, Input::Timer).is_empty());
     assert_eq!(h.node.next_deadline(), None);
 }

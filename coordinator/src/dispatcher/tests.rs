@@ -1701,7 +1701,12 @@ fn a_ping_is_answered_with_its_nonce_signed_only_on_its_own_node_topic() {
 fn a_probes_round_trip_ends_when_its_pong_was_read_not_when_the_dispatcher_got_to_it() {
     let mut f = fixture(1);
     let node = f.nodes[0].node_id();
-    let latency = |f: &Fixture| f.d.registry().view(f.now.at, &node).unwrap().observed_latency_us;
+    let latency = |f: &Fixture| {
+        f.d.registry()
+            .view(f.now.at, &node)
+            .unwrap()
+            .observed_latency_us
+    };
     assert_eq!(latency(&f), Some(1_000), "the fixture's first probe");
     // The next probe is due one interval later; it leaves on that tick at QoS 0.
     let fx = f.advance(RegistryConfig::default().probe_interval);

@@ -282,9 +282,9 @@ pub struct NodeView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_bandwidth_kbps: Option<u32>,
     /// Claims of the node that what the coordinator sees contradicts, as sentences: a round
-    /// trip under half the one seen (and at least 1 ms shorter), a bandwidth over twice the one
-    /// seen (where it would count in the score), a fuel rate over twice the one seen. Empty for
-    /// an honest node; the claims rank nothing either way.
+    /// trip under half the shortest seen (and at least 1 ms shorter), a bandwidth over twice
+    /// the fastest seen (where it would count in the score), a fuel rate over twice the one
+    /// seen. Empty for an honest node; the claims rank nothing either way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contradicted: Vec<String>,
     /// Its latest telemetry reading.

@@ -206,26 +206,32 @@ impl Node {
     }
 
     /// The node's claims that what the coordinator sees contradicts ([`NodeView::contradicted`]).
+    /// Against the best the coordinator ever saw (the shortest round trip, the fastest large
+    /// probe), since a busy coordinator or broker only makes a node look worse: an honest
+    /// node is not marked because the gateway was loaded.
     pub(super) fn contradicted(&self, config: &ScoreConfig) -> Vec<String> {
         let mut found = Vec::new();
         let sample = self.sample.as_ref();
-        if let (Some(said), Some(seen)) = (sample.and_then(|s| s.latency_us), self.link.latency_us())
-            && said.saturating_mul(2) < seen
+        if let (Some(said), Some(seen)) = (
+            sample.and_then(|s| s.latency_us),
+            self.link.best_latency_us(),
+        ) && said.saturating_mul(2) < seen
             && seen - said >= 1_000
         {
             found.push(format!(
-                "reports {:.1} ms round trips, seen {:.1} ms",
+                "reports {:.1} ms round trips, none seen under {:.1} ms",
                 f64::from(said) / 1e3,
                 f64::from(seen) / 1e3
             ));
         }
-        if let (Some(said), Some(seen)) =
-            (sample.and_then(|s| s.bandwidth_kbps), self.link.bandwidth_kbps())
-            && said / 2 > seen
+        if let (Some(said), Some(seen)) = (
+            sample.and_then(|s| s.bandwidth_kbps),
+            self.link.best_bandwidth_kbps(),
+        ) && said / 2 > seen
             && seen < config.bandwidth_ref_kbps
         {
             found.push(format!(
-                "reports {:.1} Mbit/s, seen {:.1} Mbit/s",
+                "reports {:.1} Mbit/s, none seen over {:.1} Mbit/s",
                 f64::from(said) / 1e3,
                 f64::from(seen) / 1e3
             ));

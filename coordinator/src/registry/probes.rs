@@ -85,7 +85,10 @@ impl Registry {
         pong: &Pong,
     ) -> Result<(), RegistryError> {
         let received_us = self.micros(received);
-        let entry = self.nodes.get_mut(&node).ok_or(RegistryError::UnknownNode)?;
+        let entry = self
+            .nodes
+            .get_mut(&node)
+            .ok_or(RegistryError::UnknownNode)?;
         if !entry.bad_frames.has(received) {
             return Err(RegistryError::TooFast);
         }

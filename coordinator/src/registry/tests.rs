@@ -4,8 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ambient_core::{
-    BreakerState, LARGE_PADDING, NodeId, SafetyPolicy, SignedTelemetry, Telemetry,
-    TelemetrySample,
+    BreakerState, LARGE_PADDING, NodeId, SafetyPolicy, SignedTelemetry, Telemetry, TelemetrySample,
 };
 
 use super::fixtures::{Fleet, announce, identity, sign_announce, sign_telemetry, t0};
@@ -712,15 +711,19 @@ fn a_node_claiming_a_better_link_than_seen_ranks_by_what_is_seen_and_is_marked()
     assert_eq!(
         view.contradicted,
         [
-            "reports 0.1 ms round trips, seen 30.0 ms",
-            "reports 1000.0 Mbit/s, seen 10.0 Mbit/s"
+            "reports 0.1 ms round trips, none seen under 30.0 ms",
+            "reports 1000.0 Mbit/s, none seen over 10.0 Mbit/s"
         ]
     );
     // Each probe counts once; a pong signed by another key counts not at all.
     let pong = ambient_core::Pong::sign(&identity(0), &liar, 1);
     fleet.registry.probe_now(t0(), &liar, 1, 0);
     assert_eq!(
-        fleet.registry.on_pong(t0(), liar, &ambient_core::Pong::sign(&identity(1), &liar, 1)),
+        fleet.registry.on_pong(
+            t0(),
+            liar,
+            &ambient_core::Pong::sign(&identity(1), &liar, 1)
+        ),
         Err(RegistryError::BadSignature)
     );
     assert_eq!(fleet.registry.on_pong(t0(), liar, &pong), Ok(()));
@@ -753,7 +756,10 @@ fn nodes_are_probed_when_they_register_then_every_interval_while_online_every_nt
     let (a, b) = (fleet.id(0), fleet.id(1));
     assert_eq!(probes(&mut fleet, secs(0)), [(a, 0), (b, 0)]);
     assert_eq!(probes(&mut fleet, secs(4)), []);
-    assert_eq!(probes(&mut fleet, secs(5)), [(a, LARGE_PADDING), (b, LARGE_PADDING)]);
+    assert_eq!(
+        probes(&mut fleet, secs(5)),
+        [(a, LARGE_PADDING), (b, LARGE_PADDING)]
+    );
     // Node 1 said it went offline: it is skipped, and probed again once it is back.
     fleet.registry.on_status(t0() + secs(6), b, false);
     assert_eq!(probes(&mut fleet, secs(10)), [(a, 0)]);
