@@ -34,7 +34,10 @@ fn benches(c: &mut Criterion) {
     for (n, registry) in &registries {
         for strategy in Strategy::ALL {
             let mut registry = registry.clone();
-            let decoys: Vec<NodeId> = all[..DECOYS].iter().map(|(a, _)| a.announce.node).collect();
+            let decoys: Vec<NodeId> = all[..DECOYS]
+                .iter()
+                .map(|(a, ..)| a.announce.node)
+                .collect();
             if strategy != Strategy::RoundRobin {
                 let any = Requirements::default();
                 let best = registry.select(now, &any, strategy, &[]).unwrap();

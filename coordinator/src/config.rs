@@ -538,11 +538,11 @@ impl RawConfig {
                 "a positive number of milliseconds",
             ));
         }
-        if self.scheduling.probe_interval_ms < 100 {
+        if !(100..=3_600_000).contains(&self.scheduling.probe_interval_ms) {
             return Err(bad(
                 "scheduling.probe_interval_ms",
                 self.scheduling.probe_interval_ms,
-                "at least 100 (the coordinator's tick); nodes drop probes closer than 50 ms",
+                "100 (the coordinator's tick; nodes drop probes closer than 50 ms) to 3600000 (an hour)",
             ));
         }
         if self.scheduling.bandwidth_probe_every == 0 {

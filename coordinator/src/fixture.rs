@@ -1,8 +1,9 @@
 //! The synthetic pool both scheduling benchmarks measure (`cargo bench --bench scheduling` and
 //! `ambient bench`'s section 2), so the two figures are of one thing. Not part of the API.
 //!
-//! Every node is announced and reports once with real, signed traffic; scores, loads and
-//! latencies vary, fuel rates come in four board classes (10^8 to 3·10^9 fuel/s), about 3% of
+//! Every node is announced, reports once and answers the coordinator's first probe with real,
+//! signed traffic (its pong comes back after the round trip its sample names); scores, loads
+//! and latencies vary, fuel rates come in four board classes (10^8 to 3·10^9 fuel/s), about 3% of
 //! nodes are out (overheated, offline, or short of memory for the [`request`]), and the
 //! [`DECOYS`] best-ranked nodes by every strategy lack the memory the request asks for, so each
 //! decision has to skip a few.
@@ -10,8 +11,10 @@
 use std::num::NonZeroU64;
 use std::time::Instant;
 
+use std::time::Duration;
+
 use ambient_core::{
-    Announce, Engine, Identity, SignedAnnounce, SignedTelemetry, Telemetry, TelemetrySample,
+    Announce, Engine, Identity, Pong, SignedAnnounce, SignedTelemetry, Telemetry, TelemetrySample,
     sign_message,
 };
 use rand::rngs::StdRng;
@@ -90,8 +93,10 @@ fn signed(i: usize, seq: u64, rng: &mut StdRng) -> SignedTelemetry {
     }
 }
 
-/// Signed announces and first samples of `n` nodes, signed on every core.
-pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry)> {
+/// Signed announces, first samples and pongs of `n` nodes, signed on every core. Node `i`'s
+/// pong answers the probe with nonce `i + 1`: the coordinator's first probe of it, when the
+/// nodes register in this order ([`registry`]).
+pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry, Pong)> {
     let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
     let chunk = n.div_ceil(threads);
     std::thread::scope(|scope| {
@@ -121,7 +126,8 @@ pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry)> {
                                 announce,
                                 signature,
                             };
-                            (announce, signed(i, 1, &mut rng))
+                            let pong = Pong::sign(&id, &id.node_id(), i as u64 + 1);
+                            (announce, signed(i, 1, &mut rng), pong)
                         })
                         .collect::<Vec<_>>()
                 })
@@ -134,20 +140,36 @@ pub fn traffic(n: usize) -> Vec<(SignedAnnounce, SignedTelemetry)> {
     })
 }
 
-/// A registry holding `traffic`'s nodes as of `now`, every 103rd (but the decoys) offline.
+/// A registry holding `traffic`'s nodes as of `now`, each probed once (the pong back after
+/// the round trip its sample names), every 103rd (but the decoys) offline.
 ///
 /// # Panics
 ///
 /// When the registry refuses the traffic (it never does: it is validly signed).
-pub fn registry(traffic: &[(SignedAnnounce, SignedTelemetry)], now: Instant) -> Registry {
+pub fn registry(traffic: &[(SignedAnnounce, SignedTelemetry, Pong)], now: Instant) -> Registry {
     let mut registry = Registry::new(RegistryConfig {
         joins_per_s: u32::MAX,
         max_nodes: traffic.len().max(1),
         ..RegistryConfig::default()
     });
-    for (i, (announce, telemetry)) in traffic.iter().enumerate() {
+    for (announce, telemetry, _) in traffic {
         registry.on_announce(now, announce).expect("joins");
         registry.on_telemetry(now, telemetry).expect("accepted");
+    }
+    let mut nonce = 0;
+    let probes = registry.probes(now, || {
+        nonce += 1;
+        nonce
+    });
+    assert_eq!(probes.len(), traffic.len(), "every node probed once");
+    for (announce, telemetry, pong) in traffic {
+        let rtt = telemetry.telemetry.sample.latency_us.unwrap_or(0);
+        let back = now + Duration::from_micros(rtt.into());
+        registry
+            .on_pong(now, back, announce.announce.node, pong)
+            .expect("answers its probe");
+    }
+    for (i, (announce, ..)) in traffic.iter().enumerate() {
         if i.is_multiple_of(103) && i >= DECOYS {
             registry.on_status(now, announce.announce.node, false);
         }

@@ -533,13 +533,11 @@ fn dispatch_loop(
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
         let now = Now::read();
-        // The tick goes first and what it places leaves at once: its probes' round trips
-        // start now, not after the turn's inputs.
-        if now.at >= next_tick {
-            verdicts.poll(&mut d, &store, now, &mut fx);
-            d.handle(now, Input::Tick, &store, &mut fx);
-            next_tick = now.at + TICK;
-            metrics.tasks(d.unfinished(), d.queued());
+        let tick = now.at >= next_tick;
+        // Probes go first and leave at once: their round trips start now, not after the
+        // turn's inputs.
+        if tick {
+            d.handle(now, Input::Probes, &store, &mut fx);
             send_early(&mut fx, &store, &send);
         }
         let mut stop = false;
@@ -559,6 +557,12 @@ fn dispatch_loop(
                 }
                 Inbound::Stop => stop = true,
             }
+        }
+        if tick {
+            verdicts.poll(&mut d, &store, now, &mut fx);
+            d.handle(now, Input::Tick, &store, &mut fx);
+            next_tick = now.at + TICK;
+            metrics.tasks(d.unfinished(), d.queued());
         }
         if stop || now.at >= next_snapshot {
             fx.journal.push(Op::SaveNodes {
@@ -608,7 +612,7 @@ fn dispatch_loop(
 }
 
 /// Sends what may leave before the turn's commit: module copies, then the assignments that
-/// need them and the probes.
+/// need them, and probes.
 fn send_early(fx: &mut Effects, store: &Store, send: &impl Fn(Outbound)) {
     for hash in fx.modules.drain(..) {
         match store.module(&hash) {

@@ -6,8 +6,11 @@
 //! by what it measured, not by what they report.
 //!
 //! Small pings give the round-trip time (smoothed). Some pings carry [`LARGE_PADDING`] bytes;
-//! the time a large round trip takes beyond a small one is the time the padding took to
-//! travel, which gives the bandwidth (smoothed). Until a pong has been seen, both are `None`.
+//! the time a large round trip takes beyond the shortest small one is the time the padding
+//! took to travel, which gives the bandwidth (smoothed). The shortest round trip, not the
+//! smoothed one: an answering side can delay its answers but cannot make one shorter than its
+//! link, so holding small pongs back cannot make the padding look faster. Until a pong has been
+//! seen, both are `None`.
 
 use heapless::Deque;
 
@@ -62,13 +65,18 @@ impl LinkProbe {
             self.best_latency_us = Some(self.best_latency_us.map_or(rtt, |b| b.min(rtt)));
             return true;
         }
-        // The padding's travel time is what the large round trip took beyond a small one.
-        // With no small round trip yet, the whole round trip is a conservative bound.
-        let extra = rtt.saturating_sub(self.latency_us.unwrap_or(0)).max(1);
+        // The padding's travel time is what the large round trip took beyond the shortest
+        // small one. With no small round trip yet, the whole round trip is a conservative bound.
+        let extra = rtt.saturating_sub(self.best_latency_us.unwrap_or(0)).max(1);
         let kbps = (o.padding as u64 * 8 * 1_000 / extra).max(1);
         self.bandwidth_kbps = Some(smooth(self.bandwidth_kbps, kbps));
         self.best_bandwidth_kbps = Some(self.best_bandwidth_kbps.map_or(kbps, |b| b.max(kbps)));
         true
+    }
+
+    /// Whether a ping with `nonce` awaits its pong: a cheap check before verifying one.
+    pub fn is_outstanding(&self, nonce: u64) -> bool {
+        self.outstanding.iter().any(|o| o.nonce == nonce)
     }
 
     fn take(&mut self, nonce: u64) -> Option<Outstanding> {
@@ -162,6 +170,24 @@ mod tests {
         p.pong(2, 10_000 + 1_000 + 5_243);
         let kbps = p.bandwidth_kbps().unwrap();
         assert!((99_900..=100_100).contains(&kbps), "{kbps}");
+    }
+
+    #[test]
+    fn holding_small_pongs_back_does_not_make_the_padding_look_faster() {
+        let mut p = LinkProbe::default();
+        // 20 ms away; 64 KiB take 52 ms more (10 Mbit/s).
+        p.ping(0, 1, 0);
+        p.pong(1, 20_000);
+        // The other end now answers small pings 200 ms late, large ones at once.
+        for i in 0..8 {
+            p.ping(1_000_000 * i, 10 + i, 0);
+            p.pong(10 + i, 1_000_000 * i + 220_000);
+        }
+        assert!(p.latency_us().unwrap() > 150_000);
+        p.ping(10_000_000, 99, LARGE_PADDING);
+        p.pong(99, 10_000_000 + 20_000 + 52_429);
+        let kbps = p.bandwidth_kbps().unwrap();
+        assert!((9_900..=10_100).contains(&kbps), "{kbps}");
     }
 
     #[test]

@@ -74,6 +74,8 @@ const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 const PROBE_SPACING: Duration = Duration::from_millis(50);
 /// Pongs held back for a simulated link's delay, at most.
 const MAX_HELD_PONGS: usize = 8;
+/// Longest a pong is held back, whatever the probe's size and the simulated link.
+const MAX_PONG_DELAY: Duration = Duration::from_secs(1);
 
 /// What the node is configured with (from [`crate::AgentConfig`]).
 #[derive(Debug, Clone)]
@@ -581,6 +583,7 @@ impl<M: Clone> Node<M> {
             tracing::info!(%error, unacknowledged = resend.len(), "lost the broker; reconnecting");
         }
         self.connected = false;
+        self.held_pongs.clear();
         for seq in resend {
             if let Some(p) = self.outbox.get_mut(&seq) {
                 p.queued = false;
@@ -701,18 +704,25 @@ impl<M: Clone> Node<M> {
 
     /// Answers the coordinator's probe with a pong this node signs, on its telemetry topic. A
     /// simulated board holds the pong back by its link: its round-trip latency, plus the
-    /// padding's travel time at its bandwidth, so the coordinator measures that board's link.
-    /// Probes closer than [`PROBE_SPACING`], or beyond [`MAX_HELD_PONGS`] waiting, are dropped.
+    /// padding's travel time at its bandwidth (at most [`MAX_PONG_DELAY`]), so the coordinator
+    /// measures that board's link. Probes closer than [`PROBE_SPACING`], or beyond
+    /// [`MAX_HELD_PONGS`] held back, are dropped.
     fn on_probe(&mut self, now: Instant, nonce: u64, padding: usize, out: &mut Vec<Action<M>>) {
         let too_soon = self
             .last_probe
             .is_some_and(|at| now.saturating_duration_since(at) < PROBE_SPACING);
-        if too_soon || self.held_pongs.len() >= MAX_HELD_PONGS {
+        let why = if too_soon {
+            "closer than 50 ms to the last"
+        } else if self.held_pongs.len() >= MAX_HELD_PONGS {
+            "too many pongs held back"
+        } else if !self.connected {
+            "not connected"
+        } else {
+            ""
+        };
+        if !why.is_empty() {
             self.dropped_frames += 1;
-            tracing::debug!(
-                dropped_frames = self.dropped_frames,
-                "probe dropped: too soon after the last"
-            );
+            tracing::debug!(dropped_frames = self.dropped_frames, "probe dropped: {why}");
             return;
         }
         self.last_probe = Some(now);
@@ -725,22 +735,19 @@ impl<M: Clone> Node<M> {
         if delay == 0 {
             out.push(telemetry_frame(frame));
         } else {
-            let at = now + Duration::from_micros(delay);
+            let at = now + Duration::from_micros(delay).min(MAX_PONG_DELAY);
             self.held_pongs.push((at, frame));
         }
     }
 
-    /// Sends the held pongs whose delay is over (while connected; a pong after a reconnect
-    /// would only measure the outage).
+    /// Sends the held pongs whose delay is over. (A lost connection drops them: after a
+    /// reconnect they would only measure the outage.)
     fn release_pongs(&mut self, now: Instant, out: &mut Vec<Action<M>>) {
-        let connected = self.connected;
         self.held_pongs.retain(|(at, frame)| {
             if *at > now {
                 return true;
             }
-            if connected {
-                out.push(telemetry_frame(frame.clone()));
-            }
+            out.push(telemetry_frame(frame.clone()));
             false
         });
     }

@@ -728,8 +728,12 @@ fn a_simulated_board_holds_its_pong_back_by_its_links_latency_and_bandwidth() {
             error: "gone".into(),
         },
     );
-    assert!(h.said(3 * SECOND, Input::Timer).is_empty());
     assert_eq!(h.node.next_deadline(), None);
+    h.step(3 * SECOND, Input::Connected);
+    assert!(h.said(3 * SECOND, Input::Timer).is_empty());
+    // However large the probe, a pong is held back at most a second.
+    assert!(h.said(4 * SECOND, probe(&h.id, 3, 4 << 20)).is_empty());
+    assert_eq!(h.node.next_deadline(), Some(h.t0 + 5 * SECOND));
 }
 
 #[test]

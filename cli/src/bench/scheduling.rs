@@ -54,7 +54,7 @@ fn scheduling(plan: Plan) -> anyhow::Result<Vec<Figure>> {
     let req = request();
     let decoys: Vec<NodeId> = traffic[..DECOYS]
         .iter()
-        .map(|(a, _)| a.announce.node)
+        .map(|(a, ..)| a.announce.node)
         .collect();
     let mut figures = Vec::new();
     for (n, registry) in &mut registries {

@@ -351,6 +351,10 @@ pub enum Input<'a> {
     Connected,
     /// Time passed: dispatch deadlines and queue timeouts are checked.
     Tick,
+    /// Time to send the probes that are due ([`Registry::probes`]). The service hands it in
+    /// at the start of a loop turn and sends what it places at once, so a probe's round trip
+    /// starts when it leaves, not after the turn's inputs.
+    Probes,
 }
 
 /// A read-only view of the journal: what is stored under a task id.
@@ -680,6 +684,7 @@ impl Dispatcher {
             } => self.on_verdict(now, public_key, admit, announce, fx),
             Input::Connected => self.on_connected(fx),
             Input::Tick => self.on_tick(now, fx),
+            Input::Probes => self.on_probes(now, fx),
         }
     }
 
@@ -818,7 +823,7 @@ impl Dispatcher {
             Message::Ping(_) if leaf == NodeTopic::Telemetry => {}
             // The answer to one of the coordinator's probes (`on_tick`).
             Message::Pong(p) if leaf == NodeTopic::Telemetry => {
-                match self.registry.on_pong(received, node, &p) {
+                match self.registry.on_pong(now.at, received, node, &p) {
                     Ok(()) => {}
                     Err(RegistryError::TooFast) => self.dropped.rate_limited += 1,
                     Err(RegistryError::UnknownNode) => self.dropped.unknown_node += 1,

@@ -251,14 +251,17 @@ impl Dispatcher {
         Some(d.node)
     }
 
-    /// Advances time: sends the probes due (first, so the service can send them at once and
-    /// their round trips start now), expires dispatches past their deadline and tasks that
-    /// waited too long for a node, then places what it can.
-    pub(super) fn on_tick(&mut self, now: Now, fx: &mut Effects) {
+    /// Sends the probes due, each with a random nonce.
+    pub(super) fn on_probes(&mut self, now: Now, fx: &mut Effects) {
         let rng = &mut self.rng;
         for p in self.registry.probes(now.at, || rng.random()) {
             fx.dispatch.push(probe(p));
         }
+    }
+
+    /// Advances time: expires dispatches past their deadline and tasks that waited too long
+    /// for a node, then places what it can.
+    pub(super) fn on_tick(&mut self, now: Now, fx: &mut Effects) {
         self.expire_late(now.at);
         for node in self.registry.went_silent(now.at) {
             self.reassign_from(now, node, "went silent (no signed traffic in time)", fx);

@@ -217,7 +217,7 @@ impl Fixture {
         self.nodes.push(id);
         // Distinct round trips of the coordinator's first probe make the weighted order
         // deterministic: node 0 is best.
-        let probes = self.step(Input::Tick);
+        let probes = self.step(Input::Probes);
         self.answer_probes(&probes, Duration::from_millis(u64::from(i) + 1));
     }
 
@@ -1708,8 +1708,9 @@ fn a_probes_round_trip_ends_when_its_pong_was_read_not_when_the_dispatcher_got_t
             .observed_latency_us
     };
     assert_eq!(latency(&f), Some(1_000), "the fixture's first probe");
-    // The next probe is due one interval later; it leaves on that tick at QoS 0.
-    let fx = f.advance(RegistryConfig::default().probe_interval);
+    // The next probe is due one interval later; it leaves at QoS 0.
+    f.now.at += RegistryConfig::default().probe_interval;
+    let fx = f.step(Input::Probes);
     let probes: Vec<_> = fx
         .dispatch
         .iter()

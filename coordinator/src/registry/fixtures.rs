@@ -139,13 +139,13 @@ impl Fleet {
         self.registry.probe_now(now, &id, nonce, 0);
         let pong = Pong::sign(&self.identities[i], &id, nonce);
         let back = now + Duration::from_micros(latency_us);
-        self.registry.on_pong(back, id, &pong).unwrap();
+        self.registry.on_pong(now, back, id, &pong).unwrap();
         if let Some(kbps) = kbps {
             let travel = LARGE_PADDING as u64 * 8 * 1_000 / kbps.max(1);
             self.registry.probe_now(now, &id, nonce + 1, LARGE_PADDING);
             let pong = Pong::sign(&self.identities[i], &id, nonce + 1);
             let back = now + Duration::from_micros(latency_us + travel);
-            self.registry.on_pong(back, id, &pong).unwrap();
+            self.registry.on_pong(now, back, id, &pong).unwrap();
         }
     }
 }

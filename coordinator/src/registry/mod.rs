@@ -19,10 +19,11 @@
 //! | reputation (1/10) | outcomes the coordinator judged |
 //!
 //! Until its first pong a node's link terms are 0, as for any unknown reading. What a node
-//! reports about itself is used where the coordinator cannot see: temperature, throttling and
-//! its own breaker take it out of the pool, and a busy CPU lowers its compute term; none of it
-//! can raise a node. A node whose reports claim a better link or a faster CPU than the
-//! coordinator sees is marked so in [`NodeView::contradicted`].
+//! reports about itself is used only where the coordinator cannot see: temperature, throttling
+//! and its own breaker take it out of the pool, and its CPU load sets the compute term's free
+//! share (no higher than the slots the coordinator keeps busy leave; an unreported load gives
+//! 0). Its reported latency and bandwidth rank nothing. A node whose reports claim a better
+//! link or a faster CPU than the coordinator sees is marked so in [`NodeView::contradicted`].
 //!
 //! # Layout
 //!
@@ -507,7 +508,8 @@ impl Registry {
             Entry::Vacant(entry) => {
                 let breaker = Breaker::new(self.config.safety);
                 tracing::info!(node = %id, %arch, cores = a.cores, "node registered");
-                self.probe_queue.push_back((now, id));
+                // Ahead of the nodes due later: probed at the next call.
+                self.probe_queue.push_front((now, id));
                 entry.insert(Node {
                     public_key: a.public_key,
                     arch,
@@ -536,7 +538,8 @@ impl Registry {
                     resting: false,
                     indexed: None,
                     link: LinkProbe::default(),
-                    probes_sent: 0,
+                    // The first probe small; the first large one after 1 to `every` of them.
+                    large_in: 1 + u32::from(id.0[0]) % self.config.bandwidth_probe_every.max(1),
                     probe_due: now,
                 })
             }

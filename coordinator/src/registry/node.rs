@@ -53,8 +53,8 @@ pub(super) struct Node {
     pub(super) indexed: Option<Keys>,
     /// The coordinator's probes of the link to it: what its latency and bandwidth terms use.
     pub(super) link: LinkProbe,
-    /// Probes sent to it, for every [`RegistryConfig::bandwidth_probe_every`]th to be large.
-    pub(super) probes_sent: u64,
+    /// Small probes to go before its next large one ([`Registry::probes`]).
+    pub(super) large_in: u32,
     /// When it is next probed: its entry in `Registry::probe_queue`.
     pub(super) probe_due: Instant,
 }

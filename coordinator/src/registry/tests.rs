@@ -721,20 +721,21 @@ fn a_node_claiming_a_better_link_than_seen_ranks_by_what_is_seen_and_is_marked()
     assert_eq!(
         fleet.registry.on_pong(
             t0(),
+            t0(),
             liar,
             &ambient_core::Pong::sign(&identity(1), &liar, 1)
         ),
         Err(RegistryError::BadSignature)
     );
-    assert_eq!(fleet.registry.on_pong(t0(), liar, &pong), Ok(()));
+    assert_eq!(fleet.registry.on_pong(t0(), t0(), liar, &pong), Ok(()));
     assert_eq!(
-        fleet.registry.on_pong(t0(), liar, &pong),
+        fleet.registry.on_pong(t0(), t0(), liar, &pong),
         Err(RegistryError::UnknownProbe)
     );
 }
 
 #[test]
-fn nodes_are_probed_when_they_register_then_every_interval_while_online_every_nth_probe_large() {
+fn nodes_are_probed_when_they_register_then_every_interval_while_online_one_in_n_probes_large() {
     let config = RegistryConfig {
         probe_interval: secs(5),
         bandwidth_probe_every: 3,
@@ -750,26 +751,76 @@ fn nodes_are_probed_when_they_register_then_every_interval_while_online_every_nt
                 nonce
             })
             .into_iter()
-            .map(|p| (p.node, p.padding))
+            .map(|p| (p.node, p.padding == LARGE_PADDING))
             .collect::<Vec<_>>()
     };
     let (a, b) = (fleet.id(0), fleet.id(1));
-    assert_eq!(probes(&mut fleet, secs(0)), [(a, 0), (b, 0)]);
+    // Both at once (in the order they registered), small: latency first.
+    let mut first = probes(&mut fleet, secs(0));
+    first.sort();
+    let mut expected = vec![(a, false), (b, false)];
+    expected.sort();
+    assert_eq!(first, expected);
     assert_eq!(probes(&mut fleet, secs(4)), []);
-    assert_eq!(
-        probes(&mut fleet, secs(5)),
-        [(a, LARGE_PADDING), (b, LARGE_PADDING)]
-    );
+    // Then one in three large, wherever each node's turn falls.
+    let mut large = HashMap::<NodeId, Vec<bool>>::new();
+    for k in 1..=6 {
+        for (node, big) in probes(&mut fleet, secs(5 * k)) {
+            large.entry(node).or_default().push(big);
+        }
+        fleet.report(t0() + secs(5 * k), 0, healthy());
+        fleet.report(t0() + secs(5 * k), 1, healthy());
+    }
+    for node in [a, b] {
+        let seen = &large[&node];
+        assert_eq!(seen.len(), 6);
+        assert_eq!(seen.iter().filter(|l| **l).count(), 2, "{seen:?}");
+    }
     // Node 1 said it went offline: it is skipped, and probed again once it is back.
-    fleet.registry.on_status(t0() + secs(6), b, false);
-    assert_eq!(probes(&mut fleet, secs(10)), [(a, 0)]);
-    fleet.registry.on_status(t0() + secs(11), b, true);
-    fleet.report(t0() + secs(11), 0, healthy());
-    fleet.report(t0() + secs(11), 1, healthy());
-    assert_eq!(probes(&mut fleet, secs(15)), [(a, 0), (b, 0)]);
-    // Every third probe sent is large: node 1 missed one.
-    assert_eq!(probes(&mut fleet, secs(20)), [(a, LARGE_PADDING), (b, 0)]);
-    assert_eq!(probes(&mut fleet, secs(25)), [(a, 0), (b, LARGE_PADDING)]);
+    fleet.registry.on_status(t0() + secs(31), b, false);
+    assert_eq!(probes(&mut fleet, secs(35)).len(), 1);
+    fleet.registry.on_status(t0() + secs(36), b, true);
+    fleet.report(t0() + secs(36), 0, healthy());
+    fleet.report(t0() + secs(36), 1, healthy());
+    assert_eq!(probes(&mut fleet, secs(40)).len(), 2);
+}
+
+#[test]
+fn a_node_that_joins_later_is_probed_at_the_next_call_ahead_of_those_due_later() {
+    let mut fleet = Fleet::new(1);
+    let _ = fleet.registry.probes(t0(), || 1);
+    let late = identity(9);
+    let signed = sign_announce(&late, announce(&late));
+    let at = t0() + secs(1);
+    fleet.registry.on_announce(at, &signed).unwrap();
+    let due: Vec<NodeId> = fleet
+        .registry
+        .probes(at, || 2)
+        .iter()
+        .map(|p| p.node)
+        .collect();
+    assert_eq!(due, [late.node_id()]);
+}
+
+#[test]
+fn a_burst_of_due_probes_is_spread_over_calls_with_few_large_ones_each() {
+    let config = RegistryConfig {
+        bandwidth_probe_every: 1,
+        joins_per_s: 1_000,
+        ..RegistryConfig::default()
+    };
+    let mut fleet = Fleet::configured(config, 300, |_| {});
+    let first = fleet.registry.probes(t0(), || 1);
+    assert_eq!(first.len(), probes::MAX_PROBES_PER_CALL);
+    assert_eq!(
+        fleet.registry.probes(t0(), || 1).len(),
+        300 - probes::MAX_PROBES_PER_CALL
+    );
+    // Every probe after the first is large: at most a few per call, the rest small.
+    let at = t0() + RegistryConfig::default().probe_interval;
+    let second = fleet.registry.probes(at, || 1);
+    let large = second.iter().filter(|p| p.padding > 0).count();
+    assert_eq!(large, probes::MAX_LARGE_PER_CALL);
 }
 
 #[test]
