@@ -155,8 +155,10 @@ async fn bad_submissions_get_clear_rejections_and_the_coordinator_keeps_working(
     assert_eq!(events["trap"].error.as_ref().unwrap().code, "trapped");
 }
 
-/// A node that follows the protocol but lies: it answers every assignment with `answer`,
-/// signing with `signer` (its own key, or another to forge).
+/// A node that follows the protocol but lies: it answers every assignment with a wrong output,
+/// signing with its own key, or another to forge. It answers the coordinator's probes at once,
+/// so on loopback its link is the best the coordinator sees and the weighted strategy ranks it
+/// first.
 struct LyingNode {
     node: ambient_core::NodeId,
 }
@@ -232,6 +234,7 @@ impl LyingNode {
             }
         });
         tokio::spawn(async move {
+            let own = Identity::from_secret(&secret);
             let signer = if forge {
                 Identity::from_secret(&[0xEE; 32])
             } else {
@@ -241,12 +244,19 @@ impl LyingNode {
                 let Event::Incoming(Packet::Publish(p)) = ev else {
                     continue;
                 };
-                let Ok(Envelope {
-                    message: Message::Assign(a),
-                    ..
-                }) = Envelope::decode(&p.payload)
-                else {
-                    continue;
+                let a = match Envelope::decode(&p.payload).map(|e| e.message) {
+                    Ok(Message::Assign(a)) => a,
+                    Ok(Message::Probe(probe)) => {
+                        let pong = ambient_core::Pong::sign(&own, &node, probe.nonce);
+                        let _ = client.try_publish(
+                            topics::node(&node, NodeTopic::Telemetry).as_str(),
+                            QoS::AtMostOnce,
+                            false,
+                            Envelope::new(Message::Pong(pong)).to_vec(),
+                        );
+                        continue;
+                    }
+                    _ => continue,
                 };
                 let output = vec![7u8; a.input.len() / 64];
                 let frame = ambient_coordinator::sim::report_of(&signer, node, &a, &output, 1);
@@ -523,6 +533,8 @@ fn an_agent_claiming_a_better_link_than_the_coordinators_probes_show_is_scored_b
         None,
         "[storage]\nsnapshot_interval_ms = 200\n[scheduling]\nprobe_interval_ms = 200\nbandwidth_probe_every = 2\n",
     );
+    // The identity first, so the agent starts with it rather than racing to create its own.
+    let (liar, _) = device_identity(&dir.path().join("liar"));
     let _liar = agent_with(
         &c.url,
         &dir.path().join("liar"),
@@ -530,7 +542,6 @@ fn an_agent_claiming_a_better_link_than_the_coordinators_probes_show_is_scored_b
         &[],
         &["--fault", "claim-perfect-health"],
     );
-    let (liar, _) = device_identity(&dir.path().join("liar"));
     let mut view = None;
     wait_until(
         Duration::from_secs(60),
