@@ -4,7 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_agent::engine::{Call, ExecError, Prepared, Sandbox, SandboxConfig, Wasmtime};
+use ambient_agent::engine::{
+    Call, ExecError, FUEL_SAVE_EVERY, Prepared, Sandbox, SandboxConfig, Wasmtime,
+};
 use ambient_core::{Abi, Exit, Limits, ModuleError, sha3_256};
 
 fn sandbox() -> Wasmtime {
@@ -89,6 +91,63 @@ fn an_infinite_loop_with_huge_fuel_is_stopped_by_the_wall_clock() {
     let run = s.execute(&m, &Call::new(Abi::Plain, "run", b"", limits, 0));
     assert_eq!(run.exit, Exit::TimedOut, "{}", run.message);
     assert!(run.fuel_used > 0);
+}
+
+#[test]
+fn a_run_stopped_by_the_wall_clock_reports_the_fuel_it_burnt() {
+    let s = sandbox();
+    let m = prepare(&s, &plain_module("(loop $l (br $l)) (i64.const 0)")).unwrap();
+    let limits = Limits {
+        timeout_ms: 200,
+        fuel: u64::MAX,
+        ..limits()
+    };
+    let run = s.execute(&m, &Call::new(Abi::Plain, "run", b"", limits, 0));
+    assert_eq!(run.exit, Exit::TimedOut, "{}", run.message);
+    // 200 ms of a loop: hundreds of millions of fuel on any machine this runs on, where the
+    // count kept in a register alone would have reported the 1 or 2 burnt before the loop.
+    assert!(run.fuel_used > 10 * FUEL_SAVE_EVERY, "{}", run.fuel_used);
+}
+
+/// Counts `n` down to 0, then `tail`.
+fn countdown(n: u32, tail: &str) -> String {
+    plain_module(&format!(
+        "(local $i i32) (local.set $i (i32.const {n}))
+         (loop $l
+           (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+           (br_if $l (local.get $i)))
+         {tail}"
+    ))
+}
+
+#[test]
+fn a_run_that_traps_reports_the_fuel_burnt_up_to_the_trap_the_same_on_every_engine() {
+    // The same loop, then a result, or a load 16 bytes below address 0 (an address computed
+    // at run time, so the trap is the memory's, not one the compiler can see coming).
+    let (a, b) = (sandbox(), sandbox());
+    let ok = prepare(&a, &countdown(1_000_000, "(i64.const 0)")).unwrap();
+    let ok = a.execute(&ok, &Call::new(Abi::Plain, "run", b"", limits(), 0));
+    assert_eq!(ok.exit, Exit::Ok, "{}", ok.message);
+    let trap = countdown(
+        1_000_000,
+        "(i64.load (i32.sub (local.get $i) (i32.const 16)))",
+    );
+    let runs: Vec<_> = [&a, &b]
+        .iter()
+        .map(|s| {
+            let m = prepare(s, &trap).unwrap();
+            s.execute(&m, &Call::new(Abi::Plain, "run", b"", limits(), 0))
+        })
+        .collect();
+    assert_eq!(runs[0].exit, Exit::Trapped, "{}", runs[0].message);
+    assert!(
+        runs[0].fuel_used + FUEL_SAVE_EVERY > ok.fuel_used,
+        "{} burnt before the trap, {} by the whole loop",
+        runs[0].fuel_used,
+        ok.fuel_used
+    );
+    assert!(runs[0].fuel_used <= ok.fuel_used + 8);
+    assert_eq!(runs[0], runs[1]);
 }
 
 #[test]

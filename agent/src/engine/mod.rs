@@ -36,7 +36,7 @@ mod wasmtime_sandbox;
 
 #[cfg(feature = "wasmedge")]
 pub use wasmedge_sandbox::WasmEdge;
-pub use wasmtime_sandbox::Wasmtime;
+pub use wasmtime_sandbox::{FUEL_SAVE_EVERY, Wasmtime};
 
 /// A WASM runtime that validates, compiles, caches and runs task modules under limits.
 ///

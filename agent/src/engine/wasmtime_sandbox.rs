@@ -6,6 +6,15 @@
 //! relaxed SIMD, no threads. The wall clock only ever stops a run (epoch interruption), it never
 //! changes a result. Memory is capped per store by a resource limiter that traps on a denied
 //! grow, so a memory bomb ends as [`Exit::OutOfMemory`] rather than a `-1` the module ignores.
+//!
+//! Fuel of a run that traps. Compiled code keeps the fuel it burns in a register and writes it
+//! back to the store only at calls, returns and a few traps; a trap anywhere else (the wall
+//! clock, a denied grow, an out-of-bounds access) would lose what was burnt since, and a
+//! busy loop stopped after 500 ms would report 15 fuel. So every run is driven as a future
+//! with [`FUEL_SAVE_EVERY`] as its fuel yield interval: the count is written back at least that
+//! often, and a trapped run's receipt states the fuel it burnt to within that much. The write
+//! points fall at the same fuel on every node, so a deterministic trap still reports the same
+//! fuel everywhere. The future is polled to completion on the calling (blocking) thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -29,6 +38,11 @@ use super::{
 
 /// Most elements any table may grow to; tables count towards a task's memory like memories do.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Fuel between the points where a run's burnt fuel is written back to its store (see the
+/// module docs): what a run that traps reports is short by less than this. Each write-back
+/// yields the run's future once, which costs well under a microsecond: under 1% of the time of
+/// the fuel in between.
+pub const FUEL_SAVE_EVERY: u64 = 100_000;
 /// Marks a compiled artifact written by this agent (see [`Wasmtime::store_compiled`]).
 const CWASM_MAGIC: &[u8; 8] = b"AMBCWASM";
 /// Header of a compiled artifact: magic, module hash, engine compatibility hash, artifact hash.
@@ -243,8 +257,10 @@ impl Wasmtime {
         };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|ctx| ctx as &mut dyn ResourceLimiter);
-        // Fuel metering is on for every store of this engine, so setting it cannot fail.
+        // Fuel metering is on for every store of this engine, and the interval is not 0, so
+        // neither can fail.
         let _ = store.set_fuel(call.limits.fuel);
+        let _ = store.fuel_async_yield_interval(Some(FUEL_SAVE_EVERY));
         let tick_ms = self.config.epoch_tick.as_millis().max(1) as u64;
         store.set_epoch_deadline(call.limits.timeout_ms.div_ceil(tick_ms).max(1));
         store.epoch_deadline_trap();
@@ -269,8 +285,8 @@ impl Wasmtime {
             ));
         };
         let mut store = self.new_store(call, WasiState::default());
-        let result = (|| -> wasmtime::Result<Vec<u8>> {
-            let instance = plain.pre.instantiate(&mut store)?;
+        let result = run_to_completion(async {
+            let instance = plain.pre.instantiate_async(&mut store).await?;
             let missing = || wasmtime::Error::msg("module export disappeared");
             let memory = instance
                 .get_module_export(&mut store, &plain.memory)
@@ -286,13 +302,13 @@ impl Wasmtime {
                 .ok_or_else(missing)?;
             let alloc = alloc.typed::<i32, i32>(&store)?;
             let entry = entry.typed::<(i32, i32), i64>(&store)?;
-            let ptr = alloc.call(&mut store, len)?;
+            let ptr = alloc.call_async(&mut store, len).await?;
             memory
                 .write(&mut store, ptr as u32 as usize, call.input)
                 .map_err(|_| {
                     wasmtime::Error::msg(format!("alloc({len}) returned {ptr:#x}, outside memory"))
                 })?;
-            let packed = entry.call(&mut store, (ptr, len))? as u64;
+            let packed = entry.call_async(&mut store, (ptr, len)).await? as u64;
             let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
             if out_len > MAX_OUTPUT_BYTES {
                 return Err(wasmtime::Error::new(OutputTooLarge));
@@ -306,7 +322,7 @@ impl Wasmtime {
                         "output range {out_ptr:#x}+{out_len} is outside memory"
                     ))
                 })
-        })();
+        });
         finish(&store, call, result, None)
     }
 
@@ -323,14 +339,14 @@ impl Wasmtime {
             return Execution::rejected(&e);
         }
         let mut store = self.new_store(call, WasiState::new(call.input, call.seed));
-        let result = (|| -> wasmtime::Result<()> {
-            let instance = pre.instantiate(&mut store)?;
+        let result = run_to_completion(async {
+            let instance = pre.instantiate_async(&mut store).await?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            match start.call(&mut store, ()) {
+            match start.call_async(&mut store, ()).await {
                 Err(e) if e.downcast_ref::<ProcExit>() == Some(&ProcExit(0)) => Ok(()),
                 other => other,
             }
-        })();
+        });
         let stderr = std::mem::take(&mut store.data_mut().wasi.stderr);
         let result = result.map(|()| std::mem::take(&mut store.data_mut().wasi.stdout));
         finish(&store, call, result, Some(&stderr))
@@ -551,6 +567,8 @@ fn build_engine(config: &SandboxConfig, pooling: bool) -> wasmtime::Result<wasmt
         let max_memory = usize::try_from(config.max_memory_bytes).unwrap_or(usize::MAX);
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(slots)
+            // Each run executes on a fiber stack (see `run_to_completion`).
+            .total_stacks(slots)
             .total_memories(slots)
             .total_tables(slots)
             .max_memory_size(max_memory)
@@ -629,6 +647,19 @@ fn check_func(
         )));
     }
     Ok(())
+}
+
+/// Polls a run's future on this thread until it is done. Runs yield only to write their fuel
+/// back ([`FUEL_SAVE_EVERY`]) and ask to be polled again at once, so there is nothing to wait
+/// for between polls.
+fn run_to_completion<T>(run: impl std::future::Future<Output = T>) -> T {
+    let mut run = std::pin::pin!(run);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(done) = run.as_mut().poll(&mut cx) {
+            return done;
+        }
+    }
 }
 
 /// Maps the end of a run onto an [`Execution`].
