@@ -80,7 +80,7 @@ fn an_infinite_loop_runs_out_of_fuel() {
 }
 
 #[test]
-fn an_infinite_loop_with_huge_fuel_is_stopped_by_the_wall_clock() {
+fn an_infinite_loop_with_huge_fuel_is_stopped_by_the_wall_clock_and_reports_the_fuel_it_burnt() {
     let s = sandbox();
     let m = prepare(&s, &plain_module("(loop $l (br $l)) (i64.const 0)")).unwrap();
     let limits = Limits {
@@ -90,22 +90,8 @@ fn an_infinite_loop_with_huge_fuel_is_stopped_by_the_wall_clock() {
     };
     let run = s.execute(&m, &Call::new(Abi::Plain, "run", b"", limits, 0));
     assert_eq!(run.exit, Exit::TimedOut, "{}", run.message);
-    assert!(run.fuel_used > 0);
-}
-
-#[test]
-fn a_run_stopped_by_the_wall_clock_reports_the_fuel_it_burnt() {
-    let s = sandbox();
-    let m = prepare(&s, &plain_module("(loop $l (br $l)) (i64.const 0)")).unwrap();
-    let limits = Limits {
-        timeout_ms: 200,
-        fuel: u64::MAX,
-        ..limits()
-    };
-    let run = s.execute(&m, &Call::new(Abi::Plain, "run", b"", limits, 0));
-    assert_eq!(run.exit, Exit::TimedOut, "{}", run.message);
-    // 200 ms of a loop: hundreds of millions of fuel on any machine this runs on, where the
-    // count kept in a register alone would have reported the 1 or 2 burnt before the loop.
+    // It reports the fuel it burnt: 200 ms of a loop is hundreds of millions on any machine
+    // this runs on, where the count kept in a register alone would have said 2.
     assert!(run.fuel_used > 10 * FUEL_SAVE_EVERY, "{}", run.fuel_used);
 }
 

@@ -11,10 +11,16 @@
 //! back to the store only at calls, returns and a few traps; a trap anywhere else (the wall
 //! clock, a denied grow, an out-of-bounds access) would lose what was burnt since, and a
 //! busy loop stopped after 500 ms would report 15 fuel. So every run is driven as a future
-//! with [`FUEL_SAVE_EVERY`] as its fuel yield interval: the count is written back at least that
-//! often, and a trapped run's receipt states the fuel it burnt to within that much. The write
-//! points fall at the same fuel on every node, so a deterministic trap still reports the same
-//! fuel everywhere. The future is polled to completion on the calling (blocking) thread.
+//! with [`FUEL_SAVE_EVERY`] as its fuel yield interval: the count is written back at the first
+//! fuel check after each such stretch, and a trapped run's receipt states the fuel it burnt to
+//! within about that much. The write points come from the same translation on every node, so a
+//! deterministic trap reports the same fuel on every node of one engine. Two exceptions, older
+//! than this: a stack overflow comes at a depth that depends on the architecture's frames, and
+//! an access whose constant offset reaches past 4 GiB is counted to the instruction on 32-bit
+//! hosts (Pulley) only; such replicas can disagree on fuel, and their vote escalates.
+//! The future is polled to completion on the calling (blocking) thread: nothing in the sandbox
+//! returns `Pending` but the fuel yields, which ask to be polled again at once (an async host
+//! function or a yielding epoch deadline would need a real executor).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
