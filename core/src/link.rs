@@ -12,7 +12,7 @@
 //! link, so holding small pongs back cannot make the padding look faster. Until a pong has been
 //! seen, both are `None`.
 
-use heapless::Deque;
+use heapless::Vec;
 
 /// Padding of a bandwidth ping, in bytes.
 pub const LARGE_PADDING: usize = 64 << 10;
@@ -24,7 +24,8 @@ const MAX_OUTSTANDING: usize = 16;
 /// Round trips in flight and what they measured. See the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct LinkProbe {
-    outstanding: Deque<Outstanding, MAX_OUTSTANDING>,
+    /// Oldest first.
+    outstanding: Vec<Outstanding, MAX_OUTSTANDING>,
     latency_us: Option<u64>,
     bandwidth_kbps: Option<u64>,
     best_latency_us: Option<u64>,
@@ -44,9 +45,9 @@ impl LinkProbe {
     /// end could gain from answering early.
     pub fn ping(&mut self, now_us: u64, nonce: u64, padding: usize) {
         if self.outstanding.is_full() {
-            self.outstanding.pop_front();
+            self.outstanding.remove(0);
         }
-        let _ = self.outstanding.push_back(Outstanding {
+        let _ = self.outstanding.push(Outstanding {
             nonce,
             sent_us: now_us,
             padding,
@@ -81,18 +82,7 @@ impl LinkProbe {
 
     fn take(&mut self, nonce: u64) -> Option<Outstanding> {
         let i = self.outstanding.iter().position(|o| o.nonce == nonce)?;
-        // Rotate the match to the front, drop it, and put the rest back in order.
-        let mut kept = Deque::<Outstanding, MAX_OUTSTANDING>::new();
-        let mut found = None;
-        for (j, o) in self.outstanding.iter().enumerate() {
-            if j == i {
-                found = Some(*o);
-            } else {
-                let _ = kept.push_back(*o);
-            }
-        }
-        self.outstanding = kept;
-        found
+        Some(self.outstanding.remove(i))
     }
 
     /// Smoothed round-trip time, in microseconds.

@@ -711,16 +711,16 @@ impl<M: Clone> Node<M> {
         let too_soon = self
             .last_probe
             .is_some_and(|at| now.saturating_duration_since(at) < PROBE_SPACING);
-        let why = if too_soon {
-            "closer than 50 ms to the last"
+        let dropped = if too_soon {
+            Some("closer than 50 ms to the last")
         } else if self.held_pongs.len() >= MAX_HELD_PONGS {
-            "too many pongs held back"
+            Some("too many pongs held back")
         } else if !self.connected {
-            "not connected"
+            Some("not connected")
         } else {
-            ""
+            None
         };
-        if !why.is_empty() {
+        if let Some(why) = dropped {
             self.dropped_frames += 1;
             tracing::debug!(dropped_frames = self.dropped_frames, "probe dropped: {why}");
             return;

@@ -414,10 +414,16 @@ impl Registry {
             .map_or(0, |epoch| millis(now.saturating_duration_since(epoch)))
     }
 
-    /// Milliseconds from the first instant the registry was given to `now`: the breakers' clock.
-    fn now_ms(&mut self, now: Instant) -> u64 {
+    /// Time from the first instant the registry was given to `now`: the breakers' clock (in
+    /// ms) and the probes' (in µs).
+    fn since_epoch(&mut self, now: Instant) -> Duration {
         let epoch = *self.epoch.get_or_insert(now);
-        millis(now.saturating_duration_since(epoch))
+        now.saturating_duration_since(epoch)
+    }
+
+    /// [`Registry::since_epoch`] in milliseconds.
+    fn now_ms(&mut self, now: Instant) -> u64 {
+        millis(self.since_epoch(now))
     }
 
     /// Registers a node, or updates what it announced. Counts as valid traffic for liveness;

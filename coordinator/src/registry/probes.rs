@@ -27,10 +27,9 @@ pub const MAX_PROBES_PER_CALL: usize = 256;
 pub const MAX_LARGE_PER_CALL: usize = 4;
 
 impl Registry {
-    /// Microseconds from the registry's epoch to `at`: the probes' clock.
+    /// [`Registry::since_epoch`] in microseconds.
     fn micros(&mut self, at: Instant) -> u64 {
-        let epoch = *self.epoch.get_or_insert(at);
-        u64::try_from(at.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
+        u64::try_from(self.since_epoch(at).as_micros()).unwrap_or(u64::MAX)
     }
 
     /// The probes due at `now`, each recorded as sent at `now` with a nonce from `nonce` (draw
