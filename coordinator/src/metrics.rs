@@ -104,7 +104,7 @@ impl Default for Metrics {
         );
         r.register(
             "journal_commit_seconds",
-            "Time of one journal commit (one fsync)",
+            "Time of one loop turn's journal commit, from its write until the fsync that made it durable",
             m.commit_seconds.clone(),
         );
         r.register(
@@ -183,7 +183,7 @@ impl Metrics {
             .unwrap_or_default()
     }
 
-    /// A journal commit of `ops` operations took `seconds`.
+    /// A turn's journal commit of `ops` operations took `seconds`, write to fsync.
     pub fn committed(&self, ops: usize, seconds: f64) {
         self.commit_ops.observe(ops as f64);
         self.commit_seconds.observe(seconds);

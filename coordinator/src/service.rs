@@ -1,11 +1,15 @@
 //! The coordinator service: the thin shell around the [`Dispatcher`].
 //!
-//! Three pieces, joined by two queues:
+//! Four pieces, joined by three queues:
 //!
 //! ```text
-//!  broker ⇄ MQTT task ──inbound (bounded)──▶ dispatcher thread ──outbound──▶ publisher task ─▶ broker
-//!           answers pings                     handle → publish dispatches
-//!           forwards the rest                 → commit (one fsync) → events + PUBACKs
+//!  broker ⇄ MQTT task ──inbound (bounded)──▶ dispatcher thread ──────outbound──────▶ publisher task ─▶ broker
+//!           answers pings                     handle → dispatches                      ▲
+//!           forwards the rest                 → write the turn's commit                │
+//!                                                   │ turns (bounded)                  │
+//!                                                   ▼                                  │
+//!                                             sync thread: one fsync for every turn ───┘
+//!                                             written meanwhile → events + PUBACKs
 //! ```
 //!
 //! - The **MQTT task** owns the event loop. It answers pings itself (so nodes measure their own
@@ -14,11 +18,17 @@
 //!   arrival. The inbound queue is bounded ([`INBOUND`]); when it is full the task waits, stops
 //!   reading the socket, and the broker holds further messages: back-pressure, not loss.
 //! - The **dispatcher thread** runs loop turns: it takes up to [`MAX_TURN`] inputs, feeds each
-//!   to the dispatcher, publishes the turn's assignments, commits the turn's journal
-//!   operations in one transaction, and only then queues the turn's task events and the
-//!   PUBACKs of its inputs. A failed commit stops the coordinator with an error; nothing that
-//!   depended on it leaves, the broker redelivers what was not acknowledged, and the next start
-//!   recovers from the journal.
+//!   to the dispatcher, publishes the turn's assignments, writes the turn's journal operations
+//!   in one transaction without waiting for the disk ([`Store::defer_sync`]), and hands the
+//!   turn's task events and the PUBACKs of its inputs to the sync thread. Then it starts the
+//!   next turn: a result that arrives while the last turn's fsync is under way is handled at
+//!   once instead of waiting for it.
+//! - The **sync thread** takes every turn written so far, makes them durable with one fsync of
+//!   the write-ahead log ([`WalSync`]), and only then queues their events and PUBACKs, in turn
+//!   order. Its queue is bounded ([`TURNS`]); a full queue holds the dispatcher back. A failed
+//!   commit or fsync stops the coordinator with an error; nothing that depended on it leaves,
+//!   the broker redelivers what was not acknowledged, and the next start recovers from the
+//!   journal.
 //! - The **publisher task** makes the publishes and acknowledgements in order. Its queue is
 //!   not bounded: the single MQTT event loop both reads and writes, so a bounded outbound queue
 //!   could fill while the event loop waits for room in the inbound one, and the two would wait
@@ -51,7 +61,7 @@ use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, coordinator_login}
 use crate::config::{BrokerMode, CoordinatorConfig};
 use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
 use crate::ha::Discovery;
-use crate::store::{Op, Standing, Store, StoreError};
+use crate::store::{Op, Standing, Store, StoreError, WalSync};
 use crate::{Registry, mqtt};
 
 /// Why the coordinator stopped.
@@ -98,6 +108,8 @@ pub enum CoordinatorError {
 pub const INBOUND: usize = 4096;
 /// Most inputs handled in one loop turn, that is, under one commit.
 pub const MAX_TURN: usize = 2048;
+/// Turns written and waiting for their fsync, at most.
+pub const TURNS: usize = 64;
 /// At start, the final events of tasks finished this recently (in ms) are published again: a
 /// crash between a commit and its publishes would otherwise leave a client that saw `accepted`
 /// waiting for an event that was journaled but never sent.
@@ -125,6 +137,22 @@ enum Inbound {
     Publish(rumqttc::Publish, u64, Instant),
     /// Shut down after this turn.
     Stop,
+}
+
+/// A written loop turn, as the sync thread gets it: what may leave once it is durable.
+#[derive(Default)]
+struct Turn {
+    /// How many journal operations the turn wrote, and when it began writing them; `None`
+    /// when it wrote nothing (its events still wait for the turns before it).
+    wrote: Option<(usize, Instant)>,
+    events: Vec<Publish>,
+    acks: Vec<(rumqttc::Publish, u64)>,
+}
+
+impl Turn {
+    fn is_empty(&self) -> bool {
+        self.wrote.is_none() && self.events.is_empty() && self.acks.is_empty()
+    }
 }
 
 /// What the dispatcher thread hands the publisher task.
@@ -257,7 +285,8 @@ impl Coordinator {
         // The MQTT task's copy of the key: it signs in with it and signs pongs.
         let signer = Arc::new(Identity::from_secret(&identity.to_secret()));
         let db = config.db_path();
-        let store = Store::open(&db)?;
+        let mut store = Store::open(&db)?;
+        let wal = store.defer_sync()?;
         let now = Now::read();
         let recovered = Recovered {
             tasks: store.unfinished_tasks()?,
@@ -320,6 +349,14 @@ impl Coordinator {
             info!(%prefix, "Home Assistant discovery on");
             Discovery::new(prefix)
         });
+        let (turn_tx, turn_rx) = flume::bounded::<Turn>(TURNS);
+        let syncer = {
+            let (out_tx, metrics) = (out_tx.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("ambient-sync".into())
+                .spawn(move || sync_loop(&wal, &turn_rx, &out_tx, &metrics))
+                .map_err(CoordinatorError::Thread)?
+        };
         let (done_tx, mut done_rx) = oneshot::channel();
         let state = std::thread::Builder::new()
             .name("ambient-dispatch".into())
@@ -328,7 +365,10 @@ impl Coordinator {
                     dispatcher,
                     store,
                     in_rx,
-                    out_tx,
+                    Queues {
+                        out: out_tx,
+                        turns: turn_tx,
+                    },
                     snapshot_every,
                     discovery,
                     &metrics,
@@ -355,15 +395,19 @@ impl Coordinator {
         }
         let _ = in_tx.send_async(Inbound::Stop).await;
         drop(in_tx);
-        let result = tokio::task::spawn_blocking(move || state.join())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(Ok(()));
+        // The dispatcher ends first; the sync thread then makes its last turns durable and ends
+        // with the turn queue. A sync error is why the dispatcher stopped, so it comes first.
+        let result = tokio::task::spawn_blocking(move || {
+            let dispatched = state.join().unwrap_or(Ok(()));
+            let synced = syncer.join().unwrap_or(Ok(()));
+            synced.and(dispatched)
+        })
+        .await
+        .unwrap_or(Ok(()));
         if let Err(e) = &result {
             error!(error = %e, "journal commit failed; stopping without acknowledging the last turn");
         }
-        // The dispatcher thread dropped its sender, so the publisher drains and ends.
+        // Both threads dropped their senders, so the publisher drains and ends.
         let _ = publisher.await;
         let _ = client.try_disconnect();
         // Let the event loop send the DISCONNECT before it is cancelled.
@@ -504,19 +548,27 @@ async fn publish_loop(
     }
 }
 
-/// Runs loop turns until told to stop or the inbound queue closes; see the module docs.
-/// `discovery`, when Home Assistant discovery is on, is fed each registry snapshot.
+/// Where the dispatcher thread sends: what may leave now, and written turns.
+struct Queues {
+    out: mpsc::UnboundedSender<Outbound>,
+    turns: flume::Sender<Turn>,
+}
+
+/// Runs loop turns until told to stop, the inbound queue closes or the sync thread stops; see
+/// the module docs. `discovery`, when Home Assistant discovery is on, is fed each registry
+/// snapshot.
 fn dispatch_loop(
     mut d: Dispatcher,
     mut store: Store,
     rx: flume::Receiver<Inbound>,
-    tx: mpsc::UnboundedSender<Outbound>,
+    queues: Queues,
     snapshot_every: Duration,
     mut discovery: Option<Discovery>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<(), StoreError> {
+    let Queues { out: tx, turns } = queues;
     let mut fx = Effects::default();
-    let mut acks: Vec<(rumqttc::Publish, u64)> = Vec::new();
+    let mut turn = Turn::default();
     let mut next_tick = Instant::now() + TICK;
     let mut next_snapshot = Instant::now() + snapshot_every;
     let mut drops_logged = (d.dropped(), Instant::now() + DROPS_LOG_EVERY);
@@ -525,7 +577,8 @@ fn dispatch_loop(
     let send = |o: Outbound| {
         let _ = tx.send(o);
     };
-    loop {
+    // A sync thread that stopped has failed: stop too, within a tick.
+    while !turns.is_disconnected() {
         let wait = next_tick.saturating_duration_since(Instant::now());
         let first = match rx.recv_timeout(wait) {
             Ok(i) => Some(i),
@@ -552,7 +605,7 @@ fn dispatch_loop(
                 Inbound::Publish(p, at, received) => {
                     route(&mut d, now, &p, received, &store, &mut fx);
                     if p.qos != QoS::AtMostOnce {
-                        acks.push((p, at));
+                        turn.acks.push((p, at));
                     }
                 }
                 Inbound::Stop => stop = true,
@@ -587,25 +640,52 @@ fn dispatch_loop(
         }
         // 1. What may leave before the commit.
         send_early(&mut fx, &store, &send);
-        // 2. One transaction, one fsync, for the whole turn.
+        // 2. One transaction for the whole turn, written now, made durable by the sync thread.
         if !fx.journal.is_empty() {
             let started = Instant::now();
             store.apply(&fx.journal)?;
-            metrics.committed(fx.journal.len(), started.elapsed().as_secs_f64());
+            turn.wrote = Some((fx.journal.len(), started));
         }
         for ended in fx.outcomes.drain(..) {
             metrics.task_ended(&ended);
         }
-        // 3. What depends on the commit.
-        for p in fx.events.drain(..) {
-            send(Outbound::Publish(p));
-        }
-        for (p, at) in acks.drain(..) {
-            send(Outbound::Ack(p, at));
-        }
+        // 3. What depends on the commit leaves after the fsync.
+        turn.events.append(&mut fx.events);
         fx.clear();
+        let written = std::mem::take(&mut turn);
+        if !written.is_empty() && turns.send(written).is_err() {
+            break;
+        }
         if stop {
             break;
+        }
+    }
+    Ok(())
+}
+
+/// Makes written turns durable and then lets out what depended on them; see the module docs.
+/// Ends when the dispatcher thread drops the turn queue, after the turns already in it.
+fn sync_loop(
+    wal: &WalSync,
+    turns: &flume::Receiver<Turn>,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), StoreError> {
+    while let Ok(first) = turns.recv() {
+        let group: Vec<Turn> = std::iter::once(first).chain(turns.try_iter()).collect();
+        if group.iter().any(|t| t.wrote.is_some()) {
+            wal.sync()?;
+        }
+        for turn in group {
+            if let Some((ops, started)) = turn.wrote {
+                metrics.committed(ops, started.elapsed().as_secs_f64());
+            }
+            for p in turn.events {
+                let _ = tx.send(Outbound::Publish(p));
+            }
+            for (p, at) in turn.acks {
+                let _ = tx.send(Outbound::Ack(p, at));
+            }
         }
     }
     Ok(())

@@ -28,6 +28,16 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The write-ahead log could not be opened or fsynced: the commits written since the last
+    /// sync may be lost.
+    #[error("cannot make commits durable in coordinator database log {}: {source}", path.display())]
+    Sync {
+        /// The `-wal` file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A read-only open found no file: the coordinator has never run with this data directory.
     #[error(
         "no coordinator database at {}: start `ambient coordinator` first or pass --data-dir",

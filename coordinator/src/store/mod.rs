@@ -39,6 +39,7 @@ mod ledger;
 mod modules;
 mod nodes;
 mod schema;
+mod sync;
 mod tasks;
 #[cfg(test)]
 mod throughput;
@@ -59,6 +60,7 @@ pub use ledger::{
     node_account,
 };
 pub use schema::SCHEMA_VERSION;
+pub use sync::WalSync;
 pub use tasks::{Finish, Inserted, JournaledTask, NewTask, TaskRow, TaskStatus};
 
 /// How long a connection waits for another connection's lock before giving up: 5 seconds.
@@ -150,6 +152,24 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| Fail::from(e).at("begin a write", &self.path))?;
         Ok(Batch::new(tx, &self.path))
+    }
+
+    /// From now on, commits on this connection are written but not fsynced; they are durable
+    /// once [`WalSync::sync`] on the returned handle has returned after them. For a writer that
+    /// makes its commits durable on another thread (the coordinator's commit pipeline); every
+    /// other writer keeps `synchronous = FULL`. See [`WalSync`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`] if the setting cannot be changed, [`StoreError::Sync`] if the
+    /// write-ahead log cannot be opened.
+    pub fn defer_sync(&mut self) -> Result<WalSync, StoreError> {
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| Fail::from(e).at("configure the database", &self.path))?;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        WalSync::open(wal.into())
     }
 
     /// Runs `f` in one batch and commits it; on error nothing `f` wrote is kept.
