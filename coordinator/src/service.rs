@@ -781,3 +781,64 @@ fn route(
     };
     d.handle(now, input, store, fx);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn event(topic: &str) -> Publish {
+        Publish {
+            topic: topic.into(),
+            payload: Vec::new(),
+            retain: false,
+            reliable: true,
+        }
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|o| match o {
+                Outbound::Publish(p) => p.topic,
+                Outbound::Ack(p, at) => format!("ack {} on connection {at}", p.topic),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_sync_thread_lets_out_each_turns_events_then_its_acks_in_turn_order_and_ends_with_the_queue()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let wal = store.defer_sync().unwrap();
+        let (turn_tx, turn_rx) = flume::bounded(TURNS);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let submission = rumqttc::Publish::new(topics::SUBMIT, QoS::AtLeastOnce, "{}");
+        let turns = [
+            Turn {
+                wrote: Some((1, Instant::now())),
+                events: vec![event("accepted 1")],
+                acks: vec![(submission, 7)],
+            },
+            // Nothing written, yet its event still waits for the turn before it.
+            Turn {
+                events: vec![event("final 0")],
+                ..Turn::default()
+            },
+        ];
+        for turn in turns {
+            turn_tx.send(turn).unwrap();
+        }
+        drop(turn_tx);
+        let metrics = Metrics::default();
+        sync_loop(&wal, &turn_rx, &out_tx, &metrics).unwrap();
+        assert_eq!(
+            drain(&mut out_rx),
+            [
+                "accepted 1",
+                "ack ambient/v1/tasks/submit on connection 7",
+                "final 0"
+            ]
+        );
+    }
+}
