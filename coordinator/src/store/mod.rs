@@ -24,6 +24,10 @@
 //! [`Store::record_dispatches`], [`Store::settle_many`]) commit once per call, and a [`Batch`]
 //! mixes any of them under a single commit.
 //!
+//! The coordinator itself goes one step further: after [`Store::defer_sync`] its commits are
+//! written without an fsync, and a [`WalSync`] handle on another thread fsyncs the log once for
+//! every commit written meanwhile, before anything that depends on them is acknowledged.
+//!
 //! # Sharing the file
 //!
 //! The coordinator holds the writing [`Store`]; CLI commands open the same file with
