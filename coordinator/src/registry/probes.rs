@@ -38,7 +38,7 @@ impl Registry {
     /// [`RegistryConfig::probe_interval`] while it is online. Its first probe is small; after
     /// that one in every [`RegistryConfig::bandwidth_probe_every`] is large, staggered by node
     /// so that nodes that joined together do not all send 64 KiB in the same call. At most
-    /// [`MAX_PROBES_PER_CALL`] probes, [`MAX_LARGE_PER_CALL`] of them large. Forgotten nodes
+    /// `MAX_PROBES_PER_CALL` (256) probes, `MAX_LARGE_PER_CALL` (4) of them large. Forgotten nodes
     /// leave the schedule here. O(probes sent).
     pub fn probes(&mut self, now: Instant, mut nonce: impl FnMut() -> u64) -> Vec<Probing> {
         let now_us = self.micros(now);
