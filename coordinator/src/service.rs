@@ -19,7 +19,8 @@
 //!   reading the socket, and the broker holds further messages: back-pressure, not loss.
 //! - The **dispatcher thread** runs loop turns: it takes up to [`MAX_TURN`] inputs, feeds each
 //!   to the dispatcher, publishes the turn's assignments, writes the turn's journal operations
-//!   in one transaction without waiting for the disk ([`Store::defer_sync`]), and hands the
+//!   in one transaction without an fsync ([`Store::defer_sync`]; SQLite's occasional
+//!   checkpoint still syncs on this thread), and hands the
 //!   turn's task events and the PUBACKs of its inputs to the sync thread. Then it starts the
 //!   next turn: a result that arrives while the last turn's fsync is under way is handled at
 //!   once instead of waiting for it.
@@ -83,9 +84,14 @@ pub enum CoordinatorError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The dispatcher thread could not be started.
-    #[error("cannot start the dispatcher thread: {0}")]
+    /// The dispatcher or sync thread could not be started.
+    #[error("cannot start the coordinator's threads: {0}")]
     Thread(std::io::Error),
+    /// A thread of the coordinator panicked (a bug; the log above says where).
+    #[error(
+        "the coordinator's {0} thread panicked; nothing after its last durable turn was acknowledged"
+    )]
+    Panicked(&'static str),
     /// The coordinator's signing key could not be loaded or created.
     #[error(transparent)]
     Identity(#[from] ambient_daemon::IdentityError),
@@ -108,7 +114,7 @@ pub enum CoordinatorError {
 pub const INBOUND: usize = 4096;
 /// Most inputs handled in one loop turn, that is, under one commit.
 pub const MAX_TURN: usize = 2048;
-/// Turns written and waiting for their fsync, at most.
+/// Written turns queued for the sync thread, at most (besides the group it is syncing).
 pub const TURNS: usize = 64;
 /// At start, the final events of tasks finished this recently (in ms) are published again: a
 /// crash between a commit and its publishes would otherwise leave a client that saw `accepted`
@@ -398,14 +404,20 @@ impl Coordinator {
         // The dispatcher ends first; the sync thread then makes its last turns durable and ends
         // with the turn queue. A sync error is why the dispatcher stopped, so it comes first.
         let result = tokio::task::spawn_blocking(move || {
-            let dispatched = state.join().unwrap_or(Ok(()));
-            let synced = syncer.join().unwrap_or(Ok(()));
+            let joined = |thread: std::thread::JoinHandle<Result<(), StoreError>>, name| {
+                thread
+                    .join()
+                    .map_err(|_| CoordinatorError::Panicked(name))?
+                    .map_err(CoordinatorError::from)
+            };
+            let dispatched = joined(state, "dispatcher");
+            let synced = joined(syncer, "sync");
             synced.and(dispatched)
         })
         .await
-        .unwrap_or(Ok(()));
+        .unwrap_or(Err(CoordinatorError::Panicked("shutdown")));
         if let Err(e) = &result {
-            error!(error = %e, "journal commit failed; stopping without acknowledging the last turn");
+            error!(error = %e, "stopping without acknowledging what was not yet durable");
         }
         // Both threads dropped their senders, so the publisher drains and ends.
         let _ = publisher.await;
@@ -422,7 +434,7 @@ impl Coordinator {
         {
             warn!(error = %e, "embedded broker stopped with an error");
         }
-        result.map_err(CoordinatorError::from)
+        result
     }
 }
 
@@ -476,9 +488,10 @@ async fn mqtt_loop(
                         }
                     }
                 });
-                if in_tx.send_async(Inbound::Connected).await.is_err() {
-                    break;
-                }
+                // Once the dispatcher has ended, nothing is forwarded any more, but the event
+                // loop keeps running until cancelled: the sync thread's last events and PUBACKs
+                // still have to go out through it.
+                let _ = in_tx.send_async(Inbound::Connected).await;
             }
             // Shutting down: the DISCONNECT is out, so do not reconnect.
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
@@ -493,13 +506,8 @@ async fn mqtt_loop(
                 }
                 let at = link.generation.load(Ordering::SeqCst);
                 let received = Instant::now();
-                if in_tx
-                    .send_async(Inbound::Publish(p, at, received))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                // Unacknowledged when the dispatcher has ended: the broker sends it again.
+                let _ = in_tx.send_async(Inbound::Publish(p, at, received)).await;
             }
             Ok(_) => {}
             Err(e) => {

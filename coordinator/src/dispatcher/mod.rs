@@ -10,8 +10,9 @@
 //! 1. [`Effects::modules`] and [`Effects::dispatch`]: module copies and assignments. They may
 //!    leave before the commit: execution is at-least-once (agents deduplicate by task and
 //!    attempt), so a crash before the commit only means a task runs again.
-//! 2. [`Effects::journal`]: every write of the turn, in one SQLite transaction (one fsync).
-//! 3. Only after the commit: [`Effects::events`] (the `accepted`, `completed`, `failed` and
+//! 2. [`Effects::journal`]: every write of the turn, in one SQLite transaction, made durable by
+//!    one fsync that may cover several turns.
+//! 3. Only after that fsync: [`Effects::events`] (the `accepted`, `completed`, `failed` and
 //!    `rejected` events) and the MQTT acknowledgements of the turn's inputs. A failed commit
 //!    stops the coordinator: nothing that depends on it leaves, and the next start recovers
 //!    from the journal.

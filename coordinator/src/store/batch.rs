@@ -5,7 +5,8 @@ use rusqlite::Transaction;
 
 use super::{Fail, StoreError};
 
-/// Several writes committed together: one transaction, one fsync.
+/// Several writes committed together: one transaction, one fsync (unless the store's sync is
+/// deferred, see [`Store::defer_sync`](super::Store::defer_sync)).
 ///
 /// Start one with [`Store::batch`](super::Store::batch), call any of the write methods
 /// ([`insert_task`](Batch::insert_task), [`record_dispatch`](Batch::record_dispatch),

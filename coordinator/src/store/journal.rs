@@ -7,7 +7,7 @@ use rusqlite::OptionalExtension;
 use super::{NewTask, Store, StoreError, TaskStatus};
 
 /// One write the dispatcher asks for. The service gathers every `Op` of one loop turn and
-/// applies them with [`Store::apply`]: one transaction, one fsync.
+/// applies them with [`Store::apply`]: one transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Journal an accepted submission ([`Batch::insert_task`](super::Batch::insert_task)).

@@ -26,7 +26,8 @@
 //!
 //! The coordinator itself goes one step further: after [`Store::defer_sync`] its commits are
 //! written without an fsync, and a [`WalSync`] handle on another thread fsyncs the log once for
-//! every commit written meanwhile, before anything that depends on them is acknowledged.
+//! every commit written meanwhile, before anything that depends on them is acknowledged. The
+//! statements above about write methods hold for every other writer.
 //!
 //! # Sharing the file
 //!

@@ -10,16 +10,25 @@
 //! transaction on its dispatcher thread, goes on to the next turn at once, and a second thread
 //! syncs whatever turns were written meanwhile in one fsync (group commit across turns).
 //!
-//! Why this is as safe as `FULL`:
+//! Why nothing the coordinator says is lost:
 //!
 //! - A commit that was written but not yet synced is exactly what `NORMAL` allows to vanish in
-//!   a power cut; the coordinator treats it as not yet committed: nothing that depends on it
-//!   (a PUBACK, an event, a result) leaves before a `sync` that began after it returned.
+//!   a power cut; the coordinator treats it as not yet committed: nothing it sends that depends
+//!   on it (a PUBACK, an event, a result) leaves before a `sync` that began after it returned.
+//!   `fdatasync` flushes the file, whichever descriptor wrote it.
 //! - The database stays consistent either way: SQLite recovers the WAL up to its last intact
-//!   commit frame, and its checkpoints fsync the WAL before copying pages into the database.
+//!   commit frame, and its checkpoints still fsync the WAL before copying pages into the
+//!   database and the database after (they run inside a commit, on the writer's thread).
 //! - The `-wal` file is the same file for the whole run: SQLite deletes it only when the last
-//!   connection closes, and the coordinator's stays open. CLI commands that open the database
-//!   meanwhile cannot be the last.
+//!   connection closes, and the coordinator's stays open, so CLI commands that open the
+//!   database meanwhile cannot be the last. [`WalSync::sync`] refuses to go on if the file it
+//!   holds was deleted anyway (by hand).
+//!
+//! What it does not cover: other connections see a commit as soon as it is written. The HTTP
+//! API and the CLI's reads (`ambient tasks`, `ambient ledger`) may therefore show a turn up to
+//! one fsync before it is durable, and a power cut in that window takes it back; the task then
+//! runs again and is settled once. On kernels before 4.13, an I/O error that SQLite's own
+//! checkpoint sync consumed would not be reported to this handle.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -53,10 +62,21 @@ impl WalSync {
     /// written to disk: those commits may be lost, so nothing that depends on them may be
     /// acknowledged.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.wal.sync_data().map_err(|source| StoreError::Sync {
+        let failed = |source| StoreError::Sync {
             path: self.path.clone(),
             source,
-        })
+        };
+        self.wal.sync_data().map_err(failed)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            if self.wal.metadata().map_err(failed)?.nlink() == 0 {
+                return Err(failed(std::io::Error::other(
+                    "the file was deleted while the coordinator ran; its commits are not on disk",
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -107,6 +127,18 @@ mod tests {
                 "the handle is SQLite's WAL"
             );
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_wal_deleted_under_the_coordinator_fails_the_sync_instead_of_acknowledging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut store = Store::open(&path).unwrap();
+        let wal = store.defer_sync().unwrap();
+        std::fs::remove_file(dir.path().join("c.db-wal")).unwrap();
+        let err = wal.sync().unwrap_err();
+        assert!(err.to_string().contains("deleted"), "{err}");
     }
 
     #[test]
