@@ -60,7 +60,9 @@ use ambient_mqtt::BrokerUrl;
 
 use crate::access::{Access, Anonymous, COORDINATOR_CLIENT_ID, coordinator_login};
 use crate::config::{BrokerMode, CoordinatorConfig};
-use crate::dispatcher::{self, Dispatcher, Effects, Input, Now, Publish, Recovered};
+use crate::dispatcher::{
+    self, Dispatcher, Effects, Frame, Input, Now, Publish, Recovered, Signers,
+};
 use crate::ha::Discovery;
 use crate::store::{Op, Standing, Store, StoreError, WalSync};
 use crate::{Registry, mqtt};
@@ -139,8 +141,9 @@ enum Inbound {
     /// The broker connection came up.
     Connected,
     /// A publish, the connection generation it arrived on (its PUBACK is only valid there),
-    /// and when it was read.
-    Publish(rumqttc::Publish, u64, Instant),
+    /// when it was read, and the key its receipt's signature was checked under
+    /// ([`Signers::check`]).
+    Publish(rumqttc::Publish, u64, Instant, Option<[u8; 32]>),
     /// Shut down after this turn.
     Stop,
 }
@@ -385,11 +388,15 @@ impl Coordinator {
             .map_err(CoordinatorError::Thread)?;
 
         let publisher = tokio::spawn(publish_loop(client.clone(), out_rx, link.clone()));
+        let beside = Beside {
+            signer,
+            signers: Signers::new(config.registry.max_nodes),
+        };
         let mqtt = tokio::spawn(mqtt_loop(
             client.clone(),
             eventloop,
             login,
-            signer,
+            beside,
             in_tx.clone(),
             link,
             cancel.clone(),
@@ -453,11 +460,19 @@ fn subscriptions() -> Vec<String> {
     filters
 }
 
+/// What the MQTT task does itself, beside the socket, so that it costs the dispatcher thread
+/// nothing: it answers pings (a busy dispatcher must not look like a slow link) and checks
+/// receipt signatures (see [`Signers`]).
+struct Beside {
+    signer: Arc<Identity>,
+    signers: Signers,
+}
+
 async fn mqtt_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
     login: Option<impl Fn() -> (String, String)>,
-    signer: Arc<Identity>,
+    mut beside: Beside,
     in_tx: flume::Sender<Inbound>,
     link: Arc<Link>,
     cancel: CancellationToken,
@@ -496,18 +511,23 @@ async fn mqtt_loop(
             // Shutting down: the DISCONNECT is out, so do not reconnect.
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if let Some((node, leaf)) = topics::parse_node(&p.topic)
-                    && let Some(pong) = dispatcher::pong(&signer, node, leaf, &p.payload)
-                {
-                    // QoS 0 both ways: a lost probe is just a missing sample.
-                    let _ = client.try_publish(pong.topic, QoS::AtMostOnce, false, pong.payload);
-                    let _ = client.try_ack(&p);
-                    continue;
+                let received = Instant::now();
+                let mut signed_by = None;
+                if let Some((node, leaf)) = topics::parse_node(&p.topic) {
+                    if let Some(pong) = dispatcher::pong(&beside.signer, node, leaf, &p.payload) {
+                        // QoS 0 both ways: a lost probe is just a missing sample.
+                        let _ =
+                            client.try_publish(pong.topic, QoS::AtMostOnce, false, pong.payload);
+                        let _ = client.try_ack(&p);
+                        continue;
+                    }
+                    signed_by = beside.signers.check(node, leaf, &p.payload);
                 }
                 let at = link.generation.load(Ordering::SeqCst);
-                let received = Instant::now();
                 // Unacknowledged when the dispatcher has ended: the broker sends it again.
-                let _ = in_tx.send_async(Inbound::Publish(p, at, received)).await;
+                let _ = in_tx
+                    .send_async(Inbound::Publish(p, at, received, signed_by))
+                    .await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -610,8 +630,8 @@ fn dispatch_loop(
                         ha.reconnected();
                     }
                 }
-                Inbound::Publish(p, at, received) => {
-                    route(&mut d, now, &p, received, &store, &mut fx);
+                Inbound::Publish(p, at, received, signed_by) => {
+                    route(&mut d, now, &p, received, signed_by, &store, &mut fx);
                     if p.qos != QoS::AtMostOnce {
                         turn.acks.push((p, at));
                     }
@@ -765,6 +785,7 @@ fn route(
     now: Now,
     p: &rumqttc::Publish,
     received: Instant,
+    signed_by: Option<[u8; 32]>,
     store: &Store,
     fx: &mut Effects,
 ) {
@@ -772,12 +793,13 @@ fn route(
     let input = if topic == topics::SUBMIT {
         Input::Submit(payload)
     } else if let Some((node, leaf)) = topics::parse_node(topic) {
-        Input::Frame {
+        Input::Frame(Frame {
             node,
             leaf,
             frame: payload,
             received,
-        }
+            signed_by,
+        })
     } else if let Some(hash) = topics::parse_module(topic) {
         Input::Module {
             hash,

@@ -48,8 +48,8 @@ use serde::Serialize;
 
 use crate::store::{Known, StoreError};
 use crate::{
-    DispatchConfig, Dispatcher, Effects, EventStatus, Input, Journal, Now, Policy, Recovered,
-    Registry, RegistryConfig, TaskEvent,
+    DispatchConfig, Dispatcher, Effects, EventStatus, Frame, Input, Journal, Now, Policy,
+    Recovered, Registry, RegistryConfig, TaskEvent,
 };
 
 /// The smallest plain-ABI module (`memory`, `alloc`, and a `run` that returns nothing): what
@@ -519,18 +519,20 @@ impl<'a> Sim<'a> {
                 let n = &self.nodes[i];
                 (n.id, announce_frame(&n.identity, "aarch64", 1))
             };
-            self.step(Input::Frame {
+            self.step(Input::Frame(Frame {
                 node: id,
                 leaf: NodeTopic::Status,
                 frame: b"online",
                 received: self.now().at,
-            });
-            self.step(Input::Frame {
+                signed_by: None,
+            }));
+            self.step(Input::Frame(Frame {
                 node: id,
                 leaf: NodeTopic::Announce,
                 frame: &frame,
                 received: self.now().at,
-            });
+                signed_by: None,
+            }));
         }
         self.telemetry();
         self.at(TICK_EVERY, Event::Tick);
@@ -564,12 +566,13 @@ impl<'a> Sim<'a> {
                     // A lie counts once told, when its report arrives.
                     self.nodes[node].lies += u64::from(lie);
                     let id = self.nodes[node].id;
-                    self.step(Input::Frame {
+                    self.step(Input::Frame(Frame {
                         node: id,
                         leaf: NodeTopic::Results,
                         frame: &frame,
                         received: self.now().at,
-                    });
+                        signed_by: None,
+                    }));
                     self.notice_blacklisting(node);
                 }
                 Event::Telemetry => self.telemetry(),
@@ -593,12 +596,13 @@ impl<'a> Sim<'a> {
                 ..TelemetrySample::default()
             };
             let (id, frame) = (n.id, telemetry_frame(&n.identity, n.seq, sample));
-            self.step(Input::Frame {
+            self.step(Input::Frame(Frame {
                 node: id,
                 leaf: NodeTopic::Telemetry,
                 frame: &frame,
                 received: self.now().at,
-            });
+                signed_by: None,
+            }));
         }
         self.at(TELEMETRY_EVERY, Event::Telemetry);
     }

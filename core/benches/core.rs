@@ -6,9 +6,9 @@
 use std::hint::black_box;
 
 use ambient_core::{
-    Breaker, Engine, Envelope, Exit, Identity, Limits, Message, Receipt, SafetyPolicy, ScoreConfig,
-    SignedTelemetry, TaskId, Telemetry, TelemetrySample, ThrottleFlags, health_score, sha3_256,
-    sign_message,
+    Breaker, Engine, Envelope, Exit, Identity, Limits, Message, PublicKey, Receipt, SafetyPolicy,
+    ScoreConfig, SignedTelemetry, TaskId, Telemetry, TelemetrySample, ThrottleFlags, health_score,
+    sha3_256, sign_message,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -72,6 +72,10 @@ fn proofs(c: &mut Criterion) {
     let public_key = identity.public_key();
     c.bench_function("receipt verify signature", |b| {
         b.iter(|| black_box(&signed).verify_signature(&public_key))
+    });
+    let key = PublicKey::from_bytes(&public_key).expect("a valid key");
+    c.bench_function("receipt verify signature, key decompressed once", |b| {
+        b.iter(|| black_box(&signed).verify_signature_by(&key))
     });
 }
 

@@ -42,13 +42,15 @@ pub use id::{Digest, NodeId, TaskId, sha3_256};
 pub use inspect::{ModuleError, ModuleInfo, Refusals, WASI_MODULE, WASI_OFFERED, inspect};
 pub use link::{LARGE_PADDING, LinkProbe};
 pub use proof::{
-    Engine, Exit, Identity, Limits, Receipt, SignedReceipt, chain_hash, sign_message,
+    Engine, Exit, Identity, Limits, PublicKey, Receipt, SignedReceipt, chain_hash, sign_message,
     verify_message,
 };
 pub use reputation::{Reputation, credibility, doubt, result_doubt};
 pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};
 pub use telemetry::{TelemetrySample, ThrottleFlags};
-pub use verify::{CONTESTED_LEAD, Expected, Quorum, Tariff, quorum, verify_receipt};
+pub use verify::{
+    CONTESTED_LEAD, Expected, Quorum, Tariff, quorum, verify_receipt, verify_receipt_claims,
+};
 pub use wire::{
     Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
     MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,

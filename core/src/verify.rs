@@ -31,11 +31,27 @@ pub fn verify_receipt(
     output: &[u8],
     expected: &Expected<'_>,
 ) -> Result<(), VerifyError> {
+    if signed.receipt.node != expected.node {
+        return Err(VerifyError::WrongNode);
+    }
+    signed.verify_signature(expected.public_key)?;
+    verify_receipt_claims(signed, output, expected)
+}
+
+/// Everything [`verify_receipt`] checks but the signature, for a receipt whose signature was
+/// already checked under `expected.public_key` (see [`SignedReceipt::verify_signature_by`]).
+///
+/// # Errors
+/// The first [`VerifyError`] found.
+pub fn verify_receipt_claims(
+    signed: &SignedReceipt,
+    output: &[u8],
+    expected: &Expected<'_>,
+) -> Result<(), VerifyError> {
     let r = &signed.receipt;
     if r.node != expected.node {
         return Err(VerifyError::WrongNode);
     }
-    signed.verify_signature(expected.public_key)?;
     if &r.task_id != expected.task_id || r.attempt != expected.attempt {
         return Err(VerifyError::WrongTask);
     }

@@ -7,9 +7,10 @@ use heapless::{String, Vec};
 use serde::{Deserialize, Serialize};
 
 use crate::proof::serde_sig;
+use crate::proof::verify_message_by;
 use crate::{
-    DecodeError, Digest, Engine, Identity, Limits, NodeId, ProofError, SignedReceipt, TaskId,
-    TelemetrySample, TripReason, sign_message, verify_message,
+    DecodeError, Digest, Engine, Identity, Limits, NodeId, ProofError, PublicKey, SignedReceipt,
+    TaskId, TelemetrySample, TripReason, sign_message, verify_message,
 };
 
 /// Protocol version carried in every envelope.
@@ -231,12 +232,25 @@ impl Assignment<'_> {
     /// # Errors
     /// [`ProofError`] when the key or signature is bad.
     pub fn verify(&self, node: &NodeId, input: &Digest) -> Result<(), ProofError> {
-        verify_message(
-            &self.coordinator,
-            Self::TAG,
-            &self.claim(node, input),
-            &self.signature,
-        )
+        self.verify_by(&PublicKey::from_bytes(&self.coordinator)?, node, input)
+    }
+
+    /// [`Assignment::verify`] with the coordinator's key already decompressed: a node checks
+    /// every assignment against the one key it pinned.
+    ///
+    /// # Errors
+    /// [`ProofError::BadSignature`] when the signature is bad or `key` is not
+    /// [`Assignment::coordinator`].
+    pub fn verify_by(
+        &self,
+        key: &PublicKey,
+        node: &NodeId,
+        input: &Digest,
+    ) -> Result<(), ProofError> {
+        if key.to_bytes() != self.coordinator {
+            return Err(ProofError::BadSignature);
+        }
+        verify_message_by(key, Self::TAG, &self.claim(node, input), &self.signature)
     }
 }
 

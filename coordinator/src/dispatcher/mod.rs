@@ -136,6 +136,7 @@ use ambient_core::{
     Assignment, CONTESTED_LEAD, Digest, Envelope, Exit, Expected, Identity, Message, ModuleError,
     ModuleInfo, NodeId, Pong, Quorum, Refusal, Refusals, Report, ReportBody, SignedReceipt,
     SignedRefusal, Tariff, TaskId, quorum, result_doubt, sha3_256, verify_receipt,
+    verify_receipt_claims,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -148,7 +149,10 @@ use crate::{Outcome, Registry, RegistryError, Strategy};
 
 mod placement;
 mod results;
+mod signers;
 mod submission;
+
+pub use signers::Signers;
 
 use placement::assignment;
 use results::{Late, Unchecked};
@@ -313,23 +317,31 @@ impl Now {
     }
 }
 
+/// A frame from a node, and what the service learned of it beside the socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    /// The node named by the topic.
+    pub node: NodeId,
+    /// The topic's leaf.
+    pub leaf: NodeTopic,
+    /// The payload.
+    pub frame: &'a [u8],
+    /// When the service read it off the socket: a pong's round trip ends here, not when the
+    /// dispatcher got to it.
+    pub received: Instant,
+    /// The key under which the service already checked the signature of the receipt the
+    /// frame carries ([`Signers::check`]); the dispatcher checks it itself when this is not
+    /// the node's registered key.
+    pub signed_by: Option<[u8; 32]>,
+}
+
 /// One input to [`Dispatcher::handle`].
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
     /// A submission's JSON from `ambient/v1/tasks/submit`.
     Submit(&'a [u8]),
     /// A frame on `ambient/v1/nodes/{node}/{leaf}`.
-    Frame {
-        /// The node named by the topic.
-        node: NodeId,
-        /// The topic's leaf.
-        leaf: NodeTopic,
-        /// The payload.
-        frame: &'a [u8],
-        /// When the service read it off the socket: a pong's round trip ends here, not when
-        /// the dispatcher got to it.
-        received: Instant,
-    },
+    Frame(Frame<'a>),
     /// A module upload on `ambient/v1/modules/{hash}`.
     Module {
         /// The hash named by the topic.
@@ -671,12 +683,7 @@ impl Dispatcher {
     pub fn handle(&mut self, now: Now, input: Input<'_>, journal: &impl Journal, fx: &mut Effects) {
         match input {
             Input::Submit(json) => self.on_submission(now, json, journal, fx),
-            Input::Frame {
-                node,
-                leaf,
-                frame,
-                received,
-            } => self.on_node_frame(now, node, leaf, frame, received, fx),
+            Input::Frame(frame) => self.on_node_frame(now, frame, fx),
             Input::Module { hash, bytes } => self.on_module(hash, bytes, fx),
             Input::Verdict {
                 public_key,
@@ -756,15 +763,14 @@ impl Dispatcher {
         sent
     }
 
-    fn on_node_frame(
-        &mut self,
-        now: Now,
-        node: NodeId,
-        leaf: NodeTopic,
-        frame: &[u8],
-        received: Instant,
-        fx: &mut Effects,
-    ) {
+    fn on_node_frame(&mut self, now: Now, input: Frame<'_>, fx: &mut Effects) {
+        let Frame {
+            node,
+            leaf,
+            frame,
+            received,
+            signed_by,
+        } = input;
         if leaf == NodeTopic::Status {
             let online = frame == b"online";
             // Unsigned: it stops new placements, but the node's tasks move only once it goes
@@ -836,7 +842,7 @@ impl Dispatcher {
                 }
             }
             Message::Report(r) if r.node == node && leaf == NodeTopic::Results => {
-                self.on_report(now, r, fx);
+                self.on_report(now, r, signed_by, fx);
                 // The report freed a slot: queued tasks should not wait for the next tick.
                 self.pump_queue(now, fx);
             }

@@ -89,6 +89,7 @@ pub(super) fn answered(
 pub(super) fn authenticate(
     registry: &Registry,
     report: &Report<'_>,
+    signed_by: Option<[u8; 32]>,
     spec: &TaskSpec,
     input_hash: Digest,
 ) -> Result<Option<ambient_core::VerifyError>, String> {
@@ -114,7 +115,13 @@ pub(super) fn authenticate(
                 input: input_hash,
                 limits: spec.limits,
             };
-            match verify_receipt(receipt, output, &expected) {
+            // Its signature already checked under the registered key, beside the socket.
+            let verified = if signed_by == Some(*key) {
+                verify_receipt_claims(receipt, output, &expected)
+            } else {
+                verify_receipt(receipt, output, &expected)
+            };
+            match verified {
                 Err(e) if !e.is_attributable() => Err(e.to_string()),
                 other => Ok(other.err()),
             }
@@ -147,10 +154,16 @@ pub(super) fn doubt_of(registry: &Registry, votes: &[Vote], key: (Digest, u64, E
 }
 
 impl Dispatcher {
-    pub(super) fn on_report(&mut self, now: Now, report: Report<'_>, fx: &mut Effects) {
+    pub(super) fn on_report(
+        &mut self,
+        now: Now,
+        report: Report<'_>,
+        signed_by: Option<[u8; 32]>,
+        fx: &mut Effects,
+    ) {
         let node = report.node;
         let Some(job) = self.jobs.get_mut(&report.task_id) else {
-            self.on_late_report(now, &report, fx);
+            self.on_late_report(now, &report, signed_by, fx);
             return;
         };
         let Some(pos) = answered(&job.outstanding, &report, &mut self.dropped) else {
@@ -158,7 +171,13 @@ impl Dispatcher {
         };
         // Authenticate before anything changes: a frame anyone on the broker could have sent
         // must neither cancel the attempt nor count against the node it names.
-        let verdict = authenticate(&self.registry, &report, &job.spec, job.input_hash);
+        let verdict = authenticate(
+            &self.registry,
+            &report,
+            signed_by,
+            &job.spec,
+            job.input_hash,
+        );
         let disputed = match verdict {
             Ok(disputed) => disputed,
             Err(why) => {
@@ -252,7 +271,13 @@ impl Dispatcher {
     /// result when they come: agreeing counts as verified for the node, disagreeing as a
     /// dispute when the accepted result still leads decisively (see "Contested votes"). The
     /// accepted result stands either way: it had its majority.
-    pub(super) fn on_late_report(&mut self, now: Now, report: &Report<'_>, fx: &mut Effects) {
+    pub(super) fn on_late_report(
+        &mut self,
+        now: Now,
+        report: &Report<'_>,
+        signed_by: Option<[u8; 32]>,
+        fx: &mut Effects,
+    ) {
         let node = report.node;
         let Some(late) = self.late.get_mut(&report.task_id) else {
             self.dropped.stale_reports += 1;
@@ -262,7 +287,14 @@ impl Dispatcher {
         let Some(pos) = answered(&late.outstanding, report, &mut self.dropped) else {
             return;
         };
-        let disputed = match authenticate(&self.registry, report, &late.spec, late.input_hash) {
+        let authenticated = authenticate(
+            &self.registry,
+            report,
+            signed_by,
+            &late.spec,
+            late.input_hash,
+        );
+        let disputed = match authenticated {
             Ok(disputed) => disputed,
             Err(why) => {
                 self.dropped.unauthenticated += 1;

@@ -233,23 +233,25 @@ impl Fixture {
             let pong = Pong::sign(self.identity(node), &node, probe.nonce);
             let frame = Envelope::new(Message::Pong(pong)).to_vec();
             let received = self.now.at + after;
-            self.step(Input::Frame {
+            self.step(Input::Frame(Frame {
                 node,
                 leaf: NodeTopic::Telemetry,
                 frame: &frame,
                 received,
-            });
+                signed_by: None,
+            }));
         }
     }
 
     fn frame(&mut self, node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Effects {
         let received = self.now.at;
-        self.step(Input::Frame {
+        self.step(Input::Frame(Frame {
             node,
             leaf,
             frame,
             received,
-        })
+            signed_by: None,
+        }))
     }
 
     fn submit_json(&mut self, json: serde_json::Value) -> Effects {
@@ -455,6 +457,60 @@ fn a_report_forged_with_another_key_changes_nothing_and_the_real_one_is_accepted
     );
     let done = finals(&f.answer("t2", first, b"out"));
     assert_eq!(done.len(), 1, "the attempt was still outstanding");
+    assert_eq!(done[0].status, EventStatus::Completed);
+}
+
+#[test]
+fn a_receipt_vouched_for_under_a_key_other_than_the_nodes_is_checked_again_and_a_forgery_dropped() {
+    let mut f = fixture(2);
+    let first = assignments(&f.submit("pre", "receipt"))[0];
+    let forger = Identity::from_secret(&[0xEE; 32]);
+    let forged = f.report("pre", first, b"forged", Exit::Ok, &forger);
+    let mut vouched = |frame: &[u8], key: [u8; 32]| {
+        let received = f.now.at;
+        f.step(Input::Frame(Frame {
+            node: first.0,
+            leaf: NodeTopic::Results,
+            frame,
+            received,
+            signed_by: Some(key),
+        }))
+    };
+    let fx = vouched(&forged, forger.public_key());
+    assert!(fx.dispatch.is_empty() && fx.events.is_empty(), "{fx:?}");
+    assert_eq!(f.d.dropped().unauthenticated, 1);
+    // Checked under the registered key beside the socket: accepted without a second check,
+    // its claims still checked.
+    let key = f.identity(first.0).public_key();
+    let lying = f.report_claiming("pre", first, b"out", Exit::Ok, f.identity(first.0), |r| {
+        r.input = sha3_256(b"another input")
+    });
+    let mut vouched = |frame: &[u8]| {
+        let received = f.now.at;
+        f.step(Input::Frame(Frame {
+            node: first.0,
+            leaf: NodeTopic::Results,
+            frame,
+            received,
+            signed_by: Some(key),
+        }))
+    };
+    let next = assignments(&vouched(&lying));
+    assert_eq!(
+        f.d.dropped().bad_receipts,
+        1,
+        "a signed false claim is a dispute"
+    );
+    let honest = f.report("pre", next[0], b"out", Exit::Ok, f.identity(next[0].0));
+    let received = f.now.at;
+    let done = finals(&f.step(Input::Frame(Frame {
+        node: next[0].0,
+        leaf: NodeTopic::Results,
+        frame: &honest,
+        received,
+        signed_by: Some(f.identity(next[0].0).public_key()),
+    })));
+    assert_eq!(done.len(), 1);
     assert_eq!(done[0].status, EventStatus::Completed);
 }
 
@@ -1471,12 +1527,13 @@ fn a_resubmission_in_the_same_turn_as_its_result_gets_that_result() {
     let mut fx = Effects::default();
     f.d.handle(
         f.now,
-        Input::Frame {
+        Input::Frame(Frame {
             node: sent.0,
             leaf: NodeTopic::Results,
             frame: &report,
             received: f.now.at,
-        },
+            signed_by: None,
+        }),
         &f.journal,
         &mut fx,
     );
@@ -1724,12 +1781,13 @@ fn a_probes_round_trip_ends_when_its_pong_was_read_not_when_the_dispatcher_got_t
     let pong = Envelope::new(Message::Pong(Pong::sign(&f.nodes[0], &node, probe.nonce))).to_vec();
     let received = f.now.at + Duration::from_millis(1);
     f.now.at += Duration::from_millis(50);
-    f.step(Input::Frame {
+    f.step(Input::Frame(Frame {
         node,
         leaf: NodeTopic::Telemetry,
         frame: &pong,
         received,
-    });
+        signed_by: None,
+    }));
     assert_eq!(latency(&f), Some(1_000));
     // The same pong again answers nothing.
     f.frame(node, NodeTopic::Telemetry, &pong);
