@@ -5,7 +5,8 @@
 //! ```text
 //!  broker ⇄ MQTT task ──inbound (bounded)──▶ dispatcher thread ──────outbound──────▶ publisher task ─▶ broker
 //!           answers pings                     handle → dispatches                      ▲
-//!           forwards the rest                 → write the turn's commit                │
+//!           checks receipt signatures         → write the turn's commit                │
+//!           forwards the rest                                                          │
 //!                                                   │ turns (bounded)                  │
 //!                                                   ▼                                  │
 //!                                             sync thread: one fsync for every turn ───┘
@@ -13,8 +14,10 @@
 //! ```
 //!
 //! - The **MQTT task** owns the event loop. It answers pings itself (so nodes measure their own
-//!   latency, not the dispatcher's backlog) and forwards every other publish with the
-//!   connection generation it arrived on. Acknowledgements are manual: nothing is PUBACKed on
+//!   latency, not the dispatcher's backlog), checks the signatures of the receipts in results
+//!   ([`Signers`]: the largest cost of a result, taken off the one dispatcher thread), and
+//!   forwards every other publish with the connection generation it arrived on and the key
+//!   its receipt was checked under. Acknowledgements are manual: nothing is PUBACKed on
 //!   arrival. The inbound queue is bounded ([`INBOUND`]); when it is full the task waits, stops
 //!   reading the socket, and the broker holds further messages: back-pressure, not loss.
 //! - The **dispatcher thread** runs loop turns: it takes up to [`MAX_TURN`] inputs, feeds each
