@@ -238,6 +238,10 @@ struct EndToEnd {
     first_failure: Option<String>,
     /// Agents whose breaker was not closed right after the batch.
     tripped: usize,
+    /// CPU time per task completed in the batch, in µs: the whole process (coordinator, agents,
+    /// client, and the embedded broker when it is the one), and the dispatcher thread alone.
+    cpu_us_per_task: f64,
+    dispatcher_us_per_task: f64,
 }
 
 /// Runs raw MQTT, then a coordinator and four agents, on the embedded broker (`external` is
@@ -358,8 +362,11 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
         let batch: Vec<Submission> = (0..plan.batch_tasks)
             .map(|i| submission("batch", i))
             .collect();
+        let cpu_before = cpu_used();
         let (completed, unfinished, first_failure, elapsed) =
             run_capped(&mut client, &batch, plan.batch_cap).await?;
+        let cpu = cpu_used();
+        let per_task = |s: f64| s * 1e6 / completed.max(1) as f64;
         let tripped = tripped_nodes(&db);
         client.disconnect().await;
         anyhow::Ok(EndToEnd {
@@ -374,6 +381,8 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
             unfinished,
             first_failure,
             tripped,
+            cpu_us_per_task: per_task(cpu.process - cpu_before.process),
+            dispatcher_us_per_task: per_task(cpu.dispatcher - cpu_before.dispatcher),
         })
     }
     .await;
@@ -445,6 +454,42 @@ async fn run_capped(
         }
     }
     Ok((completed, 0, first_failure, last - start))
+}
+
+/// CPU time used so far, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct CpuUsed {
+    /// By the whole process, user and system (`getrusage`).
+    process: f64,
+    /// By the coordinator's dispatcher thread (`/proc/self/task/*/schedstat`; 0 where there is
+    /// no `/proc`).
+    dispatcher: f64,
+}
+
+fn cpu_used() -> CpuUsed {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    // The kernel keeps 15 bytes of a thread's name: "ambient-dispatch" reads "ambient-dispatc".
+    let dispatcher = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.trim() == &"ambient-dispatch"[..15])
+        })
+        .and_then(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .and_then(|stat| stat.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9);
+    CpuUsed {
+        process: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+        dispatcher,
+    }
 }
 
 /// The p50 of `n` durable 4 KiB appends in `dir`: what one journal commit waits for at least.
@@ -549,6 +594,17 @@ fn end_to_end_figures(section: &'static str, key: &str, plan: &Plan, e: &EndToEn
                 format!("{cores} cores ÷ (receipt sign + verify, {} ms)", num(e.sign_ms + e.verify_ms)),
             )
             .note("every task costs at least one sign on an agent and one verify on the coordinator, on the same cores here"),
+        Figure::new(section, format!("{key}.cpu_us_per_task"), "CPU per task, pipelined batch", e.cpu_us_per_task, "µs")
+            .against(
+                2.0 * (e.sign_ms + e.verify_ms) * 1e3,
+                format!("the ed25519 work of a task: the assignment and the receipt each signed and verified, 2 × {} ms", num(e.sign_ms + e.verify_ms)),
+            )
+            .goal(Goal::AtMost(cores as f64 * 1e6 / 10_000.0))
+            .note(format!(
+                "the process's CPU time over the batch ÷ tasks: coordinator, agents, client{}; the goal is what {cores} cores allow each task at 10,000 tasks/s; the dispatcher thread alone: {} µs",
+                if key.ends_with("embedded") { " and broker" } else { " (mosquitto's own CPU is not counted)" },
+                num(e.dispatcher_us_per_task)
+            )),
         Figure::new(section, format!("{key}.fsync_ms"), "context: fsync in the data directory", e.fsync_p50_ms, "ms").note(
             "p50 of a 4 KiB write + fdatasync where the journal lives (TMPDIR); every journal commit waits for at least one",
         ),
