@@ -8,14 +8,15 @@
 //! [`DECOYS`] best-ranked nodes by every strategy lack the memory the request asks for, so each
 //! decision has to skip a few.
 
+use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::time::Instant;
 
 use std::time::Duration;
 
 use ambient_core::{
-    Announce, Engine, Identity, Pong, SignedAnnounce, SignedTelemetry, Telemetry, TelemetrySample,
-    sign_message,
+    Announce, Engine, Identity, NodeId, Pong, SignedAnnounce, SignedTelemetry, Telemetry,
+    TelemetrySample, sign_message,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -156,12 +157,34 @@ pub fn registry(traffic: &[(SignedAnnounce, SignedTelemetry, Pong)], now: Instan
         registry.on_announce(now, announce).expect("joins");
         registry.on_telemetry(now, telemetry).expect("accepted");
     }
-    let mut nonce = 0;
-    let probes = registry.probes(now, || {
-        nonce += 1;
-        nonce
-    });
-    assert_eq!(probes.len(), traffic.len(), "every node probed once");
+    // One call sends at most `MAX_PROBES_PER_CALL`; the rest stay due for the next call. A
+    // new node is probed ahead of those registered before it, so the probes go out last node
+    // first, and node i's pong answers nonce i + 1.
+    let index: HashMap<NodeId, u64> = traffic
+        .iter()
+        .zip(1..)
+        .map(|((a, ..), nonce)| (a.announce.node, nonce))
+        .collect();
+    let mut nonce = traffic.len() as u64 + 1;
+    let mut probed = 0;
+    loop {
+        let sent = registry.probes(now, || {
+            nonce -= 1;
+            nonce
+        });
+        if sent.is_empty() {
+            break;
+        }
+        for p in &sent {
+            assert_eq!(
+                Some(&p.nonce),
+                index.get(&p.node),
+                "probed in registration order, reversed"
+            );
+        }
+        probed += sent.len();
+    }
+    assert_eq!(probed, traffic.len(), "every node probed once");
     for (announce, telemetry, pong) in traffic {
         let rtt = telemetry.telemetry.sample.latency_us.unwrap_or(0);
         let back = now + Duration::from_micros(rtt.into());

@@ -43,7 +43,7 @@ pub use inspect::{ModuleError, ModuleInfo, Refusals, WASI_MODULE, WASI_OFFERED, 
 pub use link::{LARGE_PADDING, LinkProbe};
 pub use proof::{
     Engine, Exit, Identity, Limits, PublicKey, Receipt, SignedReceipt, chain_hash, sign_message,
-    verify_message,
+    verify_message, verify_message_by,
 };
 pub use reputation::{Reputation, credibility, doubt, result_doubt};
 pub use safety::{Admission, Breaker, BreakerState, SafetyPolicy, Transition, TripReason};

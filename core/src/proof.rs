@@ -213,6 +213,11 @@ impl PublicKey {
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0.to_bytes()
     }
+
+    /// The 32 bytes it was made from, borrowed.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
 }
 
 /// A node's signing identity (ed25519).
@@ -290,7 +295,10 @@ pub fn verify_message<T: Serialize>(
 }
 
 /// [`verify_message`] with a key already decompressed.
-pub(crate) fn verify_message_by<T: Serialize>(
+///
+/// # Errors
+/// [`ProofError`] when the encoding or signature is bad.
+pub fn verify_message_by<T: Serialize>(
     key: &PublicKey,
     domain: &[u8],
     body: &T,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ambient_coordinator::fixture::{DECOYS, ingest_samples, registry, request, traffic};
 use ambient_coordinator::{Registry, Strategy};
-use ambient_core::{NodeId, SignedTelemetry, verify_message};
+use ambient_core::{NodeId, PublicKey, SignedTelemetry, verify_message_by};
 use anyhow::Context as _;
 
 use super::Plan;
@@ -112,9 +112,14 @@ fn scheduling(plan: Plan) -> anyhow::Result<Vec<Figure>> {
             fresh.on_telemetry(now, s)?;
         }
         ingest.push(samples.len() as f64 / start.elapsed().as_secs_f64());
+        // The registry keeps each node's key decompressed, so the floor does too.
+        let keys = samples
+            .iter()
+            .map(|(_, key)| PublicKey::from_bytes(key))
+            .collect::<Result<Vec<_>, _>>()?;
         let start = Instant::now();
-        for (s, key) in &samples {
-            verify_message(key, SignedTelemetry::TAG, &s.telemetry, &s.signature)?;
+        for ((s, _), key) in samples.iter().zip(&keys) {
+            verify_message_by(key, SignedTelemetry::TAG, &s.telemetry, &s.signature)?;
         }
         verify.push(samples.len() as f64 / start.elapsed().as_secs_f64());
     }
@@ -130,7 +135,7 @@ fn scheduling(plan: Plan) -> anyhow::Result<Vec<Figure>> {
         )
         .against(
             percentile(&verify, 0.5),
-            "ed25519 verify_message alone, same samples",
+            "ed25519 verify_message_by alone, same samples and keys decompressed",
         )
         .goal(Goal::AtLeast(30_000.0))
         .note(format!(

@@ -39,9 +39,9 @@ use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use ambient_core::{
-    Admission, Breaker, BreakerState, Engine, HealthTerms, LinkProbe, NodeId, Reputation,
-    SafetyPolicy, ScoreConfig, SignedAnnounce, SignedTelemetry, TelemetrySample, Transition,
-    health_score, verify_message,
+    Admission, Breaker, BreakerState, Engine, HealthTerms, LinkProbe, NodeId, PublicKey,
+    Reputation, SafetyPolicy, ScoreConfig, SignedAnnounce, SignedTelemetry, TelemetrySample,
+    Transition, health_score, verify_message_by,
 };
 use serde::{Deserialize, Serialize};
 
@@ -466,7 +466,7 @@ impl Registry {
         if self
             .nodes
             .get(&id)
-            .is_some_and(|n| n.public_key != a.public_key)
+            .is_some_and(|n| *n.public_key.as_bytes() != a.public_key)
         {
             return Err(RegistryError::KeyChanged);
         }
@@ -483,12 +483,15 @@ impl Registry {
             None if !listed && !self.joins.take(now) => return Err(RegistryError::TooManyJoins),
             None => {}
         }
-        if verify_message(&a.public_key, SignedAnnounce::TAG, a, &signed.signature).is_err() {
+        let verified = PublicKey::from_bytes(&a.public_key).and_then(|key| {
+            verify_message_by(&key, SignedAnnounce::TAG, a, &signed.signature).map(|()| key)
+        });
+        let Ok(public_key) = verified else {
             if let Some(node) = self.nodes.get_mut(&id) {
                 node.bad_frames.take(now);
             }
             return Err(RegistryError::BadSignature);
-        }
+        };
         if !allowed {
             return Err(RegistryError::NotAllowed);
         }
@@ -517,7 +520,7 @@ impl Registry {
                 // Ahead of the nodes due later: probed at the next call.
                 self.probe_queue.push_front((now, id));
                 entry.insert(Node {
-                    public_key: a.public_key,
+                    public_key,
                     arch,
                     engine: a.engine,
                     cores: a.cores,
@@ -580,7 +583,8 @@ impl Registry {
         if !node.freshness.is_fresh(t.boot_id, t.seq) {
             return Err(RegistryError::Replay);
         }
-        if verify_message(&node.public_key, SignedTelemetry::TAG, t, &signed.signature).is_err() {
+        if verify_message_by(&node.public_key, SignedTelemetry::TAG, t, &signed.signature).is_err()
+        {
             node.bad_frames.take(now);
             return Err(RegistryError::BadSignature);
         }
@@ -709,7 +713,7 @@ impl Registry {
 
     /// The public key the node registered with.
     pub fn public_key(&self, node: &NodeId) -> Option<&[u8; 32]> {
-        self.nodes.get(node).map(|n| &n.public_key)
+        self.nodes.get(node).map(|n| n.public_key.as_bytes())
     }
 
     /// Records a task outcome: counted in the node's [`Reputation`] (so its score changes) and

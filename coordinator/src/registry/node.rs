@@ -9,7 +9,8 @@ pub(super) const PREVIOUS_BOOTS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub(super) struct Node {
-    pub(super) public_key: [u8; 32],
+    /// Decompressed once, at its announce: every telemetry sample is checked against it.
+    pub(super) public_key: PublicKey,
     pub(super) arch: String,
     pub(super) engine: Engine,
     pub(super) cores: u16,

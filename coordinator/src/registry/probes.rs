@@ -112,7 +112,7 @@ impl Registry {
         if !entry.bad_frames.has(now) {
             return Err(RegistryError::TooFast);
         }
-        if pong.signer != entry.public_key || pong.verify(&node).is_err() {
+        if pong.signer != *entry.public_key.as_bytes() || pong.verify(&node).is_err() {
             entry.bad_frames.take(now);
             return Err(RegistryError::BadSignature);
         }
