@@ -37,8 +37,8 @@ pub mod store;
 pub use ambient_mqtt::{BrokerUrl, TlsFiles};
 pub use config::{BrokerMode, ConfigError, CoordinatorConfig, RawConfig, TlsListener};
 pub use dispatcher::{
-    DispatchConfig, Dispatcher, Dropped, Effects, Ended, Frame, Input, Journal, Now, Publish,
-    Recovered, Signers, SpotCheck, pong,
+    Checked, DispatchConfig, Dispatcher, Dropped, Effects, Ended, Frame, Input, Journal, Now,
+    Publish, Recovered, Signers, SpotCheck, pong,
 };
 pub use intake::{
     LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec,

@@ -193,7 +193,7 @@ impl SignedReceipt {
 }
 
 /// An ed25519 public key, decompressed once. Checking a signature from bytes starts by
-/// decompressing the key's curve point, about a fifth of the check; a verifier that meets
+/// decompressing the key's curve point, about a tenth of the check; a verifier that meets
 /// the same signer again and again keeps this instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey(VerifyingKey);

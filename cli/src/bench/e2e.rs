@@ -241,7 +241,7 @@ struct EndToEnd {
     /// CPU time per task completed in the batch, in µs: the whole process (coordinator, agents,
     /// client, and the embedded broker when it is the one), and the dispatcher thread alone.
     cpu_us_per_task: f64,
-    dispatcher_us_per_task: f64,
+    dispatcher_us_per_task: Option<f64>,
 }
 
 /// Runs raw MQTT, then a coordinator and four agents, on the embedded broker (`external` is
@@ -382,7 +382,10 @@ async fn end_to_end(plan: Plan, external: Option<String>) -> anyhow::Result<EndT
             first_failure,
             tripped,
             cpu_us_per_task: per_task(cpu.process - cpu_before.process),
-            dispatcher_us_per_task: per_task(cpu.dispatcher - cpu_before.dispatcher),
+            dispatcher_us_per_task: cpu
+                .dispatcher
+                .zip(cpu_before.dispatcher)
+                .map(|(after, before)| per_task(after - before)),
         })
     }
     .await;
@@ -461,9 +464,8 @@ async fn run_capped(
 struct CpuUsed {
     /// By the whole process, user and system (`getrusage`).
     process: f64,
-    /// By the coordinator's dispatcher thread (`/proc/self/task/*/schedstat`; 0 where there is
-    /// no `/proc`).
-    dispatcher: f64,
+    /// By the coordinator's dispatcher thread (`/proc/self/task/*/schedstat`), when found.
+    dispatcher: Option<f64>,
 }
 
 fn cpu_used() -> CpuUsed {
@@ -485,7 +487,7 @@ fn cpu_used() -> CpuUsed {
         })
         .and_then(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
         .and_then(|stat| stat.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |ns| ns / 1e9);
+        .map(|ns| ns / 1e9);
     CpuUsed {
         process: seconds(usage.ru_utime) + seconds(usage.ru_stime),
         dispatcher,
@@ -601,9 +603,9 @@ fn end_to_end_figures(section: &'static str, key: &str, plan: &Plan, e: &EndToEn
             )
             .goal(Goal::AtMost(cores as f64 * 1e6 / 10_000.0))
             .note(format!(
-                "the process's CPU time over the batch ÷ tasks: coordinator, agents, client{}; the goal is what {cores} cores allow each task at 10,000 tasks/s; the dispatcher thread alone: {} µs",
+                "the process's CPU time over the batch ÷ tasks: coordinator, agents, client{}; the goal is what {cores} cores allow each task at 10,000 tasks/s; the dispatcher thread alone: {}",
                 if key.ends_with("embedded") { " and broker" } else { " (mosquitto's own CPU is not counted)" },
-                num(e.dispatcher_us_per_task)
+                e.dispatcher_us_per_task.map_or("not found".into(), |us| format!("{} µs", num(us)))
             )),
         Figure::new(section, format!("{key}.fsync_ms"), "context: fsync in the data directory", e.fsync_p50_ms, "ms").note(
             "p50 of a 4 KiB write + fdatasync where the journal lives (TMPDIR); every journal commit waits for at least one",

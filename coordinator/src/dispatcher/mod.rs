@@ -152,7 +152,7 @@ mod results;
 mod signers;
 mod submission;
 
-pub use signers::Signers;
+pub use signers::{Checked, Signers};
 
 use placement::assignment;
 use results::{Late, Unchecked};
@@ -329,10 +329,10 @@ pub struct Frame<'a> {
     /// When the service read it off the socket: a pong's round trip ends here, not when the
     /// dispatcher got to it.
     pub received: Instant,
-    /// The key under which the service already checked the signature of the receipt the
-    /// frame carries ([`Signers::check`]); the dispatcher checks it itself when this is not
-    /// the node's registered key.
-    pub signed_by: Option<[u8; 32]>,
+    /// The service's evidence that it already checked the signature of the receipt the frame
+    /// carries ([`Signers::check`]); the dispatcher checks it itself unless this names the
+    /// node's registered key and that receipt's signature.
+    pub signed_by: Option<Checked>,
 }
 
 /// One input to [`Dispatcher::handle`].

@@ -89,7 +89,7 @@ pub(super) fn answered(
 pub(super) fn authenticate(
     registry: &Registry,
     report: &Report<'_>,
-    signed_by: Option<[u8; 32]>,
+    signed_by: Option<Checked>,
     spec: &TaskSpec,
     input_hash: Digest,
 ) -> Result<Option<ambient_core::VerifyError>, String> {
@@ -116,7 +116,7 @@ pub(super) fn authenticate(
                 limits: spec.limits,
             };
             // Its signature already checked under the registered key, beside the socket.
-            let verified = if signed_by == Some(*key) {
+            let verified = if signed_by.is_some_and(|c| c.vouches(key, receipt)) {
                 verify_receipt_claims(receipt, output, &expected)
             } else {
                 verify_receipt(receipt, output, &expected)
@@ -158,7 +158,7 @@ impl Dispatcher {
         &mut self,
         now: Now,
         report: Report<'_>,
-        signed_by: Option<[u8; 32]>,
+        signed_by: Option<Checked>,
         fx: &mut Effects,
     ) {
         let node = report.node;
@@ -275,7 +275,7 @@ impl Dispatcher {
         &mut self,
         now: Now,
         report: &Report<'_>,
-        signed_by: Option<[u8; 32]>,
+        signed_by: Option<Checked>,
         fx: &mut Effects,
     ) {
         let node = report.node;

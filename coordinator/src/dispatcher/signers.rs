@@ -1,44 +1,104 @@
 //! Receipt signatures checked beside the socket, before the dispatcher thread.
 //!
 //! The dispatcher is one thread, and checking a receipt's ed25519 signature was the largest
-//! single cost of a result on it: a third of its time in a pipelined batch (`perf record
+//! single cost of a result on it: 31% of its time in a pipelined batch (`perf record
 //! --call-graph dwarf` on `ambient bench --only e2e`). The MQTT task runs beside it, so the
 //! service checks the signature there, as it answers pings there ([`super::pong`]), and hands
-//! the dispatcher the key it checked under ([`Input::Frame`](super::Input::Frame)'s
-//! `signed_by`). The dispatcher skips its own check only when that key is the one it has
-//! registered for the node, and checks as before otherwise: what is accepted never depends on
-//! this cache, which only moves work off the dispatcher thread.
+//! the dispatcher a [`Checked`] with the frame. The dispatcher skips its own check only when
+//! the [`Checked`] names the key it has registered for the node and the receipt's very
+//! signature, and checks as before otherwise: what is accepted never depends on this cache,
+//! which only moves work off the dispatcher thread.
 //!
 //! Keys are learned from announce frames without checking the announce's signature: a node's
 //! id is the hash of its key ([`NodeId::from_public_key`]), so the key that hashes to the
 //! topic's node id is that node's key, whoever sent the frame. Keys are kept decompressed
-//! ([`PublicKey`]), which saves a tenth of each check. At most `cap` keys are kept; once
-//! full, the receipts of nodes not yet seen are checked on the dispatcher thread.
+//! ([`PublicKey`]), which saves a tenth of each check.
+//!
+//! What a peer can make this task check is bounded, since before it the dispatcher dropped a
+//! report for an attempt no longer outstanding without checking anything:
+//!
+//! - a replayed report (a signature among the node's last [`RECENT`] checked) is not checked
+//!   again: it goes to the dispatcher unchecked, which drops it as stale;
+//! - reports whose signature fails draw on the node's budget of bad frames
+//!   (`enrollment.bad_frames_per_s`, the registry's for telemetry); once it is spent, the
+//!   node's reports go to the dispatcher unchecked until it refills;
+//! - a new, validly signed report costs its sender a signature, half what it costs here.
+//!
+//! At most `cap` nodes are kept; once full, the receipts of nodes not yet seen are checked on
+//! the dispatcher thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 use ambient_core::topics::NodeTopic;
-use ambient_core::{Envelope, Message, NodeId, PublicKey, ReportBody};
+use ambient_core::{Envelope, Message, NodeId, PublicKey, ReportBody, SignedReceipt};
+
+use crate::TokenBucket;
+
+/// Receipt signatures remembered per node, so that a replayed frame is not checked again.
+pub const RECENT: usize = 64;
+
+/// Evidence from [`Signers::check`] that a receipt's signature verified under a key. Only
+/// [`Signers`] makes one; it vouches for that one signature only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    key: [u8; 32],
+    signature: [u8; 64],
+}
+
+impl Checked {
+    /// Whether it vouches for `receipt`'s signature under `key`.
+    pub(crate) fn vouches(&self, key: &[u8; 32], receipt: &SignedReceipt) -> bool {
+        self.key == *key && self.signature == receipt.signature
+    }
+
+    /// What [`Signers::check`] would return for `receipt` under `key`, for tests of what the
+    /// dispatcher does with it.
+    #[cfg(test)]
+    pub(crate) fn assume(key: [u8; 32], receipt: &SignedReceipt) -> Self {
+        Self {
+            key,
+            signature: receipt.signature,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Signer {
+    key: PublicKey,
+    bad: TokenBucket,
+    recent: VecDeque<[u8; 64]>,
+}
 
 /// The keys of the nodes seen announcing; see the module docs.
 #[derive(Debug)]
 pub struct Signers {
-    keys: HashMap<NodeId, PublicKey>,
+    nodes: HashMap<NodeId, Signer>,
     cap: usize,
+    bad_frames_per_s: u32,
 }
 
 impl Signers {
-    /// Keeps at most `cap` keys.
-    pub fn new(cap: usize) -> Self {
+    /// Keeps at most `cap` nodes; each may send `bad_frames_per_s` reports that fail the
+    /// check (bursts of ten seconds' worth) before its reports are left to the dispatcher.
+    pub fn new(cap: usize, bad_frames_per_s: u32) -> Self {
         Self {
-            keys: HashMap::new(),
+            nodes: HashMap::new(),
             cap,
+            bad_frames_per_s,
         }
     }
 
-    /// Reads a frame from `ambient/v1/nodes/{node}/{leaf}`: an announce teaches the node's key;
-    /// for a report whose receipt's signature verifies under the node's key, returns that key.
-    pub fn check(&mut self, node: NodeId, leaf: NodeTopic, frame: &[u8]) -> Option<[u8; 32]> {
+    /// Reads a frame from `ambient/v1/nodes/{node}/{leaf}` that arrived at `now`: an announce
+    /// teaches the node's key; a report whose receipt's signature verifies under it comes back
+    /// [`Checked`].
+    pub fn check(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        leaf: NodeTopic,
+        frame: &[u8],
+    ) -> Option<Checked> {
         if !matches!(leaf, NodeTopic::Announce | NodeTopic::Results) {
             return None;
         }
@@ -46,10 +106,18 @@ impl Signers {
             Message::Announce(a) if leaf == NodeTopic::Announce => {
                 let bytes = a.announce.public_key;
                 if NodeId::from_public_key(&bytes) == node
-                    && (self.keys.len() < self.cap || self.keys.contains_key(&node))
+                    && !self.nodes.contains_key(&node)
+                    && self.nodes.len() < self.cap
                     && let Ok(key) = PublicKey::from_bytes(&bytes)
                 {
-                    self.keys.insert(node, key);
+                    self.nodes.insert(
+                        node,
+                        Signer {
+                            key,
+                            bad: TokenBucket::new(self.bad_frames_per_s),
+                            recent: VecDeque::with_capacity(RECENT),
+                        },
+                    );
                 }
                 None
             }
@@ -57,9 +125,25 @@ impl Signers {
                 let ReportBody::Executed { receipt, .. } = &r.body else {
                     return None;
                 };
-                let key = self.keys.get(&node)?;
-                (receipt.receipt.node == node && receipt.verify_signature_by(key).is_ok())
-                    .then(|| key.to_bytes())
+                let signer = self.nodes.get_mut(&node)?;
+                if receipt.receipt.node != node
+                    || signer.recent.contains(&receipt.signature)
+                    || !signer.bad.has(now)
+                {
+                    return None;
+                }
+                if receipt.verify_signature_by(&signer.key).is_err() {
+                    signer.bad.take(now);
+                    return None;
+                }
+                if signer.recent.len() == RECENT {
+                    signer.recent.pop_front();
+                }
+                signer.recent.push_back(receipt.signature);
+                Some(Checked {
+                    key: signer.key.to_bytes(),
+                    signature: receipt.signature,
+                })
             }
             _ => None,
         }
@@ -73,9 +157,9 @@ mod tests {
     use super::*;
     use crate::sim::announce_frame;
 
-    fn report_frame(signer: &Identity, node: NodeId) -> Vec<u8> {
+    fn report_frame(signer: &Identity, node: NodeId, task: &str) -> Vec<u8> {
         let receipt = Receipt {
-            task_id: TaskId::new("t-1").expect("a valid id"),
+            task_id: TaskId::new(task).expect("a valid id"),
             attempt: 1,
             node,
             module: sha3_256(b"module"),
@@ -104,19 +188,25 @@ mod tests {
         announce_frame(node, "x86_64", 4)
     }
 
+    /// The key a check vouched under, if it did.
+    fn key(checked: Option<Checked>) -> Option<[u8; 32]> {
+        checked.map(|c| c.key)
+    }
+
     #[test]
-    fn a_receipt_signed_by_the_key_its_node_announced_comes_back_with_that_key() {
+    fn a_receipt_signed_by_the_key_its_node_announced_comes_back_checked_under_that_key() {
         let node = Identity::from_secret(&[1; 32]);
-        let mut signers = Signers::new(8);
+        let (mut signers, now) = (Signers::new(8, 20), Instant::now());
         let id = node.node_id();
+        let frame = report_frame(&node, id, "t-1");
         assert_eq!(
-            signers.check(id, NodeTopic::Results, &report_frame(&node, id)),
+            signers.check(now, id, NodeTopic::Results, &frame),
             None,
             "no key is known before the node announces"
         );
-        signers.check(id, NodeTopic::Announce, &announce(&node));
+        signers.check(now, id, NodeTopic::Announce, &announce(&node));
         assert_eq!(
-            signers.check(id, NodeTopic::Results, &report_frame(&node, id)),
+            key(signers.check(now, id, NodeTopic::Results, &frame)),
             Some(node.public_key())
         );
     }
@@ -129,15 +219,53 @@ mod tests {
             Identity::from_secret(&[2; 32]),
         );
         let id = node.node_id();
-        let mut signers = Signers::new(8);
+        let (mut signers, now) = (Signers::new(8, 20), Instant::now());
         // Another key announced on this node's topic is not this node's key.
-        signers.check(id, NodeTopic::Announce, &announce(&other));
-        signers.check(id, NodeTopic::Announce, &announce(&node));
-        assert_eq!(
-            signers.check(id, NodeTopic::Results, &report_frame(&other, id)),
-            None
+        signers.check(now, id, NodeTopic::Announce, &announce(&other));
+        signers.check(now, id, NodeTopic::Announce, &announce(&node));
+        let forged = report_frame(&other, id, "t-1");
+        assert_eq!(signers.check(now, id, NodeTopic::Results, &forged), None);
+        assert_eq!(signers.check(now, id, NodeTopic::Results, b"garbage"), None);
+    }
+
+    #[test]
+    fn a_replayed_report_is_not_checked_again_and_a_node_out_of_bad_frames_is_left_to_the_dispatcher()
+     {
+        let (node, forger) = (
+            Identity::from_secret(&[1; 32]),
+            Identity::from_secret(&[2; 32]),
         );
-        assert_eq!(signers.check(id, NodeTopic::Results, &b"garbage"[..]), None);
+        let id = node.node_id();
+        // One bad frame per second: a burst of ten.
+        let (mut signers, now) = (Signers::new(8, 1), Instant::now());
+        signers.check(now, id, NodeTopic::Announce, &announce(&node));
+        let honest = report_frame(&node, id, "t-1");
+        assert!(
+            signers
+                .check(now, id, NodeTopic::Results, &honest)
+                .is_some()
+        );
+        assert_eq!(
+            signers.check(now, id, NodeTopic::Results, &honest),
+            None,
+            "the dispatcher drops a replay as stale without checking it"
+        );
+        for _ in 0..10 {
+            let forged = report_frame(&forger, id, "t-2");
+            assert_eq!(signers.check(now, id, NodeTopic::Results, &forged), None);
+        }
+        let next = report_frame(&node, id, "t-3");
+        assert_eq!(
+            signers.check(now, id, NodeTopic::Results, &next),
+            None,
+            "its budget of bad frames is spent"
+        );
+        let later = now + std::time::Duration::from_secs(1);
+        assert!(
+            signers
+                .check(later, id, NodeTopic::Results, &next)
+                .is_some()
+        );
     }
 
     #[test]
@@ -146,18 +274,15 @@ mod tests {
             Identity::from_secret(&[1; 32]),
             Identity::from_secret(&[2; 32]),
         );
-        let mut signers = Signers::new(1);
+        let (mut signers, now) = (Signers::new(1, 20), Instant::now());
         for n in [&a, &b] {
-            signers.check(n.node_id(), NodeTopic::Announce, &announce(n));
+            signers.check(now, n.node_id(), NodeTopic::Announce, &announce(n));
         }
         let (ia, ib) = (a.node_id(), b.node_id());
-        assert_eq!(
-            signers.check(ia, NodeTopic::Results, &report_frame(&a, ia)),
-            Some(a.public_key())
-        );
-        assert_eq!(
-            signers.check(ib, NodeTopic::Results, &report_frame(&b, ib)),
-            None
-        );
+        let check = |signers: &mut Signers, id, n: &Identity| {
+            key(signers.check(now, id, NodeTopic::Results, &report_frame(n, id, "t-1")))
+        };
+        assert_eq!(check(&mut signers, ia, &a), Some(a.public_key()));
+        assert_eq!(check(&mut signers, ib, &b), None);
     }
 }

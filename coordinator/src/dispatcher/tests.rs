@@ -254,6 +254,18 @@ impl Fixture {
         }))
     }
 
+    /// A result from `node`, with the service's evidence that its signature was checked.
+    fn vouched_frame(&mut self, node: NodeId, frame: &[u8], signed_by: Option<Checked>) -> Effects {
+        let received = self.now.at;
+        self.step(Input::Frame(Frame {
+            node,
+            leaf: NodeTopic::Results,
+            frame,
+            received,
+            signed_by,
+        }))
+    }
+
     fn submit_json(&mut self, json: serde_json::Value) -> Effects {
         let bytes = json.to_string().into_bytes();
         self.step(Input::Submit(&bytes))
@@ -460,56 +472,46 @@ fn a_report_forged_with_another_key_changes_nothing_and_the_real_one_is_accepted
     assert_eq!(done[0].status, EventStatus::Completed);
 }
 
+/// What [`Signers::check`] returns for the receipt in `frame` once it verified under `key`.
+fn vouched(frame: &[u8], key: [u8; 32]) -> Option<Checked> {
+    let Ok(Message::Report(r)) = Envelope::decode(frame).map(|e| e.message) else {
+        panic!("not a report");
+    };
+    let ReportBody::Executed { receipt, .. } = &r.body else {
+        panic!("not an executed report");
+    };
+    Some(Checked::assume(key, receipt))
+}
+
 #[test]
-fn a_receipt_vouched_for_under_a_key_other_than_the_nodes_is_checked_again_and_a_forgery_dropped() {
+fn a_receipt_vouched_for_under_another_key_or_for_another_receipt_is_checked_again_and_a_forgery_dropped()
+ {
     let mut f = fixture(2);
     let first = assignments(&f.submit("pre", "receipt"))[0];
+    let key = f.identity(first.0).public_key();
     let forger = Identity::from_secret(&[0xEE; 32]);
     let forged = f.report("pre", first, b"forged", Exit::Ok, &forger);
-    let mut vouched = |frame: &[u8], key: [u8; 32]| {
-        let received = f.now.at;
-        f.step(Input::Frame(Frame {
-            node: first.0,
-            leaf: NodeTopic::Results,
-            frame,
-            received,
-            signed_by: Some(key),
-        }))
-    };
-    let fx = vouched(&forged, forger.public_key());
-    assert!(fx.dispatch.is_empty() && fx.events.is_empty(), "{fx:?}");
-    assert_eq!(f.d.dropped().unauthenticated, 1);
-    // Checked under the registered key beside the socket: accepted without a second check,
-    // its claims still checked.
-    let key = f.identity(first.0).public_key();
+    let honest = f.report("pre", first, b"out", Exit::Ok, f.identity(first.0));
+    // Vouched for under the forger's key, or under the node's key for another receipt.
+    for signed_by in [vouched(&forged, forger.public_key()), vouched(&honest, key)] {
+        let fx = f.vouched_frame(first.0, &forged, signed_by);
+        assert!(fx.dispatch.is_empty() && fx.events.is_empty(), "{fx:?}");
+    }
+    assert_eq!(f.d.dropped().unauthenticated, 2);
+    // Vouched for under the registered key: accepted without a second check, its claims
+    // still checked.
     let lying = f.report_claiming("pre", first, b"out", Exit::Ok, f.identity(first.0), |r| {
         r.input = sha3_256(b"another input")
     });
-    let mut vouched = |frame: &[u8]| {
-        let received = f.now.at;
-        f.step(Input::Frame(Frame {
-            node: first.0,
-            leaf: NodeTopic::Results,
-            frame,
-            received,
-            signed_by: Some(key),
-        }))
-    };
-    let next = assignments(&vouched(&lying));
+    let next = assignments(&f.vouched_frame(first.0, &lying, vouched(&lying, key)));
     assert_eq!(
         f.d.dropped().bad_receipts,
         1,
         "a signed false claim is a dispute"
     );
     let honest = f.report("pre", next[0], b"out", Exit::Ok, f.identity(next[0].0));
-    let received = f.now.at;
-    let done = finals(&f.step(Input::Frame(Frame {
-        node: next[0].0,
-        leaf: NodeTopic::Results,
-        frame: &honest,
-        received,
-        signed_by: Some(f.identity(next[0].0).public_key()),
-    })));
+    let checked = vouched(&honest, f.identity(next[0].0).public_key());
+    let done = finals(&f.vouched_frame(next[0].0, &honest, checked));
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].status, EventStatus::Completed);
 }

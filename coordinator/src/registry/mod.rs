@@ -54,7 +54,8 @@ mod selection;
 
 pub use probes::Probing;
 
-use node::{Freshness, Node, TokenBucket, reindex, unindex};
+pub(crate) use node::TokenBucket;
+use node::{Freshness, Node, reindex, unindex};
 
 /// How the registry judges nodes. Built once from the validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -309,7 +309,7 @@ pub(super) fn unindex(placement: &mut Placement, id: NodeId, node: &mut Node) {
 
 /// A token bucket: `rate` admissions per second on average, bursts of up to ten seconds' worth.
 #[derive(Debug, Clone)]
-pub(super) struct TokenBucket {
+pub(crate) struct TokenBucket {
     pub(super) rate: u32,
     pub(super) tokens: f64,
     pub(super) at: Option<Instant>,
@@ -318,7 +318,7 @@ pub(super) struct TokenBucket {
 impl TokenBucket {
     const DEPTH_S: f64 = 10.0;
 
-    pub(super) fn new(rate: u32) -> Self {
+    pub(crate) fn new(rate: u32) -> Self {
         Self {
             rate,
             tokens: f64::from(rate) * Self::DEPTH_S,
@@ -327,7 +327,7 @@ impl TokenBucket {
     }
 
     /// Whether a token is there at `now`, without taking it.
-    pub(super) fn has(&mut self, now: Instant) -> bool {
+    pub(crate) fn has(&mut self, now: Instant) -> bool {
         let rate = f64::from(self.rate);
         if let Some(at) = self.at {
             let refill = now.saturating_duration_since(at).as_secs_f64() * rate;
@@ -338,7 +338,7 @@ impl TokenBucket {
     }
 
     /// Takes one token at `now`, if there is one.
-    pub(super) fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         if self.has(now) {
             self.tokens -= 1.0;
             true
