@@ -21,7 +21,8 @@
 //!   arrival. The inbound queue is bounded ([`INBOUND`]); when it is full the task waits, stops
 //!   reading the socket, and the broker holds further messages: back-pressure, not loss.
 //! - The **dispatcher thread** runs loop turns: it takes up to [`MAX_TURN`] inputs, feeds each
-//!   to the dispatcher, publishes the turn's assignments, writes the turn's journal operations
+//!   to the dispatcher, signs the turn's assignments (one signature for those of each node:
+//!   [`Dispatcher::seal`]) and publishes them, writes the turn's journal operations
 //!   in one transaction without an fsync ([`Store::defer_sync`]; SQLite's occasional
 //!   checkpoint still syncs on this thread), and hands the
 //!   turn's task events and the PUBACKs of its inputs to the sync thread. Then it starts the
@@ -624,7 +625,7 @@ fn dispatch_loop(
         // turn's inputs.
         if tick {
             d.handle(now, Input::Probes, &store, &mut fx);
-            send_early(&mut fx, &store, &send);
+            send_early(&d, &mut fx, &store, &send);
         }
         let mut stop = false;
         for input in first.into_iter().chain(rx.try_iter().take(MAX_TURN - 1)) {
@@ -672,7 +673,7 @@ fn dispatch_loop(
             drops_logged = (dropped, now.at + DROPS_LOG_EVERY);
         }
         // 1. What may leave before the commit.
-        send_early(&mut fx, &store, &send);
+        send_early(&d, &mut fx, &store, &send);
         // 2. One transaction for the whole turn, written now, made durable by the sync thread.
         if !fx.journal.is_empty() {
             let started = Instant::now();
@@ -725,8 +726,9 @@ fn sync_loop(
 }
 
 /// Sends what may leave before the turn's commit: module copies, then the assignments that
-/// need them, and probes.
-fn send_early(fx: &mut Effects, store: &Store, send: &impl Fn(Outbound)) {
+/// need them (signed now, one signature per node for the whole turn), and probes.
+fn send_early(d: &Dispatcher, fx: &mut Effects, store: &Store, send: &impl Fn(Outbound)) {
+    d.seal(fx);
     for hash in fx.modules.drain(..) {
         match store.module(&hash) {
             Ok(Some(bytes)) => send(Outbound::Publish(Publish {

@@ -505,6 +505,7 @@ impl<'a> Sim<'a> {
     fn step(&mut self, input: Input<'_>) {
         let mut fx = Effects::default();
         self.d.handle(self.now(), input, &NoJournal, &mut fx);
+        self.d.seal(&mut fx);
         self.apply(fx);
     }
 

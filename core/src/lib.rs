@@ -52,8 +52,9 @@ pub use verify::{
     CONTESTED_LEAD, Expected, Quorum, Tariff, quorum, verify_receipt, verify_receipt_claims,
 };
 pub use wire::{
-    Abi, Announce, Assignment, Envelope, MAX_ENTRY_LEN, MAX_FRAME_BYTES, MAX_INPUT_BYTES,
-    MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES, MAX_OUTPUT_BYTES,
-    MAX_PACKET_BYTES, MAX_SUBMISSION_BYTES, Message, PROTOCOL_VERSION, Ping, Pong, Probe, Refusal,
-    Report, ReportBody, SignedAnnounce, SignedRefusal, SignedTelemetry, Telemetry,
+    Abi, Announce, Assignment, Envelope, MAX_BATCH, MAX_ENTRY_LEN, MAX_FRAME_BYTES,
+    MAX_INPUT_BYTES, MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE_LEN, MAX_MODULE_BYTES,
+    MAX_OUTPUT_BYTES, MAX_PACKET_BYTES, MAX_SUBMISSION_BYTES, Message, PROTOCOL_VERSION, Ping,
+    Pong, Probe, Refusal, Report, ReportBody, SignedAnnounce, SignedRefusal, SignedTelemetry,
+    Telemetry,
 };

@@ -263,7 +263,7 @@ fn verify_digest(key: &PublicKey, digest: &Digest, signature: &[u8; 64]) -> Resu
 /// Largest message body [`sign_message`] accepts, in bytes of postcard encoding.
 const MAX_SIGNED_BODY: usize = 1024;
 
-fn message_digest<T: Serialize>(domain: &[u8], body: &T) -> Result<Digest, ProofError> {
+pub(crate) fn message_digest<T: Serialize>(domain: &[u8], body: &T) -> Result<Digest, ProofError> {
     let mut buf = [0u8; MAX_SIGNED_BODY];
     let bytes = postcard::to_slice(body, &mut buf).map_err(|_| ProofError::Encoding)?;
     Ok(sha3_256_parts(&[domain, bytes]))

@@ -7,14 +7,14 @@ use heapless::{String, Vec};
 use serde::{Deserialize, Serialize};
 
 use crate::proof::serde_sig;
-use crate::proof::verify_message_by;
+use crate::proof::{message_digest, verify_message_by};
 use crate::{
     DecodeError, Digest, Engine, Identity, Limits, NodeId, ProofError, PublicKey, SignedReceipt,
     TaskId, TelemetrySample, TripReason, sign_message, verify_message,
 };
 
 /// Protocol version carried in every envelope.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// Largest task input, in bytes.
 pub const MAX_INPUT_BYTES: usize = 4 << 20;
 /// Largest task output, in bytes.
@@ -39,6 +39,8 @@ const fn base64_len(n: usize) -> usize {
 
 /// Longest entry-point name.
 pub const MAX_ENTRY_LEN: usize = 64;
+/// Most assignments one signature covers ([`Assignment::batch`]).
+pub const MAX_BATCH: usize = 16;
 /// Most labels a node may announce.
 pub const MAX_LABELS: usize = 8;
 /// Longest label.
@@ -58,6 +60,9 @@ pub struct Envelope<'a> {
 
 /// Everything nodes and coordinators say to each other. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// An assignment's batch makes it the largest variant (about 0.8 KiB); `Box` needs `alloc`,
+// which the no_std core does without, and a message is decoded once per frame, on the stack.
+#[allow(clippy::large_enum_variant)]
 pub enum Message<'a> {
     /// Node → coordinator, retained on `nodes/{id}/announce`: who the node is.
     Announce(SignedAnnounce),
@@ -180,13 +185,20 @@ pub struct Assignment<'a> {
     /// The coordinator's ed25519 public key. A node pins the first one it sees (or the one
     /// its operator gave it) and runs only assignments signed by that key.
     pub coordinator: [u8; 32],
-    /// The coordinator's signature over [`AssignmentClaim`] (domain [`Assignment::TAG`]).
+    /// The assignments signed together with this one, each as the digest of its claim
+    /// ([`Assignment::claim_digest`]); this one's is among them. A coordinator that places
+    /// several tasks on a node in one turn signs them once, and the node verifies the batch
+    /// once ([`Assignment::verify_claim`], [`Assignment::verify_batch_by`]). Alone, a batch of
+    /// one.
+    pub batch: Vec<Digest, MAX_BATCH>,
+    /// The coordinator's signature over [`Assignment::batch`] (domain [`Assignment::TAG`]).
     #[serde(with = "serde_sig")]
     pub signature: [u8; 64],
 }
 
-/// What an assignment's signature covers: everything the node acts on, with the input by its
-/// hash, and the node it is addressed to (so it cannot be replayed to another node).
+/// What an assignment commits to: everything the node acts on, with the input by its hash,
+/// and the node it is addressed to (so it cannot be replayed to another node). Its digest
+/// (domain [`Assignment::CLAIM_TAG`]) is what [`Assignment::batch`] lists.
 #[derive(Debug, Serialize)]
 struct AssignmentClaim<'a> {
     task_id: &'a TaskId,
@@ -200,8 +212,10 @@ struct AssignmentClaim<'a> {
 }
 
 impl Assignment<'_> {
-    /// Domain-separation tag of assignment signatures.
-    pub const TAG: &'static [u8] = b"ambient/assign/v1\0";
+    /// Domain-separation tag of assignment signatures (over [`Assignment::batch`]).
+    pub const TAG: &'static [u8] = b"ambient/assign/v2\0";
+    /// Domain-separation tag of the claim digests a batch lists.
+    pub const CLAIM_TAG: &'static [u8] = b"ambient/assign-claim/v2\0";
 
     fn claim<'c>(&'c self, node: &'c NodeId, input: &'c Digest) -> AssignmentClaim<'c> {
         AssignmentClaim {
@@ -216,21 +230,44 @@ impl Assignment<'_> {
         }
     }
 
-    /// Signs the assignment as `coordinator`, addressed to `node`; `input` is the sha3-256 of
-    /// [`Assignment::input`] (the caller usually has it already).
-    pub fn sign(&mut self, coordinator: &Identity, node: &NodeId, input: &Digest) {
-        self.coordinator = coordinator.public_key();
+    /// The digest this assignment is listed by in a batch, addressed to `node`; `input` is
+    /// the sha3-256 of [`Assignment::input`].
+    pub fn claim_digest(&self, node: &NodeId, input: &Digest) -> Digest {
         // Every field is bounded (task id 64, entry 64 bytes), so the claim always fits the
-        // signing buffer; were it not to, the zero signature would simply not verify.
-        self.signature =
-            sign_message(coordinator, Self::TAG, &self.claim(node, input)).unwrap_or([0; 64]);
+        // buffer; were it not to, the zero digest would simply match no signed batch.
+        message_digest(Self::CLAIM_TAG, &self.claim(node, input)).unwrap_or(Digest([0; 32]))
+    }
+
+    /// Signs the assignment alone (a batch of one) as `coordinator`, addressed to `node`;
+    /// `input` is the sha3-256 of [`Assignment::input`] (the caller usually has it already).
+    pub fn sign(&mut self, coordinator: &Identity, node: &NodeId, input: &Digest) {
+        let mut batch = Vec::new();
+        // A batch of one always fits.
+        let _ = batch.push(self.claim_digest(node, input));
+        self.seal(coordinator, &batch);
+    }
+
+    /// Puts the assignment under `batch` (its own [`Assignment::claim_digest`] among them)
+    /// and `signature` ([`Assignment::sign_batch`] of it) made by `coordinator`.
+    pub fn seal(&mut self, coordinator: &Identity, batch: &Vec<Digest, MAX_BATCH>) {
+        self.coordinator = coordinator.public_key();
+        self.signature = Self::sign_batch(coordinator, batch);
+        self.batch.clone_from(batch);
+    }
+
+    /// The signature over a batch of claim digests: one ed25519 signature for every
+    /// assignment in it.
+    pub fn sign_batch(coordinator: &Identity, batch: &[Digest]) -> [u8; 64] {
+        // At most MAX_BATCH digests: 16 × 32 bytes fit the signing buffer.
+        sign_message(coordinator, Self::TAG, &batch).unwrap_or([0; 64])
     }
 
     /// Checks that [`Assignment::coordinator`] signed this assignment for `node`, `input` being
     /// the sha3-256 of [`Assignment::input`].
     ///
     /// # Errors
-    /// [`ProofError`] when the key or signature is bad.
+    /// [`ProofError`] when the key or signature is bad, or the batch does not list this
+    /// assignment.
     pub fn verify(&self, node: &NodeId, input: &Digest) -> Result<(), ProofError> {
         self.verify_by(&PublicKey::from_bytes(&self.coordinator)?, node, input)
     }
@@ -239,18 +276,44 @@ impl Assignment<'_> {
     /// every assignment against the one key it pinned.
     ///
     /// # Errors
-    /// [`ProofError::BadSignature`] when the signature is bad or `key` is not
-    /// [`Assignment::coordinator`].
+    /// [`ProofError::BadSignature`] when the signature is bad, `key` is not
+    /// [`Assignment::coordinator`] or the batch does not list this assignment.
     pub fn verify_by(
         &self,
         key: &PublicKey,
         node: &NodeId,
         input: &Digest,
     ) -> Result<(), ProofError> {
+        self.verify_claim(node, input)?;
+        self.verify_batch_by(key)
+    }
+
+    /// The half of [`Assignment::verify_by`] that needs no signature check: the batch lists
+    /// this assignment, addressed to `node`.
+    ///
+    /// # Errors
+    /// [`ProofError::BadSignature`] when it does not.
+    pub fn verify_claim(&self, node: &NodeId, input: &Digest) -> Result<(), ProofError> {
+        let claim = self.claim_digest(node, input);
+        if self.batch.contains(&claim) {
+            Ok(())
+        } else {
+            Err(ProofError::BadSignature)
+        }
+    }
+
+    /// The other half: `key`, which must be [`Assignment::coordinator`], signed
+    /// [`Assignment::batch`]. A node that already checked this batch and signature (another
+    /// assignment of the same batch) need not check them again.
+    ///
+    /// # Errors
+    /// [`ProofError::BadSignature`] when the signature is bad or `key` is not
+    /// [`Assignment::coordinator`].
+    pub fn verify_batch_by(&self, key: &PublicKey) -> Result<(), ProofError> {
         if key.to_bytes() != self.coordinator {
             return Err(ProofError::BadSignature);
         }
-        verify_message_by(key, Self::TAG, &self.claim(node, input), &self.signature)
+        verify_message_by(key, Self::TAG, &self.batch.as_slice(), &self.signature)
     }
 }
 

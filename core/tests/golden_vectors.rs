@@ -199,7 +199,7 @@ fn an_announce_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Announce(announce()),
         concat!(
-            "04",                                                               // protocol version
+            "05",                                                               // protocol version
             "00",                                                               // Message::Announce
             "096fb3f142eff542bda546cce4472a5e",                                 // node
             "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c", // public key
@@ -219,7 +219,7 @@ fn a_telemetry_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Telemetry(telemetry()),
         concat!(
-            "0401",
+            "0501",
             "096fb3f142eff542bda546cce4472a5e", // node
             "2a",                               // seq 42
             "ef9bafcdf8acd19101",               // boot id 0x0123456789abcdef
@@ -241,7 +241,7 @@ fn an_assign_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         Message::Assign(assignment()),
         concat!(
-            "0402",
+            "0502",
             "087461736b2d30303101", // "task-001", attempt 1
             "76fcc948d12ff9ec24dcedd5e76c8fac29cfa916ecc2e1fd73e9d99cadb633ab", // module
             "00",                   // abi plain
@@ -250,10 +250,15 @@ fn an_assign_envelope_is_pinned_and_round_trips() {
             "0568656c6c6f",         // input "hello"
             // the coordinator's public key (secret [8; 32]), cross-checked with `openssl pkey`
             "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca",
-            // ed25519 over sha3-256("ambient/assign/v1\0" ‖ task id ‖ attempt ‖ node ‖ module ‖
-            // abi ‖ entry ‖ limits ‖ sha3-256(input)), cross-checked with `openssl pkeyutl`
-            "3e05691eef10131d2d5ec870ca45aec562d5111e79fd0873b4c2ac9d7ae65235",
-            "73b4312cdad787069a533e10ccff78ce81365f00e0bafd5dd2982a929636e405",
+            // the batch: one claim digest, sha3-256("ambient/assign-claim/v2\0" ‖ task id ‖
+            // attempt ‖ node ‖ module ‖ abi ‖ entry ‖ limits ‖ sha3-256(input)), cross-checked
+            // with `openssl dgst -sha3-256`
+            "01",
+            "0ef7a02983b4f637b9f1b18f3be012736446547f27eafaff7ab71d5e0a47afdb",
+            // ed25519 over sha3-256("ambient/assign/v2\0" ‖ the batch), cross-checked with
+            // `openssl pkeyutl -sign -rawin`
+            "bc2edfa0e29c7a2229cf0bc6d794670b555f0de4b10adf29c665770f87988acd",
+            "bd1b4fbdc826fc10b285525d8fea7fa1cd913113bbf4da83385a07cac4921906",
         ),
     );
 }
@@ -263,7 +268,7 @@ fn an_executed_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         executed_report(),
         concat!(
-            "0403",
+            "0503",
             "087461736b2d30303101",             // "task-001", attempt 1
             "096fb3f142eff542bda546cce4472a5e", // node
             "00",                               // ReportBody::Executed
@@ -287,7 +292,7 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
     assert_pinned(
         refused_report(),
         concat!(
-            "0403",
+            "0503",
             "087461736b2d30303102",             // "task-001", attempt 2
             "096fb3f142eff542bda546cce4472a5e", // node
             "01",                               // ReportBody::Refused
@@ -305,12 +310,12 @@ fn a_refused_report_envelope_is_pinned_and_round_trips() {
 
 #[test]
 fn ping_and_pong_envelopes_are_pinned_and_round_trip() {
-    assert_pinned(ping(), "0404096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
+    assert_pinned(ping(), "0504096fb3f142eff542bda546cce4472a5e0704aaaaaaaa");
     let pong = Pong::sign(&coordinator(), &identity().node_id(), 7);
     assert_pinned(
         Message::Pong(pong),
         concat!(
-            "040507",                                                           // Message::Pong, nonce 7
+            "050507",                                                           // Message::Pong, nonce 7
             "1398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca", // signer: the coordinator
             // ed25519 over sha3-256("ambient/pong/v1\0" ‖ node ‖ nonce), cross-checked with
             // `openssl pkeyutl -sign -rawin`
@@ -341,7 +346,7 @@ fn a_probe_puts_its_nonce_after_the_padding_and_the_node_signs_its_pong() {
     assert_pinned(
         probe,
         concat!(
-            "0406",                             // version 4, Message::Probe
+            "0506",                             // version 5, Message::Probe
             "096fb3f142eff542bda546cce4472a5e", // node
             "04aaaaaaaa",                       // padding: length 4, then the bytes
             "07",                               // nonce 7, last

@@ -262,11 +262,24 @@ fn message() -> impl Strategy<Value = Message<'static>> {
             text::<64>(),
             limits(),
             bytes(64),
-            any::<[u8; 32]>(),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(digest(), 0..=ambient_core::MAX_BATCH),
+            ),
             signature(),
         )
             .prop_map(
-                |(task_id, attempt, module, abi, entry, limits, input, coordinator, signature)| {
+                |(
+                    task_id,
+                    attempt,
+                    module,
+                    abi,
+                    entry,
+                    limits,
+                    input,
+                    (coordinator, batch),
+                    signature,
+                )| {
                     Message::Assign(Assignment {
                         task_id,
                         attempt,
@@ -276,6 +289,7 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                         limits,
                         input,
                         coordinator,
+                        batch: batch.into_iter().collect(),
                         signature,
                     })
                 }

@@ -300,3 +300,55 @@ fn an_assignment_verifies_only_for_the_node_and_input_it_was_signed_for() {
         "but under another key, which a node that pinned the real one refuses"
     );
 }
+
+#[test]
+fn one_signature_covers_a_batch_and_each_of_its_assignments_verifies_only_as_listed() {
+    let node = identity().node_id();
+    let input = sha3_256(INPUT);
+    let mut batch: Vec<_> = (1..=3u16)
+        .map(|attempt| {
+            let mut a = assignment();
+            a.attempt = attempt;
+            a
+        })
+        .collect();
+    let claims: heapless::Vec<Digest, { ambient_core::MAX_BATCH }> = batch
+        .iter()
+        .map(|a| a.claim_digest(&node, &input))
+        .collect();
+    for a in &mut batch {
+        a.seal(&coordinator(), &claims);
+    }
+    let key = ambient_core::PublicKey::from_bytes(&coordinator().public_key()).unwrap();
+    for a in &batch {
+        assert_eq!(a.verify(&node, &input), Ok(()), "attempt {}", a.attempt);
+        assert_eq!(a.signature, batch[0].signature, "one signature for all");
+    }
+    let mut unlisted = batch[0].clone();
+    unlisted.attempt = 4;
+    assert!(
+        unlisted.verify_claim(&node, &input).is_err(),
+        "an assignment the batch does not list, under its valid signature"
+    );
+    assert_eq!(
+        unlisted.verify_batch_by(&key),
+        Ok(()),
+        "the signature alone is fine"
+    );
+    let mut grown = batch[0].clone();
+    grown
+        .batch
+        .push(unlisted.claim_digest(&node, &input))
+        .unwrap();
+    grown.attempt = 4;
+    assert_eq!(grown.verify_claim(&node, &input), Ok(()));
+    assert!(
+        grown.verify_batch_by(&key).is_err(),
+        "a digest added to a signed batch breaks its signature"
+    );
+    let other_node = Identity::from_secret(&[9; 32]).node_id();
+    assert!(
+        batch[1].verify(&other_node, &input).is_err(),
+        "replayed to another node"
+    );
+}

@@ -44,9 +44,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambient_core::{
-    Abi, Admission, Breaker, Digest, Envelope, Exit, Identity, LARGE_PADDING, Limits, LinkProbe,
-    Message, NodeId, Ping, Pong, PublicKey, Refusal, SafetyPolicy, SignedTelemetry, TaskId,
-    Telemetry, TelemetrySample, Transition, sha3_256, sign_message, topics,
+    Abi, Admission, Assignment, Breaker, Digest, Envelope, Exit, Identity, LARGE_PADDING, Limits,
+    LinkProbe, MAX_BATCH, Message, NodeId, Ping, Pong, PublicKey, Refusal, SafetyPolicy,
+    SignedTelemetry, TaskId, Telemetry, TelemetrySample, Transition, sha3_256, sign_message,
+    topics,
 };
 use bytes::Bytes;
 use rumqttc::QoS;
@@ -298,6 +299,8 @@ pub(crate) struct Node<M> {
     /// The key of the last assignment that verified, decompressed: every assignment is signed
     /// by the one pinned key, and decompressing it is a tenth of each check.
     assigner: Option<PublicKey>,
+    /// The last batch of assignments whose signature `assigner` was checked against.
+    signed_batch: Option<(heapless::Vec<Digest, MAX_BATCH>, [u8; 64])>,
     fetches: HashMap<Digest, Fetch>,
     outbox: BTreeMap<u64, Pending>,
     next_seq: u64,
@@ -364,6 +367,7 @@ impl<M: Clone> Node<M> {
             slots_used: 0,
             coordinator_key: start.coordinator_key,
             assigner: None,
+            signed_batch: None,
             fetches: HashMap::new(),
             outbox,
             next_seq,
@@ -662,6 +666,40 @@ impl<M: Clone> Node<M> {
         }
     }
 
+    /// Checks that the pinned coordinator signed `a` for this node, `input` being its input's
+    /// sha3-256. One signature covers every assignment of a batch, so it is checked once: the
+    /// batch's other assignments need only be listed in it.
+    fn check_assignment(
+        &mut self,
+        a: &Assignment<'_>,
+        input: &Digest,
+        out: &mut Vec<Action<M>>,
+    ) -> Result<(), String> {
+        a.verify_claim(&self.node, input)
+            .map_err(|e| format!("assignment signature: {e} (not in its signed batch)"))?;
+        let checked = self
+            .assigner
+            .is_some_and(|key| *key.as_bytes() == a.coordinator)
+            && self
+                .signed_batch
+                .as_ref()
+                .is_some_and(|(batch, signature)| *signature == a.signature && *batch == a.batch);
+        if checked {
+            return Ok(());
+        }
+        let key = match self.assigner {
+            Some(key) if key.to_bytes() == a.coordinator => Ok(key),
+            _ => PublicKey::from_bytes(&a.coordinator),
+        };
+        let key = key
+            .and_then(|key| a.verify_batch_by(&key).map(|()| key))
+            .map_err(|e| format!("assignment signature: {e}"))?;
+        self.check_coordinator("assignment", a.coordinator, out)?;
+        self.assigner = Some(key);
+        self.signed_batch = Some((a.batch.clone(), a.signature));
+        Ok(())
+    }
+
     fn on_task_frame(&mut self, now: Instant, payload: Bytes, out: &mut Vec<Action<M>>) {
         let envelope = match Envelope::decode(&payload) {
             Ok(e) => e,
@@ -670,20 +708,8 @@ impl<M: Clone> Node<M> {
         match envelope.message {
             Message::Assign(a) => {
                 let input_hash = sha3_256(a.input);
-                let key = match self.assigner {
-                    Some(key) if key.to_bytes() == a.coordinator => Ok(key),
-                    _ => PublicKey::from_bytes(&a.coordinator),
-                };
-                let checked = key
-                    .and_then(|key| a.verify_by(&key, &self.node, &input_hash).map(|()| key))
-                    .map_err(|e| format!("assignment signature: {e}"))
-                    .and_then(|key| {
-                        self.check_coordinator("assignment", a.coordinator, out)
-                            .map(|()| key)
-                    });
-                match checked {
-                    Ok(key) => self.assigner = Some(key),
-                    Err(why) => return self.drop_frame(&why),
+                if let Err(why) = self.check_assignment(&a, &input_hash, out) {
+                    return self.drop_frame(&why);
                 }
                 let job = Job {
                     task_id: a.task_id,

@@ -89,6 +89,7 @@ fn assignment(node: &NodeId, task: &str, attempt: u16, module: u8, by: &Identity
         limits: Limits::default(),
         input,
         coordinator: [0; 32],
+        batch: heapless::Vec::new(),
         signature: [0; 64],
     };
     a.sign(by, node, &sha3_256(input));
@@ -190,6 +191,55 @@ fn the_first_coordinator_to_sign_an_assignment_is_pinned_and_no_other_is_obeyed(
     let forged = Input::Tasks(assignment(&h.id, "t2", 1, 1, &stranger));
     assert!(h.said(SECOND, forged).is_empty());
     assert_eq!(h.node.dropped_frames, 1);
+}
+
+/// Assignments `tasks` (attempt 1) to `node`, under one signature by `by`.
+fn batch<'a>(node: &NodeId, tasks: &[&str], by: &Identity) -> Vec<Assignment<'a>> {
+    let input = b"input";
+    let mut sent: Vec<Assignment<'a>> = tasks
+        .iter()
+        .map(|task| Assignment {
+            task_id: TaskId::new(task).unwrap(),
+            attempt: 1,
+            module: Digest([1; 32]),
+            abi: Abi::Plain,
+            entry: "run".try_into().unwrap(),
+            limits: Limits::default(),
+            input,
+            coordinator: [0; 32],
+            batch: heapless::Vec::new(),
+            signature: [0; 64],
+        })
+        .collect();
+    let claims: heapless::Vec<Digest, { ambient_core::MAX_BATCH }> = sent
+        .iter()
+        .map(|a| a.claim_digest(node, &sha3_256(input)))
+        .collect();
+    for a in &mut sent {
+        a.seal(by, &claims);
+    }
+    sent
+}
+
+fn frame(a: Assignment<'_>) -> Input<Module> {
+    Input::Tasks(Envelope::new(Message::Assign(a)).to_vec().into())
+}
+
+#[test]
+fn assignments_under_one_batch_signature_run_and_nothing_the_batch_does_not_list_does() {
+    let mut h = Harness::online(4);
+    let mut sent = batch(&h.id, &["t1", "t2"], &coordinator());
+    let (t1, t2) = (sent.remove(0), sent.remove(0));
+    let mut unlisted = t1.clone();
+    unlisted.attempt = 2;
+    // The batch's signature, over a list naming a task it never signed.
+    let mut relisted = batch(&h.id, &["t3"], &coordinator()).remove(0);
+    relisted.signature = t1.signature;
+    assert_eq!(h.said(SECOND, frame(t1)), ["start t1/1"]);
+    assert_eq!(h.said(SECOND, frame(t2)), ["start t2/1"]);
+    assert!(h.said(SECOND, frame(unlisted)).is_empty());
+    assert!(h.said(SECOND, frame(relisted)).is_empty());
+    assert_eq!(h.node.dropped_frames, 2);
 }
 
 #[test]

@@ -278,6 +278,7 @@ pub fn assignment<'a>(
         limits,
         input,
         coordinator: [0; 32],
+        batch: heapless::Vec::new(),
         signature: [0; 64],
     }
 }

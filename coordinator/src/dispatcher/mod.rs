@@ -154,7 +154,6 @@ mod submission;
 
 pub use signers::{Checked, Signers};
 
-use placement::assignment;
 use results::{Late, Unchecked};
 use submission::fingerprint;
 
@@ -392,8 +391,11 @@ impl Journal for crate::store::Store {
 pub struct Effects {
     /// Modules to publish (retained) from the store, before the assignments.
     pub modules: Vec<Digest>,
-    /// Publishes that may leave before the commit: assignments and inline module copies.
+    /// Publishes that may leave before the commit: inline module copies, probes, and the
+    /// assignments [`Dispatcher::seal`] signed.
     pub dispatch: Vec<Publish>,
+    /// Attempts placed and not yet signed: (node, task, attempt), for [`Dispatcher::seal`].
+    assign: Vec<(NodeId, TaskId, u16)>,
     /// Writes to commit together.
     pub journal: Vec<Op>,
     /// Task events, published only after the commit.
@@ -410,6 +412,7 @@ impl Effects {
     pub fn clear(&mut self) {
         self.modules.clear();
         self.dispatch.clear();
+        self.assign.clear();
         self.journal.clear();
         self.events.clear();
         self.outcomes.clear();
@@ -754,8 +757,8 @@ impl Dispatcher {
         for job in self.jobs.values() {
             for d in &job.outstanding {
                 if only.is_none_or(|n| n == d.node) {
-                    fx.dispatch
-                        .push(assignment(&self.identity, job, d.attempt, d.node));
+                    fx.assign
+                        .push((d.node, job.spec.task_id.clone(), d.attempt));
                     sent += 1;
                 }
             }

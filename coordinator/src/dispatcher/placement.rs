@@ -1,30 +1,50 @@
 //! Placing attempts: the queue of tasks waiting for an eligible node, retries after a failed
 //! dispatch, dispatch deadlines and the tick that checks them, and the signed `Assign` frame.
 
-use ambient_core::{LARGE_PADDING, Probe};
+use ambient_core::{LARGE_PADDING, MAX_BATCH, Probe};
 use rand::Rng as _;
 
 use super::*;
 use crate::Probing;
 
-/// The `Assign` frame for `attempt` of a task, addressed to `node` and signed by `identity`.
-pub(super) fn assignment(identity: &Identity, job: &Job, attempt: u16, node: NodeId) -> Publish {
-    let spec = &job.spec;
-    let entry = heapless::String::try_from(spec.entry.as_str()).unwrap_or_default();
-    let mut a = Assignment {
-        task_id: spec.task_id.clone(),
-        attempt,
-        module: spec.module,
-        abi: spec.abi,
-        entry,
-        limits: spec.limits,
-        input: &spec.input,
-        coordinator: [0; 32],
-        signature: [0; 64],
-    };
-    a.sign(identity, &node, &job.input_hash);
-    let frame = Envelope::new(Message::Assign(a)).to_vec();
-    Publish::reliable(topics::node(&node, NodeTopic::Tasks).as_str(), frame)
+/// The `Assign` frames of `batch`, the attempts placed on `node` in one turn, under one
+/// signature by `identity`. Attempts whose task has ended since are left out.
+fn assignments(
+    identity: &Identity,
+    jobs: &HashMap<TaskId, Job>,
+    node: NodeId,
+    batch: &[(NodeId, TaskId, u16)],
+    out: &mut Vec<Publish>,
+) {
+    let mut frames = Vec::with_capacity(batch.len());
+    let mut claims = heapless::Vec::<Digest, MAX_BATCH>::new();
+    for (_, task_id, attempt) in batch {
+        let Some(job) = jobs.get(task_id) else {
+            continue;
+        };
+        let spec = &job.spec;
+        let a = Assignment {
+            task_id: spec.task_id.clone(),
+            attempt: *attempt,
+            module: spec.module,
+            abi: spec.abi,
+            entry: heapless::String::try_from(spec.entry.as_str()).unwrap_or_default(),
+            limits: spec.limits,
+            input: &spec.input,
+            coordinator: [0; 32],
+            batch: heapless::Vec::new(),
+            signature: [0; 64],
+        };
+        // `batch` holds at most MAX_BATCH attempts.
+        let _ = claims.push(a.claim_digest(&node, &job.input_hash));
+        frames.push(a);
+    }
+    let topic = topics::node(&node, NodeTopic::Tasks);
+    for mut a in frames {
+        a.seal(identity, &claims);
+        let frame = Envelope::new(Message::Assign(a)).to_vec();
+        out.push(Publish::reliable(topic.as_str(), frame));
+    }
 }
 
 /// Zeros for the padding of a bandwidth probe. The nonce comes after it on the wire, so the
@@ -48,6 +68,29 @@ fn probe(p: Probing) -> Publish {
 }
 
 impl Dispatcher {
+    /// Signs the assignments placed since the last call, one signature for those of each node
+    /// (at most [`MAX_BATCH`] a signature), and queues their frames in [`Effects::dispatch`].
+    /// The service calls it once per loop turn, before sending what may leave early, so one
+    /// ed25519 signature here and one check on the node cover every task a turn places there.
+    pub fn seal(&self, fx: &mut Effects) {
+        let mut placed = std::mem::take(&mut fx.assign);
+        // Stable: each node's assignments keep the order they were placed in.
+        placed.sort_by_key(|(node, ..)| *node);
+        for same_node in placed.chunk_by(|a, b| a.0 == b.0) {
+            for batch in same_node.chunks(MAX_BATCH) {
+                assignments(
+                    &self.identity,
+                    &self.jobs,
+                    batch[0].0,
+                    batch,
+                    &mut fx.dispatch,
+                );
+            }
+        }
+        placed.clear();
+        fx.assign = placed;
+    }
+
     pub(super) fn fail_attempt(
         &mut self,
         now: Now,
@@ -166,8 +209,7 @@ impl Dispatcher {
                 node,
                 at_ms: now.unix_ms,
             });
-            fx.dispatch
-                .push(assignment(&self.identity, job, attempt, node));
+            fx.assign.push((node, task_id.clone(), attempt));
         }
         if let Some(job) = self.jobs.get_mut(task_id) {
             job.queued_since = None;

@@ -193,6 +193,7 @@ impl Fixture {
     fn step(&mut self, input: Input<'_>) -> Effects {
         let mut fx = Effects::default();
         self.d.handle(self.now, input, &self.journal, &mut fx);
+        self.d.seal(&mut fx);
         self.journal.commit(&fx.journal);
         fx
     }
@@ -441,6 +442,49 @@ fn every_assignment_is_signed_by_the_coordinator_for_its_node() {
         };
         assert_eq!(a.coordinator, coordinator().public_key());
         assert_eq!(a.verify(&node, &sha3_256(a.input)), Ok(()));
+    }
+}
+
+#[test]
+fn the_assignments_one_turn_places_on_a_node_go_out_under_one_signature() {
+    let mut f = fixture(2);
+    // One turn of six submissions: both nodes take up to four tasks at once.
+    let mut fx = Effects::default();
+    for i in 0..6 {
+        let json = serde_json::json!({"task_id": format!("t{i}"), "module_b64": B64.encode(MODULE), "input": "in", "verify": "receipt"});
+        let bytes = json.to_string().into_bytes();
+        f.d.handle(f.now, Input::Submit(&bytes), &f.journal, &mut fx);
+    }
+    assert!(
+        assignments(&fx).is_empty(),
+        "nothing is signed before the turn ends"
+    );
+    f.d.seal(&mut fx);
+    let mut by_node: HashMap<NodeId, Vec<Assignment<'_>>> = HashMap::new();
+    for p in &fx.dispatch {
+        if let (Some((node, NodeTopic::Tasks)), Ok(Message::Assign(a))) = (
+            topics::parse_node(&p.topic),
+            Envelope::decode(&p.payload).map(|e| e.message),
+        ) {
+            assert_eq!(a.verify(&node, &sha3_256(a.input)), Ok(()));
+            by_node.entry(node).or_default().push(a);
+        }
+    }
+    assert_eq!(
+        by_node.values().map(Vec::len).sum::<usize>(),
+        6,
+        "{by_node:?}"
+    );
+    for (node, sent) in &by_node {
+        let first = &sent[0];
+        assert_eq!(first.batch.len(), sent.len(), "one batch per node and turn");
+        for a in sent {
+            assert_eq!(
+                (&a.batch, a.signature),
+                (&first.batch, first.signature),
+                "{node}"
+            );
+        }
     }
 }
 

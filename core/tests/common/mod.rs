@@ -131,6 +131,7 @@ pub fn assignment() -> Assignment<'static> {
         limits: limits(),
         input: INPUT,
         coordinator: [0; 32],
+        batch: heapless::Vec::new(),
         signature: [0; 64],
     };
     a.sign(&coordinator(), &identity().node_id(), &sha3_256(INPUT));
