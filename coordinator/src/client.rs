@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use ambient_mqtt::{BrokerUrl, TlsFiles};
 
+use crate::intake::MAX_SUBMISSIONS_PER_MESSAGE;
 use crate::{Submission, TaskEvent, mqtt};
 
 /// Why a client operation failed.
@@ -75,6 +76,9 @@ fn refusal(code: rumqttc::ConnectReturnCode) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// Most bytes of JSON [`Client::submit_all`] puts in one message (a larger submission goes alone).
+pub const BATCH_BYTES: usize = 1 << 20;
 
 /// How long [`Client::run_batch`] waits for a task's `accepted` event before submitting it again.
 pub const RESUBMIT_AFTER: Duration = Duration::from_secs(3);
@@ -212,6 +216,56 @@ impl Client {
             .map_err(|_| ClientError::Closed)
     }
 
+    /// Submits several tasks (QoS 1): up to [`MAX_SUBMISSIONS_PER_MESSAGE`] in one MQTT message
+    /// (a JSON array; see [`intake::split`](crate::intake::split)), and no more than about
+    /// [`BATCH_BYTES`] of JSON in one unless a single submission is larger. A message with one
+    /// submission carries it alone, as [`Client::submit`] does.
+    ///
+    /// # Errors
+    /// When the connection is gone.
+    pub async fn submit_all<'s>(
+        &self,
+        submissions: impl IntoIterator<Item = &'s Submission>,
+    ) -> Result<(), ClientError> {
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0;
+        for s in submissions {
+            let json = serde_json::to_vec(s).map_err(|_| ClientError::Closed)?;
+            let full = batch.len() == MAX_SUBMISSIONS_PER_MESSAGE
+                || (!batch.is_empty() && bytes + json.len() > BATCH_BYTES);
+            if full {
+                self.publish_submissions(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
+            bytes += json.len() + 1;
+            batch.push(json);
+        }
+        if !batch.is_empty() {
+            self.publish_submissions(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_submissions(&self, mut batch: Vec<Vec<u8>>) -> Result<(), ClientError> {
+        let payload = if batch.len() == 1 {
+            batch.pop().unwrap_or_default()
+        } else {
+            let mut array = b"[".to_vec();
+            for (i, json) in batch.iter().enumerate() {
+                if i > 0 {
+                    array.push(b',');
+                }
+                array.extend_from_slice(json);
+            }
+            array.push(b']');
+            array
+        };
+        self.client
+            .publish(topics::SUBMIT, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
     /// The next task event, or `None` when the connection is gone.
     pub async fn next_event(&mut self) -> Option<TaskEvent> {
         self.events.recv().await
@@ -272,11 +326,9 @@ impl Client {
         let mut unacked: HashMap<&str, Instant> = HashMap::new();
         let mut pending: HashSet<&str> = by_id.keys().copied().collect();
         let start = Instant::now();
-        for s in submissions {
-            self.submit(s).await?;
-            if let Some(id) = s.task_id.as_deref() {
-                unacked.insert(id, start);
-            }
+        self.submit_all(submissions).await?;
+        for id in by_id.keys() {
+            unacked.insert(id, start);
         }
         let mut done = HashMap::new();
         let mut last_progress = Instant::now();
@@ -302,8 +354,8 @@ impl Client {
                         return Err(ClientError::Closed);
                     }
                     // Reconnected: whatever was published meanwhile is gone; ask again.
+                    self.submit_all(pending.iter().map(|id| by_id[id])).await?;
                     for &id in &pending {
-                        self.submit(by_id[id]).await?;
                         unacked.insert(id, Instant::now());
                     }
                 }
@@ -312,12 +364,14 @@ impl Client {
                     if now.duration_since(last_progress) >= idle {
                         break;
                     }
+                    let mut due = Vec::new();
                     for (&id, sent) in unacked.iter_mut() {
                         if now.duration_since(*sent) >= RESUBMIT_AFTER && pending.contains(id) {
-                            self.submit(by_id[id]).await?;
+                            due.push(by_id[id]);
                             *sent = now;
                         }
                     }
+                    self.submit_all(due).await?;
                 }
             }
         }

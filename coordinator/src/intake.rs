@@ -196,6 +196,58 @@ fn reject(code: &'static str, message: impl Into<String>) -> Rejection {
     }
 }
 
+/// Most submissions one message may carry, as a JSON array.
+pub const MAX_SUBMISSIONS_PER_MESSAGE: usize = 256;
+
+/// The submissions in one message on `ambient/v1/tasks/submit`: the message itself when it is
+/// not a JSON array (a lone submission, checked by [`parse`]), or each element of an array of
+/// at most [`MAX_SUBMISSIONS_PER_MESSAGE`], unparsed. Sending many tasks this way takes one
+/// MQTT message and one acknowledgement instead of one each.
+///
+/// # Errors
+/// A `bad_json` [`Rejection`] for an array that is not valid JSON or holds more than
+/// [`MAX_SUBMISSIONS_PER_MESSAGE`] elements (read no further than the one over the limit).
+pub fn split(json: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
+    use serde::de::{Error as _, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    struct Elements;
+    impl<'de> Visitor<'de> for Elements {
+        type Value = Vec<&'de [u8]>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(
+                f,
+                "an array of at most {MAX_SUBMISSIONS_PER_MESSAGE} submissions"
+            )
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut each = Vec::new();
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                if each.len() == MAX_SUBMISSIONS_PER_MESSAGE {
+                    return Err(A::Error::custom(format!(
+                        "more than {MAX_SUBMISSIONS_PER_MESSAGE} submissions in one message; send the rest in another"
+                    )));
+                }
+                each.push(raw.get().as_bytes());
+            }
+            Ok(each)
+        }
+    }
+
+    if json.trim_ascii_start().first() != Some(&b'[') {
+        return Ok(vec![json]);
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde::Deserializer::deserialize_seq(&mut de, Elements)
+        .and_then(|each| de.end().map(|()| each))
+        .map_err(|e| {
+            reject(
+                "bad_json",
+                format!("a batch of submissions must be a JSON array of submission objects: {e}"),
+            )
+        })
+}
+
 /// A parsed submission, with an inline module if it carried one.
 #[derive(Debug)]
 pub struct Parsed {

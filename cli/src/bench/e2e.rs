@@ -432,9 +432,7 @@ async fn run_capped(
     let mut pending: std::collections::HashSet<String> =
         batch.iter().filter_map(|s| s.task_id.clone()).collect();
     let start = Instant::now();
-    for s in batch {
-        client.submit(s).await?;
-    }
+    client.submit_all(batch).await?;
     let deadline = start + cap;
     let (mut completed, mut last, mut first_failure) = (0, start, None);
     while !pending.is_empty() {

@@ -337,7 +337,8 @@ pub struct Frame<'a> {
 /// One input to [`Dispatcher::handle`].
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
-    /// A submission's JSON from `ambient/v1/tasks/submit`.
+    /// A message from `ambient/v1/tasks/submit`: one submission's JSON, or a JSON array of them
+    /// ([`intake::split`]).
     Submit(&'a [u8]),
     /// A frame on `ambient/v1/nodes/{node}/{leaf}`.
     Frame(Frame<'a>),
@@ -685,7 +686,14 @@ impl Dispatcher {
     /// Handles one input, appending what to do to `fx`.
     pub fn handle(&mut self, now: Now, input: Input<'_>, journal: &impl Journal, fx: &mut Effects) {
         match input {
-            Input::Submit(json) => self.on_submission(now, json, journal, fx),
+            Input::Submit(json) => match intake::split(json) {
+                Ok(each) => {
+                    for json in each {
+                        self.on_submission(now, json, journal, fx);
+                    }
+                }
+                Err(r) => submission::reject(None, r.code, r.message, fx),
+            },
             Input::Frame(frame) => self.on_node_frame(now, frame, fx),
             Input::Module { hash, bytes } => self.on_module(hash, bytes, fx),
             Input::Verdict {

@@ -1659,6 +1659,43 @@ fn malformed_json_is_rejected_on_the_rejected_topic_with_the_id_it_could_read() 
 }
 
 #[test]
+fn a_json_array_of_submissions_is_taken_as_each_sent_alone_and_a_bad_array_is_rejected_whole() {
+    let mut f = fixture(2);
+    let ok = |id: &str| serde_json::json!({"task_id": id, "module_b64": B64.encode(MODULE), "input": "in", "verify": "receipt"});
+    let batch = serde_json::json!([ok("b1"), {"task_id": "b2", "colour": 1}, ok("b3")]);
+    let fx = f.step(Input::Submit(batch.to_string().as_bytes()));
+    let statuses: Vec<(String, EventStatus)> = events(&fx)
+        .into_iter()
+        .filter(|(topic, _)| topic != topics::REJECTED)
+        .map(|(_, ev)| (ev.task_id, ev.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("b1".into(), EventStatus::Accepted),
+            ("b2".into(), EventStatus::Rejected),
+            ("b3".into(), EventStatus::Accepted)
+        ]
+    );
+    assert_eq!(assignments(&fx).len(), 2);
+    // One over the limit, or not JSON: nothing in it is taken, and the rejection says why.
+    let many: Vec<_> = (0..=crate::intake::MAX_SUBMISSIONS_PER_MESSAGE)
+        .map(|i| ok(&format!("m{i}")))
+        .collect();
+    for bad in [
+        serde_json::json!(many).to_string(),
+        format!("[{},", ok("torn")),
+    ] {
+        let fx = f.step(Input::Submit(bad.as_bytes()));
+        let evs = events(&fx);
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert_eq!(evs[0].0, topics::REJECTED);
+        assert_eq!(evs[0].1.error.as_ref().unwrap().code, "bad_json");
+        assert!(fx.journal.is_empty() && assignments(&fx).is_empty());
+    }
+}
+
+#[test]
 fn a_reconnect_sends_every_outstanding_assignment_and_module_again() {
     let mut f = fixture(2);
     let mut sent = assignments(&f.submit("r1", "receipt"));
