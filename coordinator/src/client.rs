@@ -354,7 +354,8 @@ impl Client {
                         return Err(ClientError::Closed);
                     }
                     // Reconnected: whatever was published meanwhile is gone; ask again.
-                    self.submit_all(pending.iter().map(|id| by_id[id])).await?;
+                    let again: Vec<&Submission> = pending.iter().map(|&id| by_id[id]).collect();
+                    self.submit_all(again).await?;
                     for &id in &pending {
                         unacked.insert(id, Instant::now());
                     }
