@@ -311,3 +311,48 @@ async fn malformed_json_is_answered_on_the_rejected_topic() {
     assert_eq!(event.task_id, "torn", "the id is read from the torn JSON");
     assert_eq!(event.error.unwrap().code, "bad_json");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_array_of_submissions_from_a_plain_mqtt_client_runs_each_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let _a = agent(&c.url, &dir.path().join("a0"), "pi4");
+    c.wait_for_nodes(1);
+    let mut client = Client::connect(&c.url).await.unwrap();
+    let module = publish_spin(&client).await;
+    let (host, port) = host_port(&c.url);
+    let (raw, mut el) = AsyncClient::new(MqttOptions::new("raw-array", host, port), 10);
+    let array = serde_json::to_vec(&[
+        spin("arr-1", &module, 1),
+        spin("arr-2", &module, 2),
+        spin("arr-3", &module, 3),
+    ])
+    .unwrap();
+    raw.publish(topics::SUBMIT, QoS::AtLeastOnce, false, array)
+        .await
+        .unwrap();
+    // The coordinator acknowledges the message once all three are journaled.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the array's PUBACK");
+    let mut completed = Vec::new();
+    while completed.len() < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(30), client.next_event())
+            .await
+            .expect("every task of the array ends")
+            .expect("connected");
+        if ev.status.is_final() {
+            assert_eq!(ev.status, EventStatus::Completed, "{ev:?}");
+            completed.push(ev.task_id);
+        }
+    }
+    completed.sort();
+    assert_eq!(completed, ["arr-1", "arr-2", "arr-3"]);
+    client.disconnect().await;
+}
