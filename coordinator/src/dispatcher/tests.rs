@@ -205,10 +205,15 @@ impl Fixture {
     }
 
     fn join(&mut self, id: Identity, arch: &str) {
+        self.join_with(id, arch, 4);
+    }
+
+    /// [`Fixture::join`] with `slots` tasks at once.
+    fn join_with(&mut self, id: Identity, arch: &str, slots: u16) {
         let node = id.node_id();
         let i = self.nodes.len() as u32;
         self.frame(node, NodeTopic::Status, b"online");
-        self.frame(node, NodeTopic::Announce, &announce_frame(&id, arch, 4));
+        self.frame(node, NodeTopic::Announce, &announce_frame(&id, arch, slots));
         let sample = TelemetrySample {
             cpu_load_permille: Some(100),
             mem_free_bytes: Some(4 << 30),
@@ -445,12 +450,10 @@ fn every_assignment_is_signed_by_the_coordinator_for_its_node() {
     }
 }
 
-#[test]
-fn the_assignments_one_turn_places_on_a_node_go_out_under_one_signature() {
-    let mut f = fixture(2);
-    // One turn of six submissions: both nodes take up to four tasks at once.
+/// One turn of `n` submissions, sealed: what it sends, by node.
+fn one_turn(f: &mut Fixture, n: usize) -> HashMap<NodeId, Vec<Assignment<'static>>> {
     let mut fx = Effects::default();
-    for i in 0..6 {
+    for i in 0..n {
         let json = serde_json::json!({"task_id": format!("t{i}"), "module_b64": B64.encode(MODULE), "input": "in", "verify": "receipt"});
         let bytes = json.to_string().into_bytes();
         f.d.handle(f.now, Input::Submit(&bytes), &f.journal, &mut fx);
@@ -460,16 +463,37 @@ fn the_assignments_one_turn_places_on_a_node_go_out_under_one_signature() {
         "nothing is signed before the turn ends"
     );
     f.d.seal(&mut fx);
-    let mut by_node: HashMap<NodeId, Vec<Assignment<'_>>> = HashMap::new();
+    let mut by_node: HashMap<NodeId, Vec<Assignment<'static>>> = HashMap::new();
     for p in &fx.dispatch {
         if let (Some((node, NodeTopic::Tasks)), Ok(Message::Assign(a))) = (
             topics::parse_node(&p.topic),
             Envelope::decode(&p.payload).map(|e| e.message),
         ) {
             assert_eq!(a.verify(&node, &sha3_256(a.input)), Ok(()));
+            let a = Assignment { input: b"in", ..a };
             by_node.entry(node).or_default().push(a);
         }
     }
+    by_node
+}
+
+#[test]
+fn a_turn_places_at_most_sixteen_assignments_under_one_signature() {
+    let mut f = fixture(0);
+    f.join_with(Identity::from_secret(&[1; 32]), "aarch64", 20);
+    let by_node = one_turn(&mut f, 20);
+    let sent = by_node.values().next().unwrap();
+    assert_eq!(sent.len(), 20);
+    let sizes: Vec<usize> = sent.iter().map(|a| a.batch.len()).collect();
+    assert_eq!(sizes, [[16; 16].as_slice(), &[4; 4]].concat());
+    assert_ne!(sent[0].signature, sent[16].signature);
+}
+
+#[test]
+fn the_assignments_one_turn_places_on_a_node_go_out_under_one_signature() {
+    let mut f = fixture(2);
+    // One turn of six submissions: both nodes take up to four tasks at once.
+    let by_node = one_turn(&mut f, 6);
     assert_eq!(
         by_node.values().map(Vec::len).sum::<usize>(),
         6,
