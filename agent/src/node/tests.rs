@@ -78,21 +78,28 @@ impl Harness {
     }
 }
 
-fn assignment(node: &NodeId, task: &str, attempt: u16, module: u8, by: &Identity) -> Bytes {
-    let input = b"input";
-    let mut a = Assignment {
+/// Input of every assignment in these tests.
+const INPUT: &[u8] = b"input";
+
+/// Attempt `attempt` of `task` with module `[module; 32]`, not signed yet.
+fn unsigned(task: &str, attempt: u16, module: u8) -> Assignment<'static> {
+    Assignment {
         task_id: TaskId::new(task).unwrap(),
         attempt,
         module: Digest([module; 32]),
         abi: Abi::Plain,
         entry: "run".try_into().unwrap(),
         limits: Limits::default(),
-        input,
+        input: INPUT,
         coordinator: [0; 32],
         batch: heapless::Vec::new(),
         signature: [0; 64],
-    };
-    a.sign(by, node, &sha3_256(input));
+    }
+}
+
+fn assignment(node: &NodeId, task: &str, attempt: u16, module: u8, by: &Identity) -> Bytes {
+    let mut a = unsigned(task, attempt, module);
+    a.sign(by, node, &sha3_256(INPUT));
     Envelope::new(Message::Assign(a)).to_vec().into()
 }
 
@@ -194,26 +201,11 @@ fn the_first_coordinator_to_sign_an_assignment_is_pinned_and_no_other_is_obeyed(
 }
 
 /// Assignments `tasks` (attempt 1) to `node`, under one signature by `by`.
-fn batch<'a>(node: &NodeId, tasks: &[&str], by: &Identity) -> Vec<Assignment<'a>> {
-    let input = b"input";
-    let mut sent: Vec<Assignment<'a>> = tasks
-        .iter()
-        .map(|task| Assignment {
-            task_id: TaskId::new(task).unwrap(),
-            attempt: 1,
-            module: Digest([1; 32]),
-            abi: Abi::Plain,
-            entry: "run".try_into().unwrap(),
-            limits: Limits::default(),
-            input,
-            coordinator: [0; 32],
-            batch: heapless::Vec::new(),
-            signature: [0; 64],
-        })
-        .collect();
+fn batch(node: &NodeId, tasks: &[&str], by: &Identity) -> Vec<Assignment<'static>> {
+    let mut sent: Vec<_> = tasks.iter().map(|task| unsigned(task, 1, 1)).collect();
     let claims: heapless::Vec<Digest, { ambient_core::MAX_BATCH }> = sent
         .iter()
-        .map(|a| a.claim_digest(node, &sha3_256(input)))
+        .map(|a| a.claim_digest(node, &sha3_256(INPUT)))
         .collect();
     for a in &mut sent {
         a.seal(by, &claims);
