@@ -217,7 +217,7 @@ impl Client {
     }
 
     /// Submits several tasks (QoS 1): up to [`MAX_SUBMISSIONS_PER_MESSAGE`] in one MQTT message
-    /// (a JSON array; see [`intake::split`](crate::intake::split)), and no more than about
+    /// (a JSON array; see [`split_submissions`](crate::split_submissions)), and no more than about
     /// [`BATCH_BYTES`] of JSON in one unless a single submission is larger. A message with one
     /// submission carries it alone, as [`Client::submit`] does.
     ///

@@ -41,8 +41,8 @@ pub use dispatcher::{
     Publish, Recovered, Signers, SpotCheck, pong,
 };
 pub use intake::{
-    LimitsJson, MAX_REPLICAS, Parsed, Policy, Rejection, RequiresJson, Submission, TaskSpec,
-    parse as parse_submission,
+    LimitsJson, MAX_REPLICAS, MAX_SUBMISSIONS_PER_MESSAGE, Parsed, Policy, Rejection, RequiresJson,
+    Submission, TaskSpec, parse as parse_submission, split as split_submissions,
 };
 pub use registry::*;
 pub use results::{ErrorJson, EventStatus, Notice, ReceiptJson, TaskEvent, Verdict};

@@ -338,7 +338,7 @@ pub struct Frame<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
     /// A message from `ambient/v1/tasks/submit`: one submission's JSON, or a JSON array of them
-    /// ([`intake::split`]).
+    /// ([`split_submissions`](crate::split_submissions)).
     Submit(&'a [u8]),
     /// A frame on `ambient/v1/nodes/{node}/{leaf}`.
     Frame(Frame<'a>),
