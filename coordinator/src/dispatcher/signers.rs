@@ -115,7 +115,9 @@ impl Signers {
                         Signer {
                             key,
                             bad: TokenBucket::new(self.bad_frames_per_s),
-                            recent: VecDeque::with_capacity(RECENT),
+                            // Grows with the node's reports: an announce alone (say, of an
+                            // id an open broker let anyone use) costs about 100 bytes.
+                            recent: VecDeque::new(),
                         },
                     );
                 }
