@@ -12,7 +12,7 @@
 //! | `GET /api/tasks/{id}` | one task, or 404 |
 //! | `GET /api/ledger` | balances by account |
 //! | `GET /api/ledger/verify` | the hash chain and the books checked: 200 if they hold, 500 if not |
-//! | `POST /api/tasks` | the submission JSON of `ambient/v1/tasks/submit`: 202 `{"task_id", "events"}`, or 400 `{"error": {code, message}}` |
+//! | `POST /api/tasks` | one submission's JSON, as on `ambient/v1/tasks/submit` (arrays go over MQTT): 202 `{"task_id", "events"}`, or 400 `{"error": {code, message}}` |
 //!
 //! Reads open the database read-only on a blocking thread, per request; WAL mode lets them run
 //! beside the dispatcher's commits, so the API never waits on, or slows, the dispatcher. A

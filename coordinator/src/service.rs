@@ -119,7 +119,8 @@ pub enum CoordinatorError {
 /// Inputs waiting for the dispatcher thread, at most. Each is one MQTT publish.
 pub const INBOUND: usize = 4096;
 /// Most inputs handled in one loop turn, that is, under one commit; a turn also ends once it
-/// holds this many journal writes (a message may carry 256 submissions).
+/// holds this many journal writes and events together (one message may carry 256
+/// submissions, each of which writes or answers at least once).
 pub const MAX_TURN: usize = 2048;
 /// Written turns queued for the sync thread, at most (besides the group it is syncing).
 pub const TURNS: usize = 64;
@@ -645,7 +646,7 @@ fn dispatch_loop(
                 }
                 Inbound::Stop => stop = true,
             }
-            if fx.journal.len() >= MAX_TURN {
+            if fx.journal.len() + fx.events.len() >= MAX_TURN {
                 break;
             }
         }

@@ -232,18 +232,23 @@ impl Assignment<'_> {
 
     /// The digest this assignment is listed by in a batch, addressed to `node`; `input` is
     /// the sha3-256 of [`Assignment::input`].
-    pub fn claim_digest(&self, node: &NodeId, input: &Digest) -> Digest {
-        // Every field is bounded (task id 64, entry 64 bytes), so the claim always fits the
-        // buffer; were it not to, the zero digest would simply match no signed batch.
-        message_digest(Self::CLAIM_TAG, &self.claim(node, input)).unwrap_or(Digest([0; 32]))
+    ///
+    /// # Errors
+    /// [`ProofError::Encoding`] if the claim does not fit the signing buffer, which the
+    /// bounded fields (task id and entry, 64 bytes each) rule out.
+    pub fn claim_digest(&self, node: &NodeId, input: &Digest) -> Result<Digest, ProofError> {
+        message_digest(Self::CLAIM_TAG, &self.claim(node, input))
     }
 
     /// Signs the assignment alone (a batch of one) as `coordinator`, addressed to `node`;
     /// `input` is the sha3-256 of [`Assignment::input`] (the caller usually has it already).
     pub fn sign(&mut self, coordinator: &Identity, node: &NodeId, input: &Digest) {
         let mut batch = Vec::new();
-        // A batch of one always fits.
-        let _ = batch.push(self.claim_digest(node, input));
+        // A claim always encodes, and a batch of one always fits; were either to fail, the
+        // empty batch would list nothing and nothing would verify.
+        if let Ok(claim) = self.claim_digest(node, input) {
+            let _ = batch.push(claim);
+        }
         self.seal(coordinator, &batch);
     }
 
@@ -294,7 +299,7 @@ impl Assignment<'_> {
     /// # Errors
     /// [`ProofError::BadSignature`] when it does not.
     pub fn verify_claim(&self, node: &NodeId, input: &Digest) -> Result<(), ProofError> {
-        let claim = self.claim_digest(node, input);
+        let claim = self.claim_digest(node, input)?;
         if self.batch.contains(&claim) {
             Ok(())
         } else {

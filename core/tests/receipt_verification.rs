@@ -314,7 +314,7 @@ fn one_signature_covers_a_batch_and_each_of_its_assignments_verifies_only_as_lis
         .collect();
     let claims: heapless::Vec<Digest, { ambient_core::MAX_BATCH }> = batch
         .iter()
-        .map(|a| a.claim_digest(&node, &input))
+        .map(|a| a.claim_digest(&node, &input).unwrap())
         .collect();
     for a in &mut batch {
         a.seal(&coordinator(), &claims);
@@ -338,7 +338,7 @@ fn one_signature_covers_a_batch_and_each_of_its_assignments_verifies_only_as_lis
     let mut grown = batch[0].clone();
     grown
         .batch
-        .push(unlisted.claim_digest(&node, &input))
+        .push(unlisted.claim_digest(&node, &input).unwrap())
         .unwrap();
     grown.attempt = 4;
     assert_eq!(grown.verify_claim(&node, &input), Ok(()));

@@ -205,7 +205,7 @@ fn batch(node: &NodeId, tasks: &[&str], by: &Identity) -> Vec<Assignment<'static
     let mut sent: Vec<_> = tasks.iter().map(|task| unsigned(task, 1, 1)).collect();
     let claims: heapless::Vec<Digest, { ambient_core::MAX_BATCH }> = sent
         .iter()
-        .map(|a| a.claim_digest(node, &sha3_256(INPUT)))
+        .map(|a| a.claim_digest(node, &sha3_256(INPUT)).unwrap())
         .collect();
     for a in &mut sent {
         a.seal(by, &claims);

@@ -7,8 +7,10 @@
 //! clock; randomness (spot checks) comes from a seeded RNG. The service
 //! (`service.rs`) owns the I/O and applies each loop turn's effects in this order:
 //!
-//! 1. [`Effects::modules`] and [`Effects::dispatch`]: module copies and assignments. They may
-//!    leave before the commit: execution is at-least-once (agents deduplicate by task and
+//! 1. [`Effects::modules`] and [`Effects::dispatch`]: module copies and assignments (signed by
+//!    [`Dispatcher::seal`] once the turn's inputs are handled, one signature for those of
+//!    each node; placed attempts reach [`Effects::dispatch`] only then). They may leave
+//!    before the commit: execution is at-least-once (agents deduplicate by task and
 //!    attempt), so a crash before the commit only means a task runs again.
 //! 2. [`Effects::journal`]: every write of the turn, in one SQLite transaction, made durable by
 //!    one fsync that may cover several turns.

@@ -8,10 +8,11 @@ use super::*;
 use crate::Probing;
 
 /// The `Assign` frames of `batch`, the attempts placed on `node` in one turn, under one
-/// signature by `identity`. Attempts whose task has ended since are left out.
-fn assignments(
+/// signature by `identity`; `order` gives an attempt's task spec and input hash (`None` for a
+/// task that ended within the turn and wants no further runs: that attempt is left out).
+fn assignments<'j>(
     identity: &Identity,
-    jobs: &HashMap<TaskId, Job>,
+    order: impl Fn(&TaskId) -> Option<(&'j TaskSpec, &'j Digest)>,
     node: NodeId,
     batch: &[(NodeId, TaskId, u16)],
     out: &mut Vec<Publish>,
@@ -19,10 +20,9 @@ fn assignments(
     let mut frames = Vec::with_capacity(batch.len());
     let mut claims = heapless::Vec::<Digest, MAX_BATCH>::new();
     for (_, task_id, attempt) in batch {
-        let Some(job) = jobs.get(task_id) else {
+        let Some((spec, input_hash)) = order(task_id) else {
             continue;
         };
-        let spec = &job.spec;
         let a = Assignment {
             task_id: spec.task_id.clone(),
             attempt: *attempt,
@@ -35,9 +35,12 @@ fn assignments(
             batch: heapless::Vec::new(),
             signature: [0; 64],
         };
-        // `batch` holds at most MAX_BATCH attempts.
-        let _ = claims.push(a.claim_digest(&node, &job.input_hash));
-        frames.push(a);
+        // Every field of a claim is bounded, so it always encodes; `batch` holds at most
+        // MAX_BATCH attempts.
+        if let Ok(claim) = a.claim_digest(&node, input_hash) {
+            let _ = claims.push(claim);
+            frames.push(a);
+        }
     }
     let topic = topics::node(&node, NodeTopic::Tasks);
     for mut a in frames {
@@ -70,21 +73,22 @@ fn probe(p: Probing) -> Publish {
 impl Dispatcher {
     /// Signs the assignments placed since the last call, one signature for those of each node
     /// (at most [`MAX_BATCH`] a signature), and queues their frames in [`Effects::dispatch`].
-    /// The service calls it once per loop turn, before sending what may leave early, so one
-    /// ed25519 signature here and one check on the node cover every task a turn places there.
+    /// The service calls it after a turn's inputs (and after a tick's probes), before sending
+    /// what may leave early, so one ed25519 signature here and one check on the node cover
+    /// every task a turn places there. Until then, placed attempts are not in
+    /// [`Effects::dispatch`]. A replica placed in a turn in which its task then finished is
+    /// still sent: it runs as a late replica (see "Contested votes").
     pub fn seal(&self, fx: &mut Effects) {
         let mut placed = std::mem::take(&mut fx.assign);
         // Stable: each node's assignments keep the order they were placed in.
         placed.sort_by_key(|(node, ..)| *node);
+        let order = |task_id: &TaskId| match self.jobs.get(task_id) {
+            Some(job) => Some((&*job.spec, &job.input_hash)),
+            None => self.late.get(task_id).map(Late::order),
+        };
         for same_node in placed.chunk_by(|a, b| a.0 == b.0) {
             for batch in same_node.chunks(MAX_BATCH) {
-                assignments(
-                    &self.identity,
-                    &self.jobs,
-                    batch[0].0,
-                    batch,
-                    &mut fx.dispatch,
-                );
+                assignments(&self.identity, order, batch[0].0, batch, &mut fx.dispatch);
             }
         }
         placed.clear();

@@ -66,6 +66,13 @@ pub(super) struct Late {
     expires: Instant,
 }
 
+impl Late {
+    /// What its replicas run: the task's spec and input hash.
+    pub(super) fn order(&self) -> (&TaskSpec, &Digest) {
+        (&self.spec, &self.input_hash)
+    }
+}
+
 /// Which of `outstanding` `report` answers; `None`, counted as stale, when none (a replay, a
 /// duplicate, an attempt given up on).
 pub(super) fn answered(

@@ -1100,6 +1100,53 @@ fn a_late_replica_that_agrees_counts_as_verified_for_its_node() {
 }
 
 #[test]
+fn a_replica_placed_in_the_turn_its_task_finishes_is_still_sent() {
+    let mut f = fixture(4);
+    let sent = assignments(&f.submit("same-turn", "replicate:3"));
+    // One turn: the first node refuses (its replacement goes to the fourth), then the other
+    // two agree, which finishes the task while the replacement is not yet signed.
+    let frames = [
+        (sent[0].0, f.refusal("same-turn", sent[0], Refusal::Busy)),
+        (
+            sent[1].0,
+            f.report(
+                "same-turn",
+                sent[1],
+                b"same",
+                Exit::Ok,
+                f.identity(sent[1].0),
+            ),
+        ),
+        (
+            sent[2].0,
+            f.report(
+                "same-turn",
+                sent[2],
+                b"same",
+                Exit::Ok,
+                f.identity(sent[2].0),
+            ),
+        ),
+    ];
+    let mut fx = Effects::default();
+    for (node, frame) in &frames {
+        let input = Input::Frame(Frame {
+            node: *node,
+            leaf: NodeTopic::Results,
+            frame,
+            received: f.now.at,
+            signed_by: None,
+        });
+        f.d.handle(f.now, input, &f.journal, &mut fx);
+    }
+    assert_eq!(finals(&fx).len(), 1, "{fx:?}");
+    f.d.seal(&mut fx);
+    let late: Vec<(NodeId, u16)> = assignments(&fx);
+    assert_eq!(late.len(), 1, "the replacement replica goes out: {late:?}");
+    assert!(!sent.iter().any(|(node, _)| *node == late[0].0));
+}
+
+#[test]
 fn late_replicas_are_forgotten_once_they_can_no_longer_report() {
     let mut f = fixture(3);
     let sent = assignments(&f.submit("gone", "replicate:3"));
