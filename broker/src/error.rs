@@ -48,6 +48,14 @@ pub enum BrokerError {
         /// What the operating system reported.
         source: io::Error,
     },
+    /// The Unix socket listener could not be bound, or broke.
+    #[error("cannot listen on the Unix socket {}", path.display())]
+    Socket {
+        /// The socket file's path.
+        path: std::path::PathBuf,
+        /// What the operating system reported.
+        source: io::Error,
+    },
     /// The listener itself broke while accepting connections.
     #[error("the listener on {addr} stopped accepting connections")]
     Accept {

@@ -1,9 +1,10 @@
 //! One way to open an MQTT connection, shared by the service and the CLI.
 
+use std::path::Path;
 use std::time::Duration;
 
 use ambient_mqtt::{BrokerUrl, TlsFiles};
-use rumqttc::{AsyncClient, EventLoop, NetworkOptions};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions};
 
 /// Largest MQTT packet accepted or sent, in bytes: a submission with a module and an input at
 /// their limits (see [`ambient_core::MAX_PACKET_BYTES`]).
@@ -33,7 +34,29 @@ pub fn connect(
     session: Session,
     login: Option<(String, String)>,
 ) -> Result<(AsyncClient, EventLoop), ambient_mqtt::Error> {
-    let mut opts = ambient_mqtt::client_options(url, client_id, tls)?;
+    let opts = ambient_mqtt::client_options(url, client_id, tls)?;
+    Ok(with_settings(opts, session, login))
+}
+
+/// A client like [`connect`]'s, over the Unix socket at `path` (the embedded broker's, see
+/// `Broker::listen_on_unix_socket`).
+#[cfg(unix)]
+pub fn connect_local(
+    path: &Path,
+    client_id: &str,
+    session: Session,
+    login: Option<(String, String)>,
+) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(client_id, path.to_string_lossy(), 0);
+    opts.set_transport(rumqttc::Transport::Unix);
+    with_settings(opts, session, login)
+}
+
+fn with_settings(
+    mut opts: MqttOptions,
+    session: Session,
+    login: Option<(String, String)>,
+) -> (AsyncClient, EventLoop) {
     if let Some((username, password)) = login {
         opts.set_credentials(username, password);
     }
@@ -46,5 +69,5 @@ pub fn connect(
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    Ok((client, eventloop))
+    (client, eventloop)
 }

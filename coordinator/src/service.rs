@@ -40,6 +40,12 @@
 //!   on each other forever. Every outbound item comes from a bounded inbound turn, so the queue
 //!   grows only with the work already admitted.
 //!
+//! On the embedded broker, the coordinator's connection goes over a Unix socket in the data
+//! directory ([`BROKER_SOCKET`]) rather than loopback TCP: it carries every message of every
+//! task, and a Unix socket costs each of them less in the kernel, on both ends. Where the
+//! socket cannot be made (a data directory path beyond the system's limit of about 100
+//! bytes), the connection falls back to TCP with a warning.
+//!
 //! The coordinator keeps a persistent MQTT session (`clean_session = false`) and subscribes only
 //! to what it consumes: submissions, node status, announces, telemetry and results, and module
 //! uploads; never to the `tasks` topics it publishes to. After every (re)connection it
@@ -48,6 +54,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -128,6 +135,8 @@ pub const TURNS: usize = 64;
 /// crash between a commit and its publishes would otherwise leave a client that saw `accepted`
 /// waiting for an event that was journaled but never sent.
 const REPUBLISH_FINISHED_MS: u64 = 60_000;
+/// The embedded broker's Unix socket in the data directory: the coordinator's own connection.
+pub const BROKER_SOCKET: &str = "broker.sock";
 /// How often time advances for dispatch deadlines and queue timeouts.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the drop counters are logged (at info, when they changed).
@@ -183,6 +192,8 @@ pub struct Coordinator {
     identity: Identity,
     broker: Option<Broker>,
     url: BrokerUrl,
+    /// The embedded broker's Unix socket, which the coordinator's own client uses.
+    local: Option<PathBuf>,
     http: Option<tokio::net::TcpListener>,
 }
 
@@ -195,6 +206,7 @@ impl Coordinator {
         // The key that signs assignments: `identity.key` in the data directory, created on
         // first start. Agents pin its public half (see the README's Security section).
         let identity = ambient_daemon::load_identity(&config.data_dir)?;
+        let mut local = None;
         let (broker, url) = match &config.broker {
             BrokerMode::Embedded(addr) => {
                 let broker = Broker::bind(
@@ -213,7 +225,8 @@ impl Coordinator {
                     users: config.users.clone(),
                     home_assistant: config.home_assistant.clone(),
                 });
-                let broker = match &config.tls_listener {
+                #[allow(unused_mut)]
+                let mut broker = match &config.tls_listener {
                     Some(t) => {
                         broker
                             .with_tls_listener(t.addr, &t.cert_file, &t.key_file)
@@ -221,6 +234,22 @@ impl Coordinator {
                     }
                     None => broker,
                 };
+                // The coordinator's own connection, which carries every task's messages, skips
+                // the TCP stack. The socket is in the private data directory.
+                #[cfg(unix)]
+                {
+                    let path = config.data_dir.join(BROKER_SOCKET);
+                    match broker.listen_on_unix_socket(&path) {
+                        Ok(()) => local = Some(path),
+                        Err(error) => {
+                            let cause = std::error::Error::source(&error)
+                                .map_or_else(String::new, |c| format!(": {c}"));
+                            warn!(
+                                "{error}{cause}; the coordinator reaches its embedded broker over TCP instead"
+                            );
+                        }
+                    }
+                }
                 if config.anonymous == Anonymous::Anywhere && !addr.ip().is_loopback() {
                     warn!(listen = %addr, "[broker] anonymous = \"anywhere\": anyone who reaches this address may submit tasks");
                 }
@@ -245,6 +274,7 @@ impl Coordinator {
             identity,
             broker,
             url,
+            local,
             http,
         })
     }
@@ -290,6 +320,7 @@ impl Coordinator {
             identity,
             broker,
             url,
+            local,
             http,
         } = self;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| CoordinatorError::DataDir {
@@ -330,13 +361,22 @@ impl Coordinator {
             let signer = signer.clone();
             move || coordinator_login(&signer, Now::read().unix_ms)
         });
-        let (client, eventloop) = mqtt::connect(
-            &url,
-            &config.tls,
-            COORDINATOR_CLIENT_ID,
-            mqtt::Session::Durable,
-            login.as_ref().map(|l| l()),
-        )?;
+        let (client, eventloop) = match &local {
+            #[cfg(unix)]
+            Some(path) => mqtt::connect_local(
+                path,
+                COORDINATOR_CLIENT_ID,
+                mqtt::Session::Durable,
+                login.as_ref().map(|l| l()),
+            ),
+            _ => mqtt::connect(
+                &url,
+                &config.tls,
+                COORDINATOR_CLIENT_ID,
+                mqtt::Session::Durable,
+                login.as_ref().map(|l| l()),
+            )?,
+        };
         let link = Arc::new(Link::default());
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let http_task = http.map(|listener| {

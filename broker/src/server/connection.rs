@@ -38,12 +38,12 @@ pub(super) enum CloseReason {
     Cancelled,
 }
 
-/// A connection's byte stream: plain TCP, or TLS over it.
+/// A connection's byte stream: plain TCP, TLS over it, or a Unix socket.
 pub(super) trait Duplex: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    type Reader<'a>: AsyncRead + Unpin
+    type Reader<'a>: AsyncRead + Unpin + Send
     where
         Self: 'a;
-    type Writer<'a>: AsyncWrite + Unpin
+    type Writer<'a>: AsyncWrite + Unpin + Send
     where
         Self: 'a;
     /// Whether a write may leave bytes buffered until a flush (TLS records).
@@ -61,7 +61,17 @@ impl Duplex for TcpStream {
     }
 }
 
-impl Duplex for TlsStream<TcpStream> {
+#[cfg(unix)]
+impl Duplex for UnixStream {
+    type Reader<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::unix::WriteHalf<'a>;
+    const BUFFERED: bool = false;
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        self.split()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Duplex for TlsStream<S> {
     type Reader<'a> = tokio::io::ReadHalf<&'a mut Self>;
     type Writer<'a> = tokio::io::WriteHalf<&'a mut Self>;
     const BUFFERED: bool = true;

@@ -21,6 +21,8 @@ use rumqttc::mqttbytes;
 use rumqttc::{ConnAck, ConnectReturnCode, Packet, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_rustls::TlsAcceptor;
@@ -36,7 +38,7 @@ use crate::{BrokerConfig, BrokerError, BrokerStats};
 
 mod connection;
 
-use connection::serve_connection;
+use connection::{Duplex, serve_connection};
 
 /// Smallest spare room ensured in a connection's read buffer before each read, in bytes.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -61,6 +63,9 @@ pub struct Broker {
     local_addr: SocketAddr,
     /// A second listener whose connections speak TLS first.
     tls: Option<TlsListener>,
+    /// A listener on a Unix socket file, for clients on this machine.
+    #[cfg(unix)]
+    local: Option<LocalListener>,
     config: BrokerConfig,
     stats: BrokerStats,
     gatekeeper: Arc<dyn Gatekeeper>,
@@ -97,6 +102,8 @@ impl Broker {
             listener,
             local_addr,
             tls: None,
+            #[cfg(unix)]
+            local: None,
             config,
             stats: BrokerStats::default(),
             gatekeeper: Arc::new(Open),
@@ -123,6 +130,44 @@ impl Broker {
             acceptor: TlsAcceptor::from(server),
         });
         Ok(self)
+    }
+
+    /// Also listens on a Unix socket at `path`, for clients on this machine: a connection
+    /// there skips the TCP stack, which makes each packet cheaper for both ends. A file left
+    /// at `path` by a process that died is replaced; the file is removed when [`run`] ends.
+    ///
+    /// The gatekeeper sees these connections as coming from `127.0.0.1` port 0: whoever can
+    /// open the file could as well reach a loopback port. Connections count towards
+    /// `max_connections`, and towards `max_connections_per_address` as `127.0.0.1`.
+    ///
+    /// [`run`]: Broker::run
+    ///
+    /// # Errors
+    /// [`BrokerError::Socket`] when the socket cannot be bound there (a path longer than the
+    /// system's limit of about 100 bytes, a directory that does not exist, no permission).
+    #[cfg(unix)]
+    pub fn listen_on_unix_socket(&mut self, path: &std::path::Path) -> Result<(), BrokerError> {
+        let socket_error = |source| BrokerError::Socket {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(socket_error(source)),
+        }
+        let listener = UnixListener::bind(path).map_err(socket_error)?;
+        self.local = Some(LocalListener {
+            listener,
+            path: path.to_path_buf(),
+        });
+        Ok(())
+    }
+
+    /// The Unix socket's path, if there is one.
+    #[cfg(unix)]
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        self.local.as_ref().map(|l| l.path.as_path())
     }
 
     /// The TLS listener's address, if there is one.
@@ -159,8 +204,10 @@ impl Broker {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), BrokerError> {
         let Broker {
             listener,
-            local_addr,
+            local_addr: _,
             tls,
+            #[cfg(unix)]
+            local,
             config,
             stats,
             gatekeeper,
@@ -177,37 +224,41 @@ impl Broker {
                 open: Mutex::new(HashMap::new()),
             }),
         };
-        let plain = accept_loop(
-            &listener, local_addr, None, &config, &admission, &shared, &stop, &tasks,
-        );
+        let accepting = Accepting {
+            config: &config,
+            admission: &admission,
+            shared: &shared,
+            stop: &stop,
+            tasks: &tasks,
+        };
+        let plain = accepting.serve(&listener, None);
         let secure = async {
             match &tls {
-                Some(t) => {
-                    let acceptor = Some(&t.acceptor);
-                    accept_loop(
-                        &t.listener,
-                        t.local_addr,
-                        acceptor,
-                        &config,
-                        &admission,
-                        &shared,
-                        &stop,
-                        &tasks,
-                    )
-                    .await
-                }
+                Some(t) => accepting.serve(&t.listener, Some(&t.acceptor)).await,
                 None => std::future::pending().await,
             }
         };
+        #[cfg(unix)]
+        let on_this_machine = async {
+            match &local {
+                Some(l) => accepting.serve(&l.listener, None).await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let on_this_machine = std::future::pending::<BrokerError>();
         let result = tokio::select! {
             error = plain => Err(error),
             error = secure => Err(error),
+            error = on_this_machine => Err(error),
             () = sweep_sessions(&shared) => unreachable!("the sweep never ends"),
             () = shutdown => Ok(()),
         };
         // Refuse new connections at once rather than leave them waiting in the backlog.
         drop(listener);
         drop(tls);
+        #[cfg(unix)]
+        drop(local);
         stop.cancel();
         tasks.close();
         tasks.wait().await;
@@ -307,80 +358,145 @@ struct Admission {
 /// Connection ids, unique across listeners.
 static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Accepts connections (TLS first when `tls` is set) until the listener fails for good;
-/// returns that failure.
-#[allow(clippy::too_many_arguments)]
-async fn accept_loop(
-    listener: &TcpListener,
-    local_addr: SocketAddr,
-    tls: Option<&TlsAcceptor>,
-    config: &BrokerConfig,
-    admission: &Admission,
-    shared: &Arc<Shared>,
-    stop: &CancellationToken,
-    tasks: &TaskTracker,
-) -> BrokerError {
-    let Admission {
-        permits,
-        per_address,
-    } = admission;
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = Duration::from_millis(10);
-                accepted
-            }
-            Err(error) if is_about_one_connection(&error) => continue,
-            Err(error) if error.kind() == io::ErrorKind::InvalidInput => {
-                return BrokerError::Accept {
-                    addr: local_addr,
-                    source: error,
-                };
-            }
-            Err(error) => {
-                // Typically EMFILE: waiting lets connections close and free descriptors.
-                warn!(%error, ?backoff, "accepting a connection failed; retrying");
-                sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
-            warn!(%peer, max_connections = config.max_connections, "refusing a connection: max_connections are open");
-            continue;
-        };
-        if !per_address.open(peer.ip()) {
-            debug!(%peer, max = config.max_connections_per_address, "refusing a connection: max_connections_per_address are open from this address");
-            shared.stats.connect_refused();
-            continue;
-        }
+/// A listening socket: TCP, or a Unix socket file.
+trait Listener {
+    type Stream: Duplex;
+    /// The next connection and the address it presents to the gatekeeper.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+    /// This listener broke for good.
+    fn broken(&self, source: io::Error) -> BrokerError;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
         if let Err(error) = stream.set_nodelay(true) {
             warn!(%peer, %error, "could not set TCP_NODELAY; this connection will see delayed acks");
         }
-        let conn = ConnId(NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
-        let shared = Arc::clone(shared);
-        let close = stop.child_token();
-        let per_address = Arc::clone(per_address);
-        let tls = tls.cloned();
-        tasks.spawn(async move {
-            match tls {
-                None => serve_connection(stream, peer, conn, shared, close).await,
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(shared.connect_timeout, acceptor.accept(stream));
-                    tokio::select! {
-                        () = close.cancelled() => {}
-                        done = handshake => match done {
-                            Ok(Ok(stream)) => serve_connection(stream, peer, conn, shared, close).await,
-                            Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-                            Err(_) => debug!(%peer, "no TLS handshake within the connect timeout"),
-                        },
+        Ok((stream, peer))
+    }
+    fn broken(&self, source: io::Error) -> BrokerError {
+        match self.local_addr() {
+            Ok(addr) => BrokerError::Accept { addr, source },
+            Err(_) => BrokerError::Accept {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            },
+        }
+    }
+}
+
+/// A Unix socket listener and the file it made, removed when it is dropped.
+#[cfg(unix)]
+struct LocalListener {
+    listener: UnixListener,
+    path: std::path::PathBuf,
+}
+
+#[cfg(unix)]
+impl Drop for LocalListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where connections over a Unix socket appear to come from (see
+/// [`Broker::listen_on_unix_socket`]).
+#[cfg(unix)]
+const ON_THIS_MACHINE: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+#[cfg(unix)]
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    async fn accept(&self) -> io::Result<(UnixStream, SocketAddr)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        Ok((stream, ON_THIS_MACHINE))
+    }
+    fn broken(&self, source: io::Error) -> BrokerError {
+        let path = self
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf))
+            .unwrap_or_default();
+        BrokerError::Socket { path, source }
+    }
+}
+
+/// What every accept loop shares.
+struct Accepting<'a> {
+    config: &'a BrokerConfig,
+    admission: &'a Admission,
+    shared: &'a Arc<Shared>,
+    stop: &'a CancellationToken,
+    tasks: &'a TaskTracker,
+}
+
+impl Accepting<'_> {
+    /// Accepts connections (TLS first when `tls` is set) until the listener fails for good;
+    /// returns that failure.
+    async fn serve<L>(&self, listener: &L, tls: Option<&TlsAcceptor>) -> BrokerError
+    where
+        L: Listener,
+        L::Stream: Unpin,
+        TlsStream<L::Stream>: Duplex,
+    {
+        let Admission {
+            permits,
+            per_address,
+        } = self.admission;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(10);
+                    accepted
+                }
+                Err(error) if is_about_one_connection(&error) => continue,
+                Err(error) if error.kind() == io::ErrorKind::InvalidInput => {
+                    return listener.broken(error);
+                }
+                Err(error) => {
+                    // Typically EMFILE: waiting lets connections close and free descriptors.
+                    warn!(%error, ?backoff, "accepting a connection failed; retrying");
+                    sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
+                warn!(%peer, max_connections = self.config.max_connections, "refusing a connection: max_connections are open");
+                continue;
+            };
+            if !per_address.open(peer.ip()) {
+                debug!(%peer, max = self.config.max_connections_per_address, "refusing a connection: max_connections_per_address are open from this address");
+                self.shared.stats.connect_refused();
+                continue;
+            }
+            let conn = ConnId(NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            let shared = Arc::clone(self.shared);
+            let close = self.stop.child_token();
+            let per_address = Arc::clone(per_address);
+            let tls = tls.cloned();
+            self.tasks.spawn(async move {
+                match tls {
+                    None => serve_connection(stream, peer, conn, shared, close).await,
+                    Some(acceptor) => {
+                        let handshake = tokio::time::timeout(shared.connect_timeout, acceptor.accept(stream));
+                        tokio::select! {
+                            () = close.cancelled() => {}
+                            done = handshake => match done {
+                                Ok(Ok(stream)) => serve_connection(stream, peer, conn, shared, close).await,
+                                Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+                                Err(_) => debug!(%peer, "no TLS handshake within the connect timeout"),
+                            },
+                        }
                     }
                 }
-            }
-            per_address.close(peer.ip());
-            drop(permit);
-        });
+                per_address.close(peer.ip());
+                drop(permit);
+            });
+        }
     }
 }
 
