@@ -86,3 +86,32 @@ async fn a_unix_socket_path_beyond_the_system_limit_is_refused_with_the_path() {
     );
     assert_eq!(broker.unix_path(), None);
 }
+
+#[tokio::test]
+async fn a_socket_another_broker_listens_on_is_refused_not_taken_over() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sock");
+    let mut first = Broker::bind("127.0.0.1:0".parse().unwrap(), BrokerConfig::default())
+        .await
+        .unwrap();
+    first.listen_on_unix_socket(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the owner may connect");
+
+    let mut second = Broker::bind("127.0.0.1:0".parse().unwrap(), BrokerConfig::default())
+        .await
+        .unwrap();
+    let error = second.listen_on_unix_socket(&path).unwrap_err();
+    let BrokerError::Socket { source, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+    drop(second);
+    assert!(
+        path.exists(),
+        "the refused broker leaves the live socket alone"
+    );
+    drop(first);
+    assert!(!path.exists(), "its owner removes it");
+}

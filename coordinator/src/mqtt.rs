@@ -1,5 +1,6 @@
 //! One way to open an MQTT connection, shared by the service and the CLI.
 
+#[cfg(unix)]
 use std::path::Path;
 use std::time::Duration;
 

@@ -43,8 +43,9 @@
 //! On the embedded broker, the coordinator's connection goes over a Unix socket in the data
 //! directory ([`BROKER_SOCKET`]) rather than loopback TCP: it carries every message of every
 //! task, and a Unix socket costs each of them less in the kernel, on both ends. Where the
-//! socket cannot be made (a data directory path beyond the system's limit of about 100
-//! bytes), the connection falls back to TCP with a warning.
+//! socket cannot be made (a data directory path beyond the system's limit of about 100 bytes,
+//! or not UTF-8; another process listening on it), the connection falls back to TCP with a
+//! warning. If the file disappears while the coordinator runs, its client keeps retrying it.
 //!
 //! The coordinator keeps a persistent MQTT session (`clean_session = false`) and subscribes only
 //! to what it consumes: submissions, node status, announces, telemetry and results, and module
@@ -206,6 +207,7 @@ impl Coordinator {
         // The key that signs assignments: `identity.key` in the data directory, created on
         // first start. Agents pin its public half (see the README's Security section).
         let identity = ambient_daemon::load_identity(&config.data_dir)?;
+        #[cfg_attr(not(unix), allow(unused_mut))]
         let mut local = None;
         let (broker, url) = match &config.broker {
             BrokerMode::Embedded(addr) => {
@@ -225,7 +227,7 @@ impl Coordinator {
                     users: config.users.clone(),
                     home_assistant: config.home_assistant.clone(),
                 });
-                #[allow(unused_mut)]
+                #[cfg_attr(not(unix), allow(unused_mut))]
                 let mut broker = match &config.tls_listener {
                     Some(t) => {
                         broker
@@ -239,7 +241,18 @@ impl Coordinator {
                 #[cfg(unix)]
                 {
                     let path = config.data_dir.join(BROKER_SOCKET);
-                    match broker.listen_on_unix_socket(&path) {
+                    // rumqttc takes the path as a string.
+                    let listening = match path.to_str() {
+                        Some(_) => broker.listen_on_unix_socket(&path),
+                        None => Err(ambient_broker::BrokerError::Socket {
+                            path: path.clone(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::InvalidInput,
+                                "the path is not valid UTF-8",
+                            ),
+                        }),
+                    };
+                    match listening {
                         Ok(()) => local = Some(path),
                         Err(error) => {
                             let cause = std::error::Error::source(&error)
@@ -253,8 +266,8 @@ impl Coordinator {
                 if config.anonymous == Anonymous::Anywhere && !addr.ip().is_loopback() {
                     warn!(listen = %addr, "[broker] anonymous = \"anywhere\": anyone who reaches this address may submit tasks");
                 }
-                let local = broker.local_addr();
-                let url = format!("mqtt://{local}")
+                let bound = broker.local_addr();
+                let url = format!("mqtt://{bound}")
                     .parse()
                     .expect("a socket address makes a broker URL");
                 (Some(broker), url)

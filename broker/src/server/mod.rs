@@ -136,30 +136,43 @@ impl Broker {
     /// there skips the TCP stack, which makes each packet cheaper for both ends. A file left
     /// at `path` by a process that died is replaced; the file is removed when [`run`] ends.
     ///
-    /// The gatekeeper sees these connections as coming from `127.0.0.1` port 0: whoever can
-    /// open the file could as well reach a loopback port. Connections count towards
-    /// `max_connections`, and towards `max_connections_per_address` as `127.0.0.1`.
+    /// The file is made readable and writable by its owner only (0600), so only processes of
+    /// the user running the broker (and root) can connect. The gatekeeper sees them as coming
+    /// from `127.0.0.1` port 0. Connections count towards `max_connections`, and towards
+    /// `max_connections_per_address` as `127.0.0.1`.
     ///
     /// [`run`]: Broker::run
     ///
     /// # Errors
-    /// [`BrokerError::Socket`] when the socket cannot be bound there (a path longer than the
-    /// system's limit of about 100 bytes, a directory that does not exist, no permission).
+    /// [`BrokerError::Socket`] when another process listens on `path` (kind `AddrInUse`), or
+    /// the socket cannot be bound there (a path longer than the system's limit of about 100
+    /// bytes, a directory that does not exist, no permission).
     #[cfg(unix)]
     pub fn listen_on_unix_socket(&mut self, path: &std::path::Path) -> Result<(), BrokerError> {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
         let socket_error = |source| BrokerError::Socket {
             path: path.to_path_buf(),
             source,
         };
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(socket_error(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process listens on it (a coordinator on the same data directory?)",
+            )));
+        }
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(socket_error(source)),
         }
         let listener = UnixListener::bind(path).map_err(socket_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(socket_error)?;
+        let made = std::fs::metadata(path).map_err(socket_error)?;
         self.local = Some(LocalListener {
             listener,
             path: path.to_path_buf(),
+            file: (made.dev(), made.ino()),
         });
         Ok(())
     }
@@ -387,17 +400,25 @@ impl Listener for TcpListener {
     }
 }
 
-/// A Unix socket listener and the file it made, removed when it is dropped.
+/// A Unix socket listener and the file it made, removed when it is dropped unless another
+/// file has taken its place.
 #[cfg(unix)]
 struct LocalListener {
     listener: UnixListener,
     path: std::path::PathBuf,
+    /// The file's device and inode.
+    file: (u64, u64),
 }
 
 #[cfg(unix)]
 impl Drop for LocalListener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt as _;
+        let still_ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file);
+        if still_ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
