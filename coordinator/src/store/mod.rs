@@ -52,6 +52,7 @@ mod throughput;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use error::Fail;
@@ -201,6 +202,11 @@ impl Store {
         let conn = Connection::open_with_flags(path, flags)
             .map_err(|e| Fail::from(e).at("open the database", path))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        // Plans that never depend on a bound value. The bundled SQLite is built with STAT4,
+        // which otherwise marks statements whose plan might (such as the lookup of a task by
+        // id) to be prepared again at every run: a sixth of the dispatcher thread's time.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(|e| Fail::from(e).at("configure the query planner", path))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| Fail::from(e).at("set the busy timeout", path))?;
         Ok(Store {
