@@ -162,3 +162,41 @@ async fn the_whole_flow_also_runs_on_mosquitto() {
     )
     .await;
 }
+
+#[test]
+fn the_coordinator_reaches_its_embedded_broker_over_a_private_socket_it_removes_on_exit() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::start(&dir.path().join("c"), 0, None);
+    let socket = c.data_dir.join("broker.sock");
+    let path = socket.to_str().expect("a UTF-8 temporary path").to_owned();
+    // The kernel lists a listening Unix socket and each connection it accepted under its path.
+    let bound = || {
+        std::fs::read_to_string("/proc/net/unix")
+            .expect("read /proc/net/unix")
+            .lines()
+            .filter(|line| line.split_whitespace().nth(7) == Some(path.as_str()))
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || bound() >= 2,
+        || {
+            format!(
+                "the coordinator connected over {path} ({} sockets there)",
+                bound()
+            )
+        },
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the coordinator's user may connect");
+
+    assert!(
+        c.proc.terminate().is_some(),
+        "the coordinator stops on SIGTERM"
+    );
+    assert!(
+        !socket.exists(),
+        "the socket is removed when the coordinator stops"
+    );
+}
