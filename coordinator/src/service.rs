@@ -187,6 +187,29 @@ enum Outbound {
     Ack(rumqttc::Publish, u64),
 }
 
+/// Opens the embedded broker's Unix socket for the coordinator's own connection, which carries
+/// every task's messages. `None`, with a warning, where it cannot be made: that connection then
+/// goes over TCP.
+#[cfg(unix)]
+fn listen_locally(broker: &mut Broker, data_dir: &std::path::Path) -> Option<PathBuf> {
+    const FALLBACK: &str = "the coordinator reaches its embedded broker over TCP instead";
+    let path = data_dir.join(BROKER_SOCKET);
+    // rumqttc takes the path as a string.
+    if path.to_str().is_none() {
+        warn!(path = %path.display(), "the data directory's path is not UTF-8; {FALLBACK}");
+        return None;
+    }
+    match broker.listen_on_unix_socket(&path) {
+        Ok(()) => Some(path),
+        Err(error) => {
+            let cause =
+                std::error::Error::source(&error).map_or_else(String::new, |c| format!(": {c}"));
+            warn!("{error}{cause}; {FALLBACK}");
+            None
+        }
+    }
+}
+
 /// A bound coordinator, ready to [`run`](Coordinator::run).
 pub struct Coordinator {
     config: CoordinatorConfig,
@@ -236,32 +259,9 @@ impl Coordinator {
                     }
                     None => broker,
                 };
-                // The coordinator's own connection, which carries every task's messages, skips
-                // the TCP stack. The socket is in the private data directory.
                 #[cfg(unix)]
                 {
-                    let path = config.data_dir.join(BROKER_SOCKET);
-                    // rumqttc takes the path as a string.
-                    let listening = match path.to_str() {
-                        Some(_) => broker.listen_on_unix_socket(&path),
-                        None => Err(ambient_broker::BrokerError::Socket {
-                            path: path.clone(),
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::InvalidInput,
-                                "the path is not valid UTF-8",
-                            ),
-                        }),
-                    };
-                    match listening {
-                        Ok(()) => local = Some(path),
-                        Err(error) => {
-                            let cause = std::error::Error::source(&error)
-                                .map_or_else(String::new, |c| format!(": {c}"));
-                            warn!(
-                                "{error}{cause}; the coordinator reaches its embedded broker over TCP instead"
-                            );
-                        }
-                    }
+                    local = listen_locally(&mut broker, &config.data_dir);
                 }
                 if config.anonymous == Anonymous::Anywhere && !addr.ip().is_loopback() {
                     warn!(listen = %addr, "[broker] anonymous = \"anywhere\": anyone who reaches this address may submit tasks");

@@ -390,13 +390,10 @@ impl Listener for TcpListener {
         Ok((stream, peer))
     }
     fn broken(&self, source: io::Error) -> BrokerError {
-        match self.local_addr() {
-            Ok(addr) => BrokerError::Accept { addr, source },
-            Err(_) => BrokerError::Accept {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            },
-        }
+        let addr = self
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        BrokerError::Accept { addr, source }
     }
 }
 
@@ -459,7 +456,6 @@ impl Accepting<'_> {
     async fn serve<L>(&self, listener: &L, tls: Option<&TlsAcceptor>) -> BrokerError
     where
         L: Listener,
-        L::Stream: Unpin,
         TlsStream<L::Stream>: Duplex,
     {
         let Admission {

@@ -35,7 +35,7 @@ const RAW_PAYLOAD_BYTES: usize = 128;
 /// The kernel keeps 15 bytes of a thread's name.
 const GATEWAY_RUNTIME: &str = "ambient-gateway";
 /// Every thread whose CPU time is the gateway's: its runtime, the dispatcher and sync threads.
-const GATEWAY_THREADS: [&str; 3] = [GATEWAY_RUNTIME, "ambient-dispatc", "ambient-sync"];
+const GATEWAY_THREADS: [&str; 3] = [GATEWAY_RUNTIME, DISPATCHER_THREAD, "ambient-sync"];
 /// The dispatcher thread's name as the kernel keeps it ("ambient-dispatch" cut to 15 bytes).
 const DISPATCHER_THREAD: &str = "ambient-dispatc";
 
